@@ -1,0 +1,22 @@
+"""gancleanse: find the training instances that make a GAN worse, remove them, retrain, and check.
+
+The Python API mirrors the command line::
+
+    import gancleanse as gc
+    run = gc.train(gc.load_config("gaussian2d.toml"), "runs/g2d")
+    scores = gc.influence(run, metric="all", method="itd")
+    print(scores.most_harmful(10))
+    print(gc.counterfactual(run, remove=[3, 17], metric="all"))
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .api import Scores, counterfactual, influence, train  # noqa: E402
+from .config import Config, load_config  # noqa: E402
+from .errors import GancleanseError  # noqa: E402
+from .run import Run  # noqa: E402
+
+__all__ = ["Config", "GancleanseError", "Run", "Scores", "counterfactual", "influence",
+           "load_config", "train", "__version__"]

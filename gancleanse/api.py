@@ -1,0 +1,137 @@
+"""The Python API; the CLI is a thin shell over these functions."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .config import METRICS, Config, HIGHER_IS_BETTER
+from .errors import ConfigError, GancleanseError
+from .metrics import make_metric
+from .run import Run
+from .training import recorder
+from .training.replay import replay
+
+METHODS = ("itd",)
+
+
+@dataclass
+class Scores:
+    """One score per training instance. ``harmfulness > 0``: removal predicted to help."""
+
+    metric: str
+    method: str
+    influence: np.ndarray  # predicted V(without j) - V(with j)
+    horizons: dict[int, np.ndarray] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def harmfulness(self) -> np.ndarray:
+        return self.influence if HIGHER_IS_BETTER[self.metric] else -self.influence
+
+    def most_harmful(self, k: int) -> list[int]:
+        """Indices of the k instances whose removal is predicted to improve the metric most."""
+        return [int(i) for i in np.argsort(-self.harmfulness, kind="stable")[:k]]
+
+    def to_csv(self, path: str | Path) -> None:
+        write_scores_csv(path, self.influence, self.harmfulness)
+
+    def horizons_to_csv(self, path: str | Path) -> None:
+        """Long format: index, epochs_traced, influence, harmfulness."""
+        sign = 1.0 if HIGHER_IS_BETTER[self.metric] else -1.0
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["index", "epochs_traced", "influence", "harmfulness"])
+            for k in sorted(self.horizons):
+                for i, v in enumerate(self.horizons[k]):
+                    w.writerow([i, k, repr(float(v)), repr(float(sign * v))])
+        tmp.replace(path)
+
+
+def write_scores_csv(path: str | Path, influence: np.ndarray, harmfulness: np.ndarray) -> None:
+    """SCORES.csv: ``index,influence,harmfulness``, written to a temporary name then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "influence", "harmfulness"])
+        for i, (inf, harm) in enumerate(zip(influence, harmfulness)):
+            w.writerow([i, repr(float(inf)), repr(float(harm))])
+    tmp.replace(path)
+
+
+def _open(run: Run | str | Path) -> Run:
+    return run if isinstance(run, Run) else Run.open(run)
+
+
+def train(cfg: Config, out: str | Path, *, force: bool = False, progress: bool = True) -> Run:
+    """Train with recording; returns the opened run directory."""
+    return recorder.train(cfg, out, force=force, progress=progress)
+
+
+def influence(run: Run | str | Path, metric: str = "all", method: str = "itd", *,
+              progress: bool = True) -> Scores:
+    """Influence of every training instance on ``metric`` (validation split)."""
+    run = _open(run)
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r} (available: {', '.join(METHODS)})")
+    m = make_metric(metric, run, "valid")
+    from .influence.itd import itd_influence
+
+    res = itd_influence(run, m, progress=progress)
+    return Scores(metric, method, res.influence.numpy(),
+                  {k: v.numpy() for k, v in res.horizons.items()},
+                  {"metric_value": res.metric_value, "seconds": res.seconds, "steps": res.steps,
+                   "window_start_epoch": run.window_start // run.steps_per_epoch})
+
+
+def parse_indices(text: str, n_train: int) -> list[int]:
+    """``"3,17,42"`` -> [3, 17, 42], checked against the training split size."""
+    try:
+        items = [int(tok) for tok in text.split(",") if tok.strip()]
+    except ValueError:
+        raise GancleanseError(f"--remove expects comma-separated integers, got {text!r}") from None
+    return check_indices(items, n_train)
+
+
+def check_indices(items: Sequence[int], n_train: int) -> list[int]:
+    items = [int(i) for i in items]
+    if not items:
+        raise GancleanseError("no instance to remove was given")
+    bad = [i for i in items if not 0 <= i < n_train]
+    if bad:
+        raise GancleanseError(f"instance index out of range: {bad[:5]} (training split has "
+                              f"{n_train} instances, indices 0..{n_train - 1})")
+    if len(set(items)) != len(items):
+        raise GancleanseError("an instance index is repeated in the removal list")
+    return items
+
+
+def counterfactual(run: Run | str | Path, remove: Sequence[int], metric: str = "all", *,
+                   from_epoch: int | None = None, split: str = "valid",
+                   progress: bool = False) -> dict[str, Any]:
+    """Retrain the recorded window without ``remove`` and report the metric change.
+
+    Restarts from the checkpoint at the start of the window (or of ``from_epoch``) and
+    replays the same minibatches and latents with the removed instances' weights at 0.
+    """
+    run = _open(run)
+    removed = check_indices(remove, run.n_train)
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r} (known: {', '.join(METRICS)})")
+    m = make_metric(metric, run, split)
+    start = run.window_start if from_epoch is None else run.epoch_start_step(from_epoch)
+    weights = torch.ones(run.n_train, dtype=run.dtype)
+    weights[removed] = 0.0
+    before = m.value(run.final_state())
+    after = m.value(replay(run, start, weights=weights, progress=progress))
+    return {"metric": metric, "removed": removed, "before": before, "after": after,
+            "delta": after - before}

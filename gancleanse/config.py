@@ -1,0 +1,258 @@
+"""Run configuration: one dataclass per TOML section, validated with errors that name the key.
+
+Every key has a default, so an empty file is a valid config (the paper's 2D setting).
+``load_config`` reads a TOML file; ``Config.from_dict`` validates a plain dict;
+``Config.resolved`` fills the defaults that depend on other keys (such as
+``record_from_epoch``) so that the copy saved in a run directory is explicit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+METRICS = ("all", "is", "log_is", "fid", "kid", "loss_d")
+HIGHER_IS_BETTER = {"all": True, "is": True, "log_is": True, "fid": False, "kid": False, "loss_d": False}
+
+
+def _opt(default: Any, *, choices: tuple | None = None, lo: float | None = None,
+         hi: float | None = None, lo_open: bool = False, doc: str = "") -> Any:
+    """A dataclass field with validation metadata (allowed choices, numeric range)."""
+    meta = {"choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "doc": doc}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    name: str = _opt("gaussian2d", choices=("gaussian2d", "digits", "mnist", "npz"))
+    path: str | None = _opt(None, doc="MNIST IDX directory or .npz file")
+    n_train: int = _opt(10000, lo=1)
+    n_valid: int = _opt(1000, lo=1)
+    n_test: int = _opt(1000, lo=1)
+    seed: int = _opt(0, lo=0)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = _opt("mlp", choices=("mlp", "dcgan"))
+    z_dim: int = _opt(10, lo=1)
+    g_hidden: int = _opt(32, lo=1)
+    d_hidden: int = _opt(64, lo=1)
+    layers: int = _opt(2, lo=1, doc="hidden layers per network (mlp)")
+    activation: str = _opt("relu", choices=("relu", "elu", "softplus", "sigmoid", "leaky_relu", "tanh"))
+    norm: str = _opt("none", choices=("none", "layer"))
+    bias: bool = _opt(False)
+    dtype: str = _opt("float64", choices=("float32", "float64"))
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _opt(50, lo=1)
+    batch_size: int = _opt(100, lo=1)
+    optimizer: str = _opt("sgd", choices=("sgd", "momentum", "adam"))
+    lr_d: float = _opt(1e-3, lo=0.0, lo_open=True)
+    lr_g: float = _opt(1e-3, lo=0.0, lo_open=True)
+    momentum: float = _opt(0.9, lo=0.0, hi=1.0)
+    betas: list[float] = _opt([0.5, 0.999])
+    eps: float = _opt(1e-8, lo=0.0)
+    update: str = _opt("simultaneous", choices=("simultaneous", "alternating"))
+    loss: str = _opt("modified_minmax", choices=("modified_minmax", "minmax", "wasserstein", "hinge", "ls"))
+    weight_decay_d: float = _opt(0.0, lo=0.0)
+    weight_decay_g: float = _opt(0.0, lo=0.0)
+    ema_beta: float = _opt(0.0, lo=0.0, hi=1.0, doc="0 = no generator averaging")
+    seed: int = _opt(0, lo=0)
+    record_from_epoch: int | None = _opt(None, lo=0, doc="first epoch of the recorded window")
+    checkpoint_every: int = _opt(25, lo=1, doc="steps between replay checkpoints in the window")
+    threads: int | None = _opt(None, lo=1, doc="torch CPU threads (recorded; replays reuse it)")
+
+
+@dataclass
+class MetricConfig:
+    n_samples: int | None = _opt(None, lo=1, doc="generated samples per evaluation (default n_valid)")
+    bandwidth: float = _opt(1.0, lo=0.0, lo_open=True)
+    seed: int | None = _opt(None, lo=0, doc="seed of the fixed evaluation latents (default train.seed)")
+
+
+@dataclass
+class CleanseConfig:
+    metrics: list[str] = _opt(["all"])
+    methods: list[str] = _opt(["itd", "random"])
+    removal_rates: list[float] = _opt([0.0, 0.01, 0.05, 0.1])
+    seeds: list[int] = _opt([0, 1, 2])
+    retrain: str = _opt("window", choices=("window", "full"))
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "metric": MetricConfig,
+    "cleanse": CleanseConfig,
+}
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    metric: MetricConfig = field(default_factory=MetricConfig)
+    cleanse: CleanseConfig = field(default_factory=CleanseConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "<config>") -> "Config":
+        """Validate a nested dict (as read from TOML); raise ConfigError naming the key."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: a config must be a table of sections")
+        sections = {}
+        for name, value in raw.items():
+            if name not in SECTIONS:
+                raise ConfigError(f"{source}: unknown section [{name}] "
+                                  f"(known: {', '.join(SECTIONS)})")
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: [{name}] must be a table, got {type(value).__name__}")
+            sections[name] = _build_section(SECTIONS[name], value, name, source)
+        cfg = cls(**sections)
+        cfg._check_cross(source)
+        return cfg
+
+    def _check_cross(self, source: str) -> None:
+        t = self.train
+        if t.record_from_epoch is not None and t.record_from_epoch >= t.epochs:
+            raise ConfigError(f"{source}: train.record_from_epoch = {t.record_from_epoch} must be "
+                              f"smaller than train.epochs = {t.epochs}")
+        if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+            raise ConfigError(f"{source}: train.betas must be two numbers in [0, 1), got {t.betas}")
+        if t.batch_size > self.data.n_train:
+            raise ConfigError(f"{source}: train.batch_size = {t.batch_size} exceeds "
+                              f"data.n_train = {self.data.n_train}")
+        for m in self.cleanse.metrics:
+            if m not in METRICS:
+                raise ConfigError(f"{source}: cleanse.metrics has unknown metric {m!r} "
+                                  f"(known: {', '.join(METRICS)})")
+        for r in self.cleanse.removal_rates:
+            if not 0.0 <= r < 1.0:
+                raise ConfigError(f"{source}: cleanse.removal_rates must lie in [0, 1), got {r}")
+
+    def resolved(self) -> "Config":
+        """A copy with every derived default made explicit."""
+        cfg = dataclasses.replace(
+            self,
+            train=dataclasses.replace(self.train),
+            metric=dataclasses.replace(self.metric),
+        )
+        if cfg.train.record_from_epoch is None:
+            cfg.train.record_from_epoch = cfg.train.epochs - 1
+        if cfg.metric.n_samples is None:
+            cfg.metric.n_samples = cfg.data.n_valid
+        if cfg.metric.seed is None:
+            cfg.metric.seed = cfg.train.seed
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return dump_toml(self.to_dict())
+
+
+def _build_section(cls: type, values: dict[str, Any], section: str, source: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key {section}.{key} "
+                              f"(known in [{section}]: {', '.join(fields)})")
+        kwargs[key] = _check_value(fields[key], value, f"{section}.{key}", source)
+    return cls(**kwargs)
+
+
+def _check_value(f: dataclasses.Field, value: Any, key: str, source: str) -> Any:
+    """Coerce a TOML value to the field's declared type, checking choices and range."""
+    ann = str(f.type)
+    nullable = "None" in ann
+    if value is None:
+        if nullable:
+            return None
+        raise ConfigError(f"{source}: {key} must not be empty")
+    base = ann.replace(" | None", "")
+    if base.startswith("list["):
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} must be a list, got {type(value).__name__} {value!r}")
+        item = base[5:-1]
+        return [_coerce(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    value = _coerce(base, value, key, source)
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{source}: {key} = {value!r} is not one of {', '.join(map(repr, meta['choices']))}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+        rel = ">" if meta.get("lo_open") else ">="
+        raise ConfigError(f"{source}: {key} = {value!r} is out of range (must be {rel} {lo})")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{source}: {key} = {value!r} is out of range (must be <= {hi})")
+    return value
+
+
+def _coerce(type_name: str, value: Any, key: str, source: str) -> Any:
+    if type_name == "bool":
+        if isinstance(value, bool):
+            return value
+    elif type_name == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif type_name == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{source}: {key} must be finite, got {value!r}")
+            return float(value)
+    elif type_name == "str":
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a new field type without a coercion rule
+        raise TypeError(f"no coercion for {type_name}")
+    raise ConfigError(f"{source}: {key} must be {type_name}, got {type(value).__name__} {value!r}")
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return Config.from_dict(raw, source=str(path))
+
+
+def dump_toml(sections: dict[str, dict[str, Any]]) -> str:
+    """Write the flat two-level dicts that configs use as TOML (None values are omitted)."""
+    lines: list[str] = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        for key, value in values.items():
+            if value is not None:
+                lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")

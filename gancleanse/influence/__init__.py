@@ -1,0 +1,1 @@
+"""Influence estimators: ITD (through the recorded trajectory)."""

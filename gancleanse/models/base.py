@@ -1,0 +1,96 @@
+"""A GAN as two stateless modules plus parameter dicts, evaluated with ``functional_call``.
+
+Parameters live outside the modules (in the training state) so that one pure step
+function can be replayed, perturbed and differentiated by ``torch.func``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..config import Config
+from ..errors import ConfigError
+
+Params = dict[str, torch.Tensor]
+
+_BATCHNORM = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
+
+
+def check_no_batchnorm(module: nn.Module, role: str) -> None:
+    """BatchNorm couples instances in a batch, so a weight of 0 would not remove one instance."""
+    for name, sub in module.named_modules():
+        if isinstance(sub, _BATCHNORM):
+            raise ConfigError(
+                f"the {role} contains BatchNorm ({name or 'root'}: {type(sub).__name__}); batch "
+                "statistics mix instances, so removing one instance cannot be expressed by its weight. "
+                "Use LayerNorm (norm = \"layer\") or no normalization.")
+        if any(True for _ in sub.buffers(recurse=False)):
+            raise ConfigError(f"the {role} has buffers ({name or 'root'}): only parameters are "
+                              "supported, since buffers are not part of the differentiated state")
+
+
+@dataclass
+class GANModules:
+    """The architecture: modules whose own parameters are only a template."""
+
+    generator: nn.Module
+    discriminator: nn.Module
+    z_dim: int
+
+    def __post_init__(self) -> None:
+        check_no_batchnorm(self.discriminator, "discriminator")
+        check_no_batchnorm(self.generator, "generator")
+
+    def generate(self, params_g: Params, z: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.generator, params_g, (z,))
+
+    def discriminate(self, params_d: Params, x: torch.Tensor) -> torch.Tensor:
+        """Logits of shape (batch,)."""
+        return functional_call(self.discriminator, params_d, (x,)).reshape(x.shape[0])
+
+    def initial_params(self, seed: int, dtype: torch.dtype) -> tuple[Params, Params]:
+        """Glorot-uniform weights, zero biases and unit norm gains, drawn from ``seed``."""
+        gen = torch.Generator().manual_seed(seed)
+        return (_init(self.discriminator, gen, dtype), _init(self.generator, gen, dtype))
+
+
+def _init(module: nn.Module, gen: torch.Generator, dtype: torch.dtype) -> Params:
+    out: Params = {}
+    for name, p in module.named_parameters():
+        if p.ndim >= 2:
+            fan_out, fan_in = p.shape[0], p[0].numel()
+            if isinstance(_owner(module, name), nn.ConvTranspose2d):
+                fan_in, fan_out = p.shape[0] * p[0, 0].numel(), p.shape[1] * p[0, 0].numel()
+            elif p.ndim > 2:
+                fan_out = p.shape[0] * p[0, 0].numel()
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            t = (torch.rand(p.shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+        elif name.endswith("bias"):
+            t = torch.zeros(p.shape, dtype=torch.float64)
+        else:  # norm gains and other vectors keep the module's own init
+            t = p.detach().to(torch.float64).clone()
+        out[name] = t.to(dtype)
+    return out
+
+
+def _owner(module: nn.Module, param_name: str) -> nn.Module:
+    path = param_name.rsplit(".", 1)[0] if "." in param_name else ""
+    return module.get_submodule(path) if path else module
+
+
+def build_models(cfg: Config, sample_shape: tuple[int, ...]) -> GANModules:
+    """The built-in architecture the config names, shaped for the data."""
+    m = cfg.model
+    if m.arch == "mlp":
+        from .mlp import MLPDiscriminator, MLPGenerator
+
+        dim = math.prod(sample_shape)
+        g = MLPGenerator(m.z_dim, sample_shape, m.g_hidden, m.layers, m.activation, m.norm, m.bias)
+        d = MLPDiscriminator(dim, m.d_hidden, m.layers, m.activation, m.norm, m.bias)
+        return GANModules(g, d, m.z_dim)
+    raise ConfigError(f"model.arch = {m.arch!r} is not available in this build")

@@ -1,0 +1,1 @@
+"""Studies built on runs: counterfactual retraining, validation, cleansing."""

@@ -1,0 +1,1 @@
+"""Pure training step, optimizers, schedule, recording and replay."""

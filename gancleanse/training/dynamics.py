@@ -1,0 +1,111 @@
+"""The one pure training step shared by training, replay, counterfactuals and ITD.
+
+``Dynamics.step(state, batch, weights)`` maps the full training state (both players'
+parameters, both optimizer states and the optional generator average) to the next one.
+Instance weights enter only the discriminator's real term with the fixed denominator B:
+
+    L_D = (1/B) [ sum_i w_i l_real(D(x_i)) + sum_z l_fake(D(G(z))) ] + (lambda_D / 2) ||W_D||^2
+
+so ``w_j = 0`` is exactly "x_j dropped from its minibatch", and d(state')/dw is what ITD
+needs. Because the step is a function of tensors only, ``torch.func.vjp`` of it yields in
+one call both the adjoint of the previous state and every per-instance term of the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.func import grad_and_value
+
+from ..config import Config
+from ..models.base import GANModules, Params
+from .losses import d_fake_term, d_real_term, g_term
+from .optim import Optimizer, make_optimizer
+
+State = dict[str, dict]  # {"d", "g", "opt_d", "opt_g"[, "ema_g"]} -> tensor trees
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """What one step consumes: real samples, latents for each player, and the step count."""
+
+    x: torch.Tensor
+    z_d: torch.Tensor
+    z_g: torch.Tensor
+    count: int  # optimizer steps taken before this one (Adam's bias correction)
+
+
+def l2_penalty(params: Params) -> torch.Tensor:
+    """(1/2) sum of squared weights; vectors (biases, norm gains) are not decayed."""
+    total = 0.0
+    for p in params.values():
+        if p.ndim >= 2:
+            total = total + 0.5 * (p * p).sum()
+    return total
+
+
+@dataclass(frozen=True)
+class Dynamics:
+    """Everything that defines a training step besides the data: losses, optimizers, scheme."""
+
+    models: GANModules
+    loss: str
+    update: str  # "simultaneous" | "alternating"
+    opt_d: Optimizer
+    opt_g: Optimizer
+    weight_decay_d: float = 0.0
+    weight_decay_g: float = 0.0
+    ema_beta: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: Config, models: GANModules) -> "Dynamics":
+        t = cfg.train
+        return cls(models, t.loss, t.update, make_optimizer(t, t.lr_d), make_optimizer(t, t.lr_g),
+                   t.weight_decay_d, t.weight_decay_g, t.ema_beta)
+
+    # ----------------------------------------------------------------- losses
+    def loss_d(self, pd: Params, pg: Params, x: torch.Tensor, z: torch.Tensor,
+               w: torch.Tensor) -> torch.Tensor:
+        """Discriminator loss with per-instance real weights and the fixed denominator."""
+        real = d_real_term(self.loss, self.models.discriminate(pd, x))
+        fake = d_fake_term(self.loss, self.models.discriminate(pd, self.models.generate(pg, z)))
+        value = ((w * real).sum() + fake.sum()) / x.shape[0]
+        if self.weight_decay_d:
+            value = value + self.weight_decay_d * l2_penalty(pd)
+        return value
+
+    def loss_g(self, pg: Params, pd: Params, z: torch.Tensor) -> torch.Tensor:
+        value = g_term(self.loss, self.models.discriminate(pd, self.models.generate(pg, z))).mean()
+        if self.weight_decay_g:
+            value = value + self.weight_decay_g * l2_penalty(pg)
+        return value
+
+    # ------------------------------------------------------------------ state
+    def init_state(self, params_d: Params, params_g: Params) -> State:
+        state: State = {"d": params_d, "g": params_g,
+                        "opt_d": self.opt_d.init(params_d), "opt_g": self.opt_g.init(params_g)}
+        if self.ema_beta > 0:
+            state["ema_g"] = {k: v.clone() for k, v in params_g.items()}
+        return state
+
+    def eval_generator(self, state: State) -> Params:
+        """The generator that metrics see: the running average when enabled."""
+        return state["ema_g"] if "ema_g" in state else state["g"]
+
+    # ------------------------------------------------------------------- step
+    def step(self, state: State, batch: StepBatch, weights: torch.Tensor
+             ) -> tuple[State, dict[str, torch.Tensor]]:
+        """One training step; returns the next state and the two losses (before the step)."""
+        pd, pg = state["d"], state["g"]
+        gd, ld = grad_and_value(self.loss_d)(pd, pg, batch.x, batch.z_d, weights)
+        new_d, new_opt_d = self.opt_d.update(gd, state["opt_d"], pd, batch.count)
+        # Simultaneous: G's gradient at theta_t. Alternating: against the updated D.
+        d_for_g = pd if self.update == "simultaneous" else new_d
+        gg, lg = grad_and_value(self.loss_g)(pg, d_for_g, batch.z_g)
+        new_g, new_opt_g = self.opt_g.update(gg, state["opt_g"], pg, batch.count)
+        new: State = {"d": new_d, "g": new_g, "opt_d": new_opt_d, "opt_g": new_opt_g}
+        if "ema_g" in state:
+            b = self.ema_beta
+            new["ema_g"] = {k: b * e + (1.0 - b) * new_g[k] for k, e in state["ema_g"].items()}
+        return new, {"loss_d": ld.detach(), "loss_g": lg.detach()}

@@ -1,0 +1,122 @@
+"""Training with recording: runs the pure step over the whole schedule and writes a run directory.
+
+Recorded for the window [record_from_epoch, epochs): each step's indices and latents, and
+checkpoints every ``checkpoint_every`` steps plus every epoch boundary, so that the reverse
+pass replays short segments instead of holding steps x parameters in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..config import Config
+from ..data import load_data
+from ..errors import TrainingDivergedError
+from ..models import build_models
+from ..run import (DTYPES, FORMAT_VERSION, Run, checkpoint_name, save_state, staged_directory,
+                   torch_threads, write_eval_latents, write_json_atomic)
+from .dynamics import Dynamics, State, StepBatch
+from .schedule import Schedule
+
+
+def window_checkpoints(window_start: int, total: int, every: int, steps_per_epoch: int) -> list[int]:
+    """Checkpoint steps: the window start, every ``every`` steps, every epoch start, the end."""
+    steps = set(range(window_start, total, every))
+    steps |= {s for s in range(window_start, total) if s % steps_per_epoch == 0}
+    steps |= {0, window_start, total}
+    return sorted(steps)
+
+
+def check_finite(state: State, stats: dict[str, torch.Tensor], step: int, steps_per_epoch: int) -> None:
+    bad = [k for k, v in stats.items() if not torch.isfinite(v).all()]
+    if not bad:
+        bad = [f"{p}/{k}" for p in ("d", "g") for k, v in state[p].items() if not torch.isfinite(v).all()]
+    if bad:
+        epoch = step // steps_per_epoch
+        values = ", ".join(f"{k} = {float(v):.4g}" for k, v in stats.items())
+        raise TrainingDivergedError(
+            f"non-finite value in {', '.join(bad)} at step {step} (epoch {epoch}; {values}); "
+            "lower the learning rates or use a bounded loss")
+
+
+def train(cfg: Config, out: str | Path, *, force: bool = False, progress: bool = True) -> Run:
+    """Train the GAN the config describes and record a run directory at ``out``."""
+    cfg = cfg.resolved()
+    t = cfg.train
+    with torch_threads(t.threads):
+        threads = torch.get_num_threads()
+        dtype = DTYPES[cfg.model.dtype]
+        splits = load_data(cfg)
+        models = build_models(cfg, splits.sample_shape)
+        dyn = Dynamics.from_config(cfg, models)
+        schedule = Schedule(cfg.data.n_train, t.batch_size, cfg.model.z_dim, t.seed,
+                            shared_latents=t.update == "simultaneous")
+        spe = schedule.steps_per_epoch
+        total = t.epochs * spe
+        window_start = t.record_from_epoch * spe
+        ckpts = window_checkpoints(window_start, total, t.checkpoint_every, spe)
+        x_train = splits.train.to(dtype)
+        ones = torch.ones(t.batch_size, dtype=dtype)
+
+        with staged_directory(Path(out), force=force) as stage:
+            (stage / "checkpoints").mkdir()
+            (stage / "config.toml").write_text(cfg.to_toml())
+            write_eval_latents(cfg, stage)
+            state = dyn.init_state(*models.initial_params(t.seed, dtype))
+            rec_idx, rec_zd, rec_zg = [], [], []
+            started = time.perf_counter()
+            window_seconds = 0.0
+            bar = tqdm(total=total, desc="train", unit="step", disable=not progress, leave=False)
+            with open(stage / "losses.jsonl", "w") as log:
+                for step in range(total):
+                    if step in ckpts:
+                        save_state(state, stage / "checkpoints" / checkpoint_name(step))
+                    idx = schedule.indices(step)
+                    z_d, z_g = schedule.latents(step)
+                    tic = time.perf_counter()
+                    batch = StepBatch(x_train[idx], z_d.to(dtype), z_g.to(dtype), step)
+                    state, stats = dyn.step(state, batch, ones)
+                    if step >= window_start:
+                        window_seconds += time.perf_counter() - tic
+                        rec_idx.append(idx)
+                        rec_zd.append(z_d)
+                        rec_zg.append(z_g)
+                    check_finite(state, stats, step, spe)
+                    log.write(json.dumps({"step": step, "epoch": step // spe,
+                                          **{k: float(v) for k, v in stats.items()}}) + "\n")
+                    bar.update()
+                    if step % 50 == 0:
+                        bar.set_postfix(loss_d=f"{float(stats['loss_d']):.3f}",
+                                        loss_g=f"{float(stats['loss_g']):.3f}")
+            bar.close()
+            save_state(state, stage / "checkpoints" / checkpoint_name(total))
+            sched = {"indices": torch.stack(rec_idx), "z_d": torch.stack(rec_zd)}
+            if not schedule.shared_latents:
+                sched["z_g"] = torch.stack(rec_zg)
+            save_file(sched, str(stage / "schedule.safetensors"))
+            write_json_atomic(stage / "run.json", {
+                "format": FORMAT_VERSION,
+                "status": "complete",
+                "gancleanse": __version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "threads": threads,
+                "n_train": cfg.data.n_train,
+                "steps_per_epoch": spe,
+                "total_steps": total,
+                "window": {"start_epoch": t.record_from_epoch, "start_step": window_start,
+                           "end_step": total},
+                "checkpoints": ckpts,
+                "data_fingerprint": splits.fingerprint(),
+                "seconds": {"train": time.perf_counter() - started, "window_steps": window_seconds},
+                "final_losses": {k: float(v) for k, v in stats.items()},
+            })
+    return Run.open(out)

@@ -1,0 +1,30 @@
+"""Replay recorded steps from a checkpoint, optionally with instance weights changed.
+
+With all weights 1 this reproduces the recorded trajectory bitwise (CPU, same threads);
+with some weights 0 it is the counterfactual training "as if those instances were absent
+from their minibatches", over exactly the steps that ITD differentiates.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..run import Run, torch_threads
+from .dynamics import State
+from .recorder import check_finite
+
+
+def replay(run: Run, start: int, end: int | None = None, weights: torch.Tensor | None = None,
+           state: State | None = None, progress: bool = False) -> State:
+    """State at ``end`` (default: the final step) after replaying from the checkpoint at ``start``."""
+    end = run.final_step if end is None else end
+    if weights is None:
+        weights = torch.ones(run.n_train, dtype=run.dtype)
+    dyn = run.dynamics
+    with torch_threads(run.threads), torch.no_grad():
+        state = run.load_state(start) if state is None else state
+        for step in tqdm(range(start, end), desc="replay", unit="step", disable=not progress, leave=False):
+            state, stats = dyn.step(state, run.batch(step), weights[run.indices(step)])
+            check_finite(state, stats, step, run.steps_per_epoch)
+    return state
