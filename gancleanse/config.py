@@ -34,6 +34,7 @@ def _opt(default: Any, *, choices: tuple | None = None, lo: float | None = None,
 class DataConfig:
     name: str = _opt("gaussian2d", choices=("gaussian2d", "digits", "mnist", "npz"))
     path: str | None = _opt(None, doc="MNIST IDX directory or .npz file")
+    image_size: int | None = _opt(None, lo=4, doc="resize images to this side (digits: 8 native)")
     n_train: int = _opt(10000, lo=1)
     n_valid: int = _opt(1000, lo=1)
     n_test: int = _opt(1000, lo=1)
@@ -44,8 +45,8 @@ class DataConfig:
 class ModelConfig:
     arch: str = _opt("mlp", choices=("mlp", "dcgan"))
     z_dim: int = _opt(10, lo=1)
-    g_hidden: int = _opt(32, lo=1)
-    d_hidden: int = _opt(64, lo=1)
+    g_hidden: int = _opt(32, lo=1, doc="mlp: hidden units; dcgan: channels")
+    d_hidden: int = _opt(64, lo=1, doc="mlp: hidden units; dcgan: channels")
     layers: int = _opt(2, lo=1, doc="hidden layers per network (mlp)")
     activation: str = _opt("relu", choices=("relu", "elu", "softplus", "sigmoid", "leaky_relu", "tanh"))
     norm: str = _opt("none", choices=("none", "layer"))
@@ -79,6 +80,13 @@ class MetricConfig:
     n_samples: int | None = _opt(None, lo=1, doc="generated samples per evaluation (default n_valid)")
     bandwidth: float = _opt(1.0, lo=0.0, lo_open=True)
     seed: int | None = _opt(None, lo=0, doc="seed of the fixed evaluation latents (default train.seed)")
+    extractor: str | None = _opt(None, doc="TorchScript classifier/feature extractor file for is/fid/kid")
+    is_splits: int = _opt(1, lo=1)
+    kid_degree: int = _opt(3, lo=1)
+    fid_ridge: float = _opt(1e-6, lo=0.0)
+    classifier_epochs: int = _opt(30, lo=1)
+    classifier_lr: float = _opt(1e-2, lo=0.0, lo_open=True)
+    classifier_batch_size: int = _opt(128, lo=1)
 
 
 @dataclass
