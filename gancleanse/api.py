@@ -12,6 +12,9 @@ import torch
 
 from .config import METRICS, Config, HIGHER_IS_BETTER
 from .errors import ConfigError, GancleanseError
+# Imported eagerly: the package attribute ``gancleanse.influence`` must end up being the
+# function below, not the subpackage of the same name bound on its first import.
+from .influence.itd import itd_influence
 from .metrics import make_metric
 from .run import Run
 from .training import recorder
@@ -84,8 +87,6 @@ def influence(run: Run | str | Path, metric: str = "all", method: str = "itd", *
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r} (available: {', '.join(METHODS)})")
     m = make_metric(metric, run, "valid")
-    from .influence.itd import itd_influence
-
     res = itd_influence(run, m, progress=progress)
     return Scores(metric, method, res.influence.numpy(),
                   {k: v.numpy() for k, v in res.horizons.items()},

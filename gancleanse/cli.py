@@ -1,0 +1,148 @@
+"""Command line: ``gancleanse train | influence | counterfactual | demo``.
+
+Every subcommand is a thin shell over the Python API in ``gancleanse.api``; user errors
+print one line naming the problem and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+from . import __version__, api
+from .config import METRICS, Config, load_config
+from .errors import GancleanseError
+from .run import Run, write_json_atomic
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    run = api.train(cfg, args.out, force=args.force, progress=not args.quiet)
+    s = run.meta["seconds"]["train"]
+    print(f"trained {run.meta['total_steps']} steps in {s:.1f} s; run directory: {run.path}")
+    return 0
+
+
+def _write_scores(scores: api.Scores, out: Path, run: Run, extra: dict) -> None:
+    scores.to_csv(out)
+    info = {"metric": scores.metric, "method": scores.method, "run": str(run.path),
+            "n_train": run.n_train, **scores.info, **extra}
+    if scores.horizons:
+        hpath = out.with_name(out.stem + ".horizons.csv")
+        scores.horizons_to_csv(hpath)
+        info["horizons_file"] = hpath.name
+        info["horizons"] = sorted(scores.horizons)
+    write_json_atomic(out.with_suffix(".json"), info)
+
+
+def _print_top(scores: api.Scores, k: int) -> None:
+    harm = scores.harmfulness
+    print(f"{k} most harmful instances for {scores.metric} (removal predicted to improve it most):")
+    print(f"{'rank':>4}  {'index':>7}  {'influence':>13}  {'harmfulness':>13}")
+    for r, i in enumerate(scores.most_harmful(k), 1):
+        print(f"{r:>4}  {i:>7}  {scores.influence[i]:>13.5e}  {harm[i]:>13.5e}")
+
+
+def _cmd_influence(args: argparse.Namespace) -> int:
+    run = Run.open(args.run)
+    scores = api.influence(run, args.metric, args.method, progress=not args.quiet)
+    if not args.horizons:
+        scores.horizons = {}
+    _write_scores(scores, Path(args.out), run, {})
+    if args.top:
+        _print_top(scores, min(args.top, run.n_train))
+    print(f"wrote {args.out} ({run.n_train} rows) in {scores.info.get('seconds', 0.0):.1f} s", file=sys.stderr)
+    return 0
+
+
+def _cmd_counterfactual(args: argparse.Namespace) -> int:
+    run = Run.open(args.run)
+    removed = api.parse_indices(args.remove, run.n_train)
+    result = api.counterfactual(run, removed, args.metric, from_epoch=args.from_epoch,
+                                progress=not args.quiet)
+    print(json.dumps(result))
+    return 0
+
+
+def default_config_text() -> str:
+    """The embedded default study: the paper's 2D Gaussian setting."""
+    return resources.files("gancleanse").joinpath("examples/gaussian2d.toml").read_text()
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import tomllib
+
+    out = Path(args.out)
+    cfg = Config.from_dict(tomllib.loads(default_config_text()), source="embedded gaussian2d.toml")
+    print(f"training the 2D Gaussian GAN ({cfg.data.n_train} instances, {cfg.train.epochs} epochs) -> {out / 'run'}")
+    run = api.train(cfg, out / "run", force=True, progress=not args.quiet)
+    scores = api.influence(run, "all", "itd", progress=not args.quiet)
+    scores_path = out / "scores_all_itd.csv"
+    _write_scores(scores, scores_path, run, {})
+    _print_top(scores, 10)
+    print(f"\ninfluence of all {run.n_train} instances on ALL (last epoch traced) written to {scores_path}")
+    print(f"training {run.meta['seconds']['train']:.1f} s, influence {scores.info['seconds']:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gancleanse", description=(
+        "Estimate how each training instance changes a GAN evaluation metric, remove the harmful "
+        "ones, and check the result on held-out data."))
+    p.add_argument("--version", action="version", version=f"gancleanse {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+    sp = sub.add_parser("train", help="train a GAN and record a run directory")
+    sp.add_argument("config", help="TOML config file")
+    sp.add_argument("--out", required=True, help="run directory to create")
+    sp.add_argument("--force", action="store_true", help="replace an existing run directory")
+    common(sp)
+    sp.set_defaults(func=_cmd_train)
+
+    sp = sub.add_parser("influence", help="score every training instance")
+    sp.add_argument("run", help="run directory written by `gancleanse train`")
+    sp.add_argument("--metric", choices=METRICS, default="all")
+    sp.add_argument("--method", choices=api.METHODS, default="itd")
+    sp.add_argument("--out", required=True, help="SCORES.csv to write (index,influence,harmfulness)")
+    sp.add_argument("--horizons", action="store_true",
+                    help="also write the estimate for every number of epochs traced back (SCORES.horizons.csv)")
+    sp.add_argument("--top", type=int, default=0, metavar="K", help="print the K most harmful instances")
+    common(sp)
+    sp.set_defaults(func=_cmd_influence)
+
+    sp = sub.add_parser("counterfactual", help="retrain the recorded window without some instances")
+    sp.add_argument("run")
+    sp.add_argument("--remove", required=True, metavar="I[,I...]", help="training indices to remove")
+    sp.add_argument("--metric", choices=METRICS, default="all")
+    sp.add_argument("--from-epoch", type=int, default=None,
+                    help="restart at this epoch's start (inside the recorded window) instead of the window start")
+    common(sp)
+    sp.set_defaults(func=_cmd_counterfactual)
+
+    sp = sub.add_parser("demo", help="the main job on the embedded default (2D Gaussian GAN, ALL, ITD)")
+    sp.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    common(sp)
+    sp.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GancleanseError as e:
+        print(f"gancleanse: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gancleanse: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
