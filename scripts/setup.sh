@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv/ at the repository root and install gancleanse with its test and Ray extras.
+# torch is pinned first: on machines with a local CPU wheel this avoids a multi-GB CUDA download.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet "torch==2.13.0"
+.venv/bin/python -m pip install --quiet -e ".[test]"
+echo "gancleanse installed in .venv ($(.venv/bin/gancleanse --version))"
