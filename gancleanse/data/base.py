@@ -44,4 +44,16 @@ def load_data(cfg: Config) -> Splits:
         from .gaussian2d import gaussian2d
 
         return gaussian2d(cfg.data)
+    if name == "digits":
+        from .digits import digits
+
+        return digits(cfg.data)
+    if name == "mnist":
+        from .mnist import mnist
+
+        return mnist(cfg.data)
+    if name == "npz":
+        from .npz import npz
+
+        return npz(cfg.data)
     raise ConfigError(f"data.name = {name!r} is not available in this build")

@@ -1,0 +1,115 @@
+"""Shared steps of the image loaders: array checks, scaling to [-1, 1], resizing, seeded splits.
+
+Every image loader returns float64 tensors of shape (N, C, H, W) with pixel values in
+[-1, 1] (the range of the generator's tanh output), so the loaders differ only in how
+they read their files.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import DataConfig
+from ..errors import DataError
+from .base import Splits
+
+
+def check_images(x: np.ndarray, source: str) -> np.ndarray:
+    """Validate an (N, H, W) or (N, C, H, W) pixel array; return it as (N, C, H, W) (a view).
+
+    Integer pixels must lie in 0..255; float pixels are taken as they are (the user chose
+    their range) but must be finite. Conversion is left to ``to_tensor`` so that only the
+    images a split keeps are ever copied to float64.
+    """
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4:
+        if x.shape[1] > 4 and x.shape[3] <= 4:
+            raise DataError(f"{source}: images of shape {tuple(x.shape)} look channels-last; "
+                            "store them as (N, C, H, W)")
+    else:
+        raise DataError(f"{source}: expected images of shape (N, H, W) or (N, C, H, W), "
+                        f"got shape {tuple(x.shape)}")
+    if x.shape[0] == 0 or min(x.shape[1:]) == 0:
+        raise DataError(f"{source}: empty image array of shape {tuple(x.shape)}")
+    if np.issubdtype(x.dtype, np.integer):
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi > 255:
+            raise DataError(f"{source}: integer pixels must lie in 0..255, found {lo}..{hi}")
+    elif np.issubdtype(x.dtype, np.floating):
+        if not np.isfinite(x).all():
+            raise DataError(f"{source}: image array contains NaN or infinite values")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -1.0 or hi > 1.0:
+            warnings.warn(f"{source}: float pixels outside [-1, 1] (range {lo:.3g}..{hi:.3g}) are "
+                          "used as they are; a generator ending in tanh cannot reach them",
+                          stacklevel=3)
+    else:
+        raise DataError(f"{source}: image array has dtype {x.dtype}; use uint8 (0..255) or float")
+    return x
+
+
+def to_tensor(x: np.ndarray) -> torch.Tensor:
+    """Checked pixels -> float64 tensor; integers 0..255 are mapped linearly onto [-1, 1]."""
+    if np.issubdtype(x.dtype, np.integer):
+        return torch.from_numpy(x.astype(np.float64) / 127.5 - 1.0)
+    return torch.from_numpy(np.array(x, dtype=np.float64))
+
+
+def as_labels(y: np.ndarray, n: int, source: str) -> torch.Tensor:
+    """Integer class labels, one per image, as int64."""
+    y = np.asarray(y)
+    if y.ndim != 1 or y.shape[0] != n:
+        raise DataError(f"{source}: labels must have shape ({n},) to match the images, "
+                        f"got {tuple(y.shape)}")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not (np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y))):
+            raise DataError(f"{source}: labels must be integers, got dtype {y.dtype}")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def resize(x: torch.Tensor, size: int | None, clamp: bool = True) -> torch.Tensor:
+    """Bilinear resize to size x size; clamping keeps scaled pixels inside [-1, 1] after rounding."""
+    if size is None or tuple(x.shape[2:]) == (size, size):
+        return x
+    out = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return out.clamp(-1.0, 1.0) if clamp else out
+
+
+def permutation(n: int, seed: int) -> torch.Tensor:
+    """The split permutation: a function of ``data.seed`` alone, never the global RNG."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def check_counts(cfg: DataConfig, keys: tuple[str, ...], available: int, what: str) -> None:
+    """Raise a DataError naming the keys when they ask for more instances than exist."""
+    wanted = sum(getattr(cfg, k) for k in keys)
+    if wanted > available:
+        terms = " + ".join(f"data.{k} = {getattr(cfg, k)}" for k in keys)
+        total = f" = {wanted}" if len(keys) > 1 else ""
+        raise DataError(f"{terms}{total} exceeds the {available} images available in {what}")
+
+
+def take(x: np.ndarray, idx: torch.Tensor, size: int | None) -> torch.Tensor:
+    """The images at ``idx`` as float64, resized; clamped only when the data was scaled here."""
+    return resize(to_tensor(x[idx.numpy()]), size, clamp=np.issubdtype(x.dtype, np.integer))
+
+
+def split_indices(cfg: DataConfig, n: int, what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Train / valid / test indices into ``n`` images, cut from the ``data.seed`` permutation."""
+    check_counts(cfg, ("n_train", "n_valid", "n_test"), n, what)
+    perm = permutation(n, cfg.seed)
+    a, b = cfg.n_train, cfg.n_train + cfg.n_valid
+    return perm[:a], perm[a:b], perm[b:b + cfg.n_test]
+
+
+def seeded_split(cfg: DataConfig, x: np.ndarray, y: torch.Tensor | None, what: str) -> Splits:
+    """Permute with ``data.seed`` and cut train / valid / test from checked pixels ``x``."""
+    parts = split_indices(cfg, x.shape[0], what)
+    xs = [take(x, i, cfg.image_size) for i in parts]
+    ys = [y[i] for i in parts] if y is not None else [None, None, None]
+    return Splits(xs[0], xs[1], xs[2], ys[0], ys[1], ys[2])

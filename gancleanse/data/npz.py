@@ -1,0 +1,53 @@
+"""A user's own images in a NumPy ``.npz`` file: array ``x`` of pixels, optional labels ``y``.
+
+``x`` is (N, H, W) or (N, C, H, W), channels first. uint8 (or any integer) pixels in 0..255
+are scaled to [-1, 1]; float pixels are used unchanged. The split is seeded by ``data.seed``.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import DataConfig
+from ..errors import ConfigError, DataError
+from .base import Splits
+from .images import as_labels, check_images, seeded_split
+
+
+def require_path(cfg: DataConfig) -> Path:
+    """The ``data.path`` a file-based dataset needs, as a Path."""
+    if not cfg.path:
+        raise ConfigError(f"data.name = {cfg.name!r} needs data.path (the "
+                          f"{'MNIST IDX directory or .npz file' if cfg.name == 'mnist' else '.npz file'})")
+    return Path(cfg.path).expanduser()
+
+
+def read_npz(path: Path) -> dict[str, Any]:
+    """All arrays of an .npz file; a DataError naming the file if it cannot be read."""
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DataError(f"{path}: a single .npy array, not an .npz archive; save it with "
+                            "numpy.savez(path, x=images, y=labels)")
+        with loaded as f:
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: not a readable .npz file ({e})") from None
+
+
+def npz(cfg: DataConfig) -> Splits:
+    """Seeded train / valid / test split of the arrays in ``data.path``."""
+    path = require_path(cfg)
+    arrays = read_npz(path)
+    if "x" not in arrays:
+        raise DataError(f"{path}: no array named 'x' (found: {', '.join(sorted(arrays)) or 'none'}); "
+                        "store the images as x (and optional labels as y)")
+    x = check_images(arrays["x"], f"{path}:x")
+    y = as_labels(arrays["y"], x.shape[0], f"{path}:y") if "y" in arrays else None
+    return seeded_split(cfg, x, y, str(path))
