@@ -93,4 +93,10 @@ def build_models(cfg: Config, sample_shape: tuple[int, ...]) -> GANModules:
         g = MLPGenerator(m.z_dim, sample_shape, m.g_hidden, m.layers, m.activation, m.norm, m.bias)
         d = MLPDiscriminator(dim, m.d_hidden, m.layers, m.activation, m.norm, m.bias)
         return GANModules(g, d, m.z_dim)
+    if m.arch == "dcgan":
+        from .dcgan import DCGANDiscriminator, DCGANGenerator
+
+        g = DCGANGenerator(m.z_dim, sample_shape, m.g_hidden, m.activation, m.norm, m.bias)
+        d = DCGANDiscriminator(sample_shape, m.d_hidden, m.activation, m.norm, m.bias)
+        return GANModules(g, d, m.z_dim)
     raise ConfigError(f"model.arch = {m.arch!r} is not available in this build")

@@ -1,0 +1,109 @@
+"""The paper's small convolutional GAN for MNIST-sized images, plus an 8x8 variant.
+
+28x28 (the paper's model): D has 7 'valid' convolutions with kernels [4,3,3,2,3,3,2] and
+strides [1,2,1,1,2,1,1] (28 -> 25 -> 12 -> 10 -> 9 -> 4 -> 2 -> 1), then a linear logit;
+G mirrors it with transposed convolutions (1 -> 2 -> 4 -> 9 -> 10 -> 12 -> 25 -> 28)
+followed by a 1x1 convolution to the image channels and tanh.
+
+8x8 (scikit-learn digits at native size): D has 4 'valid' convolutions with kernels
+[3,3,3,2], stride 1 (8 -> 6 -> 4 -> 2 -> 1); G mirrors it (1 -> 2 -> 4 -> 6 -> 8).
+
+Every convolution is followed by the activation and, with ``norm = "layer"``, by a
+per-instance LayerNorm over (C, H, W): it never mixes instances, so an instance weight of
+0 still means "this instance was not seen", which BatchNorm would break.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import DataError
+from .mlp import ACTIVATIONS
+
+# image side -> discriminator (kernels, strides); the generator uses both reversed.
+SPECS: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    28: ((4, 3, 3, 2, 3, 3, 2), (1, 2, 1, 1, 2, 1, 1)),
+    8: ((3, 3, 3, 2), (1, 1, 1, 1)),
+}
+
+
+def conv_sizes(side: int, kernels: tuple[int, ...], strides: tuple[int, ...]) -> list[int]:
+    """Spatial sides through 'valid' convolutions: side -> ... -> last."""
+    sizes = [side]
+    for k, s in zip(kernels, strides):
+        sizes.append((sizes[-1] - k) // s + 1)
+    return sizes
+
+
+def image_spec(sample_shape: tuple[int, ...]) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
+    """(channels, side, kernels, strides) for an image shape the DCGAN supports; else a DataError."""
+    supported = ", ".join(f"{s}x{s}" for s in sorted(SPECS))
+    if len(sample_shape) != 3 or sample_shape[1] != sample_shape[2] or sample_shape[1] not in SPECS:
+        raise DataError(f"model.arch = 'dcgan' cannot take samples of shape {tuple(sample_shape)}: it needs "
+                        f"images (C, H, W) of side {supported} (set data.image_size to resize)")
+    c, side, _ = sample_shape
+    kernels, strides = SPECS[side]
+    return c, side, kernels, strides
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over (C, H, W) of each instance with a per-channel gain and bias.
+
+    Matches the per-channel parameters of the paper's normalization, unlike
+    ``nn.LayerNorm([C, H, W])`` whose affine parameters are per element.
+    """
+
+    def __init__(self, channels: int, bias: bool = True, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias: nn.Parameter | None
+        self.register_parameter("bias", nn.Parameter(torch.zeros(channels)) if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x, x.shape[1:], eps=self.eps) * self.weight[:, None, None]
+        return y + self.bias[:, None, None] if self.bias is not None else y
+
+
+def _block(conv: nn.Module, channels: int, activation: str, norm: str, bias: bool) -> list[nn.Module]:
+    layers = [conv, ACTIVATIONS[activation]()]
+    if norm == "layer":
+        layers.append(ChannelLayerNorm(channels, bias))
+    return layers
+
+
+class DCGANDiscriminator(nn.Module):
+    """Image (B, C, H, W) -> logit (B,)."""
+
+    def __init__(self, in_shape: tuple[int, ...], hidden: int = 32, activation: str = "sigmoid",
+                 norm: str = "layer", bias: bool = False) -> None:
+        super().__init__()
+        c, _, kernels, strides = image_spec(tuple(in_shape))
+        layers: list[nn.Module] = []
+        for i, (k, s) in enumerate(zip(kernels, strides)):
+            conv = nn.Conv2d(c if i == 0 else hidden, hidden, k, s, padding=0, bias=bias)
+            layers += _block(conv, hidden, activation, norm, bias)
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(hidden, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1)).reshape(-1)
+
+
+class DCGANGenerator(nn.Module):
+    """Latent (B, z_dim) -> image (B, C, H, W) in [-1, 1]."""
+
+    def __init__(self, z_dim: int, out_shape: tuple[int, ...], hidden: int = 32,
+                 activation: str = "sigmoid", norm: str = "layer", bias: bool = False) -> None:
+        super().__init__()
+        c, _, kernels, strides = image_spec(tuple(out_shape))
+        layers: list[nn.Module] = []
+        for i, (k, s) in enumerate(zip(reversed(kernels), reversed(strides))):
+            conv = nn.ConvTranspose2d(z_dim if i == 0 else hidden, hidden, k, s, padding=0, bias=bias)
+            layers += _block(conv, hidden, activation, norm, bias)
+        self.net = nn.Sequential(*layers, nn.Conv2d(hidden, c, 1, bias=bias), nn.Tanh())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z.reshape(z.shape[0], -1, 1, 1))
