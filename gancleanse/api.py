@@ -16,7 +16,7 @@ from .errors import ConfigError, GancleanseError
 # function below, not the subpackage of the same name bound on its first import.
 from .influence.itd import itd_influence
 from .metrics import make_metric
-from .run import Run
+from .run import Run, write_json_atomic
 from .training import recorder
 from .training.replay import replay
 
@@ -136,3 +136,56 @@ def counterfactual(run: Run | str | Path, remove: Sequence[int], metric: str = "
     after = m.value(replay(run, start, weights=weights, progress=progress))
     return {"metric": metric, "removed": removed, "before": before, "after": after,
             "delta": after - before}
+
+
+def validate(run: Run | str | Path, metric: str = "all", method: str = "itd", instances: int = 20, *,
+             seed: int = 0, extremes: bool = False, horizons: bool = False, executor: str = "local",
+             workers: int = 1, out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Compare estimated with actual (retrained) metric changes for ``instances`` instances.
+
+    With ``out`` (a .json path), finished retrains are kept in ``OUT.parts/`` (an interrupted
+    validation resumes from them), and a scatter plot is written to ``OUT.png``.
+    """
+    import tempfile
+
+    from .study import validate as val
+
+    run = _open(run)
+    if horizons and method != "itd":
+        raise GancleanseError("--horizons needs --method itd (one backward sweep gives every horizon)")
+    scores = influence(run, metric, method, progress=progress)
+    chosen = val.choose_instances(scores.influence, instances, seed, extremes)
+    spe = run.steps_per_epoch
+    final_epoch, first_epoch = run.final_step // spe, run.window_start // spe
+    ks = sorted(scores.horizons) if horizons else [final_epoch - first_epoch]
+    jobs = [(j, final_epoch - k) for k in ks for j in chosen]
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = Path(out).with_suffix(".parts") if out else Path(tmp)
+        actual = val.retrain_all(str(run.path), jobs, metric, parts, executor=executor,
+                                 workers=workers, progress=progress)
+
+    def panel(k: int) -> dict[str, Any]:
+        est = scores.horizons[k] if k in scores.horizons else scores.influence
+        e = [float(est[j]) for j in chosen]
+        a = [actual[(j, final_epoch - k)] for j in chosen]
+        return {"epochs_traced": k, **val.accuracy(e, a), "estimated": e, "actual": a}
+
+    main = panel(ks[-1])
+    result: dict[str, Any] = {
+        "metric": metric, "method": method, "run": str(run.path), "instances": chosen,
+        "n_instances": len(chosen), "seed": seed, "extremes": extremes,
+        **{k: main[k] for k in ("kendall_tau", "pearson", "jaccard", "random_jaccard", "epochs_traced")},
+        "estimated": main["estimated"], "actual": main["actual"],
+        "estimate_seconds": scores.info.get("seconds"),
+    }
+    if horizons:
+        result["horizons"] = {str(k): panel(k) for k in ks}
+    if out:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        panels = [dict(p, label=f"{p['epochs_traced']} epoch(s) traced")
+                  for p in (result["horizons"].values() if horizons else [main])]
+        val.scatter_plot(out.with_suffix(".png"), panels, f"{method} influence on {metric}: estimate vs retraining")
+        result["plot"] = out.with_suffix(".png").name
+        write_json_atomic(out, result)
+    return result
