@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv/ at the repository root and install gancleanse with its test and Ray extras.
+# Create .venv/ at the repository root and install gancleanse with its test and Ray extras
+# (Ray is optional for users: pip install gancleanse[ray]; the tests check the Ray executor).
 # torch is pinned first: on machines with a local CPU wheel this avoids a multi-GB CUDA download.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,5 +11,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -m pip install --quiet -e ".[test,ray]"
 echo "gancleanse installed in .venv ($(.venv/bin/gancleanse --version))"

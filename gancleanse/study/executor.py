@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import secrets
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Callable, Hashable, Iterable, Iterator
 
@@ -65,6 +66,7 @@ def _ray(fn, tasks, workers) -> Iterator[tuple[Hashable, Any]]:
     except ImportError:
         raise GancleanseError("--executor ray needs Ray: pip install 'gancleanse[ray]'") from None
     started_here = not ray.is_initialized()
+    saved_env = {k: os.environ.get(k) for k in ("RAY_USAGE_STATS_ENABLED", "RAY_AUTH_TOKEN")}
     if started_here:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         address = os.environ.get("RAY_ADDRESS")
@@ -72,6 +74,10 @@ def _ray(fn, tasks, workers) -> Iterator[tuple[Hashable, Any]]:
                                   "configure_logging": False}
         if not address:
             kwargs["num_cpus"] = max(workers, 1)
+            if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+                # A local instance authenticates with a fresh in-memory token, so Ray does not
+                # write a token file into the user's home directory.
+                os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
         ray.init(address=address or None, **kwargs)
     try:
         remote = ray.remote(num_cpus=1)(fn)
@@ -83,3 +89,8 @@ def _ray(fn, tasks, workers) -> Iterator[tuple[Hashable, Any]]:
     finally:
         if started_here:
             ray.shutdown()
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v

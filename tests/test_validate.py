@@ -1,0 +1,92 @@
+"""validate: statistics recomputed independently, the random baseline, resume, executors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import kendalltau
+
+import gancleanse as gc
+from gancleanse.cli import main
+from gancleanse.study.validate import random_jaccard
+
+
+def independent_jaccard(est, act, per_side):
+    def ext(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        return set(order[:per_side]) | set(order[-per_side:])
+
+    a, b = ext(act), ext(est)
+    return len(a & b) / len(a | b)
+
+
+def test_validate_statistics_match_its_own_lists(run_factory, tmp_path):
+    run = run_factory(train={"epochs": 3, "record_from_epoch": 1})
+    out = tmp_path / "valid.json"
+    res = gc.validate(run, "all", "itd", 40, seed=3, out=out, progress=False)
+    saved = json.loads(out.read_text())
+    assert saved == res
+    assert (tmp_path / "valid.png").stat().st_size > 1000
+    est, act = np.array(res["estimated"]), np.array(res["actual"])
+    assert len(res["instances"]) == len(set(res["instances"])) == 40
+    assert res["kendall_tau"] == pytest.approx(kendalltau(est, act).statistic, abs=1e-12)
+    assert res["pearson"] == pytest.approx(np.corrcoef(est, act)[0, 1], abs=1e-9)
+    assert res["jaccard"] == pytest.approx(independent_jaccard(list(est), list(act), 2))
+    # the actual changes are real retrains: spot-check one against the counterfactual API
+    j = res["instances"][5]
+    assert res["actual"][5] == gc.counterfactual(run, [j], "all")["delta"]
+    assert res["pearson"] > 0.99  # smooth tiny model: the estimate is accurate
+
+
+def test_random_jaccard_matches_monte_carlo():
+    assert random_jaccard(200) == pytest.approx(0.0538, abs=5e-5)  # the paper's value
+    rng = np.random.default_rng(0)
+    n, m = 60, 6  # per_side 3 -> sets of 6 of 60
+    sims = [len(set(a) & set(b)) / len(set(a) | set(b))
+            for a, b in ((rng.choice(n, m, replace=False), rng.choice(n, m, replace=False)) for _ in range(40000))]
+    assert random_jaccard(n) == pytest.approx(np.mean(sims), abs=3 * np.std(sims) / np.sqrt(len(sims)))
+
+
+def test_validate_resumes_and_pool_gives_identical_numbers(run_factory, tmp_path):
+    run = run_factory()
+    out = tmp_path / "v.json"
+    first = gc.validate(run, "loss_d", "itd", 6, seed=1, extremes=True, out=out, progress=False)
+    parts = sorted((tmp_path / "v.parts").glob("*.json"))
+    assert len(parts) == 6
+    # extremes: the most negative and most positive estimates are among the chosen
+    scores = gc.influence(run, "loss_d", progress=False)
+    assert int(np.argmin(scores.influence)) in first["instances"]
+    assert int(np.argmax(scores.influence)) in first["instances"]
+    stamps = {p.name: p.stat().st_mtime_ns for p in parts}
+    parts[0].unlink()
+    again = gc.validate(run, "loss_d", "itd", 6, seed=1, extremes=True, out=out, workers=2, progress=False)
+    assert again["actual"] == first["actual"]
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "v.parts").glob("*.json")}
+    assert [n for n in after if after[n] != stamps.get(n)] == [parts[0].name]  # only the missing one reran
+
+
+def test_validate_horizons(run_factory, tmp_path, capsys):
+    run = run_factory(train={"epochs": 3})
+    out = tmp_path / "h.json"
+    assert main(["validate", str(run.path), "--metric", "all", "--instances", "8", "--horizons",
+                 "--out", str(out), "-q"]) == 0
+    res = json.loads(out.read_text())
+    assert sorted(res["horizons"]) == ["1", "2", "3"]
+    for k, h in res["horizons"].items():
+        assert h["epochs_traced"] == int(k) and h["pearson"] > 0.99
+    assert res["horizons"]["3"]["actual"] == res["actual"]
+    assert "kendall tau" in capsys.readouterr().out
+
+
+def test_ray_executor_gives_identical_numbers(run_factory, tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'gancleanse[ray]')")
+    had_token = (Path.home() / ".ray" / "auth_token").exists()
+    run = run_factory()
+    local = gc.validate(run, "all", "itd", 4, seed=2, progress=False)
+    remote = gc.validate(run, "all", "itd", 4, seed=2, executor="ray", workers=2, progress=False)
+    assert remote["actual"] == local["actual"] and remote["instances"] == local["instances"]
+    assert not (Path.home() / ".ray" / "auth_token").exists() or had_token, "Ray left a token file in HOME"
