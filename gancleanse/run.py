@@ -33,7 +33,7 @@ from .data import Splits, load_data
 from .errors import RunDirError
 from .models import GANModules, build_models
 from .training.dynamics import Dynamics, State, StepBatch
-from .training.schedule import eval_latents
+from .training.schedule import Schedule, eval_latents
 
 FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -222,15 +222,33 @@ class Run:
                               f"(epochs {first}..{self.cfg.train.epochs - 1})")
         return step
 
+    @cached_property
+    def schedule(self) -> Schedule:
+        """The generator of every step's indices and latents (the window is also recorded)."""
+        t = self.cfg.train
+        return Schedule(self.n_train, t.batch_size, self.cfg.model.z_dim, t.seed,
+                        shared_latents=t.update == "simultaneous")
+
+    def _check_step(self, step: int) -> None:
+        if not 0 <= step < self.final_step:
+            raise RunDirError(f"step {step} is outside the training (0..{self.final_step - 1})")
+
     def indices(self, step: int) -> torch.Tensor:
+        """Instance indices of the minibatch of ``step`` (recorded in the window, else regenerated)."""
+        self._check_step(step)
+        if step < self.window_start:
+            return self.schedule.indices(step)
         return self._schedule["indices"][step - self.window_start]
 
     def batch(self, step: int) -> StepBatch:
-        i = step - self.window_start
-        z_d = self._schedule["z_d"][i]
-        z_g = self._schedule["z_g"][i] if "z_g" in self._schedule else z_d
-        idx = self._schedule["indices"][i]
-        return StepBatch(self.x_train[idx], z_d.to(self.dtype), z_g.to(self.dtype), step)
+        self._check_step(step)
+        if step < self.window_start:
+            z_d, z_g = self.schedule.latents(step)
+        else:
+            i = step - self.window_start
+            z_d = self._schedule["z_d"][i]
+            z_g = self._schedule["z_g"][i] if "z_g" in self._schedule else z_d
+        return StepBatch(self.x_train[self.indices(step)], z_d.to(self.dtype), z_g.to(self.dtype), step)
 
     def load_state(self, step: int) -> State:
         if step not in self.checkpoint_steps:

@@ -83,3 +83,11 @@ def test_counterfactual_json_contract(run_factory):
     assert res["removed"] == [3, 4] and res["metric"] == "loss_d"
     assert res["delta"] == res["after"] - res["before"]
     assert res["before"] == gc.metrics.make_metric("loss_d", run).value(run.final_state())
+
+
+def test_full_replay_from_initialization_is_bitwise(run_factory):
+    run = run_factory(train={"epochs": 3, "record_from_epoch": 2, "update": "alternating"})
+    assert run.window_start > 0 and 0 in run.checkpoint_steps
+    final = flatten_state(run.final_state())
+    again = flatten_state(replay(run, 0))
+    assert all(torch.equal(final[k], again[k]) for k in final)
