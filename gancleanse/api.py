@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,25 +21,33 @@ from .run import Run, write_json_atomic
 from .training import recorder
 from .training.replay import replay
 
-METHODS = ("itd",)
+METHODS = ("itd", "aid", "isolation_forest", "random")
+INFLUENCE_METHODS = ("itd", "aid")
 
 
 @dataclass
 class Scores:
-    """One score per training instance. ``harmfulness > 0``: removal predicted to help."""
+    """One score per training instance. ``harmfulness > 0``: removal predicted to help; higher first.
+
+    For ``itd``/``aid``, ``influence`` is the predicted V(without j) - V(with j) and
+    harmfulness follows the metric's direction. For baselines, ``influence`` is the raw score
+    (Isolation Forest ``score_samples``; random draws) and ``harmfulness`` its removal order.
+    """
 
     metric: str
     method: str
-    influence: np.ndarray  # predicted V(without j) - V(with j)
-    horizons: dict[int, np.ndarray] = field(default_factory=dict)
+    influence: np.ndarray
+    harmfulness: np.ndarray
+    horizons: dict[int, np.ndarray] = field(default_factory=dict)  # epochs traced -> influence
     info: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def harmfulness(self) -> np.ndarray:
-        return self.influence if HIGHER_IS_BETTER[self.metric] else -self.influence
+    @classmethod
+    def from_influence(cls, metric: str, method: str, influence: np.ndarray, **kw: Any) -> "Scores":
+        sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
+        return cls(metric, method, influence, sign * influence, **kw)
 
     def most_harmful(self, k: int) -> list[int]:
-        """Indices of the k instances whose removal is predicted to improve the metric most."""
+        """Indices of the k instances to remove first (ties broken by index)."""
         return [int(i) for i in np.argsort(-self.harmfulness, kind="stable")[:k]]
 
     def to_csv(self, path: str | Path) -> None:
@@ -81,17 +90,54 @@ def train(cfg: Config, out: str | Path, *, force: bool = False, progress: bool =
 
 
 def influence(run: Run | str | Path, metric: str = "all", method: str = "itd", *,
-              progress: bool = True) -> Scores:
-    """Influence of every training instance on ``metric`` (validation split)."""
+              features: str = "raw", seed: int = 0, progress: bool = True,
+              **solver_options: Any) -> Scores:
+    """Score every training instance of ``run``.
+
+    ``itd`` / ``aid``: influence on ``metric`` (validation split). Baselines:
+    ``isolation_forest`` on ``features`` ("raw" data or "classifier" features) and
+    ``random`` (seeded); ``metric`` is then only recorded. ``solver_options`` go to AID.
+    """
     run = _open(run)
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r} (available: {', '.join(METHODS)})")
-    m = make_metric(metric, run, "valid")
-    res = itd_influence(run, m, progress=progress)
-    return Scores(metric, method, res.influence.numpy(),
-                  {k: v.numpy() for k, v in res.horizons.items()},
-                  {"metric_value": res.metric_value, "seconds": res.seconds, "steps": res.steps,
-                   "window_start_epoch": run.window_start // run.steps_per_epoch})
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r} (known: {', '.join(METRICS)})")
+    if method == "itd":
+        res = itd_influence(run, make_metric(metric, run, "valid"), progress=progress)
+        return Scores.from_influence(
+            metric, method, res.influence.numpy(), horizons={k: v.numpy() for k, v in res.horizons.items()},
+            info={"metric_value": res.metric_value, "seconds": res.seconds, "steps": res.steps,
+                  "window_start_epoch": run.window_start // run.steps_per_epoch})
+    if method == "aid":
+        from .influence.aid import aid_influence
+
+        res = aid_influence(run, make_metric(metric, run, "valid"), progress=progress, **solver_options)
+        return Scores.from_influence(
+            metric, method, res.influence.numpy(),
+            info={"metric_value": res.metric_value, "seconds": res.seconds, "solver": res.solver,
+                  "residual": res.residual, "iterations": res.iterations, "converged": res.converged})
+    from .influence import baselines
+
+    started = time.perf_counter()
+    if method == "random":
+        harm = baselines.random_scores(run.n_train, seed)
+        return Scores(metric, method, harm, harm, info={"seed": seed, "seconds": time.perf_counter() - started})
+    x = instance_features(run, features)
+    harm = baselines.isolation_forest_scores(x, seed)
+    return Scores(metric, method, -harm, harm,
+                  info={"features": features, "seed": seed, "seconds": time.perf_counter() - started})
+
+
+def instance_features(run: Run, features: str) -> np.ndarray:
+    """Training instances as rows: the raw data, or the metric classifier's features."""
+    if features == "raw":
+        return run.splits.train.reshape(run.n_train, -1).numpy()
+    if features == "classifier":
+        from .metrics.classifier import training_features
+
+        return training_features(run)
+    raise ConfigError(f"unknown features {features!r} (available: raw, classifier)")
 
 
 def parse_indices(text: str, n_train: int) -> list[int]:
@@ -140,7 +186,8 @@ def counterfactual(run: Run | str | Path, remove: Sequence[int], metric: str = "
 
 def validate(run: Run | str | Path, metric: str = "all", method: str = "itd", instances: int = 20, *,
              seed: int = 0, extremes: bool = False, horizons: bool = False, executor: str = "local",
-             workers: int = 1, out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+             workers: int = 1, out: str | Path | None = None, progress: bool = True,
+             solver_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compare estimated with actual (retrained) metric changes for ``instances`` instances.
 
     With ``out`` (a .json path), finished retrains are kept in ``OUT.parts/`` (an interrupted
@@ -153,7 +200,7 @@ def validate(run: Run | str | Path, metric: str = "all", method: str = "itd", in
     run = _open(run)
     if horizons and method != "itd":
         raise GancleanseError("--horizons needs --method itd (one backward sweep gives every horizon)")
-    scores = influence(run, metric, method, progress=progress)
+    scores = influence(run, metric, method, progress=progress, **(solver_options or {}))
     chosen = val.choose_instances(scores.influence, instances, seed, extremes)
     spe = run.steps_per_epoch
     final_epoch, first_epoch = run.final_step // spe, run.window_start // spe
@@ -176,7 +223,7 @@ def validate(run: Run | str | Path, metric: str = "all", method: str = "itd", in
         "n_instances": len(chosen), "seed": seed, "extremes": extremes,
         **{k: main[k] for k in ("kendall_tau", "pearson", "jaccard", "random_jaccard", "epochs_traced")},
         "estimated": main["estimated"], "actual": main["actual"],
-        "estimate_seconds": scores.info.get("seconds"),
+        "estimate_info": scores.info,
     }
     if horizons:
         result["horizons"] = {str(k): panel(k) for k in ks}

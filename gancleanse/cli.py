@@ -48,7 +48,8 @@ def _print_top(scores: api.Scores, k: int) -> None:
 
 def _cmd_influence(args: argparse.Namespace) -> int:
     run = Run.open(args.run)
-    scores = api.influence(run, args.metric, args.method, progress=not args.quiet)
+    scores = api.influence(run, args.metric, args.method, features=args.features, seed=args.seed,
+                           progress=not args.quiet, **_solver_options(args))
     if not args.horizons:
         scores.horizons = {}
     _write_scores(scores, Path(args.out), run, {})
@@ -56,6 +57,14 @@ def _cmd_influence(args: argparse.Namespace) -> int:
         _print_top(scores, min(args.top, run.n_train))
     print(f"wrote {args.out} ({run.n_train} rows) in {scores.info.get('seconds', 0.0):.1f} s", file=sys.stderr)
     return 0
+
+
+def _solver_options(args: argparse.Namespace) -> dict:
+    """AID options given on the command line (only those set)."""
+    if args.method != "aid":
+        return {}
+    names = ("solver", "iterations", "step", "damping", "tol", "batch_size")
+    return {n: getattr(args, f"aid_{n}") for n in names if getattr(args, f"aid_{n}") is not None}
 
 
 def _cmd_counterfactual(args: argparse.Namespace) -> int:
@@ -70,7 +79,8 @@ def _cmd_counterfactual(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     res = api.validate(args.run, args.metric, args.method, args.instances, seed=args.seed,
                        extremes=args.extremes, horizons=args.horizons, executor=args.executor,
-                       workers=args.workers, out=args.out, progress=not args.quiet)
+                       workers=args.workers, out=args.out, progress=not args.quiet,
+                       solver_options=_solver_options(args))
     rows = list(res["horizons"].values()) if args.horizons else [res]
     print(f"{'epochs traced':>13}  {'kendall tau':>11}  {'pearson':>8}  {'jaccard':>8}  (random jaccard "
           f"{res['random_jaccard']:.3f}, {res['n_instances']} instances)")
@@ -101,6 +111,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _aid_arguments(sp: argparse.ArgumentParser) -> None:
+    g = sp.add_argument_group("AID solver (with --method aid)")
+    g.add_argument("--aid-solver", choices=("gmres", "cg", "neumann"), default=None)
+    g.add_argument("--aid-iterations", type=int, default=None)
+    g.add_argument("--aid-step", type=float, default=None, help="Neumann step size s")
+    g.add_argument("--aid-damping", type=float, default=None)
+    g.add_argument("--aid-tol", type=float, default=None)
+    g.add_argument("--aid-batch-size", type=int, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gancleanse", description=(
         "Estimate how each training instance changes a GAN evaluation metric, remove the harmful "
@@ -126,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--horizons", action="store_true",
                     help="also write the estimate for every number of epochs traced back (SCORES.horizons.csv)")
     sp.add_argument("--top", type=int, default=0, metavar="K", help="print the K most harmful instances")
+    sp.add_argument("--features", choices=("raw", "classifier"), default="raw",
+                    help="isolation_forest: fit on raw data or on the metric classifier's features")
+    sp.add_argument("--seed", type=int, default=0, help="random / isolation_forest / aid seed")
+    _aid_arguments(sp)
     common(sp)
     sp.set_defaults(func=_cmd_influence)
 
@@ -150,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--horizons", action="store_true", help="validate every recorded horizon (itd)")
     sp.add_argument("--executor", choices=("local", "ray"), default="local")
     sp.add_argument("--workers", type=int, default=1, help="parallel retrains")
+    _aid_arguments(sp)
     common(sp)
     sp.set_defaults(func=_cmd_validate)
 
