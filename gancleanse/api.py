@@ -236,3 +236,16 @@ def validate(run: Run | str | Path, metric: str = "all", method: str = "itd", in
         result["plot"] = out.with_suffix(".png").name
         write_json_atomic(out, result)
     return result
+
+
+def cleanse(cfg: Config, out: str | Path, *, executor: str = "local", workers: int = 1,
+            report: bool = True, progress: bool = True) -> dict[str, Any]:
+    """The whole cleansing study of ``cfg``'s [cleanse] section; resumable in ``out``."""
+    from .study.cleanse import run_study
+
+    summary = run_study(cfg, Path(out), executor=executor, workers=workers, progress=progress)
+    if report:
+        from .study.report import write_report
+
+        write_report(Path(out))
+    return summary

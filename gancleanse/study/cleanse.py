@@ -1,0 +1,285 @@
+"""The cleansing study: score, remove the most harmful instances, retrain, evaluate on the test split.
+
+For each replicate seed: train with recording; score every training instance with every
+requested scorer; for each removal rate remove the top floor(N * rate) by harmfulness;
+retrain (``window``: the recorded window from its checkpoint with the same minibatches and
+latents; ``full``: from initialization with the same schedule); evaluate every metric on
+the test split (and the validation split, to choose a rate the journal's way).
+
+Layout of the study directory::
+
+    DIR/config.toml                 the study config
+    DIR/seeds/seed_S/run/           the replicate's run directory
+    DIR/seeds/seed_S/scores/*.csv   one SCORES.csv per scorer
+    DIR/parts/*.json                one finished retrain each (the study resumes from them)
+    DIR/results.csv, summary.csv, summary.json, report.html
+
+Removing nothing is a real replay too (bitwise equal to the recorded training on CPU), so
+a zero removal rate gives a delta of exactly 0 rather than by construction.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from scipy.stats import ttest_1samp
+
+from ..config import HIGHER_IS_BETTER, Config
+from ..errors import ConfigError
+from ..run import Run, write_json_atomic
+from .executor import run_tasks
+
+RESULT_COLUMNS = ["seed", "method", "score_metric", "eval_metric", "removal_rate", "n_removed",
+                  "before", "after", "delta", "valid_before", "valid_after", "valid_delta"]
+SAMPLE_COUNT = 64  # generated samples kept per retrain of the first seed, for the report
+
+
+@dataclasses.dataclass(frozen=True)
+class Scorer:
+    """One way of ranking instances: a method and the metric (or features) it scores with."""
+
+    method: str
+    score_metric: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-{self.score_metric}"
+
+
+def scorers_for(cfg: Config, image_data: bool) -> list[Scorer]:
+    out: list[Scorer] = []
+    for method in cfg.cleanse.methods:
+        if method in ("itd", "aid"):
+            out += [Scorer(method, m) for m in cfg.cleanse.metrics]
+        elif method == "isolation_forest":
+            out.append(Scorer(method, "raw"))
+            if image_data:
+                out.append(Scorer(method, "classifier"))
+        elif method == "random":
+            out.append(Scorer(method, "none"))
+        else:
+            raise ConfigError(f"cleanse.methods has unknown method {method!r} "
+                              "(known: itd, aid, isolation_forest, random)")
+    return out
+
+
+def replicate_config(cfg: Config, seed: int) -> Config:
+    """Replicate ``seed`` changes the data draw/split, the training seed and the evaluation latents."""
+    cfg = cfg.resolved()
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, seed=cfg.data.seed + seed),
+        train=dataclasses.replace(cfg.train, seed=cfg.train.seed + seed),
+        metric=dataclasses.replace(cfg.metric, seed=cfg.metric.seed + seed),
+    )
+
+
+# --------------------------------------------------------------------- jobs (top level)
+def train_and_score(cfg_dict: dict, seed_dir: str, scorers: list[tuple[str, str]], seed: int) -> str:
+    """Train one replicate (unless already complete) and write every missing score file."""
+    from .. import api
+
+    seed_dir_p = Path(seed_dir)
+    run_dir = seed_dir_p / "run"
+    run = Run.open(run_dir) if (run_dir / "run.json").is_file() else \
+        api.train(Config.from_dict(cfg_dict), run_dir, force=True, progress=False)
+    (seed_dir_p / "scores").mkdir(exist_ok=True)
+    for method, score_metric in scorers:
+        path = seed_dir_p / "scores" / f"{method}-{score_metric}.csv"
+        if path.is_file():
+            continue
+        if method in ("itd", "aid"):
+            s = api.influence(run, score_metric, method, progress=False)
+        elif method == "isolation_forest":
+            s = api.influence(run, "all", method, features=score_metric, seed=seed, progress=False)
+        else:
+            s = api.influence(run, "all", method, seed=seed, progress=False)
+        s.to_csv(path)
+    return str(run.path)
+
+
+def retrain_and_evaluate(run_path: str, removed: list[int], retrain: str, metrics: list[str],
+                         samples_path: str | None) -> dict[str, dict[str, float]]:
+    """Retrain without ``removed`` and evaluate each metric on the test and validation splits."""
+    from ..metrics import make_metric
+    from ..training.replay import replay
+
+    run = Run.open(run_path)
+    weights = torch.ones(run.n_train, dtype=run.dtype)
+    weights[removed] = 0.0
+    start = run.window_start if retrain == "window" else 0
+    state = replay(run, start, weights=weights)
+    out = {m: {"test": make_metric(m, run, "test").value(state),
+               "valid": make_metric(m, run, "valid").value(state)} for m in metrics}
+    if samples_path:
+        dyn = run.dynamics
+        with torch.no_grad():
+            x = dyn.models.generate(dyn.eval_generator(state), run.eval_latents("test")[:SAMPLE_COUNT])
+        save_file({"samples": x.contiguous()}, samples_path)
+    return out
+
+
+def read_scores(path: Path) -> np.ndarray:
+    with open(path) as f:
+        rows = list(csv.reader(f))[1:]
+    return np.array([float(r[2]) for r in rows])
+
+
+def removal_set(harmfulness: np.ndarray, rate: float) -> list[int]:
+    n = math.floor(len(harmfulness) * rate)
+    return [int(i) for i in np.argsort(-harmfulness, kind="stable")[:n]]
+
+
+# --------------------------------------------------------------------------- the study
+def run_study(cfg: Config, out: Path, *, executor: str = "local", workers: int = 1,
+              progress: bool = True) -> dict[str, Any]:
+    out = Path(out)
+    cfg = cfg.resolved()
+    if not cfg.cleanse.metrics:
+        raise ConfigError("cleanse.metrics is empty: name at least one metric to evaluate")
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "config.toml"
+    if config_path.is_file() and Config.from_dict(_read_toml(config_path)) != cfg:
+        raise ConfigError(f"{out} holds a study with a different config; use a new directory")
+    config_path.write_text(cfg.to_toml())
+    image_data = cfg.data.name != "gaussian2d"
+    scorers = scorers_for(cfg, image_data)
+    seeds = list(cfg.cleanse.seeds)
+
+    # 1. one job per replicate: train + score
+    seed_jobs = []
+    for s in seeds:
+        d = out / "seeds" / f"seed_{s}"
+        d.mkdir(parents=True, exist_ok=True)
+        seed_jobs.append((s, (replicate_config(cfg, s).to_dict(), str(d),
+                              [(sc.method, sc.score_metric) for sc in scorers], s)))
+    runs = dict(run_tasks(train_and_score, seed_jobs, executor=executor, workers=workers,
+                          progress=progress, desc="train+score"))
+
+    # 2. one job per (seed, scorer, rate) retrain; rate 0 is one shared replay per seed
+    parts = out / "parts"
+    parts.mkdir(exist_ok=True)
+    jobs, keys = [], {}
+    for s in seeds:
+        for sc in scorers:
+            harm = read_scores(out / "seeds" / f"seed_{s}" / "scores" / f"{sc.name}.csv")
+            for rate in cfg.cleanse.removal_rates:
+                removed = removal_set(harm, rate)
+                key = f"seed{s}_none" if not removed else f"seed{s}_{sc.name}_r{rate:g}"
+                keys[(s, sc, rate)] = (key, len(removed))
+                if key in {k for k, _ in jobs} or (parts / f"{key}.json").is_file():
+                    continue
+                samples = str(parts / f"{key}.samples.safetensors") if s == seeds[0] else None
+                jobs.append((key, (runs[s], removed, cfg.cleanse.retrain, list(cfg.cleanse.metrics), samples)))
+    for key, res in run_tasks(retrain_and_evaluate, jobs, executor=executor, workers=workers,
+                              progress=progress, desc="retrain"):
+        write_json_atomic(parts / f"{key}.json", res)
+
+    # 3. tables
+    rows = []
+    for s in seeds:
+        original = parts / f"seed{s}_original.json"
+        if not original.is_file():  # the recorded training's own final state: the "before" of every row
+            write_json_atomic(original, _original_metrics(runs[s], cfg.cleanse.metrics))
+        base = json.loads(original.read_text())
+        for sc in scorers:
+            for rate in cfg.cleanse.removal_rates:
+                key, n = keys[(s, sc, rate)]
+                after = json.loads((parts / f"{key}.json").read_text())
+                for m in cfg.cleanse.metrics:
+                    b, a = base[m]["test"], after[m]["test"]
+                    vb, va = base[m]["valid"], after[m]["valid"]
+                    rows.append({"seed": s, "method": sc.method, "score_metric": sc.score_metric,
+                                 "eval_metric": m, "removal_rate": rate, "n_removed": n,
+                                 "before": b, "after": a, "delta": a - b,
+                                 "valid_before": vb, "valid_after": va, "valid_delta": va - vb})
+    write_results(out / "results.csv", rows)
+    summary = summarize(rows)
+    write_summary(out, summary)
+    return summary
+
+
+def _original_metrics(run_path: str, metrics: list[str]) -> dict[str, dict[str, float]]:
+    from ..metrics import make_metric
+
+    run = Run.open(run_path)
+    final = run.final_state()
+    return {m: {"test": make_metric(m, run, "test").value(final),
+                "valid": make_metric(m, run, "valid").value(final)} for m in metrics}
+
+
+def _read_toml(path: Path) -> dict:
+    import tomllib
+
+    return tomllib.loads(path.read_text())
+
+
+# ------------------------------------------------------------------------------ tables
+def write_results(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
+    tmp.replace(path)
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    ints, floats = {"seed", "n_removed"}, set(RESULT_COLUMNS[4:]) - {"n_removed"}
+    return [{k: int(v) if k in ints else float(v) if k in floats else v for k, v in r.items()} for r in rows]
+
+
+def _stats(deltas: list[float]) -> dict[str, Any]:
+    d = np.asarray(deltas, dtype=np.float64)
+    p = float(ttest_1samp(d, 0.0).pvalue) if len(d) > 1 and np.ptp(d) > 0 else None
+    return {"n_seeds": len(d), "mean_delta": float(d.mean()),
+            "std_delta": float(d.std(ddof=1)) if len(d) > 1 else 0.0, "p_value": p}
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per (method, score metric, eval metric, rate): mean/std of the change and a t-test vs 0;
+    plus the journal protocol: per seed the rate with the best validation change, its test change."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["score_metric"], r["eval_metric"], r["removal_rate"]), []).append(r)
+    table = []
+    for (method, sm, em, rate), rs in sorted(groups.items()):
+        table.append({"method": method, "score_metric": sm, "eval_metric": em, "removal_rate": rate,
+                      "n_removed": rs[0]["n_removed"], "mean_before": float(np.mean([r["before"] for r in rs])),
+                      "mean_after": float(np.mean([r["after"] for r in rs])), **_stats([r["delta"] for r in rs])})
+    selected: dict[tuple, list[dict]] = {}
+    for r in rows:
+        selected.setdefault((r["method"], r["score_metric"], r["eval_metric"], r["seed"]), []).append(r)
+    chosen: dict[tuple, list[dict]] = {}
+    for (method, sm, em, seed), rs in selected.items():
+        sign = 1.0 if HIGHER_IS_BETTER[em] else -1.0
+        best = max(rs, key=lambda r: (sign * r["valid_delta"], -r["removal_rate"]))
+        chosen.setdefault((method, sm, em), []).append(best)
+    protocol = [{"method": method, "score_metric": sm, "eval_metric": em,
+                 "chosen_rates": [r["removal_rate"] for r in rs], **_stats([r["delta"] for r in rs])}
+                for (method, sm, em), rs in sorted(chosen.items())]
+    return {"by_rate": table, "rate_chosen_on_validation": protocol}
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    cols = ["method", "score_metric", "eval_metric", "removal_rate", "n_removed", "n_seeds",
+            "mean_before", "mean_after", "mean_delta", "std_delta", "p_value"]
+    tmp = out / "summary.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in summary["by_rate"]:
+            w.writerow({k: ("" if r[k] is None else repr(r[k]) if isinstance(r[k], float) else r[k]) for k in cols})
+    tmp.replace(out / "summary.csv")
+    write_json_atomic(out / "summary.json", summary)
