@@ -90,6 +90,34 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cleanse(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    summary = api.cleanse(cfg, args.out, executor=args.executor, workers=args.workers,
+                          report=not args.no_report, progress=not args.quiet)
+    _print_summary(summary)
+    out = Path(args.out)
+    print(f"\nresults: {out / 'results.csv'}, {out / 'summary.csv'}"
+          + ("" if args.no_report else f"\nreport:  {out / 'report.html'}"))
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    print(f"{'method':<18}{'scored on':<12}{'evaluated':<10}{'rate':>6}{'removed':>9}"
+          f"{'mean change':>14}{'std':>11}{'p':>8}")
+    for r in summary["by_rate"]:
+        p = "" if r["p_value"] is None else f"{r['p_value']:.3f}"
+        print(f"{r['method']:<18}{r['score_metric']:<12}{r['eval_metric']:<10}{r['removal_rate']:>6g}"
+              f"{r['n_removed']:>9}{r['mean_delta']:>14.4e}{r['std_delta']:>11.2e}{p:>8}")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .study.report import write_report
+
+    path = write_report(Path(args.dir))
+    print(f"report: {path}")
+    return 0
+
+
 def default_config_text() -> str:
     """The embedded default study: the paper's 2D Gaussian setting."""
     return resources.files("gancleanse").joinpath("examples/gaussian2d.toml").read_text()
@@ -177,6 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     _aid_arguments(sp)
     common(sp)
     sp.set_defaults(func=_cmd_validate)
+
+    sp = sub.add_parser("cleanse", help="the whole cleansing study of a config, with report")
+    sp.add_argument("config", help="TOML config with a [cleanse] section")
+    sp.add_argument("--out", required=True, help="study directory (resumed if it exists)")
+    sp.add_argument("--executor", choices=("local", "ray"), default="local")
+    sp.add_argument("--workers", type=int, default=1, help="parallel jobs")
+    sp.add_argument("--no-report", action="store_true", help="skip report.html")
+    common(sp)
+    sp.set_defaults(func=_cmd_cleanse)
+
+    sp = sub.add_parser("report", help="regenerate DIR/report.html from a study's outputs")
+    sp.add_argument("dir", help="study directory written by `gancleanse cleanse`")
+    sp.set_defaults(func=_cmd_report)
 
     sp = sub.add_parser("demo", help="the main job on the embedded default (2D Gaussian GAN, ALL, ITD)")
     sp.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
