@@ -17,6 +17,8 @@ from .errors import ConfigError, GancleanseError
 # function below, not the subpackage of the same name bound on its first import.
 from .influence.itd import itd_influence
 from .metrics import make_metric
+from .data import Splits
+from .models import GANModules
 from .run import Run, write_json_atomic
 from .training import recorder
 from .training.replay import replay
@@ -84,9 +86,15 @@ def _open(run: Run | str | Path) -> Run:
     return run if isinstance(run, Run) else Run.open(run)
 
 
-def train(cfg: Config, out: str | Path, *, force: bool = False, progress: bool = True) -> Run:
-    """Train with recording; returns the opened run directory."""
-    return recorder.train(cfg, out, force=force, progress=progress)
+def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, data: Splits | None = None,
+          force: bool = False, progress: bool = True) -> Run:
+    """Train with recording; returns the opened run directory.
+
+    ``models``: your own generator and discriminator (``GANModules(G, D, z_dim)``; no BatchNorm
+    in D), initialized as you built them. ``data``: your own tensors (``Splits.from_tensors`` or
+    ``Splits.random_split``), saved into the run directory. Otherwise the config names them.
+    """
+    return recorder.train(cfg, out, models=models, data=data, force=force, progress=progress)
 
 
 def influence(run: Run | str | Path, metric: str = "all", method: str = "itd", *,
@@ -208,7 +216,7 @@ def validate(run: Run | str | Path, metric: str = "all", method: str = "itd", in
     jobs = [(j, final_epoch - k) for k in ks for j in chosen]
     with tempfile.TemporaryDirectory() as tmp:
         parts = Path(out).with_suffix(".parts") if out else Path(tmp)
-        actual = val.retrain_all(str(run.path), jobs, metric, parts, executor=executor,
+        actual = val.retrain_all(run, jobs, metric, parts, executor=executor,
                                  workers=workers, progress=progress)
 
     def panel(k: int) -> dict[str, Any]:
@@ -238,12 +246,18 @@ def validate(run: Run | str | Path, metric: str = "all", method: str = "itd", in
     return result
 
 
-def cleanse(cfg: Config, out: str | Path, *, executor: str = "local", workers: int = 1,
-            report: bool = True, progress: bool = True) -> dict[str, Any]:
-    """The whole cleansing study of ``cfg``'s [cleanse] section; resumable in ``out``."""
+def cleanse(cfg: Config, out: str | Path, *, models: GANModules | None = None, data: Splits | None = None,
+            executor: str = "local", workers: int = 1, report: bool = True,
+            progress: bool = True) -> dict[str, Any]:
+    """The whole cleansing study of ``cfg``'s [cleanse] section; resumable in ``out``.
+
+    With ``models``, every replicate starts from the modules' own initial parameters (the
+    replicates then differ by data split/seed, minibatch order and latents).
+    """
     from .study.cleanse import run_study
 
-    summary = run_study(cfg, Path(out), executor=executor, workers=workers, progress=progress)
+    summary = run_study(cfg, Path(out), models=models, data=data, executor=executor, workers=workers,
+                        progress=progress)
     if report:
         from .study.report import write_report
 

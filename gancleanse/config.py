@@ -32,7 +32,8 @@ def _opt(default: Any, *, choices: tuple | None = None, lo: float | None = None,
 
 @dataclass
 class DataConfig:
-    name: str = _opt("gaussian2d", choices=("gaussian2d", "digits", "mnist", "npz"))
+    name: str = _opt("gaussian2d", choices=("gaussian2d", "digits", "mnist", "npz", "custom"),
+                     doc="custom: tensors given to the Python API")
     path: str | None = _opt(None, doc="MNIST IDX directory or .npz file")
     image_size: int | None = _opt(None, lo=4, doc="resize images to this side (digits: 8 native)")
     n_train: int = _opt(10000, lo=1)
@@ -43,7 +44,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = _opt("mlp", choices=("mlp", "dcgan"))
+    arch: str = _opt("mlp", choices=("mlp", "dcgan", "custom"), doc="custom: modules given to the Python API")
     z_dim: int = _opt(10, lo=1)
     g_hidden: int = _opt(32, lo=1, doc="mlp: hidden units; dcgan: channels")
     d_hidden: int = _opt(64, lo=1, doc="mlp: hidden units; dcgan: channels")

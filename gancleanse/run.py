@@ -143,7 +143,8 @@ class Run:
     meta: dict[str, Any]
 
     @classmethod
-    def open(cls, path: str | Path) -> "Run":
+    def open(cls, path: str | Path, models: GANModules | None = None) -> "Run":
+        """Open a finished run; ``models`` are required for runs trained with user modules."""
         path = Path(path)
         if not path.is_dir():
             partial = path.with_name(path.name + ".partial")
@@ -158,7 +159,23 @@ class Run:
         if meta.get("format") != FORMAT_VERSION:
             raise RunDirError(f"run {path} has format {meta.get('format')}, expected {FORMAT_VERSION}")
         cfg = load_config(path / "config.toml")
-        return cls(path, cfg, meta)
+        run = cls(path, cfg, meta)
+        if models is not None:
+            run.__dict__["models"] = models  # fills the cached property
+        elif cfg.model.arch == "custom":
+            raise RunDirError(f"{path} was trained with user-supplied modules: open it with "
+                              "gancleanse.Run.open(path, models=GANModules(generator, discriminator, z_dim))")
+        return run
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle what reopens the run in another process (caches are rebuilt there)."""
+        state = {"path": self.path, "cfg": self.cfg, "meta": self.meta}
+        if self.cfg.model.arch == "custom":
+            state["models"] = self.models
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     # --- derived objects -------------------------------------------------------
     @cached_property
@@ -167,6 +184,8 @@ class Run:
 
     @cached_property
     def splits(self) -> Splits:
+        if self.cfg.data.name == "custom":
+            return Splits(**load_file(str(self.path / "data.safetensors")))
         splits = load_data(self.cfg)
         if splits.fingerprint() != self.meta["data_fingerprint"]:
             raise RunDirError(f"the data of {self.path} changed since training "

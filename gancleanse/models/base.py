@@ -53,6 +53,11 @@ class GANModules:
         """Logits of shape (batch,)."""
         return functional_call(self.discriminator, params_d, (x,)).reshape(x.shape[0])
 
+    def module_params(self, dtype: torch.dtype) -> tuple[Params, Params]:
+        """The modules' own parameters (user modules keep the initialization they came with)."""
+        return tuple({k: v.detach().to(dtype).clone() for k, v in m.named_parameters()}
+                     for m in (self.discriminator, self.generator))
+
     def initial_params(self, seed: int, dtype: torch.dtype) -> tuple[Params, Params]:
         """Glorot-uniform weights, zero biases and unit norm gains, drawn from ``seed``."""
         gen = torch.Generator().manual_seed(seed)
@@ -99,4 +104,8 @@ def build_models(cfg: Config, sample_shape: tuple[int, ...]) -> GANModules:
         g = DCGANGenerator(m.z_dim, sample_shape, m.g_hidden, m.activation, m.norm, m.bias)
         d = DCGANDiscriminator(sample_shape, m.d_hidden, m.activation, m.norm, m.bias)
         return GANModules(g, d, m.z_dim)
+    if m.arch == "custom":
+        raise ConfigError("model.arch = 'custom' stands for modules given to the Python API: train with "
+                          "gancleanse.train(cfg, out, models=GANModules(G, D, z_dim)) and reopen with "
+                          "gancleanse.Run.open(path, models=...)")
     raise ConfigError(f"model.arch = {m.arch!r} is not available in this build")

@@ -34,6 +34,8 @@ from scipy.stats import ttest_1samp
 
 from ..config import HIGHER_IS_BETTER, Config
 from ..errors import ConfigError
+from ..data import Splits
+from ..models import GANModules
 from ..run import Run, write_json_atomic
 from .executor import run_tasks
 
@@ -83,14 +85,18 @@ def replicate_config(cfg: Config, seed: int) -> Config:
 
 
 # --------------------------------------------------------------------- jobs (top level)
-def train_and_score(cfg_dict: dict, seed_dir: str, scorers: list[tuple[str, str]], seed: int) -> str:
+def train_and_score(cfg_dict: dict, seed_dir: str, scorers: list[tuple[str, str]], seed: int,
+                    models: GANModules | None = None, data: Splits | None = None) -> Run:
     """Train one replicate (unless already complete) and write every missing score file."""
     from .. import api
 
     seed_dir_p = Path(seed_dir)
     run_dir = seed_dir_p / "run"
-    run = Run.open(run_dir) if (run_dir / "run.json").is_file() else \
-        api.train(Config.from_dict(cfg_dict), run_dir, force=True, progress=False)
+    if (run_dir / "run.json").is_file():
+        run = Run.open(run_dir, models=models)
+    else:
+        run = api.train(Config.from_dict(cfg_dict), run_dir, models=models, data=data, force=True,
+                        progress=False)
     (seed_dir_p / "scores").mkdir(exist_ok=True)
     for method, score_metric in scorers:
         path = seed_dir_p / "scores" / f"{method}-{score_metric}.csv"
@@ -103,16 +109,15 @@ def train_and_score(cfg_dict: dict, seed_dir: str, scorers: list[tuple[str, str]
         else:
             s = api.influence(run, "all", method, seed=seed, progress=False)
         s.to_csv(path)
-    return str(run.path)
+    return run
 
 
-def retrain_and_evaluate(run_path: str, removed: list[int], retrain: str, metrics: list[str],
+def retrain_and_evaluate(run: Run, removed: list[int], retrain: str, metrics: list[str],
                          samples_path: str | None) -> dict[str, dict[str, float]]:
     """Retrain without ``removed`` and evaluate each metric on the test and validation splits."""
     from ..metrics import make_metric
     from ..training.replay import replay
 
-    run = Run.open(run_path)
     weights = torch.ones(run.n_train, dtype=run.dtype)
     weights[removed] = 0.0
     start = run.window_start if retrain == "window" else 0
@@ -139,10 +144,12 @@ def removal_set(harmfulness: np.ndarray, rate: float) -> list[int]:
 
 
 # --------------------------------------------------------------------------- the study
-def run_study(cfg: Config, out: Path, *, executor: str = "local", workers: int = 1,
-              progress: bool = True) -> dict[str, Any]:
+def run_study(cfg: Config, out: Path, *, models: GANModules | None = None, data: Splits | None = None,
+              executor: str = "local", workers: int = 1, progress: bool = True) -> dict[str, Any]:
+    from ..training.recorder import with_user_inputs
+
     out = Path(out)
-    cfg = cfg.resolved()
+    cfg = with_user_inputs(cfg, models, data).resolved()
     if not cfg.cleanse.metrics:
         raise ConfigError("cleanse.metrics is empty: name at least one metric to evaluate")
     out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +157,9 @@ def run_study(cfg: Config, out: Path, *, executor: str = "local", workers: int =
     if config_path.is_file() and Config.from_dict(_read_toml(config_path)) != cfg:
         raise ConfigError(f"{out} holds a study with a different config; use a new directory")
     config_path.write_text(cfg.to_toml())
-    image_data = cfg.data.name != "gaussian2d"
+    # Isolation Forest on classifier features needs labelled images to train the classifier.
+    image_data = cfg.data.name in ("digits", "mnist") or (
+        data is not None and data.train.ndim >= 3 and data.y_train is not None)
     scorers = scorers_for(cfg, image_data)
     seeds = list(cfg.cleanse.seeds)
 
@@ -160,7 +169,7 @@ def run_study(cfg: Config, out: Path, *, executor: str = "local", workers: int =
         d = out / "seeds" / f"seed_{s}"
         d.mkdir(parents=True, exist_ok=True)
         seed_jobs.append((s, (replicate_config(cfg, s).to_dict(), str(d),
-                              [(sc.method, sc.score_metric) for sc in scorers], s)))
+                              [(sc.method, sc.score_metric) for sc in scorers], s, models, data)))
     runs = dict(run_tasks(train_and_score, seed_jobs, executor=executor, workers=workers,
                           progress=progress, desc="train+score"))
 
@@ -207,10 +216,9 @@ def run_study(cfg: Config, out: Path, *, executor: str = "local", workers: int =
     return summary
 
 
-def _original_metrics(run_path: str, metrics: list[str]) -> dict[str, dict[str, float]]:
+def _original_metrics(run: Run, metrics: list[str]) -> dict[str, dict[str, float]]:
     from ..metrics import make_metric
 
-    run = Run.open(run_path)
     final = run.final_state()
     return {m: {"test": make_metric(m, run, "test").value(final),
                 "valid": make_metric(m, run, "valid").value(final)} for m in metrics}

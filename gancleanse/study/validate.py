@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from scipy.stats import kendalltau, pearsonr
@@ -20,6 +20,9 @@ from scipy.stats import kendalltau, pearsonr
 from ..errors import GancleanseError
 from ..run import write_json_atomic
 from .executor import run_tasks
+
+if TYPE_CHECKING:
+    from ..run import Run
 
 JACCARD_FRACTION = 0.05  # per side: the paper's jaccard_size = 0.1 in total
 
@@ -75,14 +78,14 @@ def choose_instances(estimate: np.ndarray, k: int, seed: int, extremes: bool) ->
     return sorted(int(i) for i in chosen)
 
 
-def counterfactual_delta(run_path: str, index: int, metric: str, from_epoch: int | None) -> float:
+def counterfactual_delta(run: "Run", index: int, metric: str, from_epoch: int | None) -> float:
     """One retrain without one instance (a top-level function so that process pools can pickle it)."""
     from ..api import counterfactual
 
-    return float(counterfactual(run_path, [index], metric, from_epoch=from_epoch)["delta"])
+    return float(counterfactual(run, [index], metric, from_epoch=from_epoch)["delta"])
 
 
-def retrain_all(run_path: str, jobs: list[tuple[int, int | None]], metric: str, parts: Path, *,
+def retrain_all(run: "Run", jobs: list[tuple[int, int | None]], metric: str, parts: Path, *,
                 executor: str, workers: int, progress: bool) -> dict[tuple[int, int | None], float]:
     """Actual deltas for (instance, from_epoch) pairs, reusing those already stored in ``parts``."""
     parts.mkdir(parents=True, exist_ok=True)
@@ -91,7 +94,7 @@ def retrain_all(run_path: str, jobs: list[tuple[int, int | None]], metric: str, 
         rec = json.loads(f.read_text())
         if rec.get("metric") == metric:
             done[(rec["index"], rec["from_epoch"])] = rec["delta"]
-    todo = [((j, e), (run_path, j, metric, e)) for j, e in jobs if (j, e) not in done]
+    todo = [((j, e), (run, j, metric, e)) for j, e in jobs if (j, e) not in done]
     for (j, e), delta in run_tasks(counterfactual_delta, todo, executor=executor, workers=workers,
                                    progress=progress, desc="retrain"):
         done[(j, e)] = delta

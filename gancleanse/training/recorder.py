@@ -7,6 +7,7 @@ pass replays short segments instead of holding steps x parameters in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
@@ -18,9 +19,9 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..config import Config
-from ..data import load_data
+from ..data import Splits, load_data
 from ..errors import TrainingDivergedError
-from ..models import build_models
+from ..models import GANModules, build_models
 from ..run import (DTYPES, FORMAT_VERSION, Run, checkpoint_name, save_state, staged_directory,
                    torch_threads, write_eval_latents, write_json_atomic)
 from .dynamics import Dynamics, State, StepBatch
@@ -47,15 +48,36 @@ def check_finite(state: State, stats: dict[str, torch.Tensor], step: int, steps_
             "lower the learning rates or use a bounded loss")
 
 
-def train(cfg: Config, out: str | Path, *, force: bool = False, progress: bool = True) -> Run:
-    """Train the GAN the config describes and record a run directory at ``out``."""
-    cfg = cfg.resolved()
+def with_user_inputs(cfg: Config, models: GANModules | None, data: Splits | None) -> Config:
+    """The config of a run whose modules and/or data come from the Python API."""
+    if data is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, name="custom", path=None, n_train=data.train.shape[0], n_valid=data.valid.shape[0],
+            n_test=data.test.shape[0]))
+    if models is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch="custom", z_dim=models.z_dim))
+    cfg._check_cross("the training options")
+    return cfg
+
+
+def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, data: Splits | None = None,
+          force: bool = False, progress: bool = True) -> Run:
+    """Train the GAN the config describes and record a run directory at ``out``.
+
+    ``models`` / ``data`` replace the config's architecture / dataset with the user's own
+    modules (initialized as given) and tensors (saved in the run directory).
+    """
+    cfg = with_user_inputs(cfg, models, data).resolved()
     t = cfg.train
     with torch_threads(t.threads):
         threads = torch.get_num_threads()
         dtype = DTYPES[cfg.model.dtype]
-        splits = load_data(cfg)
-        models = build_models(cfg, splits.sample_shape)
+        splits = data if data is not None else load_data(cfg)
+        if models is None:
+            models = build_models(cfg, splits.sample_shape)
+            initial = models.initial_params(t.seed, dtype)
+        else:
+            initial = models.module_params(dtype)
         dyn = Dynamics.from_config(cfg, models)
         schedule = Schedule(cfg.data.n_train, t.batch_size, cfg.model.z_dim, t.seed,
                             shared_latents=t.update == "simultaneous")
@@ -70,7 +92,9 @@ def train(cfg: Config, out: str | Path, *, force: bool = False, progress: bool =
             (stage / "checkpoints").mkdir()
             (stage / "config.toml").write_text(cfg.to_toml())
             write_eval_latents(cfg, stage)
-            state = dyn.init_state(*models.initial_params(t.seed, dtype))
+            if data is not None:
+                save_file(data.tensors(), str(stage / "data.safetensors"))
+            state = dyn.init_state(*initial)
             rec_idx, rec_zd, rec_zg = [], [], []
             started = time.perf_counter()
             window_seconds = 0.0
@@ -119,4 +143,4 @@ def train(cfg: Config, out: str | Path, *, force: bool = False, progress: bool =
                 "seconds": {"train": time.perf_counter() - started, "window_steps": window_seconds},
                 "final_losses": {k: float(v) for k, v in stats.items()},
             })
-    return Run.open(out)
+    return Run.open(out, models=models if cfg.model.arch == "custom" else None)
