@@ -1,4 +1,4 @@
-"""Command line: ``gancleanse train | influence | counterfactual | demo``.
+"""Command line: ``gancleanse train | influence | counterfactual | validate | cleanse | report | demo``.
 
 Every subcommand is a thin shell over the Python API in ``gancleanse.api``; user errors
 print one line naming the problem and exit with status 2.
@@ -118,24 +118,33 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def default_config_text() -> str:
-    """The embedded default study: the paper's 2D Gaussian setting."""
-    return resources.files("gancleanse").joinpath("examples/gaussian2d.toml").read_text()
+def embedded_config(name: str) -> Config:
+    """A config shipped inside the package (``gancleanse/examples/NAME.toml``)."""
+    import tomllib
+
+    text = resources.files("gancleanse").joinpath(f"examples/{name}.toml").read_text()
+    return Config.from_dict(tomllib.loads(text), source=f"embedded {name}.toml")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import tomllib
-
     out = Path(args.out)
-    cfg = Config.from_dict(tomllib.loads(default_config_text()), source="embedded gaussian2d.toml")
-    print(f"training the 2D Gaussian GAN ({cfg.data.n_train} instances, {cfg.train.epochs} epochs) -> {out / 'run'}")
-    run = api.train(cfg, out / "run", force=True, progress=not args.quiet)
-    scores = api.influence(run, "all", "itd", progress=not args.quiet)
-    scores_path = out / "scores_all_itd.csv"
-    _write_scores(scores, scores_path, run, {})
+    cfg = embedded_config("demo")
+    c = cfg.cleanse
+    print(f"2D Gaussian GAN: {cfg.data.n_train} instances, {cfg.train.epochs} epochs, seeds {c.seeds}; "
+          f"influence on ALL by ITD (last epoch traced); removal rates {c.removal_rates}; -> {out}")
+    summary = api.cleanse(cfg, out, workers=args.workers, progress=not args.quiet)
+    seed_dir = out / "seeds" / f"seed_{c.seeds[0]}"
+    scores_path = seed_dir / "scores" / "itd-all.csv"
+    run = Run.open(seed_dir / "run")
+    from .study.cleanse import read_scores
+
+    harm = read_scores(scores_path)
+    scores = api.Scores("all", "itd", harm, harm)
+    print()
     _print_top(scores, 10)
-    print(f"\ninfluence of all {run.n_train} instances on ALL (last epoch traced) written to {scores_path}")
-    print(f"training {run.meta['seconds']['train']:.1f} s, influence {scores.info['seconds']:.1f} s")
+    print(f"\nscores of all {run.n_train} instances (seed {c.seeds[0]}): {scores_path}\n")
+    _print_summary(summary)
+    print(f"\nresults: {out / 'results.csv'}, {out / 'summary.csv'}\nreport:  {out / 'report.html'}")
     return 0
 
 
@@ -219,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("dir", help="study directory written by `gancleanse cleanse`")
     sp.set_defaults(func=_cmd_report)
 
-    sp = sub.add_parser("demo", help="the main job on the embedded default (2D Gaussian GAN, ALL, ITD)")
-    sp.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    sp = sub.add_parser("demo", help="the main job: a reduced 2D cleansing study on the embedded default")
+    sp.add_argument("--out", default="runs/demo", help="output directory (default runs/demo; resumed)")
+    sp.add_argument("--workers", type=int, default=1, help="parallel jobs")
     common(sp)
     sp.set_defaults(func=_cmd_demo)
     return p
