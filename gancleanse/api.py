@@ -11,20 +11,19 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .config import METRICS, Config, HIGHER_IS_BETTER
+from .config import HIGHER_IS_BETTER, METRICS, Config
+from .data import Splits
 from .errors import ConfigError, GancleanseError
 # Imported eagerly: the package attribute ``gancleanse.influence`` must end up being the
 # function below, not the subpackage of the same name bound on its first import.
 from .influence.itd import itd_influence
 from .metrics import make_metric
-from .data import Splits
 from .models import GANModules
 from .run import Run, write_json_atomic
 from .training import recorder
 from .training.replay import replay
 
 METHODS = ("itd", "aid", "isolation_forest", "random")
-INFLUENCE_METHODS = ("itd", "aid")
 
 
 @dataclass

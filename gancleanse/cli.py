@@ -26,10 +26,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_scores(scores: api.Scores, out: Path, run: Run, extra: dict) -> None:
+def _write_scores(scores: api.Scores, out: Path, run: Run) -> None:
+    """SCORES.csv, SCORES.json (what produced it) and, if any, SCORES.horizons.csv."""
     scores.to_csv(out)
     info = {"metric": scores.metric, "method": scores.method, "run": str(run.path),
-            "n_train": run.n_train, **scores.info, **extra}
+            "n_train": run.n_train, **scores.info}
     if scores.horizons:
         hpath = out.with_name(out.stem + ".horizons.csv")
         scores.horizons_to_csv(hpath)
@@ -52,7 +53,7 @@ def _cmd_influence(args: argparse.Namespace) -> int:
                            progress=not args.quiet, **_solver_options(args))
     if not args.horizons:
         scores.horizons = {}
-    _write_scores(scores, Path(args.out), run, {})
+    _write_scores(scores, Path(args.out), run)
     if args.top:
         _print_top(scores, min(args.top, run.n_train))
     print(f"wrote {args.out} ({run.n_train} rows) in {scores.info.get('seconds', 0.0):.1f} s", file=sys.stderr)
