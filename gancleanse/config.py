@@ -73,7 +73,8 @@ class TrainConfig:
     seed: int = _opt(0, lo=0)
     record_from_epoch: int | None = _opt(None, lo=0, doc="first epoch of the recorded window")
     checkpoint_every: int = _opt(25, lo=1, doc="steps between replay checkpoints in the window")
-    threads: int | None = _opt(None, lo=1, doc="torch CPU threads (recorded; replays reuse it)")
+    threads: int = _opt(1, lo=1, doc="torch CPU threads for training and every replay of the run; "
+                        "1 keeps parallel retrains from oversubscribing cores")
 
 
 @dataclass
