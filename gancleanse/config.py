@@ -86,7 +86,7 @@ class MetricConfig:
     is_splits: int = _opt(1, lo=1)
     kid_degree: int = _opt(3, lo=1)
     fid_ridge: float = _opt(1e-6, lo=0.0)
-    classifier_epochs: int = _opt(30, lo=1)
+    classifier_epochs: int = _opt(80, lo=1, doc="Adam epochs of the is/fid/kid classifier")
     classifier_lr: float = _opt(1e-2, lo=0.0, lo_open=True)
     classifier_batch_size: int = _opt(128, lo=1)
 
