@@ -63,8 +63,12 @@ class ChannelLayerNorm(nn.Module):
         self.register_parameter("bias", nn.Parameter(torch.zeros(channels)) if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.layer_norm(x, x.shape[1:], eps=self.eps) * self.weight[:, None, None]
-        return y + self.bias[:, None, None] if self.bias is not None else y
+        # Broadcasting the per-channel parameters into layer_norm's own affine step keeps
+        # one saved tensor per layer instead of three, which matters for ITD's stored graphs.
+        shape = x.shape[1:]
+        weight = self.weight[:, None, None].expand(shape)
+        bias = self.bias[:, None, None].expand(shape) if self.bias is not None else None
+        return F.layer_norm(x, shape, weight, bias, self.eps)
 
 
 def _block(conv: nn.Module, channels: int, activation: str, norm: str, bias: bool) -> list[nn.Module]:
