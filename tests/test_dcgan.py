@@ -193,3 +193,35 @@ def test_itd_matches_counterfactual_on_digits(tmp_path):
         # removing j altogether
         actual = gc.counterfactual(run, [j], "loss_d")["delta"]
         assert abs(est - actual) <= 0.05 * abs(actual), (j, est, actual)
+
+
+@pytest.fixture(scope="module")
+def tiny_digits_run(tmp_path_factory):
+    """A float64 DCGAN on 8x8 digits with a short recorded window (the classifier is cached in the run)."""
+    cfg = Config.from_dict({
+        "data": {"name": "digits", "n_train": 120, "n_valid": 100, "n_test": 100, "seed": 4},
+        "model": {"arch": "dcgan", "z_dim": 4, "g_hidden": 5, "d_hidden": 5, "activation": "softplus",
+                  "norm": "layer", "bias": True, "dtype": "float64"},
+        "train": {"epochs": 4, "batch_size": 20, "lr_d": 0.05, "lr_g": 0.05, "record_from_epoch": 3,
+                  "weight_decay_d": 1e-3, "weight_decay_g": 1e-3, "seed": 3, "checkpoint_every": 2},
+        "metric": {"n_samples": 100},  # the classifier's default training: a metric far from degenerate
+    })
+    return gc.train(cfg, tmp_path_factory.mktemp("dcgan") / "run", progress=False)
+
+
+@pytest.mark.parametrize("metric_name", ["fid", "is"])
+def test_itd_on_dcgan_equals_unrolled_autograd_and_retraining(tiny_digits_run, metric_name):
+    from test_itd_exact import rel_err, unrolled_dV_dw
+
+    from gancleanse.influence.itd import itd_influence
+
+    run = tiny_digits_run
+    metric = make_metric(metric_name, run, "valid")
+    est = itd_influence(run, metric, progress=False).influence
+    expected = -unrolled_dV_dw(run, metric_name)
+    assert expected.abs().max() > 0
+    assert rel_err(est, expected) < 1e-8
+    # removing the instances with the largest estimated effect, one at a time
+    for j in [int(i) for i in torch.argsort(-est.abs())[:3]]:
+        actual = gc.counterfactual(run, [j], metric_name)["delta"]
+        assert abs(float(est[j]) - actual) <= 0.15 * abs(actual), (j, float(est[j]), actual)

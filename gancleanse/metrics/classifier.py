@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -344,3 +345,15 @@ def load_feature_model(run: "Run") -> FeatureModel:
         return load_extractor(extractor, run.splits.sample_shape)
     return load_or_train_classifier(run)
 
+
+
+def training_features(run: "Run") -> np.ndarray:
+    """Features of every training instance (rows in training-split order), e.g. for Isolation Forest.
+
+    The same model the metrics use: ``metric.extractor`` when set, else the run's classifier.
+    """
+    if run.splits.train.ndim != 4 and not run.cfg.metric.extractor:
+        raise ConfigError(f"classifier features need image data (N, C, H, W); data.name = "
+                          f"{run.cfg.data.name!r} has samples of shape {run.splits.sample_shape}: "
+                          "use --features raw")
+    return load_feature_model(run).evaluate(run.splits.train)[0].numpy()

@@ -1,0 +1,69 @@
+"""Baseline scorers: Isolation Forest (raw data and classifier features) and random."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+import gancleanse as gc
+from gancleanse.cli import main
+from gancleanse.config import Config
+from gancleanse.errors import ConfigError
+from gancleanse.metrics.classifier import load_or_train_classifier
+
+
+def test_isolation_forest_ranks_planted_outliers_first(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 2, generator=gen, dtype=torch.float64)
+    data = gc.Splits.from_tensors(x[:300], x[300:350], x[350:])
+    outliers = [5, 77, 150, 299]
+    data.train[outliers] = torch.tensor([[9.0, 9.0], [-8.0, 7.5], [10.0, -9.0], [-9.5, -9.5]], dtype=torch.float64)
+    cfg = Config.from_dict({"model": {"g_hidden": 4, "d_hidden": 4, "z_dim": 2},
+                            "train": {"epochs": 1, "batch_size": 50}, "metric": {"n_samples": 50}})
+    run = gc.train(cfg, tmp_path / "run", data=data, progress=False)
+    s = gc.influence(run, "all", "isolation_forest", features="raw", progress=False)
+    assert sorted(s.most_harmful(4)) == outliers
+    assert np.array_equal(s.harmfulness, -s.influence)  # influence column = score_samples
+    again = gc.influence(run, "all", "isolation_forest", features="raw", progress=False)
+    assert np.array_equal(again.harmfulness, s.harmfulness)
+    with pytest.raises(ConfigError, match="use --features raw"):
+        gc.influence(run, "all", "isolation_forest", features="classifier", progress=False)
+
+
+def test_random_scores_are_seeded_and_written_like_influence(tmp_path, run_factory):
+    run = run_factory()
+    a = gc.influence(run, "all", "random", seed=3, progress=False)
+    b = gc.influence(run, "all", "random", seed=3, progress=False)
+    c = gc.influence(run, "all", "random", seed=4, progress=False)
+    assert np.array_equal(a.harmfulness, b.harmfulness) and not np.array_equal(a.harmfulness, c.harmfulness)
+    out = tmp_path / "random.csv"
+    assert main(["influence", str(run.path), "--method", "random", "--seed", "3", "--out", str(out), "-q"]) == 0
+    with open(out) as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["index", "influence", "harmfulness"] and len(rows) == run.n_train + 1
+    assert [float(r[2]) for r in rows[1:]] == a.harmfulness.tolist()
+
+
+def test_isolation_forest_on_classifier_features(tmp_path):
+    cfg = Config.from_dict({
+        "data": {"name": "digits", "n_train": 200, "n_valid": 100, "n_test": 100},
+        "model": {"activation": "softplus", "g_hidden": 8, "d_hidden": 8, "z_dim": 3},
+        "train": {"epochs": 1, "batch_size": 50}, "metric": {"n_samples": 100, "classifier_epochs": 10},
+    })
+    run = gc.train(cfg, tmp_path / "run", progress=False)
+    out = tmp_path / "if.csv"
+    assert main(["influence", str(run.path), "--method", "isolation_forest", "--features", "classifier",
+                 "--out", str(out), "-q"]) == 0
+    with open(out) as f:
+        harm = np.array([float(r[2]) for r in list(csv.reader(f))[1:]])
+    from sklearn.ensemble import IsolationForest
+
+    feats = load_or_train_classifier(run).evaluate(run.splits.train)[0].numpy()
+    assert feats.shape == (200, 128)
+    expected = -IsolationForest(random_state=0).fit(feats).score_samples(feats)
+    assert np.allclose(harm, expected, rtol=0, atol=1e-12)
+    raw = gc.influence(run, "all", "isolation_forest", features="raw", progress=False).harmfulness
+    assert not np.allclose(raw, harm)  # a different feature space gives a different ranking
