@@ -5,7 +5,9 @@ For each model (the paper's 2D GAN on 10k instances, batch 100; a small conv GAN
   (b) the reference approach (adjoint by double backprop plus one backward pass per instance per
       step) / ours, per reverse step, on a sample of steps;
   (c) peak resident memory of the reverse pass, in a fresh process, against replay alone, for two
-      checkpoint intervals (memory follows the segment length, not the window length).
+      checkpoint intervals (memory follows the segment length, not the window length);
+  (d) for the conv GAN: seconds per training epoch, and the time of each metric's gradient
+      with respect to the state (the start of every reverse pass), also in training steps.
 
 Usage: .venv/bin/python bench/itd_speed.py [--quick]
 """
@@ -41,9 +43,10 @@ SETUPS = {
         "model": {"arch": "dcgan", "z_dim": 32, "g_hidden": 32, "d_hidden": 32, "activation": "sigmoid",
                   "norm": "layer", "bias": True, "dtype": "float32"},
         "train": {"epochs": 2, "batch_size": 100, "lr_d": 1e-3, "lr_g": 1e-3,
-                  "weight_decay_d": 1e-3, "weight_decay_g": 1e-3, "checkpoint_every": 10},
+                  "weight_decay_d": 1e-3, "weight_decay_g": 1e-3, "checkpoint_every": 2},
         "metric": {"n_samples": 300},
-        "metric_name": "loss_d",
+        "metric_name": "fid",
+        "gradient_metrics": ["is", "log_is", "fid", "kid", "loss_d"],
     },
 }
 
@@ -102,6 +105,7 @@ def peak_rss_mb(run_dir: Path, metric_name: str, mode: str) -> float:
 def bench(name: str, spec: dict, workdir: Path, repeats: int, ref_steps: int) -> dict:
     spec = dict(spec)
     metric_name = spec.pop("metric_name")
+    gradient_metrics = spec.pop("gradient_metrics", [])
     cfg = Config.from_dict(spec)
     run = gc.train(cfg, workdir / name, force=True, progress=False)
     metric = make_metric(metric_name, run)
@@ -111,6 +115,12 @@ def bench(name: str, spec: dict, workdir: Path, repeats: int, ref_steps: int) ->
     t_train = statistics.median(_timed(lambda: replay(run, run.window_start)) for _ in range(repeats))
     t_itd = statistics.median(_timed(lambda: itd_influence(run, metric, progress=False)) for _ in range(repeats))
     t_ref_step = time_reference(run, metric, ref_steps)
+    final = run.final_state()
+    grad_s = {}
+    for name_m in gradient_metrics:
+        m = make_metric(name_m, run)
+        metric_gradient(m, final)  # warm-up (and the classifier's real-feature cache)
+        grad_s[name_m] = statistics.median(_timed(lambda: metric_gradient(m, final)) for _ in range(repeats))
     rss = {}
     for every in (10, 50):
         cfg_mem = Config.from_dict({**spec, "train": {**spec["train"], "checkpoint_every": every}})
@@ -122,7 +132,8 @@ def bench(name: str, spec: dict, workdir: Path, repeats: int, ref_steps: int) ->
         "train_window_s": t_train, "itd_s": t_itd, "ratio_itd_over_train": t_itd / t_train,
         "reference_step_s": t_ref_step, "ours_step_s": t_itd / window,
         "ratio_reference_over_ours": t_ref_step / (t_itd / window),
-        "peak_rss": rss,
+        "peak_rss": rss, "epoch_s": t_train * run.steps_per_epoch / window,
+        "metric_gradient_s": grad_s,
     }
 
 
@@ -154,6 +165,13 @@ def main() -> None:
               f"{r['ratio_itd_over_train']:>10.2f}{1e3 * r['reference_step_s']:>12.1f}"
               f"{1e3 * r['ours_step_s']:>13.1f}{r['ratio_reference_over_ours']:>9.1f}   "
               f"{m[10]['itd_mb']:.0f} | {m[10]['replay_mb']:.0f}  /  {m[50]['itd_mb']:.0f} | {m[50]['replay_mb']:.0f}")
+    for r in results:
+        if r["metric_gradient_s"]:
+            step_s = r["train_window_s"] / r["window_steps"]
+            print(f"{r['setup']}: one training epoch {r['epoch_s']:.2f} s; metric gradient "
+                  f"(n_samples generated images), seconds and training steps:")
+            for name_m, sec in r["metric_gradient_s"].items():
+                print(f"  {name_m:<7}{sec:>8.3f} s {sec / step_s:>7.1f} steps")
     print(json.dumps(results, indent=1), file=sys.stderr)
 
 
