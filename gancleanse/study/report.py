@@ -1,0 +1,393 @@
+"""The study report: one self-contained HTML page rebuilt from a study directory.
+
+Everything comes from what the study wrote (results, summary, score files, the first
+seed's training data and generated samples), so ``gancleanse report DIR`` can rebuild it
+at any time. Figures are PNG data URIs and the style is inline, so the single file can be
+archived or mailed alone. A section whose inputs are missing becomes a short note.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..config import HIGHER_IS_BETTER, Config, load_config
+from ..errors import GancleanseError
+from .cleanse import read_results, read_scores, summarize
+
+GRID_COUNT = 32  # most harmful / most helpful training images shown per scorer
+METRIC_LABELS = {"all": "ALL", "is": "IS", "log_is": "log IS", "fid": "FID", "kid": "KID", "loss_d": "D loss"}
+CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
+main{max-width:1180px;margin:0 auto;padding:24px}
+h1{margin:0 0 4px;font-size:26px}h2{margin:32px 0 12px;font-size:20px;border-bottom:2px solid #d8dce3;padding-bottom:4px}
+h3{margin:4px 0 8px;font-size:15px}
+.card{background:#fff;border-radius:8px;box-shadow:0 1px 3px rgba(0,0,0,.12);padding:14px 16px;margin:0 0 14px}
+.facts{display:flex;flex-wrap:wrap;gap:8px 22px;font-size:14px;color:#4a5263}.facts b{color:#1d2330}
+.headline{font-size:15px;line-height:1.5;border-left:5px solid #8a94a6}.headline.good{border-color:#2e9d5b}
+.headline.bad{border-color:#c8463d}.row{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}
+.row .card{flex:0 1 auto}figure{margin:0}figcaption{font-size:12px;color:#5b6375;max-width:520px;margin-top:6px}
+img{max-width:100%;height:auto}img.pixels{image-rendering:pixelated}
+table{border-collapse:collapse;font-size:13px;width:100%;background:#fff}
+th,td{padding:4px 8px;text-align:right;border-bottom:1px solid #e6e8ec}th{background:#eef0f4;position:sticky;top:0}
+td.l,th.l{text-align:left}tr.good td.chg{background:#d9f2e1;color:#14532d}tr.bad td.chg{background:#f9dcd9;color:#7f1d1d}
+tr.sig td.p{font-weight:bold}.note{color:#6b7280;font-style:italic}
+pre{background:#1f2430;color:#e6e6e6;padding:12px;border-radius:6px;overflow:auto;font-size:12px}
+"""
+
+Row = dict[str, Any]
+
+
+def write_report(study_dir: Path) -> Path:
+    """Write ``study_dir/report.html`` from the study's files (atomically) and return its path."""
+    study_dir = Path(study_dir)
+    results = study_dir / "results.csv"
+    if not results.is_file():
+        raise GancleanseError(f"{study_dir} is not a finished cleansing study: {results} is missing "
+                              "(run `gancleanse cleanse CONFIG --out DIR` first)")
+    rows = read_results(results)
+    if not rows:
+        raise GancleanseError(f"{results} has no rows: the study did not finish")
+    summary_path = study_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else summarize(rows)
+    cfg = _config(study_dir / "config.toml")
+    seed = rows[0]["seed"]  # the study keeps generated samples for its first seed only
+    body = [
+        _header(study_dir, rows, summary, cfg),
+        _section("plots", "Change of the test metric vs removal rate", lambda: _plots(summary["by_rate"])),
+        _section("table", "Summary table", lambda: _tables(summary)),
+        _section("scores", f"Harmful and helpful training instances (seed {seed})",
+                 lambda: _scores(study_dir, rows, seed)),
+        _section("samples", f"Generated samples before and after cleansing (seed {seed}, same latents)",
+                 lambda: _samples(study_dir, rows, seed)),
+        _section("config", "Config", lambda: _config_text(study_dir / "config.toml")),
+    ]
+    page = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width,initial-scale=1">'
+            f"<title>gancleanse report: {_e(study_dir.name)}</title><style>{CSS}</style></head>\n"
+            f"<body><main>\n{''.join(body)}</main></body></html>\n")
+    out = study_dir / "report.html"
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+# ------------------------------------------------------------------------- helpers
+def _e(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _sign(metric: str) -> float:
+    return 1.0 if HIGHER_IS_BETTER[metric] else -1.0
+
+
+def _label(metric: str) -> str:
+    return METRIC_LABELS.get(metric, metric)
+
+
+def _direction(metric: str) -> str:
+    return "higher is better" if HIGHER_IS_BETTER[metric] else "lower is better"
+
+
+def _p(p: float | None) -> str:
+    return "n/a" if p is None else f"{p:.3g}"
+
+
+def _rate(rate: float) -> str:
+    return f"{100 * rate:g}%"
+
+
+def _unique(values: list[Any]) -> list[Any]:
+    return list(dict.fromkeys(values))
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{_e(text)}</p>'
+
+
+def _config(path: Path) -> Config | None:
+    try:
+        return load_config(path)
+    except GancleanseError:
+        return None
+
+
+def _section(anchor: str, title: str, build: Callable[[], str]) -> str:
+    """A titled section; missing or unreadable inputs give a note instead of failing the report."""
+    try:
+        content = build()
+    except (OSError, ValueError, KeyError, RuntimeError, GancleanseError) as err:
+        content = _note(f"Not available: {err}")
+    return f'<section id="{anchor}"><h2>{_e(title)}</h2>\n{content}</section>\n'
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img(b64: str, alt: str, title: str = "", pixels: bool = False) -> str:
+    cls = ' class="pixels"' if pixels else ""
+    return f'<img src="data:image/png;base64,{b64}" alt="{_e(alt)}" title="{_e(title or alt)}"{cls}>'
+
+
+def _figure(img: str, caption: str) -> str:
+    return f'<div class="card"><figure>{img}<figcaption>{caption}</figcaption></figure></div>'
+
+
+def _new_figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+
+    return Figure(figsize=(width, height))
+
+
+def _dot(n: int) -> float:
+    """Marker area that keeps a scatter of ``n`` points readable (smaller dots for more points)."""
+    return float(np.clip(3000.0 / n, 1.0, 12.0))
+
+
+def _as_images(x: np.ndarray) -> np.ndarray | None:
+    """(N, C, H, W) for image-shaped data, None for vectors."""
+    if x.ndim == 3:
+        return x[:, None]
+    return x if x.ndim == 4 else None
+
+
+def _grid_png(images: np.ndarray, cols: int = 8) -> str:
+    """Images (n, C, H, W) in [-1, 1] tiled row-major with 1-pixel gaps, enlarged to about 32 px each."""
+    from matplotlib.image import imsave
+
+    n, c, h, w = images.shape
+    scale = max(1, 32 // max(h, w))
+    cols = min(cols, n)
+    rows = math.ceil(n / cols)
+    x = np.clip((images + 1.0) / 2.0, 0.0, 1.0).transpose(0, 2, 3, 1)
+    x = x if c == 3 else x[..., :1]
+    canvas = np.ones((rows * (h + 1) + 1, cols * (w + 1) + 1, x.shape[-1]))
+    for k in range(n):
+        r, q = divmod(k, cols)
+        canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = x[k]
+    canvas = canvas.repeat(scale, axis=0).repeat(scale, axis=1)
+    buf = io.BytesIO()
+    if canvas.shape[-1] == 1:
+        imsave(buf, canvas[..., 0], cmap="gray", vmin=0.0, vmax=1.0, format="png")
+    else:
+        imsave(buf, canvas, format="png")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _training_data(run_dir: Path) -> np.ndarray:
+    """The replicate's training split, read without building its models (user modules need none)."""
+    from safetensors.torch import load_file
+
+    from ..data import load_data
+
+    data_file = run_dir / "data.safetensors"
+    if data_file.is_file():
+        return load_file(str(data_file))["train"].numpy()
+    return load_data(load_config(run_dir / "config.toml")).train.numpy()
+
+
+def _load_samples(path: Path) -> np.ndarray:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["samples"].double().numpy()
+
+
+# ------------------------------------------------------------------------ sections
+def _header(study_dir: Path, rows: list[Row], summary: dict[str, Any], cfg: Config | None) -> str:
+    scorers = _unique(f"{r['method']}-{r['score_metric']}" for r in rows)
+    facts = {
+        "data": cfg.data.name if cfg else "?",
+        "training instances": cfg.data.n_train if cfg else "?",
+        "seeds": ", ".join(str(s) for s in _unique(r["seed"] for r in rows)),
+        "evaluated on": ", ".join(_label(m) for m in _unique(r["eval_metric"] for r in rows)),
+        "scorers": ", ".join(scorers),
+        "removal rates": ", ".join(_rate(x) for x in sorted(_unique(r["removal_rate"] for r in rows))),
+        "retrain": cfg.cleanse.retrain if cfg else "?",
+    }
+    fact_html = "".join(f"<span>{_e(k)}: <b>{_e(v)}</b></span>" for k, v in facts.items())
+    lines = [_headline(m, summary) for m in _unique(r["eval_metric"] for r in rows)]
+    return (f'<header id="summary"><h1>Cleansing study: {_e(study_dir.name)}</h1>'
+            f'<div class="card facts">{fact_html}</div>\n{"".join(lines)}</header>\n')
+
+
+def _headline(metric: str, summary: dict[str, Any]) -> str:
+    """The best (scorer, rate) on the test split, and the scorer's result at validation-chosen rates."""
+    sign = _sign(metric)
+    candidates = [e for e in summary["by_rate"] if e["eval_metric"] == metric and e["n_removed"] > 0]
+    head = f"<b>{_e(_label(metric))}</b> ({_direction(metric)}): "
+    if not candidates:
+        return f'<div class="card headline">{head}no removal rate removed any instance.</div>'
+    best = max(candidates, key=lambda e: sign * e["mean_delta"])
+    good = sign * best["mean_delta"] > 0
+    verdict = "best" if good else "no scorer improved it on average; least bad"
+    text = (f"{head}{verdict}: <b>{_e(best['method'])}-{_e(best['score_metric'])}</b> removing "
+            f"{_rate(best['removal_rate'])} ({best['n_removed']} instances): mean change "
+            f"<b>{best['mean_delta']:+.3g}</b> &plusmn; {best['std_delta']:.2g} over {best['n_seeds']} "
+            f"seed(s), p = {_p(best['p_value'])}.")
+    chosen = [e for e in summary["rate_chosen_on_validation"] if e["eval_metric"] == metric
+              and (e["method"], e["score_metric"]) == (best["method"], best["score_metric"])]
+    if chosen:
+        c = chosen[0]
+        text += (f" With the rate chosen on the validation split per seed (rates "
+                 f"{', '.join(_rate(r) for r in c['chosen_rates'])}): {c['mean_delta']:+.3g} &plusmn; "
+                 f"{c['std_delta']:.2g}, p = {_p(c['p_value'])}.")
+    return f'<div class="card headline {"good" if good else "bad"}">{text}</div>'
+
+
+def _plots(by_rate: list[Row]) -> str:
+    cards = []
+    for metric in _unique(e["eval_metric"] for e in by_rate):
+        fig = _new_figure(5.6, 3.6)
+        ax = fig.add_subplot()
+        entries = [e for e in by_rate if e["eval_metric"] == metric]
+        for scorer in _unique((e["method"], e["score_metric"]) for e in entries):
+            es = sorted((e for e in entries if (e["method"], e["score_metric"]) == scorer),
+                        key=lambda e: e["removal_rate"])
+            x = np.array([100 * e["removal_rate"] for e in es])
+            m = np.array([e["mean_delta"] for e in es])
+            s = np.array([e["std_delta"] for e in es])
+            (line,) = ax.plot(x, m, marker="o", ms=4, label="-".join(scorer))
+            ax.fill_between(x, m - s, m + s, color=line.get_color(), alpha=0.18, lw=0)
+        ax.axhline(0.0, color="black", ls="--", lw=0.8)
+        ax.set_xlabel("training instances removed (%)")
+        ax.set_ylabel(f"mean change in test {_label(metric)}\n({_direction(metric)})")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        ax.legend(fontsize=8)
+        ax.set_title(f"{_label(metric)}: mean ± std across seeds", fontsize=10)
+        caption = f"Above the dashed line is {'better' if HIGHER_IS_BETTER[metric] else 'worse'}."
+        cards.append(_figure(_img(_png(fig), f"change of {_label(metric)} vs removal rate"), caption))
+    return f'<div class="row">{"".join(cards)}</div>'
+
+
+def _tables(summary: dict[str, Any]) -> str:
+    def row_class(e: Row) -> str:
+        change = _sign(e["eval_metric"]) * e["mean_delta"]
+        sig = " sig" if e["p_value"] is not None and e["p_value"] < 0.05 else ""
+        return ("good" if change > 0 else "bad" if change < 0 else "zero") + sig
+
+    by_rate = "".join(
+        f'<tr class="{row_class(e)}"><td class="l">{_e(e["method"])}</td><td class="l">{_e(e["score_metric"])}</td>'
+        f'<td class="l">{_e(_label(e["eval_metric"]))}</td><td>{_rate(e["removal_rate"])}</td>'
+        f'<td>{e["n_removed"]}</td><td>{e["mean_before"]:.4g}</td><td class="chg">{e["mean_delta"]:+.3g}</td>'
+        f'<td>{e["std_delta"]:.2g}</td><td class="p">{_p(e["p_value"])}</td></tr>'
+        for e in summary["by_rate"])
+    chosen = "".join(
+        f'<tr class="{row_class(e)}"><td class="l">{_e(e["method"])}</td><td class="l">{_e(e["score_metric"])}</td>'
+        f'<td class="l">{_e(_label(e["eval_metric"]))}</td><td>{", ".join(_rate(r) for r in e["chosen_rates"])}</td>'
+        f'<td class="chg">{e["mean_delta"]:+.3g}</td><td>{e["std_delta"]:.2g}</td>'
+        f'<td class="p">{_p(e["p_value"])}</td></tr>'
+        for e in summary["rate_chosen_on_validation"])
+    return (
+        '<p>Change = after &minus; before on the test split, averaged over seeds; green: improved in the '
+        "metric's direction, red: worse; p: one-sample t-test of the per-seed changes against 0 "
+        "(bold below 0.05).</p>"
+        '<div class="card"><table id="by-rate"><thead><tr><th class="l">method</th><th class="l">scored on</th>'
+        '<th class="l">metric</th><th>rate</th><th>removed</th><th>mean before</th><th>mean change</th>'
+        f"<th>std</th><th>p</th></tr></thead><tbody>{by_rate}</tbody></table></div>"
+        "<h3>Removal rate chosen on the validation split (per seed; the change is on the test split)</h3>"
+        '<div class="card"><table id="chosen"><thead><tr><th class="l">method</th><th class="l">scored on</th>'
+        '<th class="l">metric</th><th>chosen rates</th><th>mean change</th><th>std</th><th>p</th></tr></thead>'
+        f"<tbody>{chosen}</tbody></table></div>")
+
+
+def _scores(study_dir: Path, rows: list[Row], seed: int) -> str:
+    seed_dir = study_dir / "seeds" / f"seed_{seed}"
+    scorers = _unique(f"{r['method']}-{r['score_metric']}" for r in rows)
+    influence = [s for s in scorers if s.split("-", 1)[0] in ("itd", "aid")]
+    x = _training_data(seed_dir / "run")
+    images = _as_images(x)
+    if images is None and x.shape[1:] != (2,):
+        return _note(f"No picture for training data of shape {tuple(x.shape[1:])}.")
+    top_k = math.floor(len(x) * max(r["removal_rate"] for r in rows))  # removed at the largest rate
+    cards = []
+    for name in influence or scorers:
+        path = seed_dir / "scores" / f"{name}.csv"
+        if not path.is_file():
+            cards.append(_note(f"{path.name} is missing."))
+            continue
+        harm = read_scores(path)
+        if len(harm) != len(x):
+            cards.append(_note(f"{path.name} has {len(harm)} scores for {len(x)} training instances."))
+            continue
+        order = np.argsort(-harm, kind="stable")
+        if images is not None:
+            for label, idx in (("most harmful", order[:GRID_COUNT]), ("most helpful", order[::-1][:GRID_COUNT])):
+                ids = ", ".join(str(int(i)) for i in idx)
+                img = _img(_grid_png(images[idx]), f"{name}: {label} training images", f"indices: {ids}", pixels=True)
+                cards.append(_figure(img, f"<b>{_e(name)}</b>: the {len(idx)} {label} (row by row; "
+                                          f"indices {ids})"))
+        else:
+            cards.append(_figure(_img(_harm_scatter(x, harm, order[:top_k]), f"{name}: harmfulness"),
+                                 f"<b>{_e(name)}</b>: training set coloured by harmfulness (red: removal "
+                                 f"predicted to help); circled: the {top_k} removed at the largest rate."))
+    return f'<div class="row">{"".join(cards)}</div>'
+
+
+def _harm_scatter(x: np.ndarray, harm: np.ndarray, marked: np.ndarray) -> str:
+    fig = _new_figure(5.0, 4.2)
+    ax = fig.add_subplot()
+    lim = float(np.abs(harm).max()) or 1.0
+    pts = ax.scatter(x[:, 0], x[:, 1], c=harm, cmap="RdBu_r", vmin=-lim, vmax=lim, s=_dot(len(x)))
+    ax.scatter(x[marked, 0], x[marked, 1], s=60, facecolors="none", edgecolors="black", lw=0.9,
+               label="most harmful")
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.colorbar(pts, ax=ax, label="harmfulness (> 0: removal predicted to help)")
+    return _png(fig)
+
+
+def _samples(study_dir: Path, rows: list[Row], seed: int) -> str:
+    """The original GAN's samples beside those after the best removal of each metric (this seed)."""
+    parts = study_dir / "parts"
+    panels: dict[str, list[str]] = {f"seed{seed}_none": []}
+    for metric in _unique(r["eval_metric"] for r in rows):
+        cands = [r for r in rows if r["seed"] == seed and r["eval_metric"] == metric and r["n_removed"] > 0]
+        if cands:
+            b = max(cands, key=lambda r: _sign(metric) * r["delta"])
+            key = f"seed{seed}_{b['method']}-{b['score_metric']}_r{b['removal_rate']:g}"
+            panels.setdefault(key, []).append(f"best for {_label(metric)}: {b['method']}-{b['score_metric']} "
+                                              f"removing {_rate(b['removal_rate'])} ({b['delta']:+.3g})")
+    titles = {k: "original GAN (nothing removed)" if k.endswith("_none") else "; ".join(v) for k, v in panels.items()}
+    samples = {k: _load_samples(p) for k in panels if (p := parts / f"{k}.samples.safetensors").is_file()}
+    cards = [_note(f"{k}.samples.safetensors is missing ({titles[k]}).") for k in panels if k not in samples]
+    if not samples:
+        return "".join(cards)
+    first = next(iter(samples.values()))
+    if _as_images(first) is not None:
+        for k, s in samples.items():
+            cards.append(_figure(_img(_grid_png(_as_images(s)), titles[k], pixels=True), _e(titles[k])))
+    elif first.shape[1:] == (2,):
+        real = _training_data(study_dir / "seeds" / f"seed_{seed}" / "run")
+        both = np.concatenate([real, *samples.values()])
+        pad = 0.05 * (both.max(0) - both.min(0))
+        lo, hi = both.min(0) - pad, both.max(0) + pad
+        for k, s in samples.items():
+            fig = _new_figure(4.2, 4.2)
+            ax = fig.add_subplot()
+            ax.scatter(real[:, 0], real[:, 1], s=_dot(len(real)), color="#b8bec9", label="training data")
+            ax.scatter(s[:, 0], s[:, 1], s=14, color="#d9480f", label="generated")
+            ax.set_xlim(lo[0], hi[0])
+            ax.set_ylim(lo[1], hi[1])
+            ax.legend(fontsize=8, loc="upper right")
+            cards.append(_figure(_img(_png(fig), titles[k]), _e(titles[k])))
+    else:
+        return _note(f"No picture for samples of shape {tuple(first.shape[1:])}.")
+    return f'<div class="row">{"".join(cards)}</div>'
+
+
+def _config_text(path: Path) -> str:
+    if not path.is_file():
+        return _note(f"{path.name} is missing.")
+    return f"<pre>{_e(path.read_text())}</pre>"
