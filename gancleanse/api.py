@@ -119,11 +119,13 @@ def influence(run: Run | str | Path, metric: str = "all", method: str = "itd", *
     if method == "aid":
         from .influence.aid import aid_influence
 
-        res = aid_influence(run, make_metric(metric, run, "valid"), progress=progress, **solver_options)
+        res = aid_influence(run, make_metric(metric, run, "valid"), seed=seed, progress=progress,
+                            **solver_options)
         return Scores.from_influence(
             metric, method, res.influence.numpy(),
             info={"metric_value": res.metric_value, "seconds": res.seconds, "solver": res.solver,
-                  "residual": res.residual, "iterations": res.iterations, "converged": res.converged})
+                  "residual": res.residual, "iterations": res.iterations, "converged": res.converged,
+                  **res.options})
     from .influence import baselines
 
     started = time.perf_counter()

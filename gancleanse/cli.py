@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def _solver_options(args: argparse.Namespace) -> dict:
     """AID options given on the command line (only those set)."""
     if args.method != "aid":
         return {}
-    names = ("solver", "iterations", "step", "damping", "tol", "batch_size")
+    names = ("solver", "iterations", "step", "damping", "tol", "batch_size", "operator_size")
     return {n: getattr(args, f"aid_{n}") for n in names if getattr(args, f"aid_{n}") is not None}
 
 
@@ -151,12 +152,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _aid_arguments(sp: argparse.ArgumentParser) -> None:
     g = sp.add_argument_group("AID solver (with --method aid)")
-    g.add_argument("--aid-solver", choices=("gmres", "cg", "neumann"), default=None)
-    g.add_argument("--aid-iterations", type=int, default=None)
+    g.add_argument("--aid-solver", choices=("gmres", "cg", "neumann"), default=None,
+                   help="adjoint solver (default gmres)")
+    g.add_argument("--aid-iterations", type=int, default=None,
+                   help="Krylov vectors / CG steps / series terms (default 100 / 200 / 1000)")
     g.add_argument("--aid-step", type=float, default=None, help="Neumann step size s")
-    g.add_argument("--aid-damping", type=float, default=None)
-    g.add_argument("--aid-tol", type=float, default=None)
-    g.add_argument("--aid-batch-size", type=int, default=None)
+    g.add_argument("--aid-damping", type=float, default=None, help="solve (J + lambda I)^T v = grad V")
+    g.add_argument("--aid-tol", type=float, default=None, help="relative residual to reach (default 1e-6)")
+    g.add_argument("--aid-batch-size", type=int, default=None,
+                   help="neumann: fresh minibatches of this many instances and latents per iteration")
+    g.add_argument("--aid-operator-size", type=int, default=None,
+                   help="training instances (and latents) of the fixed Jacobian operator (default all, up to 2048)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,10 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    print(f"gancleanse: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # one line per warning; restored on exit
+            return args.func(args)
     except GancleanseError as e:
         print(f"gancleanse: error: {e}", file=sys.stderr)
         return 2

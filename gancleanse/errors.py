@@ -21,3 +21,7 @@ class RunDirError(GancleanseError):
 
 class TrainingDivergedError(GancleanseError):
     """A loss or parameter became NaN or infinite during training or replay."""
+
+
+class GancleanseWarning(UserWarning):
+    """Something finished but may be inaccurate; the CLI prints it as one line."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-_PERMUTATION, _LATENT_D, _LATENT_G, _EVAL = 0, 1, 2, 3
+_PERMUTATION, _LATENT_D, _LATENT_G, _EVAL, _SOLVER = 0, 1, 2, 3, 4
 
 
 def _generator(*words: int) -> torch.Generator:
@@ -25,6 +25,16 @@ def eval_latents(seed: int, split: str, n: int, z_dim: int) -> torch.Tensor:
     """Fixed latents for evaluating a metric on one split (float64)."""
     split_id = {"valid": 0, "test": 1}[split]
     return torch.randn(n, z_dim, generator=_generator(seed, _EVAL, split_id), dtype=torch.float64)
+
+
+def solver_draw(seed: int, counter: int, n_train: int, size: int, z_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Instance indices (without replacement) and latents (float64) for AID's Jacobian products.
+
+    A stream of its own, so that estimating influence never shifts the training's draws.
+    """
+    gen = _generator(seed, _SOLVER, counter)
+    indices = torch.randperm(n_train, generator=gen)[:size]
+    return indices, torch.randn(size, z_dim, generator=gen, dtype=torch.float64)
 
 
 @dataclass

@@ -1,0 +1,316 @@
+"""AID: influence of every training instance by implicit differentiation at the trained point.
+
+Treat the trained parameters theta = (theta_D, theta_G) as a stationary point of the game
+
+    F(theta, w) = [ grad_D L_D(theta, w) ; grad_G L_G(theta) ] = 0,
+    L_D = (1/N) sum_j w_j l_real(D(x_j)) + mean_z l_fake(D(G(z))) + R_D,
+
+so that d(theta)/d(w_j) = -J^{-1} dF/dw_j with the non-symmetric game Jacobian J = dF/dtheta.
+Removing j (w_j: 1 -> 0) changes the metric V by about
+
+    influence_j = v^T dF/dw_j = (1/N) v_D^T grad_D l_real(D(x_j)),   where  J^T v = grad V.
+
+One adjoint solve serves every instance; the per-instance terms are then one forward-mode
+pass (``jvp`` of the per-sample real losses in direction v_D) over the training set.
+J^T v is a VJP of F, so J is never formed. Solvers:
+
+- ``gmres``: GMRES on J^T v = g (SciPy, restarted never: ``iterations`` Krylov vectors);
+- ``cg``: conjugate gradients on the normal equations J J^T v = J g (J u is a JVP of F);
+- ``neumann``: the damped Richardson / Neumann series v <- v + s (g - (J + lambda I)^T v),
+  on the fixed operator, or with ``batch_size`` on fresh minibatches and latents per
+  iteration (the stochastic series).
+
+The fixed operator evaluates F on ``operator_size`` training instances (all of them by
+default, up to 2048) and as many fixed latents, both drawn from ``seed``. ``damping``
+solves (J + lambda I)^T v = g instead, which regularizes a singular or indefinite J.
+
+What is held constant, and why: at a stationary point the update rule does not matter
+(sgd, momentum and Adam share the fixed points of F, and alternating and simultaneous
+updates both stop where F = 0), so AID differentiates F, not the optimizer; with a
+generator average the metric sees the average, which equals theta_G at a fixed point, so
+its gradient is added to theta_G's block. Everything runs in float64.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.func import grad, jvp, vjp
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, GancleanseWarning
+from ..metrics import Metric
+from ..run import Run, torch_threads
+from ..training.dynamics import Dynamics, State
+from ..training.losses import d_real_term
+from ..training.schedule import solver_draw
+
+SOLVERS = ("gmres", "cg", "neumann")
+DEFAULT_OPERATOR_SIZE = 2048
+CHUNK = 1024  # instances per forward/backward pass inside one Jacobian product
+Tree = dict[str, dict[str, torch.Tensor]]  # {"d": params_D, "g": params_G}
+
+
+@dataclass
+class AIDResult:
+    """Influence per training instance (predicted V(without j) - V(with j)), float64, and solver facts."""
+
+    influence: torch.Tensor
+    metric_value: float
+    solver: str
+    residual: float  # ||(J + lambda I)^T v - grad V|| / ||grad V|| on the fixed operator
+    iterations: int
+    converged: bool
+    seconds: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class AIDConvergenceWarning(GancleanseWarning):
+    """The adjoint solve stopped above its tolerance: the estimate may be inaccurate."""
+
+
+# ------------------------------------------------------------------------ flat vectors
+def flatten(tree: Tree) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for p in ("d", "g") for t in tree[p].values()])
+
+
+def unflatten(vec: torch.Tensor, like: Tree) -> Tree:
+    out: Tree = {}
+    pos = 0
+    for p in ("d", "g"):
+        out[p] = {}
+        for k, t in like[p].items():
+            out[p][k] = vec[pos:pos + t.numel()].reshape(t.shape)
+            pos += t.numel()
+    return out
+
+
+# ------------------------------------------------------------------------ the game
+def game_gradient(dyn: Dynamics, params: Tree, x: torch.Tensor, z: torch.Tensor) -> Tree:
+    """F(theta) on real ``x`` and latents ``z`` (same count): both players' loss gradients, weights 1."""
+    ones = torch.ones(x.shape[0], dtype=x.dtype)
+    return {"d": grad(dyn.loss_d)(params["d"], params["g"], x, z, ones),
+            "g": grad(dyn.loss_g)(params["g"], params["d"], z)}
+
+
+@dataclass
+class GameOperator:
+    """Products with the game Jacobian J = dF/dtheta at ``params``, on fixed data and latents.
+
+    F is the size-weighted mean of F over chunks of at most CHUNK instances, so the
+    products are linear combinations of per-chunk VJPs/JVPs and memory stays bounded.
+    """
+
+    dyn: Dynamics
+    params: Tree
+    x: torch.Tensor
+    z: torch.Tensor
+    damping: float = 0.0
+
+    def _chunks(self):
+        n = self.x.shape[0]
+        for lo in range(0, n, CHUNK):
+            yield self.x[lo:lo + CHUNK], self.z[lo:lo + CHUNK], min(CHUNK, n - lo) / n
+
+    def rmatvec(self, v: torch.Tensor) -> torch.Tensor:
+        """(J + lambda I)^T v."""
+        tv = unflatten(v, self.params)
+        out = self.damping * v
+        for xc, zc, share in self._chunks():
+            _, pullback = vjp(lambda p, xc=xc, zc=zc: game_gradient(self.dyn, p, xc, zc), self.params)
+            out = out + share * flatten(pullback(tv)[0])
+        return out
+
+    def matvec(self, u: torch.Tensor) -> torch.Tensor:
+        """(J + lambda I) u."""
+        tu = unflatten(u, self.params)
+        out = self.damping * u
+        for xc, zc, share in self._chunks():
+            _, tangent = jvp(lambda p, xc=xc, zc=zc: game_gradient(self.dyn, p, xc, zc), (self.params,), (tu,))
+            out = out + share * flatten(tangent)
+        return out
+
+
+def _as_float64(tree: dict) -> dict:
+    return {k: _as_float64(v) if isinstance(v, dict) else v.detach().to(torch.float64) for k, v in tree.items()}
+
+
+def metric_target(metric: Metric, state: State) -> Tree:
+    """grad V at ``state`` for the (d, g) blocks; the generator average's block joins g's."""
+    g = grad(metric.fn)(state)
+    out = {"d": dict(g["d"]), "g": dict(g["g"])}
+    if "ema_g" in g:
+        out["g"] = {k: v + g["ema_g"][k] for k, v in out["g"].items()}
+    return _as_float64(out)
+
+
+# ------------------------------------------------------------------------ solvers
+def _scipy_operator(n: int, fn: Callable[[torch.Tensor], torch.Tensor]):
+    from scipy.sparse.linalg import LinearOperator
+
+    def apply(v: np.ndarray) -> np.ndarray:
+        return fn(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64).reshape(-1))).numpy()
+
+    return LinearOperator((n, n), matvec=apply, dtype=np.float64)
+
+
+def solve_gmres(op: GameOperator, g: torch.Tensor, iterations: int, tol: float,
+                tick: Callable[[], None]) -> torch.Tensor:
+    """GMRES without restarts: at most ``iterations`` Krylov vectors are kept."""
+    from scipy.sparse.linalg import gmres
+
+    v, _ = gmres(_scipy_operator(g.numel(), op.rmatvec), g.numpy(), rtol=tol, atol=0.0, restart=iterations,
+                 maxiter=1, callback=lambda _: tick(), callback_type="pr_norm")
+    return torch.from_numpy(v)
+
+
+def solve_cg(op: GameOperator, g: torch.Tensor, iterations: int, tol: float,
+             tick: Callable[[], None]) -> torch.Tensor:
+    """CG on (J + lambda I)(J + lambda I)^T v = (J + lambda I) g: symmetric positive definite."""
+    from scipy.sparse.linalg import cg
+
+    A = _scipy_operator(g.numel(), lambda u: op.matvec(op.rmatvec(u)))
+    v, _ = cg(A, op.matvec(g).numpy(), rtol=tol, atol=0.0, maxiter=iterations, callback=lambda _: tick())
+    return torch.from_numpy(v)
+
+
+def spectral_norm(op: GameOperator, n: int, iterations: int = 20, seed: int = 0) -> float:
+    """Largest singular value of J + lambda I, by power iteration on (J + lambda I)(J + lambda I)^T."""
+    u = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    u /= u.norm()
+    sigma = 0.0
+    for _ in range(iterations):
+        w = op.matvec(op.rmatvec(u))
+        sigma = math.sqrt(float(w.norm()))
+        if sigma == 0.0:
+            break
+        u = w / w.norm()
+    return sigma
+
+
+def solve_neumann(op: GameOperator, g: torch.Tensor, iterations: int, tol: float, step: float,
+                  fresh: Callable[[int], GameOperator] | None,
+                  tick: Callable[[], None]) -> tuple[torch.Tensor, int]:
+    """v = s sum_k (I - s (J + lambda I)^T)^k g, as Richardson iteration v <- v + s (g - A v).
+
+    On the fixed operator it stops once the residual is below ``tol``. With ``fresh``
+    minibatch operators the iterate keeps fluctuating around the solution, so it runs every
+    iteration and returns the average of the second half of the iterates (tail averaging).
+    """
+    v = torch.zeros_like(g)
+    tail, counted = torch.zeros_like(g), 0
+    g_norm = float(g.norm())
+    for k in range(iterations):
+        A = op if fresh is None else fresh(k)
+        r = g - A.rmatvec(v)
+        tick()
+        if fresh is None and float(r.norm()) <= tol * g_norm:
+            return v, k
+        v = v + step * r
+        if fresh is not None and k >= iterations // 2:
+            tail, counted = tail + v, counted + 1
+    return (v if fresh is None else tail / counted), iterations
+
+
+# ------------------------------------------------------------------------ entry point
+def aid_influence(run: Run, metric: Metric, *, solver: str = "gmres", iterations: int | None = None,
+                  tol: float = 1e-6, damping: float = 0.0, step: float | None = None,
+                  batch_size: int | None = None, operator_size: int | None = None, seed: int = 0,
+                  state: State | None = None, progress: bool = True) -> AIDResult:
+    """Influence of every training instance on ``metric`` at the run's final state (or ``state``).
+
+    ``iterations``: Krylov vectors (gmres), CG steps (cg) or series terms (neumann); default
+    100, 200 and 1000. ``tol``: relative residual to reach. ``step``: the Neumann step s
+    (default 1 / ||J + lambda I||, by power iteration). ``batch_size``: Neumann on fresh
+    minibatches of that many instances and latents. ``operator_size``: instances of the fixed
+    operator (default all, up to 2048).
+    """
+    if solver not in SOLVERS:
+        raise ConfigError(f"unknown AID solver {solver!r} (available: {', '.join(SOLVERS)})")
+    iterations = iterations if iterations is not None else {"gmres": 100, "cg": 200, "neumann": 1000}[solver]
+    _check_options(iterations, tol, damping, step, batch_size, operator_size, solver)
+    started = time.perf_counter()
+    n_train, z_dim = run.n_train, run.cfg.model.z_dim
+    size = min(operator_size or DEFAULT_OPERATOR_SIZE, n_train)
+    x_all = run.splits.train.to(torch.float64)
+
+    def operator_on(counter: int, n: int, params: Tree) -> GameOperator:
+        idx, z = solver_draw(seed, counter, n_train, n, z_dim)
+        return GameOperator(run.dynamics, params, x_all[idx], z, damping)
+
+    with torch_threads(run.threads):
+        state = run.final_state() if state is None else state
+        metric_value = metric.value(state)
+        target = flatten(metric_target(metric, state))
+        params = _as_float64({"d": state["d"], "g": state["g"]})
+        op = operator_on(0, size, params)
+        bar = tqdm(total=iterations, desc=f"aid {solver}", unit="it", disable=not progress, leave=False)
+        used = 0
+
+        def tick() -> None:
+            nonlocal used
+            used += 1
+            bar.update()
+
+        options: dict[str, Any] = {"tol": tol, "damping": damping, "operator_size": size, "seed": seed}
+        if solver == "gmres":
+            v = solve_gmres(op, target, iterations, tol, tick)
+        elif solver == "cg":
+            v = solve_cg(op, target, iterations, tol, tick)
+        else:
+            step = step if step is not None else 1.0 / max(spectral_norm(op, target.numel(), seed=seed), 1e-300)
+            fresh = None
+            if batch_size is not None:
+                b = min(batch_size, n_train)
+                fresh = lambda k: operator_on(k + 1, b, params)  # noqa: E731 - one-line factory
+            v, used = solve_neumann(op, target, iterations, tol, step, fresh, tick)
+            options.update(step=step, batch_size=batch_size)
+        bar.close()
+        residual = float((op.rmatvec(v) - target).norm() / target.norm()) if target.norm() > 0 else 0.0
+        influence = instance_terms(run.dynamics, params, unflatten(v, params)["d"], x_all)
+
+    converged = residual <= tol
+    if not converged:
+        warnings.warn(f"AID ({solver}) stopped at relative residual {residual:.2e} > tol {tol:.0e} after "
+                      f"{used} iterations: raise --aid-iterations, add --aid-damping, or try another "
+                      "--aid-solver", AIDConvergenceWarning, stacklevel=2)
+    return AIDResult(influence, metric_value, solver, residual, used, converged,
+                     time.perf_counter() - started, options)
+
+
+def instance_terms(dyn: Dynamics, params: Tree, v_d: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """(1/N) v_D^T grad_D l_real(D(x_j)) for every j: one JVP of the per-sample real losses."""
+    n = x.shape[0]
+
+    def real_losses(pd: dict[str, torch.Tensor], xc: torch.Tensor) -> torch.Tensor:
+        return d_real_term(dyn.loss, dyn.models.discriminate(pd, xc))
+
+    out = []
+    for lo in range(0, n, CHUNK):
+        xc = x[lo:lo + CHUNK]
+        _, tangent = jvp(lambda pd: real_losses(pd, xc), (params["d"],), (v_d,))
+        out.append(tangent.detach() / n)
+    return torch.cat(out).to(torch.float64)
+
+
+def _check_options(iterations: int, tol: float, damping: float, step: float | None,
+                   batch_size: int | None, operator_size: int | None, solver: str) -> None:
+    if iterations < 1:
+        raise ConfigError(f"--aid-iterations must be at least 1, got {iterations}")
+    if not tol > 0:
+        raise ConfigError(f"--aid-tol must be positive, got {tol}")
+    if damping < 0:
+        raise ConfigError(f"--aid-damping must be >= 0, got {damping}")
+    if step is not None and not step > 0:
+        raise ConfigError(f"--aid-step must be positive, got {step}")
+    for name, value in (("--aid-batch-size", batch_size), ("--aid-operator-size", operator_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+    if batch_size is not None and solver != "neumann":
+        raise ConfigError("--aid-batch-size (fresh minibatches) applies to --aid-solver neumann only")
