@@ -12,6 +12,7 @@ Layout of the study directory::
     DIR/seeds/seed_S/run/           the replicate's run directory
     DIR/seeds/seed_S/scores/*.csv   one SCORES.csv per scorer
     DIR/parts/*.json                one finished retrain each (the study resumes from them)
+    DIR/parts/*.samples.safetensors generated test samples of the first seed's retrains (report)
     DIR/results.csv, summary.csv, summary.json, report.html
 
 Removing nothing is a real replay too (bitwise equal to the recorded training on CPU), so
@@ -188,6 +189,10 @@ def run_study(cfg: Config, out: Path, *, models: GANModules | None = None, data:
                     continue
                 samples = str(parts / f"{key}.samples.safetensors") if s == seeds[0] else None
                 jobs.append((key, (runs[s], removed, cfg.cleanse.retrain, list(cfg.cleanse.metrics), samples)))
+    first_none = f"seed{seeds[0]}_none"  # the original GAN's samples, for the report's before/after
+    if first_none not in {k for k, _ in jobs} and not (parts / f"{first_none}.json").is_file():
+        jobs.append((first_none, (runs[seeds[0]], [], cfg.cleanse.retrain, list(cfg.cleanse.metrics),
+                                  str(parts / f"{first_none}.samples.safetensors"))))
     for key, res in run_tasks(retrain_and_evaluate, jobs, executor=executor, workers=workers,
                               progress=progress, desc="retrain"):
         write_json_atomic(parts / f"{key}.json", res)

@@ -24,6 +24,7 @@ from ..errors import GancleanseError
 from .cleanse import read_results, read_scores, summarize
 
 GRID_COUNT = 32  # most harmful / most helpful training images shown per scorer
+MARKED = 50  # most harmful 2D instances circled per scorer
 METRIC_LABELS = {"all": "ALL", "is": "IS", "log_is": "log IS", "fid": "FID", "kid": "KID", "loss_d": "D loss"}
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
@@ -310,7 +311,9 @@ def _scores(study_dir: Path, rows: list[Row], seed: int) -> str:
     images = _as_images(x)
     if images is None and x.shape[1:] != (2,):
         return _note(f"No picture for training data of shape {tuple(x.shape[1:])}.")
-    top_k = math.floor(len(x) * max(r["removal_rate"] for r in rows))  # removed at the largest rate
+    rates = [r["removal_rate"] for r in rows if r["removal_rate"] > 0]
+    # Circle the first instances to go (smallest removal, at most MARKED): more would hide the colours.
+    top_k = min(MARKED, max(1, math.floor(len(x) * min(rates)))) if rates else MARKED
     cards = []
     for name in influence or scorers:
         path = seed_dir / "scores" / f"{name}.csv"
@@ -331,7 +334,7 @@ def _scores(study_dir: Path, rows: list[Row], seed: int) -> str:
         else:
             cards.append(_figure(_img(_harm_scatter(x, harm, order[:top_k]), f"{name}: harmfulness"),
                                  f"<b>{_e(name)}</b>: training set coloured by harmfulness (red: removal "
-                                 f"predicted to help); circled: the {top_k} removed at the largest rate."))
+                                 f"predicted to help); circled: the {top_k} most harmful."))
     return f'<div class="row">{"".join(cards)}</div>'
 
 
@@ -339,7 +342,8 @@ def _harm_scatter(x: np.ndarray, harm: np.ndarray, marked: np.ndarray) -> str:
     fig = _new_figure(5.0, 4.2)
     ax = fig.add_subplot()
     lim = float(np.abs(harm).max()) or 1.0
-    pts = ax.scatter(x[:, 0], x[:, 1], c=harm, cmap="RdBu_r", vmin=-lim, vmax=lim, s=_dot(len(x)))
+    front = np.argsort(np.abs(harm), kind="stable")  # the most extreme colours are drawn last, on top
+    pts = ax.scatter(x[front, 0], x[front, 1], c=harm[front], cmap="RdBu_r", vmin=-lim, vmax=lim, s=_dot(len(x)))
     ax.scatter(x[marked, 0], x[marked, 1], s=60, facecolors="none", edgecolors="black", lw=0.9,
                label="most harmful")
     ax.set_aspect("equal", adjustable="datalim")
