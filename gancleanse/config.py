@@ -98,6 +98,11 @@ class CleanseConfig:
     removal_rates: list[float] = _opt([0.0, 0.01, 0.05, 0.1])
     seeds: list[int] = _opt([0, 1, 2])
     retrain: str = _opt("window", choices=("window", "full"))
+    aid_solver: str = _opt("gmres", choices=("gmres", "cg", "neumann"), doc="adjoint solver of method aid")
+    aid_iterations: int | None = _opt(None, lo=1, doc="default: the solver's (gmres 100, cg 200, neumann 1000)")
+    aid_operator_size: int | None = _opt(None, lo=1, doc="instances in AID's Jacobian products (default all, "
+                                         "up to 2048); each iteration costs a double backward over them")
+    aid_damping: float = _opt(0.0, lo=0.0)
 
 
 SECTIONS: dict[str, type] = {

@@ -93,3 +93,14 @@ def test_study_resumes_without_redoing_work(study):
     changed["train"]["epochs"] = 3
     with pytest.raises(gc.GancleanseError, match="different config"):
         gc.cleanse(Config.from_dict(changed), out, report=False, progress=False)
+
+
+def test_aid_in_a_study_uses_the_cleanse_solver_settings(tmp_path):
+    study = {**STUDY, "cleanse": {"metrics": ["all"], "methods": ["aid"], "removal_rates": [0.0, 0.1], "seeds": [0],
+                                  "aid_solver": "cg", "aid_iterations": 3, "aid_operator_size": 50}}
+    with pytest.warns(UserWarning, match="AID \\(cg\\) stopped"):
+        gc.cleanse(Config.from_dict(study), tmp_path, report=False, progress=False)
+    info = json.loads((tmp_path / "seeds" / "seed_0" / "scores" / "aid-all.json").read_text())
+    assert (info["solver"], info["iterations"], info["operator_size"]) == ("cg", 3, 50)
+    rows = read_results(tmp_path / "results.csv")
+    assert [(r["method"], r["n_removed"]) for r in rows] == [("aid", 0), ("aid", 20)]

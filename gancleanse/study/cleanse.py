@@ -10,7 +10,7 @@ Layout of the study directory::
 
     DIR/config.toml                 the study config
     DIR/seeds/seed_S/run/           the replicate's run directory
-    DIR/seeds/seed_S/scores/*.csv   one SCORES.csv per scorer
+    DIR/seeds/seed_S/scores/*.csv   one SCORES.csv per scorer (and .json: time, AID residual)
     DIR/parts/*.json                one finished retrain each (the study resumes from them)
     DIR/parts/*.samples.safetensors generated test samples of the first seed's retrains (report)
     DIR/results.csv, summary.csv, summary.json, report.html
@@ -103,13 +103,20 @@ def train_and_score(cfg_dict: dict, seed_dir: str, scorers: list[tuple[str, str]
         path = seed_dir_p / "scores" / f"{method}-{score_metric}.csv"
         if path.is_file():
             continue
-        if method in ("itd", "aid"):
+        if method == "itd":
             s = api.influence(run, score_metric, method, progress=False)
+        elif method == "aid":
+            c = cfg_dict["cleanse"]
+            options = {"solver": c["aid_solver"], "iterations": c["aid_iterations"], "damping": c["aid_damping"],
+                       "operator_size": c["aid_operator_size"]}
+            s = api.influence(run, score_metric, method, seed=seed, progress=False,
+                              **{k: v for k, v in options.items() if v is not None})
         elif method == "isolation_forest":
             s = api.influence(run, "all", method, features=score_metric, seed=seed, progress=False)
         else:
             s = api.influence(run, "all", method, seed=seed, progress=False)
-        s.to_csv(path)
+        write_json_atomic(path.with_suffix(".json"), {"metric": s.metric, "method": s.method, **s.info})
+        s.to_csv(path)  # last: its presence marks the scorer as done
     return run
 
 
