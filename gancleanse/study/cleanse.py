@@ -25,6 +25,7 @@ import csv
 import dataclasses
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from safetensors.torch import save_file
 from scipy.stats import ttest_1samp
 
 from ..config import HIGHER_IS_BETTER, Config
-from ..errors import ConfigError
+from ..errors import ConfigError, GancleanseWarning
 from ..data import Splits
 from ..models import GANModules
 from ..run import Run, write_json_atomic
@@ -109,8 +110,10 @@ def train_and_score(cfg_dict: dict, seed_dir: str, scorers: list[tuple[str, str]
             c = cfg_dict["cleanse"]
             options = {"solver": c["aid_solver"], "iterations": c["aid_iterations"], "damping": c["aid_damping"],
                        "operator_size": c["aid_operator_size"]}
-            s = api.influence(run, score_metric, method, seed=seed, progress=False,
-                              **{k: v for k, v in options.items() if v is not None})
+            with warnings.catch_warnings():  # recorded in the JSON; the study warns once for all seeds
+                warnings.simplefilter("ignore", GancleanseWarning)
+                s = api.influence(run, score_metric, method, seed=seed, progress=False,
+                                  **{k: v for k, v in options.items() if v is not None})
         elif method == "isolation_forest":
             s = api.influence(run, "all", method, features=score_metric, seed=seed, progress=False)
         else:
@@ -180,6 +183,7 @@ def run_study(cfg: Config, out: Path, *, models: GANModules | None = None, data:
                               [(sc.method, sc.score_metric) for sc in scorers], s, models, data)))
     runs = dict(run_tasks(train_and_score, seed_jobs, executor=executor, workers=workers,
                           progress=progress, desc="train+score"))
+    _warn_unconverged_aid(out, seeds)
 
     # 2. one job per (seed, scorer, rate) retrain; rate 0 is one shared replay per seed
     parts = out / "parts"
@@ -226,6 +230,22 @@ def run_study(cfg: Config, out: Path, *, models: GANModules | None = None, data:
     summary = summarize(rows)
     write_summary(out, summary)
     return summary
+
+
+def _warn_unconverged_aid(out: Path, seeds: list[int]) -> None:
+    """One warning for every AID solve of the study that stopped above its tolerance."""
+    residuals = []
+    for s in seeds:
+        for f in sorted((out / "seeds" / f"seed_{s}" / "scores").glob("aid-*.json")):
+            info = json.loads(f.read_text())
+            if not info.get("converged", True):
+                residuals.append(info["residual"])
+    if residuals:
+        n = len(residuals)
+        warnings.warn(f"AID ({n} solve{'s' if n > 1 else ''}) stopped above its tolerance, relative residuals "
+                      f"{min(residuals):.2g} to {max(residuals):.2g} (seeds/*/scores/aid-*.json): its ranking "
+                      "is a truncated solve; raise [cleanse] aid_iterations or aid_damping", GancleanseWarning,
+                      stacklevel=3)
 
 
 def _original_metrics(run: Run, metrics: list[str]) -> dict[str, dict[str, float]]:
