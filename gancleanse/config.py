@@ -102,7 +102,7 @@ class CleanseConfig:
     aid_iterations: int | None = _opt(None, lo=1, doc="default: the solver's (gmres 100, cg 200, neumann 1000)")
     aid_operator_size: int | None = _opt(None, lo=1, doc="instances in AID's Jacobian products (default all, "
                                          "up to 2048); each iteration costs a double backward over them")
-    aid_damping: float = _opt(0.0, lo=0.0)
+    aid_damping: float | None = _opt(None, lo=0.0, doc="default: 1 / (step size x window steps); 0: equilibrium")
 
 
 SECTIONS: dict[str, type] = {

@@ -109,8 +109,8 @@ def reference(run, metric_name: str):
 def test_aid_matches_dense_implicit_function(tmp_path, solver, options, metric_name):
     run = lq_run(tmp_path)
     theta, expected, _, _ = reference(run, metric_name)
-    res = aid_influence(run, make_metric(metric_name, run), solver=solver, tol=1e-12, state=to_state(run, theta),
-                        progress=False, **options)
+    res = aid_influence(run, make_metric(metric_name, run), solver=solver, tol=1e-12, damping=0.0,
+                        state=to_state(run, theta), progress=False, **options)
     assert res.converged and res.residual <= 1e-12
     assert expected.abs().max() > 0
     assert float((res.influence - expected).abs().max() / expected.abs().max()) < 1e-6
@@ -120,7 +120,8 @@ def test_aid_matches_re_solved_equilibria(tmp_path):
     """The ground truth of implicit differentiation: move w_j, solve the game again, difference."""
     run = lq_run(tmp_path)
     theta, _, value, (x, z) = reference(run, "all")
-    res = aid_influence(run, make_metric("all", run), tol=1e-12, state=to_state(run, theta), progress=False)
+    res = aid_influence(run, make_metric("all", run), tol=1e-12, damping=0.0, state=to_state(run, theta),
+                        progress=False)
     eps = 1e-5
     for j in (0, 9, 23, 39):
         vals = []
@@ -138,8 +139,29 @@ def test_aid_is_the_same_for_every_update_rule_at_a_fixed_point(tmp_path, train)
     """Alternating updates, Adam and a generator average share the simultaneous game's fixed point."""
     run = lq_run(tmp_path, **train)
     theta, expected, _, _ = reference(run, "all")
-    res = aid_influence(run, make_metric("all", run), tol=1e-12, state=to_state(run, theta), progress=False)
+    res = aid_influence(run, make_metric("all", run), tol=1e-12, damping=0.0, state=to_state(run, theta),
+                        progress=False)
     assert float((res.influence - expected).abs().max() / expected.abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("solver", ["gmres", "cg", "neumann"])
+def test_default_damping_is_the_recorded_windows_time_scale(tmp_path, solver):
+    """SGD with rate lr over a window of T steps: (J + I / (lr T))^T v = grad V, solved densely here."""
+    run = lq_run(tmp_path, epochs=4, record_from_epoch=2)
+    theta, _, value, (x, z) = reference(run, "all")
+    window = run.final_step - run.window_start
+    assert window == 2 * (N // 10)
+    ones = torch.ones(N, dtype=torch.float64)
+    J = jacrev(stationarity)(theta, ones, x, z)
+    v = torch.linalg.solve((J + torch.eye(7, dtype=torch.float64) / (0.05 * window)).T, jacrev(value)(theta))
+    expected = v @ jacrev(stationarity, argnums=1)(theta, ones, x, z)
+    res = aid_influence(run, make_metric("all", run), solver=solver, tol=1e-12, state=to_state(run, theta),
+                        progress=False)
+    assert res.options["damping"] == "window" and res.options["window_steps"] == window
+    assert float((res.influence - expected).abs().max() / expected.abs().max()) < 1e-6
+    undamped = aid_influence(run, make_metric("all", run), tol=1e-12, damping=0.0, state=to_state(run, theta),
+                             progress=False)
+    assert float((undamped.influence - expected).abs().max() / expected.abs().max()) > 1e-3
 
 
 def test_stochastic_neumann_estimates_the_expected_game(tmp_path):
@@ -176,7 +198,7 @@ def test_cli_aid_writes_scores_and_solver_facts(run_factory, tmp_path, capsys):
     run = run_factory(train={"epochs": 3})
     out = tmp_path / "aid.csv"
     rc = main(["influence", str(run.path), "--method", "aid", "--metric", "all", "--aid-iterations", "2",
-               "--out", str(out), "-q"])
+               "--aid-damping", "0", "--out", str(out), "-q"])
     assert rc == 0
     assert "gancleanse: warning: AID (gmres) stopped at relative residual" in capsys.readouterr().err
     lines = out.read_text().splitlines()

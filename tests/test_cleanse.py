@@ -97,7 +97,8 @@ def test_study_resumes_without_redoing_work(study):
 
 def test_aid_in_a_study_uses_the_cleanse_solver_settings(tmp_path):
     study = {**STUDY, "cleanse": {"metrics": ["all"], "methods": ["aid"], "removal_rates": [0.0, 0.1], "seeds": [0],
-                                  "aid_solver": "cg", "aid_iterations": 3, "aid_operator_size": 50}}
+                                  "aid_solver": "cg", "aid_iterations": 3, "aid_operator_size": 50,
+                                  "aid_damping": 0.0}}
     with pytest.warns(UserWarning, match="AID \\(1 solve\\) stopped above its tolerance"):
         gc.cleanse(Config.from_dict(study), tmp_path, report=False, progress=False)
     info = json.loads((tmp_path / "seeds" / "seed_0" / "scores" / "aid-all.json").read_text())

@@ -21,8 +21,16 @@ J^T v is a VJP of F, so J is never formed. Solvers:
   iteration (the stochastic series).
 
 The fixed operator evaluates F on ``operator_size`` training instances (all of them by
-default, up to 2048) and as many fixed latents, both drawn from ``seed``. ``damping``
-solves (J + lambda I)^T v = g instead, which regularizes a singular or indefinite J.
+default, up to 2048) and as many fixed latents, both drawn from ``seed``.
+
+Damping: ``damping`` = lambda solves (J + lambda I)^T v = g. A trained GAN is rarely at a
+stationary point and its J is often indefinite, so the undamped answer (lambda = 0, the
+equilibrium's shift) can rank instances poorly. (J + lambda I)^{-1} = int_0^inf e^{-lambda t}
+e^{-J t} dt weighs the linearized game's response over a time 1/lambda. By default AID damps
+on the time scale of the recorded window in the training's own step sizes
+(``window_dynamics``: (J^T P + I/T) y = g, v = P y, with P the per-coordinate steps and T the
+window's length; for SGD, lambda = 1 / (lr T)). On the paper's 2D GAN this lifts AID's
+Kendall tau against retraining of the last epoch from -0.15 (undamped) to 0.62 (ITD: 0.63).
 
 What is held constant, and why: at a stationary point the update rule does not matter
 (sgd, momentum and Adam share the fixed points of F, and alternating and simultaneous
@@ -102,9 +110,11 @@ def game_gradient(dyn: Dynamics, params: Tree, x: torch.Tensor, z: torch.Tensor)
 
 @dataclass
 class GameOperator:
-    """Products with the game Jacobian J = dF/dtheta at ``params``, on fixed data and latents.
+    """Products with A = J^T P + lambda I (J = dF/dtheta at ``params``) and its transpose.
 
-    F is the size-weighted mean of F over chunks of at most CHUNK instances, so the
+    P is a diagonal scaling (``scale``; identity when None): with the training's step sizes
+    and lambda = 1/T, A y = g is the damped system of the linearized training dynamics, and
+    v = P y. F is the size-weighted mean of F over chunks of at most CHUNK instances, so the
     products are linear combinations of per-chunk VJPs/JVPs and memory stays bounded.
     """
 
@@ -113,29 +123,31 @@ class GameOperator:
     x: torch.Tensor
     z: torch.Tensor
     damping: float = 0.0
+    scale: torch.Tensor | None = None
 
     def _chunks(self):
         n = self.x.shape[0]
         for lo in range(0, n, CHUNK):
             yield self.x[lo:lo + CHUNK], self.z[lo:lo + CHUNK], min(CHUNK, n - lo) / n
 
-    def rmatvec(self, v: torch.Tensor) -> torch.Tensor:
-        """(J + lambda I)^T v, for a float64 vector v."""
+    def rmatvec(self, y: torch.Tensor) -> torch.Tensor:
+        """A y = J^T (P y) + lambda y, for a float64 vector y."""
+        v = y if self.scale is None else self.scale * y
         tv = unflatten(v.to(self.x.dtype), self.params)
-        out = self.damping * v
+        out = self.damping * y
         for xc, zc, share in self._chunks():
             _, pullback = vjp(lambda p, xc=xc, zc=zc: game_gradient(self.dyn, p, xc, zc), self.params)
             out = out + share * flatten(pullback(tv)[0]).to(torch.float64)
         return out
 
     def matvec(self, u: torch.Tensor) -> torch.Tensor:
-        """(J + lambda I) u, for a float64 vector u."""
+        """A^T u = P (J u) + lambda u, for a float64 vector u."""
         tu = unflatten(u.to(self.x.dtype), self.params)
-        out = self.damping * u
+        ju = torch.zeros_like(u)
         for xc, zc, share in self._chunks():
             _, tangent = jvp(lambda p, xc=xc, zc=zc: game_gradient(self.dyn, p, xc, zc), (self.params,), (tu,))
-            out = out + share * flatten(tangent).to(torch.float64)
-        return out
+            ju = ju + share * flatten(tangent).to(torch.float64)
+        return (ju if self.scale is None else self.scale * ju) + self.damping * u
 
 
 def _as_float64(tree: dict) -> dict:
@@ -225,16 +237,18 @@ def solve_neumann(op: GameOperator, g: torch.Tensor, iterations: int, tol: float
 
 # ------------------------------------------------------------------------ entry point
 def aid_influence(run: Run, metric: Metric, *, solver: str = "gmres", iterations: int | None = None,
-                  tol: float = 1e-6, damping: float = 0.0, step: float | None = None,
+                  tol: float = 1e-6, damping: float | None = None, step: float | None = None,
                   batch_size: int | None = None, operator_size: int | None = None, seed: int = 0,
                   state: State | None = None, progress: bool = True) -> AIDResult:
     """Influence of every training instance on ``metric`` at the run's final state (or ``state``).
 
     ``iterations``: Krylov vectors (gmres), CG steps (cg) or series terms (neumann); default
-    100, 200 and 1000. ``tol``: relative residual to reach. ``step``: the Neumann step s
-    (default 1 / ||J + lambda I||, by power iteration). ``batch_size``: Neumann on fresh
-    minibatches of that many instances and latents. ``operator_size``: instances of the fixed
-    operator (default all, up to 2048).
+    100, 200 and 1000. ``tol``: relative residual to reach. ``damping``: lambda of
+    (J + lambda I)^T v = grad V; None (default) damps on the recorded window's time scale
+    (``window_dynamics``); 0 is the undamped equilibrium. ``step``: the Neumann step s
+    (default 1 / ||A||, by power iteration). ``batch_size``: Neumann on fresh minibatches of
+    that many instances and latents. ``operator_size``: instances of the fixed operator
+    (default all, up to 2048).
     """
     if solver not in SOLVERS:
         raise ConfigError(f"unknown AID solver {solver!r} (available: {', '.join(SOLVERS)})")
@@ -245,16 +259,24 @@ def aid_influence(run: Run, metric: Metric, *, solver: str = "gmres", iterations
     size = min(operator_size or DEFAULT_OPERATOR_SIZE, n_train)
     x_all = run.x_train
 
-    def operator_on(counter: int, n: int, params: Tree) -> GameOperator:
-        idx, z = solver_draw(seed, counter, n_train, n, z_dim)
-        return GameOperator(run.dynamics, params, x_all[idx], z.to(run.dtype), damping)
-
     with torch_threads(run.threads):
         state = run.final_state() if state is None else state
+        params = _detached({"d": state["d"], "g": state["g"]})
+        if damping is None:
+            scale, lam = window_dynamics(run, state, params)
+            options: dict[str, Any] = {"damping": "window", "window_steps": run.final_step - run.window_start}
+        else:
+            scale, lam = None, damping
+            options = {"damping": damping}
+        options.update(tol=tol, operator_size=size, seed=seed)
+
+        def operator_on(counter: int, n: int) -> GameOperator:
+            idx, z = solver_draw(seed, counter, n_train, n, z_dim)
+            return GameOperator(run.dynamics, params, x_all[idx], z.to(run.dtype), lam, scale)
+
         metric_value = metric.value(state)
         target = flatten(metric_target(metric, state))
-        params = _detached({"d": state["d"], "g": state["g"]})
-        op = operator_on(0, size, params)
+        op = operator_on(0, size)
         bar = tqdm(total=iterations, desc=f"aid {solver}", unit="it", disable=not progress, leave=False)
         used = 0
 
@@ -263,28 +285,28 @@ def aid_influence(run: Run, metric: Metric, *, solver: str = "gmres", iterations
             used += 1
             bar.update()
 
-        options: dict[str, Any] = {"tol": tol, "damping": damping, "operator_size": size, "seed": seed}
         if solver == "gmres":
-            v = solve_gmres(op, target, iterations, tol, tick)
+            y = solve_gmres(op, target, iterations, tol, tick)
         elif solver == "cg":
-            v = solve_cg(op, target, iterations, tol, tick)
+            y = solve_cg(op, target, iterations, tol, tick)
         else:
             step = step if step is not None else 1.0 / max(spectral_norm(op, target.numel(), seed=seed), 1e-300)
             fresh = None
             if batch_size is not None:
                 b = min(batch_size, n_train)
-                fresh = lambda k: operator_on(k + 1, b, params)  # noqa: E731 - one-line factory
-            v, used = solve_neumann(op, target, iterations, tol, step, fresh, tick)
+                fresh = lambda k: operator_on(k + 1, b)  # noqa: E731 - one-line factory
+            y, used = solve_neumann(op, target, iterations, tol, step, fresh, tick)
             options.update(step=step, batch_size=batch_size)
         bar.close()
-        residual = float((op.rmatvec(v) - target).norm() / target.norm()) if target.norm() > 0 else 0.0
+        residual = float((op.rmatvec(y) - target).norm() / target.norm()) if target.norm() > 0 else 0.0
+        v = y if scale is None else scale * y
         influence = instance_terms(run.dynamics, params, unflatten(v, params)["d"], x_all)
 
     converged = residual <= tol
     if not converged:
         warnings.warn(f"AID ({solver}) stopped at relative residual {residual:.2e} > tol {tol:.0e} after "
-                      f"{used} iterations: raise --aid-iterations, add --aid-damping, or try another "
-                      "--aid-solver", AIDConvergenceWarning, stacklevel=2)
+                      f"{used} iterations: raise --aid-iterations or try another --aid-solver",
+                      AIDConvergenceWarning, stacklevel=2)
     return AIDResult(influence, metric_value, solver, residual, used, converged,
                      time.perf_counter() - started, options)
 
@@ -305,13 +327,37 @@ def instance_terms(dyn: Dynamics, params: Tree, v_d: dict[str, torch.Tensor], x:
     return torch.cat(out).to(torch.float64)
 
 
-def _check_options(iterations: int, tol: float, damping: float, step: float | None,
+def window_dynamics(run: Run, state: State, params: Tree) -> tuple[torch.Tensor, float]:
+    """P (the training's per-coordinate step sizes, flat) and 1/T (T = steps of the recorded window).
+
+    The linearized training map is theta <- theta - P F(theta); its response to a weight
+    change, integrated with decay over about T steps, is (P J + I/T)^{-1} P dF/dw. So AID
+    solves (J^T P + I/T) y = grad V and takes v = P y: for SGD that is (J + I/(lr T))^T v =
+    grad V. P is the learning rate (sgd), lr / (1 - momentum) (momentum), or Adam's
+    lr / (sqrt(v_hat) + eps) per coordinate in the final state.
+    """
+    t = run.cfg.train
+    blocks = []
+    for player, lr in (("d", t.lr_d), ("g", t.lr_g)):
+        for name, p in params[player].items():
+            if t.optimizer == "sgd":
+                step = torch.full_like(p, lr, dtype=torch.float64)
+            elif t.optimizer == "momentum":
+                step = torch.full_like(p, lr / max(1.0 - t.momentum, 1e-12), dtype=torch.float64)
+            else:
+                v_hat = state[f"opt_{player}"]["v"][name].to(torch.float64) / (1.0 - t.betas[1] ** run.final_step)
+                step = lr / (v_hat.sqrt() + t.eps)
+            blocks.append(step.reshape(-1))
+    return torch.cat(blocks), 1.0 / (run.final_step - run.window_start)
+
+
+def _check_options(iterations: int, tol: float, damping: float | None, step: float | None,
                    batch_size: int | None, operator_size: int | None, solver: str) -> None:
     if iterations < 1:
         raise ConfigError(f"--aid-iterations must be at least 1, got {iterations}")
     if not tol > 0:
         raise ConfigError(f"--aid-tol must be positive, got {tol}")
-    if damping < 0:
+    if damping is not None and damping < 0:
         raise ConfigError(f"--aid-damping must be >= 0, got {damping}")
     if step is not None and not step > 0:
         raise ConfigError(f"--aid-step must be positive, got {step}")
