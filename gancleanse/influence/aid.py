@@ -12,13 +12,14 @@ Removing j (w_j: 1 -> 0) changes the metric V by about
 
 One adjoint solve serves every instance; the per-instance terms are then one forward-mode
 pass (``jvp`` of the per-sample real losses in direction v_D) over the training set.
-J^T v is a VJP of F, so J is never formed. Solvers:
+J^T v is a VJP of F, so J is never formed. The solvers work on A y = g, where A is J^T
+itself or its damped form (below):
 
-- ``gmres``: GMRES on J^T v = g (SciPy, restarted never: ``iterations`` Krylov vectors);
-- ``cg``: conjugate gradients on the normal equations J J^T v = J g (J u is a JVP of F);
-- ``neumann``: the damped Richardson / Neumann series v <- v + s (g - (J + lambda I)^T v),
-  on the fixed operator, or with ``batch_size`` on fresh minibatches and latents per
-  iteration (the stochastic series).
+- ``gmres``: GMRES (SciPy, never restarted: ``iterations`` Krylov vectors);
+- ``cg``: conjugate gradients on the normal equations A^T A y = A^T g (J u is a JVP of F);
+- ``neumann``: the Richardson / Neumann series y <- y + s (g - A y), on the fixed operator,
+  or with ``batch_size`` on fresh minibatches and latents per iteration (the stochastic
+  series).
 
 The fixed operator evaluates F on ``operator_size`` training instances (all of them by
 default, up to 2048) and as many fixed latents, both drawn from ``seed``.
@@ -189,7 +190,7 @@ def solve_gmres(op: GameOperator, g: torch.Tensor, iterations: int, tol: float,
 
 def solve_cg(op: GameOperator, g: torch.Tensor, iterations: int, tol: float,
              tick: Callable[[], None]) -> torch.Tensor:
-    """CG on (J + lambda I)(J + lambda I)^T v = (J + lambda I) g: symmetric positive definite."""
+    """CG on A^T A y = A^T g: symmetric positive definite when A is invertible."""
     from scipy.sparse.linalg import cg
 
     A = _scipy_operator(g.numel(), lambda u: op.matvec(op.rmatvec(u)))
@@ -198,7 +199,7 @@ def solve_cg(op: GameOperator, g: torch.Tensor, iterations: int, tol: float,
 
 
 def spectral_norm(op: GameOperator, n: int, iterations: int = 20, seed: int = 0) -> float:
-    """Largest singular value of J + lambda I, by power iteration on (J + lambda I)(J + lambda I)^T."""
+    """Largest singular value of A, by power iteration on A^T A."""
     u = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     u /= u.norm()
     sigma = 0.0
@@ -214,7 +215,7 @@ def spectral_norm(op: GameOperator, n: int, iterations: int = 20, seed: int = 0)
 def solve_neumann(op: GameOperator, g: torch.Tensor, iterations: int, tol: float, step: float,
                   fresh: Callable[[int], GameOperator] | None,
                   tick: Callable[[], None]) -> tuple[torch.Tensor, int]:
-    """v = s sum_k (I - s (J + lambda I)^T)^k g, as Richardson iteration v <- v + s (g - A v).
+    """y = s sum_k (I - s A)^k g, as Richardson iteration y <- y + s (g - A y).
 
     On the fixed operator it stops once the residual is below ``tol``. With ``fresh``
     minibatch operators the iterate keeps fluctuating around the solution, so it runs every
