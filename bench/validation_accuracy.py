@@ -8,7 +8,8 @@ training epoch.
 
 Usage:
   .venv/bin/python bench/validation_accuracy.py --setup 2d [--instances 40] [--workers 2]
-  .venv/bin/python bench/validation_accuracy.py --setup digits
+  .venv/bin/python bench/validation_accuracy.py --setup digits --instances 20 --horizons 1 5 \
+      --aid-iterations 20 --aid-operator-size 200
 The paper used K = 200 and 10 seeds; K is smaller here for time (it is printed).
 """
 
@@ -51,6 +52,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--aid", default="gmres", help="AID solver, or 'none' to skip AID")
+    ap.add_argument("--aid-iterations", type=int, default=None)
+    ap.add_argument("--aid-operator-size", type=int, default=None,
+                    help="instances per Jacobian product (keep small for image GANs)")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     metric = PAPER[args.setup]["metric"]
@@ -78,7 +82,9 @@ def main() -> None:
         lr = max(cfg.train.lr_d, cfg.train.lr_g)
         for k in horizons:
             damping = 1.0 / (lr * k * run.steps_per_epoch) if cfg.train.optimizer == "sgd" else None
-            aid[k] = gc.influence(run, metric, "aid", solver=args.aid, damping=damping, progress=False)
+            options = {"iterations": args.aid_iterations, "operator_size": args.aid_operator_size}
+            aid[k] = gc.influence(run, metric, "aid", solver=args.aid, damping=damping, progress=False,
+                                  **{n: v for n, v in options.items() if v is not None})
     paper = PAPER[args.setup]
     print(f"\n{args.setup}: metric {metric}, {run.n_train} instances, {cfg.train.epochs} epochs, "
           f"K = {len(chosen)} instances (paper: 200), seed {args.seed}; retrains took {retrain_s:.0f} s")
