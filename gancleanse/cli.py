@@ -157,7 +157,9 @@ def _aid_arguments(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--aid-iterations", type=int, default=None,
                    help="Krylov vectors / CG steps / series terms (default 100 / 200 / 1000)")
     g.add_argument("--aid-step", type=float, default=None, help="Neumann step size s")
-    g.add_argument("--aid-damping", type=float, default=None, help="solve (J + lambda I)^T v = grad V (default 1 / (step size x window steps); 0: the equilibrium)")
+    g.add_argument("--aid-damping", type=float, default=None, metavar="LAMBDA",
+                   help="solve (J + lambda I)^T v = grad V; default: damped on the recorded window's time "
+                        "scale in the training's step sizes; 0: the undamped equilibrium")
     g.add_argument("--aid-tol", type=float, default=None, help="relative residual to reach (default 1e-6)")
     g.add_argument("--aid-batch-size", type=int, default=None,
                    help="neumann: fresh minibatches of this many instances and latents per iteration")
