@@ -151,10 +151,6 @@ class GameOperator:
         return (ju if self.scale is None else self.scale * ju) + self.damping * u
 
 
-def _as_float64(tree: dict) -> dict:
-    return {k: _as_float64(v) if isinstance(v, dict) else v.detach().to(torch.float64) for k, v in tree.items()}
-
-
 def _detached(tree: dict) -> dict:
     return {k: _detached(v) if isinstance(v, dict) else v.detach() for k, v in tree.items()}
 
@@ -165,7 +161,7 @@ def metric_target(metric: Metric, state: State) -> Tree:
     out = {"d": dict(g["d"]), "g": dict(g["g"])}
     if "ema_g" in g:
         out["g"] = {k: v + g["ema_g"][k] for k, v in out["g"].items()}
-    return _as_float64(out)
+    return out
 
 
 # ------------------------------------------------------------------------ solvers
@@ -264,7 +260,7 @@ def aid_influence(run: Run, metric: Metric, *, solver: str = "gmres", iterations
         state = run.final_state() if state is None else state
         params = _detached({"d": state["d"], "g": state["g"]})
         if damping is None:
-            scale, lam = window_dynamics(run, state, params)
+            scale, lam = window_dynamics(run, state)
             options: dict[str, Any] = {"damping": "window", "window_steps": run.final_step - run.window_start}
         else:
             scale, lam = None, damping
@@ -276,7 +272,7 @@ def aid_influence(run: Run, metric: Metric, *, solver: str = "gmres", iterations
             return GameOperator(run.dynamics, params, x_all[idx], z.to(run.dtype), lam, scale)
 
         metric_value = metric.value(state)
-        target = flatten(metric_target(metric, state))
+        target = flatten(metric_target(metric, state)).to(torch.float64)
         op = operator_on(0, size)
         bar = tqdm(total=iterations, desc=f"aid {solver}", unit="it", disable=not progress, leave=False)
         used = 0
@@ -328,7 +324,7 @@ def instance_terms(dyn: Dynamics, params: Tree, v_d: dict[str, torch.Tensor], x:
     return torch.cat(out).to(torch.float64)
 
 
-def window_dynamics(run: Run, state: State, params: Tree) -> tuple[torch.Tensor, float]:
+def window_dynamics(run: Run, state: State) -> tuple[torch.Tensor, float]:
     """P (the training's per-coordinate step sizes, flat) and 1/T (T = steps of the recorded window).
 
     The linearized training map is theta <- theta - P F(theta); its response to a weight
@@ -340,7 +336,7 @@ def window_dynamics(run: Run, state: State, params: Tree) -> tuple[torch.Tensor,
     t = run.cfg.train
     blocks = []
     for player, lr in (("d", t.lr_d), ("g", t.lr_g)):
-        for name, p in params[player].items():
+        for name, p in state[player].items():
             if t.optimizer == "sgd":
                 step = torch.full_like(p, lr, dtype=torch.float64)
             elif t.optimizer == "momentum":
