@@ -143,6 +143,11 @@ def retrain_and_evaluate(run: Run, removed: list[int], retrain: str, metrics: li
     return out
 
 
+def retrain_key(seed: int, scorer: str | None = None, rate: float = 0.0) -> str:
+    """Name of one retrain in DIR/parts; removing nothing (``scorer`` None) is one replay per seed."""
+    return f"seed{seed}_none" if scorer is None else f"seed{seed}_{scorer}_r{rate:g}"
+
+
 def read_scores(path: Path) -> np.ndarray:
     with open(path) as f:
         rows = list(csv.reader(f))[1:]
@@ -194,13 +199,13 @@ def run_study(cfg: Config, out: Path, *, models: GANModules | None = None, data:
             harm = read_scores(out / "seeds" / f"seed_{s}" / "scores" / f"{sc.name}.csv")
             for rate in cfg.cleanse.removal_rates:
                 removed = removal_set(harm, rate)
-                key = f"seed{s}_none" if not removed else f"seed{s}_{sc.name}_r{rate:g}"
+                key = retrain_key(s, sc.name, rate) if removed else retrain_key(s)
                 keys[(s, sc, rate)] = (key, len(removed))
                 if key in {k for k, _ in jobs} or (parts / f"{key}.json").is_file():
                     continue
                 samples = str(parts / f"{key}.samples.safetensors") if s == seeds[0] else None
                 jobs.append((key, (runs[s], removed, cfg.cleanse.retrain, list(cfg.cleanse.metrics), samples)))
-    first_none = f"seed{seeds[0]}_none"  # the original GAN's samples, for the report's before/after
+    first_none = retrain_key(seeds[0])  # the original GAN's samples, for the report's before/after
     if first_none not in {k for k, _ in jobs} and not (parts / f"{first_none}.json").is_file():
         jobs.append((first_none, (runs[seeds[0]], [], cfg.cleanse.retrain, list(cfg.cleanse.metrics),
                                   str(parts / f"{first_none}.samples.safetensors"))))

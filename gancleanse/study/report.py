@@ -21,7 +21,7 @@ import numpy as np
 
 from ..config import HIGHER_IS_BETTER, Config, load_config
 from ..errors import GancleanseError
-from .cleanse import read_results, read_scores, summarize
+from .cleanse import read_results, read_scores, retrain_key, summarize
 
 GRID_COUNT = 32  # most harmful / most helpful training images shown per scorer
 MARKED = 50  # most harmful 2D instances circled per scorer
@@ -355,15 +355,15 @@ def _harm_scatter(x: np.ndarray, harm: np.ndarray, marked: np.ndarray) -> str:
 def _samples(study_dir: Path, rows: list[Row], seed: int) -> str:
     """The original GAN's samples beside those after the best removal of each metric (this seed)."""
     parts = study_dir / "parts"
-    panels: dict[str, list[str]] = {f"seed{seed}_none": []}
+    panels: dict[str, list[str]] = {retrain_key(seed): []}
     for metric in _unique(r["eval_metric"] for r in rows):
         cands = [r for r in rows if r["seed"] == seed and r["eval_metric"] == metric and r["n_removed"] > 0]
         if cands:
             b = max(cands, key=lambda r: _sign(metric) * r["delta"])
-            key = f"seed{seed}_{b['method']}-{b['score_metric']}_r{b['removal_rate']:g}"
+            key = retrain_key(seed, f"{b['method']}-{b['score_metric']}", b["removal_rate"])
             panels.setdefault(key, []).append(f"best for {_label(metric)}: {b['method']}-{b['score_metric']} "
                                               f"removing {_rate(b['removal_rate'])} ({b['delta']:+.3g})")
-    titles = {k: "original GAN (nothing removed)" if k.endswith("_none") else "; ".join(v) for k, v in panels.items()}
+    titles = {k: "original GAN (nothing removed)" if k == retrain_key(seed) else "; ".join(v) for k, v in panels.items()}
     samples = {k: _load_samples(p) for k in panels if (p := parts / f"{k}.samples.safetensors").is_file()}
     cards = [_note(f"{k}.samples.safetensors is missing ({titles[k]}).") for k in panels if k not in samples]
     if not samples:
