@@ -41,6 +41,7 @@ class Scores:
     harmfulness: np.ndarray
     horizons: dict[int, np.ndarray] = field(default_factory=dict)  # epochs traced -> influence
     info: dict[str, Any] = field(default_factory=dict)
+    keys: list[str] | None = None  # each instance's stable name (relative path or #i), by index
 
     @classmethod
     def from_influence(cls, metric: str, method: str, influence: np.ndarray, **kw: Any) -> "Scores":
@@ -52,7 +53,7 @@ class Scores:
         return [int(i) for i in np.argsort(-self.harmfulness, kind="stable")[:k]]
 
     def to_csv(self, path: str | Path) -> None:
-        write_scores_csv(path, self.influence, self.harmfulness)
+        write_scores_csv(path, self.influence, self.harmfulness, self.keys)
 
     def horizons_to_csv(self, path: str | Path) -> None:
         """Long format: index, epochs_traced, influence, harmfulness."""
@@ -68,16 +69,20 @@ class Scores:
         tmp.replace(path)
 
 
-def write_scores_csv(path: str | Path, influence: np.ndarray, harmfulness: np.ndarray) -> None:
-    """SCORES.csv: ``index,influence,harmfulness``, written to a temporary name then renamed."""
+def write_scores_csv(path: str | Path, influence: np.ndarray, harmfulness: np.ndarray,
+                     keys: Sequence[str] | None = None) -> None:
+    """SCORES.csv: ``index,influence,harmfulness,key``, written to a temporary name then renamed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    keys = keys if keys is not None else [f"#{i}" for i in range(len(influence))]
+    if len(keys) != len(influence):
+        raise GancleanseError(f"{len(keys)} instance keys for {len(influence)} scores")
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["index", "influence", "harmfulness"])
-        for i, (inf, harm) in enumerate(zip(influence, harmfulness)):
-            w.writerow([i, repr(float(inf)), repr(float(harm))])
+        w.writerow(["index", "influence", "harmfulness", "key"])
+        for i, (inf, harm, key) in enumerate(zip(influence, harmfulness, keys)):
+            w.writerow([i, repr(float(inf)), repr(float(harm)), key])
     tmp.replace(path)
 
 
@@ -106,6 +111,13 @@ def influence(run: Run | str | Path, metric: str = "all", method: str = "itd", *
     ``random`` (seeded); ``metric`` is then only recorded. ``solver_options`` go to AID.
     """
     run = _open(run)
+    scores = _score(run, metric, method, features=features, seed=seed, progress=progress, **solver_options)
+    scores.keys = run.train_keys
+    return scores
+
+
+def _score(run: Run, metric: str, method: str, *, features: str, seed: int, progress: bool,
+           **solver_options: Any) -> Scores:
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r} (available: {', '.join(METHODS)})")
     if metric not in METRICS:
@@ -141,7 +153,7 @@ def influence(run: Run | str | Path, metric: str = "all", method: str = "itd", *
 def instance_features(run: Run, features: str) -> np.ndarray:
     """Training instances as rows: the raw data, or the metric classifier's features."""
     if features == "raw":
-        return run.splits.train.reshape(run.n_train, -1).numpy()
+        return run.splits.split("train", torch.float32).reshape(run.n_train, -1).numpy()
     if features == "classifier":
         from .metrics.classifier import training_features
 

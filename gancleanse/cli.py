@@ -23,8 +23,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     run = api.train(cfg, args.out, force=args.force, progress=not args.quiet)
     s = run.meta["seconds"]["train"]
+    print(describe_data(run.meta["data"]))
     print(f"trained {run.meta['total_steps']} steps in {s:.1f} s; run directory: {run.path}")
     return 0
+
+
+def describe_data(data: dict) -> str:
+    """One line on the data a run trained on: where from, how many read / skipped, the split."""
+    split = f"{data['train']} train / {data['valid']} valid / {data['test']} test, samples {tuple(data['sample_shape'])}"
+    if "format" not in data:
+        return f"data: {split}"
+    skipped = f", {data['n_skipped']} unreadable skipped" if data["n_skipped"] else ""
+    return (f"data: {data['n_read']} images read from {data['path']} ({data['format']}{skipped}; labels: "
+            f"{data['labels']}); {split}")
 
 
 def _write_scores(scores: api.Scores, out: Path, run: Run) -> None:
@@ -42,10 +53,11 @@ def _write_scores(scores: api.Scores, out: Path, run: Run) -> None:
 
 def _print_top(scores: api.Scores, k: int) -> None:
     harm = scores.harmfulness
+    keys = scores.keys or [f"#{i}" for i in range(len(harm))]
     print(f"{k} most harmful instances for {scores.metric} (removal predicted to improve it most):")
-    print(f"{'rank':>4}  {'index':>7}  {'influence':>13}  {'harmfulness':>13}")
+    print(f"{'rank':>4}  {'index':>7}  {'influence':>13}  {'harmfulness':>13}  key")
     for r, i in enumerate(scores.most_harmful(k), 1):
-        print(f"{r:>4}  {i:>7}  {scores.influence[i]:>13.5e}  {harm[i]:>13.5e}")
+        print(f"{r:>4}  {i:>7}  {scores.influence[i]:>13.5e}  {harm[i]:>13.5e}  {keys[i]}")
 
 
 def _cmd_influence(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import ConfigError
 
+GAUSSIAN2D_N_TRAIN = 10000  # the paper's accuracy setting
 METRICS = ("all", "is", "log_is", "fid", "kid", "loss_d")
 HIGHER_IS_BETTER = {"all": True, "is": True, "log_is": True, "fid": False, "kid": False, "loss_d": False}
 
@@ -32,11 +33,18 @@ def _opt(default: Any, *, choices: tuple | None = None, lo: float | None = None,
 
 @dataclass
 class DataConfig:
-    name: str = _opt("gaussian2d", choices=("gaussian2d", "digits", "mnist", "npz", "custom"),
-                     doc="custom: tensors given to the Python API")
-    path: str | None = _opt(None, doc="MNIST IDX directory or .npz file")
-    image_size: int | None = _opt(None, lo=4, doc="resize images to this side (digits: 8 native)")
-    n_train: int = _opt(10000, lo=1)
+    name: str = _opt("gaussian2d", choices=("gaussian2d", "digits", "mnist", "npz", "images", "custom"),
+                     doc="images: your folder, StyleGAN-style zip or .npy/.npz; custom: tensors given to the Python API")
+    path: str | None = _opt(None, doc="images: folder, .zip, .npy or .npz; mnist: IDX directory or .npz; npz: file")
+    image_size: int | None = _opt(None, lo=4, hi=4096, doc="resize images to this side (short side, then centre crop)")
+    channels: int | None = _opt(None, choices=(1, 3), doc="images: 1 or 3 (default: 1 if every image is gray)")
+    labels: str = _opt("auto", choices=("auto", "folders", "none"),
+                       doc="images: auto = dataset.json or the npz's y if present; folders = first-level subfolders")
+    resample: str = _opt("lanczos", choices=("lanczos", "bicubic", "bilinear", "box", "hamming", "nearest"),
+                         doc="images: filter of the resize to image_size")
+    skip_bad_files: bool = _opt(False, doc="images: skip (and report) unreadable files instead of failing")
+    n_train: int | None = _opt(None, lo=1, doc="default: 10000 for gaussian2d, else every instance not in "
+                               "the validation or test split")
     n_valid: int = _opt(1000, lo=1)
     n_test: int = _opt(1000, lo=1)
     seed: int = _opt(0, lo=0)
@@ -146,7 +154,7 @@ class Config:
                               f"smaller than train.epochs = {t.epochs}")
         if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
             raise ConfigError(f"{source}: train.betas must be two numbers in [0, 1), got {t.betas}")
-        if t.batch_size > self.data.n_train:
+        if self.data.n_train is not None and t.batch_size > self.data.n_train:
             raise ConfigError(f"{source}: train.batch_size = {t.batch_size} exceeds "
                               f"data.n_train = {self.data.n_train}")
         for m in self.cleanse.metrics:
@@ -161,9 +169,12 @@ class Config:
         """A copy with every derived default made explicit."""
         cfg = dataclasses.replace(
             self,
+            data=dataclasses.replace(self.data),
             train=dataclasses.replace(self.train),
             metric=dataclasses.replace(self.metric),
         )
+        if cfg.data.n_train is None and cfg.data.name == "gaussian2d":
+            cfg.data = dataclasses.replace(cfg.data, n_train=GAUSSIAN2D_N_TRAIN)
         if cfg.train.record_from_epoch is None:
             cfg.train.record_from_epoch = cfg.train.epochs - 1
         if cfg.metric.n_samples is None:

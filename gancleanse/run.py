@@ -9,6 +9,7 @@ Layout (all tensors in safetensors)::
       eval_latents.safetensors  fixed latents for metrics on the valid and test splits
       checkpoints/step_*.safetensors   full state (params + optimizer [+ average]) at steps
       losses.jsonl              one line per training step
+      splits.json               the instance keys of each split and where the data came from
 
 A run is written under ``RUN.partial`` and renamed only when complete, and ``run.json``
 carries ``"status": "complete"``, so an interrupted run is never taken for a finished one.
@@ -30,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import Config, load_config
 from .data import Splits, load_data
+from .data.base import as_float
 from .errors import RunDirError
 from .models import GANModules, build_models
 from .training.dynamics import Dynamics, State, StepBatch
@@ -185,7 +187,10 @@ class Run:
     @cached_property
     def splits(self) -> Splits:
         if self.cfg.data.name == "custom":
-            return Splits(**load_file(str(self.path / "data.safetensors")))
+            keys_file = self.path / "splits.json"
+            keys = json.loads(keys_file.read_text()) if keys_file.is_file() else {}
+            keys = {k: keys[k] for k in ("train", "valid", "test")} if "train" in keys else None
+            return Splits(**load_file(str(self.path / "data.safetensors")), keys=keys)
         splits = load_data(self.cfg)
         if splits.fingerprint() != self.meta["data_fingerprint"]:
             raise RunDirError(f"the data of {self.path} changed since training "
@@ -202,7 +207,13 @@ class Run:
 
     @cached_property
     def x_train(self) -> torch.Tensor:
-        return self.splits.train.to(self.dtype)
+        """The whole training split as model values (AID's operator); steps decode per batch."""
+        return as_float(self.splits.train, self.dtype)
+
+    @cached_property
+    def train_keys(self) -> list[str]:
+        """Each training instance's stable key (relative path, or ``#i``), by index."""
+        return self.splits.key_list("train")
 
     @cached_property
     def _schedule(self) -> dict[str, torch.Tensor]:
@@ -267,7 +278,8 @@ class Run:
             i = step - self.window_start
             z_d = self._schedule["z_d"][i]
             z_g = self._schedule["z_g"][i] if "z_g" in self._schedule else z_d
-        return StepBatch(self.x_train[self.indices(step)], z_d.to(self.dtype), z_g.to(self.dtype), step)
+        x = as_float(self.splits.train[self.indices(step)], self.dtype)
+        return StepBatch(x, z_d.to(self.dtype), z_g.to(self.dtype), step)
 
     def load_state(self, step: int) -> State:
         if step not in self.checkpoint_steps:

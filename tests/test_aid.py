@@ -202,7 +202,7 @@ def test_cli_aid_writes_scores_and_solver_facts(run_factory, tmp_path, capsys):
     assert rc == 0
     assert "gancleanse: warning: AID (gmres) stopped at relative residual" in capsys.readouterr().err
     lines = out.read_text().splitlines()
-    assert lines[0] == "index,influence,harmfulness" and len(lines) == run.n_train + 1
+    assert lines[0] == "index,influence,harmfulness,key" and len(lines) == run.n_train + 1
     info = json.loads(out.with_suffix(".json").read_text())
     assert info["method"] == "aid" and info["solver"] == "gmres" and info["converged"] is False
     assert info["residual"] > 0 and info["iterations"] == 2

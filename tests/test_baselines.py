@@ -43,7 +43,7 @@ def test_random_scores_are_seeded_and_written_like_influence(tmp_path, run_facto
     assert main(["influence", str(run.path), "--method", "random", "--seed", "3", "--out", str(out), "-q"]) == 0
     with open(out) as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["index", "influence", "harmfulness"] and len(rows) == run.n_train + 1
+    assert rows[0] == ["index", "influence", "harmfulness", "key"] and len(rows) == run.n_train + 1
     assert [float(r[2]) for r in rows[1:]] == a.harmfulness.tolist()
 
 

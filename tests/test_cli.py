@@ -48,7 +48,8 @@ def trained(tmp_path_factory):
 def read_scores(path):
     with open(path) as f:
         rows = list(csv.reader(f))
-    return rows[0], np.array([[float(v) for v in r] for r in rows[1:]])
+    numeric = 3 if rows[0][-1] == "key" else len(rows[0])  # SCORES.csv ends with the instance key
+    return rows[0], np.array([[float(v) for v in r[:numeric]] for r in rows[1:]])
 
 
 def test_influence_csv_contract(trained, capsys):
@@ -56,8 +57,10 @@ def test_influence_csv_contract(trained, capsys):
     assert main(["influence", str(trained / "run"), "--metric", "loss_d", "--method", "itd",
                  "--out", str(out), "--top", "3", "-q"]) == 0
     header, rows = read_scores(out)
-    assert header == ["index", "influence", "harmfulness"]
+    assert header == ["index", "influence", "harmfulness", "key"]
     assert rows.shape == (80, 3)
+    with open(out) as f:
+        assert [r[3] for r in csv.reader(f)][1:] == [f"#{i}" for i in range(80)]  # 2D points have no file
     assert (rows[:, 0] == np.arange(80)).all()
     np.testing.assert_array_equal(rows[:, 2], -rows[:, 1])  # loss_d: lower is better
     info = json.loads((trained / "scores.json").read_text())

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -11,11 +13,29 @@ from ..config import Config
 from ..errors import ConfigError, DataError
 
 
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+def as_float(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Stored samples -> model values: uint8 pixels 0..255 map linearly onto [-1, 1].
+
+    Image datasets stay uint8 in memory (a quarter of float32, an eighth of float64) and
+    are converted one minibatch at a time; float data passes through with a cast.
+    """
+    if x.dtype == torch.uint8:
+        return x.to(dtype) / 127.5 - 1.0
+    return x.to(dtype)
+
+
 @dataclass(frozen=True)
 class Splits:
-    """Train / validation / test tensors (float64 on CPU); labels where the data has them.
+    """Train / validation / test samples on the CPU; labels and instance keys where known.
 
-    Index ``j`` of ``train`` is instance ``j`` in every score file and removal list.
+    Index ``j`` of ``train`` is instance ``j`` in every score file and removal list; its
+    stable name is ``keys["train"][j]`` (a file's relative path, or ``#i`` for row ``i`` of
+    an array). Samples are float64, or uint8 pixels for image files (see ``as_float``).
+    ``source`` describes where image files came from (format, path, what was skipped);
+    export and the run directory use it.
     """
 
     train: torch.Tensor
@@ -24,14 +44,37 @@ class Splits:
     y_train: torch.Tensor | None = None
     y_valid: torch.Tensor | None = None
     y_test: torch.Tensor | None = None
+    keys: dict[str, list[str]] | None = field(default=None, compare=False)
+    source: dict[str, Any] | None = field(default=None, compare=False)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.train.shape[1:])
 
+    def split(self, name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The whole split ``name`` as model values (floats) of ``dtype``."""
+        if name not in SPLIT_NAMES:
+            raise ValueError(f"unknown split {name!r}")
+        return as_float(getattr(self, name), dtype)
+
+    def key_list(self, name: str) -> list[str]:
+        """Stable names of the split's instances (``#j`` by position when the data has none)."""
+        if self.keys is not None:
+            return list(self.keys[name])
+        return [f"#{j}" for j in range(getattr(self, name).shape[0])]
+
     def fingerprint(self) -> str:
-        """A hash of the training split, saved in a run so that later data changes are caught."""
+        """A hash of the data, saved in a run so that later data changes are caught.
+
+        For image files it covers every file's bytes and the split of their keys; otherwise
+        the split tensors' values.
+        """
         h = hashlib.sha256()
+        if self.source is not None and "digest" in self.source:
+            h.update(self.source["digest"].encode())
+            for name in SPLIT_NAMES:
+                h.update(("\n".join([name, *self.key_list(name)]) + "\n").encode())
+            return h.hexdigest()[:16]
         for t in (self.train, self.valid, self.test):
             h.update(t.detach().contiguous().to(torch.float64).numpy().tobytes())
         return h.hexdigest()[:16]
@@ -74,10 +117,12 @@ class Splits:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         parts = perm[n_valid + n_test:], perm[:n_valid], perm[n_valid:n_valid + n_test]
         ys = [None] * 3 if y is None else [torch.as_tensor(y)[p] for p in parts]
-        return cls.from_tensors(*(x[p] for p in parts), *ys)
+        splits = cls.from_tensors(*(x[p] for p in parts), *ys)
+        keys = {name: [f"#{int(i)}" for i in p] for name, p in zip(SPLIT_NAMES, parts)}
+        return dataclasses.replace(splits, keys=keys)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in vars(self).items() if v is not None}
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
 
 
 def load_data(cfg: Config) -> Splits:
@@ -99,6 +144,10 @@ def load_data(cfg: Config) -> Splits:
         from .npz import npz
 
         return npz(cfg.data)
+    if name == "images":
+        from .image_files import load_images
+
+        return load_images(cfg.data)
     if name == "custom":
         raise ConfigError("data.name = 'custom' stands for tensors given to the Python API "
                           "(gancleanse.train(cfg, out, data=Splits(...))); a config file cannot load them")

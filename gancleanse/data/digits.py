@@ -11,7 +11,7 @@ import torch
 
 from ..config import DataConfig
 from .base import Splits
-from .images import resize, split_indices
+from .images import resize, row_keys, split_indices
 
 N_DIGITS = 1797
 MAX_PIXEL = 16.0  # the bundled images count pen strokes in 0..16
@@ -27,4 +27,4 @@ def digits(cfg: DataConfig) -> Splits:
     y = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
     parts = split_indices(cfg, x.shape[0], "the scikit-learn digits")
     xs = [resize(x[i], cfg.image_size) for i in parts]
-    return Splits(xs[0], xs[1], xs[2], y[parts[0]], y[parts[1]], y[parts[2]])
+    return Splits(xs[0], xs[1], xs[2], y[parts[0]], y[parts[1]], y[parts[2]], keys=row_keys(parts))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import DataConfig
+from ..config import GAUSSIAN2D_N_TRAIN, DataConfig
 from .base import Splits
 
 MEAN = (1.0, 1.0)
@@ -13,8 +13,9 @@ COV = ((1.0, 0.8), (0.8, 1.0))
 
 def gaussian2d(cfg: DataConfig) -> Splits:
     gen = torch.Generator().manual_seed(cfg.seed)
-    n = cfg.n_train + cfg.n_valid + cfg.n_test
+    n_train = cfg.n_train if cfg.n_train is not None else GAUSSIAN2D_N_TRAIN
+    n = n_train + cfg.n_valid + cfg.n_test
     chol = torch.linalg.cholesky(torch.tensor(COV, dtype=torch.float64))
     x = torch.randn(n, 2, generator=gen, dtype=torch.float64) @ chol.T + torch.tensor(MEAN, dtype=torch.float64)
-    a, b = cfg.n_train, cfg.n_train + cfg.n_valid
+    a, b = n_train, n_train + cfg.n_valid
     return Splits(train=x[:a], valid=x[a:b], test=x[b:])

@@ -94,6 +94,18 @@ def check_counts(cfg: DataConfig, keys: tuple[str, ...], available: int, what: s
         raise DataError(f"{terms}{total} exceeds the {available} images available in {what}")
 
 
+def split_counts(cfg: DataConfig, available: int, what: str) -> tuple[int, int, int]:
+    """(n_train, n_valid, n_test); an unset n_train takes every instance not in valid or test."""
+    if cfg.n_train is not None:
+        check_counts(cfg, ("n_train", "n_valid", "n_test"), available, what)
+        return cfg.n_train, cfg.n_valid, cfg.n_test
+    check_counts(cfg, ("n_valid", "n_test"), available, what)
+    if available - cfg.n_valid - cfg.n_test < 1:
+        raise DataError(f"data.n_valid = {cfg.n_valid} + data.n_test = {cfg.n_test} leaves no training "
+                        f"instance of the {available} in {what}")
+    return available - cfg.n_valid - cfg.n_test, cfg.n_valid, cfg.n_test
+
+
 def take(x: np.ndarray, idx: torch.Tensor, size: int | None) -> torch.Tensor:
     """The images at ``idx`` as float64, resized; clamped only when the data was scaled here."""
     return resize(to_tensor(x[idx.numpy()]), size, clamp=np.issubdtype(x.dtype, np.integer))
@@ -101,10 +113,10 @@ def take(x: np.ndarray, idx: torch.Tensor, size: int | None) -> torch.Tensor:
 
 def split_indices(cfg: DataConfig, n: int, what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Train / valid / test indices into ``n`` images, cut from the ``data.seed`` permutation."""
-    check_counts(cfg, ("n_train", "n_valid", "n_test"), n, what)
+    n_train, n_valid, n_test = split_counts(cfg, n, what)
     perm = permutation(n, cfg.seed)
-    a, b = cfg.n_train, cfg.n_train + cfg.n_valid
-    return perm[:a], perm[a:b], perm[b:b + cfg.n_test]
+    a, b = n_train, n_train + n_valid
+    return perm[:a], perm[a:b], perm[b:b + n_test]
 
 
 def seeded_split(cfg: DataConfig, x: np.ndarray, y: torch.Tensor | None, what: str) -> Splits:
@@ -112,4 +124,9 @@ def seeded_split(cfg: DataConfig, x: np.ndarray, y: torch.Tensor | None, what: s
     parts = split_indices(cfg, x.shape[0], what)
     xs = [take(x, i, cfg.image_size) for i in parts]
     ys = [y[i] for i in parts] if y is not None else [None, None, None]
-    return Splits(xs[0], xs[1], xs[2], ys[0], ys[1], ys[2])
+    return Splits(xs[0], xs[1], xs[2], ys[0], ys[1], ys[2], keys=row_keys(parts))
+
+
+def row_keys(parts: tuple[torch.Tensor, ...]) -> dict[str, list[str]]:
+    """Instance keys ``#i``: the row of each split's instances in the source array."""
+    return {name: [f"#{int(i)}" for i in idx] for name, idx in zip(("train", "valid", "test"), parts)}

@@ -8,6 +8,7 @@ split the same way; one holding only ``x`` and ``y`` gets a seeded three-way spl
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import zlib
 from pathlib import Path
@@ -88,14 +89,17 @@ def _paper_split(cfg: DataConfig, train: tuple[np.ndarray, np.ndarray, str],
                  test: tuple[np.ndarray, np.ndarray, str]) -> Splits:
     """Train + valid from the seeded permutation of the training images; test from the head of the test images."""
     (x, y, x_name), (xt, yt, xt_name) = train, test
-    check_counts(cfg, ("n_train", "n_valid"), x.shape[0], x_name)
+    n_train = cfg.n_train if cfg.n_train is not None else x.shape[0] - cfg.n_valid
+    check_counts(dataclasses.replace(cfg, n_train=max(n_train, 1)), ("n_train", "n_valid"), x.shape[0], x_name)
     check_counts(cfg, ("n_test",), xt.shape[0], xt_name)
     perm = permutation(x.shape[0], cfg.seed)
-    tr, va = perm[:cfg.n_train], perm[cfg.n_train:cfg.n_train + cfg.n_valid]
+    tr, va = perm[:n_train], perm[n_train:n_train + cfg.n_valid]
     te = torch.arange(cfg.n_test)
     y_t, yt_t = as_labels(y, x.shape[0], x_name), as_labels(yt, xt.shape[0], xt_name)
     s = cfg.image_size
-    return Splits(take(x, tr, s), take(x, va, s), take(xt, te, s), y_t[tr], y_t[va], yt_t[te])
+    keys = {"train": [f"train#{int(i)}" for i in tr], "valid": [f"train#{int(i)}" for i in va],
+            "test": [f"test#{int(i)}" for i in te]}
+    return Splits(take(x, tr, s), take(x, va, s), take(xt, te, s), y_t[tr], y_t[va], yt_t[te], keys=keys)
 
 
 def mnist(cfg: DataConfig) -> Splits:

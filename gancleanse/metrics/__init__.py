@@ -47,7 +47,7 @@ def make_metric(name: str, run: "Run", split: str = "valid") -> Metric:
     """The metric ``name`` on ``split`` ("valid" or "test") of ``run``'s data."""
     if name not in METRICS:
         raise ConfigError(f"unknown metric {name!r} (known: {', '.join(METRICS)})")
-    real = getattr(run.splits, split)
+    real = run.splits.split(split)
     z = run.eval_latents(split)
     dyn = run.dynamics
     if name == "all":

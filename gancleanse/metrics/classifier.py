@@ -55,6 +55,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import MetricConfig
+from ..data.base import as_float
 from ..errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -116,7 +117,7 @@ class FeatureModel:
     accuracy: float | None = None
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.module(x.to(self.dtype))
+        out = self.module(as_float(x, self.dtype))
         features, logits = out if isinstance(out, (tuple, list)) else (out, out)
         return features.to(torch.float64), logits.to(torch.float64)
 
@@ -182,14 +183,13 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, n_classes: int, *, epochs
     order = torch.Generator().manual_seed(seed)
     model.reset_parameters(order)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    x = x.to(torch.float32)
     y = y.to(torch.int64)
     model.train()
     for _ in range(epochs):
         perm = torch.randperm(x.shape[0], generator=order)
         for start in range(0, x.shape[0], batch_size):
             idx = perm[start:start + batch_size]
-            _, logits = model(x[idx])
+            _, logits = model(as_float(x[idx], torch.float32))  # uint8 images decode per batch
             loss = F.cross_entropy(logits, y[idx]) + LOGIT_L2 * model.out.weight.pow(2).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -203,7 +203,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 40
     dtype = next(model.parameters()).dtype
     hits = 0
     for i in range(0, x.shape[0], chunk):
-        _, logits = model(x[i:i + chunk].to(dtype))
+        _, logits = model(as_float(x[i:i + chunk], dtype))
         hits += int((logits.argmax(1) == y[i:i + chunk]).sum())
     return hits / max(1, x.shape[0])
 

@@ -1,12 +1,27 @@
-"""The paper's small convolutional GAN for MNIST-sized images, plus an 8x8 variant.
+"""The paper's small convolutional GAN for MNIST-sized images, plus 8x8, 32x32 and 64x64 variants.
 
-28x28 (the paper's model): D has 7 'valid' convolutions with kernels [4,3,3,2,3,3,2] and
-strides [1,2,1,1,2,1,1] (28 -> 25 -> 12 -> 10 -> 9 -> 4 -> 2 -> 1), then a linear logit;
-G mirrors it with transposed convolutions (1 -> 2 -> 4 -> 9 -> 10 -> 12 -> 25 -> 28)
-followed by a 1x1 convolution to the image channels and tanh.
+The discriminator is a stack of 'valid' (padding 0) convolutions that ends at 1x1, then a
+linear logit; the generator mirrors it with transposed convolutions from a 1x1 latent
+(kernels and strides reversed, side (n - 1) * s + k), then a 1x1 convolution to the image
+channels and tanh. Every stride-2 layer has (side - k) divisible by 2, so each transposed
+convolution reproduces the discriminator's side exactly and G walks D's sides in reverse.
+Channels C (1 or 3, or any) come from the sample shape (C, H, W).
 
-8x8 (scikit-learn digits at native size): D has 4 'valid' convolutions with kernels
-[3,3,3,2], stride 1 (8 -> 6 -> 4 -> 2 -> 1); G mirrors it (1 -> 2 -> 4 -> 6 -> 8).
+======  ===============================  =====================  =====================
+side    D sides (G: reversed)            kernels                strides
+======  ===============================  =====================  =====================
+8       8 -> 6 -> 4 -> 2 -> 1            3, 3, 3, 2             1, 1, 1, 1
+28      28 -> 25 -> 12 -> 10 -> 9 ->     4, 3, 3, 2, 3, 3, 2    1, 2, 1, 1, 2, 1, 1
+        4 -> 2 -> 1
+32      32 -> 30 -> 14 -> 6 -> 2 -> 1    3, 4, 4, 4, 2          1, 2, 2, 2, 1
+64      64 -> 62 -> 30 -> 14 -> 6 ->     3, 4, 4, 4, 4, 2       1, 2, 2, 2, 2, 1
+        2 -> 1
+======  ===============================  =====================  =====================
+
+28x28 is the paper's model (7 layers, G: 1 -> 2 -> 4 -> 9 -> 10 -> 12 -> 25 -> 28); 8x8 fits
+scikit-learn digits at native size; 32x32 and 64x64 (e.g. CIFAR-sized or resized images)
+use DCGAN-style kernel-4 stride-2 downsampling between a kernel-3 stride-1 first layer and
+a kernel-2 last layer, 64x64 adding one stride-2 layer in front of 32x32's tail.
 
 Every convolution is followed by the activation and, with ``norm = "layer"``, by a
 per-instance LayerNorm over (C, H, W): it never mixes instances, so an instance weight of
@@ -26,6 +41,8 @@ from .mlp import ACTIVATIONS
 SPECS: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {
     28: ((4, 3, 3, 2, 3, 3, 2), (1, 2, 1, 1, 2, 1, 1)),
     8: ((3, 3, 3, 2), (1, 1, 1, 1)),
+    32: ((3, 4, 4, 4, 2), (1, 2, 2, 2, 1)),
+    64: ((3, 4, 4, 4, 4, 2), (1, 2, 2, 2, 2, 1)),
 }
 
 

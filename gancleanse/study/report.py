@@ -196,7 +196,7 @@ def _training_data(run_dir: Path) -> np.ndarray:
     data_file = run_dir / "data.safetensors"
     if data_file.is_file():
         return load_file(str(data_file))["train"].numpy()
-    return load_data(load_config(run_dir / "config.toml")).train.numpy()
+    return load_data(load_config(run_dir / "config.toml")).split("train").numpy()
 
 
 def _load_samples(path: Path) -> np.ndarray:

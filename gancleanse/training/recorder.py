@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..config import Config
 from ..data import Splits, load_data
+from ..data.base import SPLIT_NAMES, as_float
 from ..errors import TrainingDivergedError
 from ..models import GANModules, build_models
 from ..run import (DTYPES, FORMAT_VERSION, Run, checkpoint_name, save_state, staged_directory,
@@ -60,6 +61,27 @@ def with_user_inputs(cfg: Config, models: GANModules | None, data: Splits | None
     return cfg
 
 
+def with_split_sizes(cfg: Config, splits: Splits) -> Config:
+    """The config with the split sizes the data gave (an unset n_train takes the rest), checked."""
+    n = {name: int(getattr(splits, name).shape[0]) for name in SPLIT_NAMES}
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, n_train=n["train"], n_valid=n["valid"], n_test=n["test"]))
+    cfg._check_cross("the training options")
+    return cfg
+
+
+def data_summary(splits: Splits) -> dict:
+    """What run.json says of the data: split sizes, and for image files how many were read or skipped."""
+    out: dict = {name: int(getattr(splits, name).shape[0]) for name in SPLIT_NAMES}
+    out["sample_shape"] = list(splits.sample_shape)
+    out["dtype"] = str(splits.train.dtype).removeprefix("torch.")
+    if splits.source is not None:
+        src = splits.source
+        out.update(format=src["format"], path=src["path"], n_files=src["n_files"], n_read=src["n_read"],
+                   n_skipped=len(src["skipped"]), labels=src["labels"])
+    return out
+
+
 def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, data: Splits | None = None,
           force: bool = False, progress: bool = True) -> Run:
     """Train the GAN the config describes and record a run directory at ``out``.
@@ -73,6 +95,7 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
         threads = torch.get_num_threads()
         dtype = DTYPES[cfg.model.dtype]
         splits = data if data is not None else load_data(cfg)
+        cfg = with_split_sizes(cfg, splits)
         if models is None:
             models = build_models(cfg, splits.sample_shape)
             initial = models.initial_params(t.seed, dtype)
@@ -85,7 +108,6 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
         total = t.epochs * spe
         window_start = t.record_from_epoch * spe
         ckpts = window_checkpoints(window_start, total, t.checkpoint_every, spe)
-        x_train = splits.train.to(dtype)
         ones = torch.ones(t.batch_size, dtype=dtype)
 
         with staged_directory(Path(out), force=force) as stage:
@@ -94,6 +116,8 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
             write_eval_latents(cfg, stage)
             if data is not None:
                 save_file(data.tensors(), str(stage / "data.safetensors"))
+            write_json_atomic(stage / "splits.json", {
+                "source": splits.source, **{name: splits.key_list(name) for name in SPLIT_NAMES}})
             state = dyn.init_state(*initial)
             rec_idx, rec_zd, rec_zg = [], [], []
             started = time.perf_counter()
@@ -106,7 +130,7 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
                     idx = schedule.indices(step)
                     z_d, z_g = schedule.latents(step)
                     tic = time.perf_counter()
-                    batch = StepBatch(x_train[idx], z_d.to(dtype), z_g.to(dtype), step)
+                    batch = StepBatch(as_float(splits.train[idx], dtype), z_d.to(dtype), z_g.to(dtype), step)
                     state, stats = dyn.step(state, batch, ones)
                     if step >= window_start:
                         window_seconds += time.perf_counter() - tic
@@ -140,6 +164,7 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
                            "end_step": total},
                 "checkpoints": ckpts,
                 "data_fingerprint": splits.fingerprint(),
+                "data": data_summary(splits),
                 "seconds": {"train": time.perf_counter() - started, "window_steps": window_seconds},
                 "final_losses": {k: float(v) for k, v in stats.items()},
             })

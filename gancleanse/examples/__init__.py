@@ -1,0 +1,1 @@
+"""Shipped example configs and the example image-folder builder."""
