@@ -86,6 +86,29 @@ def write_scores_csv(path: str | Path, influence: np.ndarray, harmfulness: np.nd
     tmp.replace(path)
 
 
+def export(scores: "Scores | str | Path", out: str | Path, *, rate: float | None = None, count: int | None = None,
+           min_harmfulness: float | None = None, run: Run | str | Path | None = None, link: bool = False,
+           all_splits: bool = False, force: bool = False) -> dict[str, Any]:
+    """Write the training split minus its most harmful instances to ``out``, in its own format.
+
+    ``scores``: a SCORES.csv path (its SCORES.json names the run) or ``Scores`` with ``run``.
+    Remove the top ``floor(N * rate)`` or ``count`` (only those with harmfulness >=
+    ``min_harmfulness``). See ``gancleanse.data.export`` for what is written.
+    """
+    from .data.export import ScoreTable
+    from .data.export import export as _export
+
+    if isinstance(scores, Scores):
+        if run is None:
+            raise GancleanseError("export of in-memory Scores needs run= (the run they were computed on)")
+        keys = scores.keys or [f"#{i}" for i in range(len(scores.influence))]
+        scores = ScoreTable(scores.influence, scores.harmfulness, keys, None,
+                            {"metric": scores.metric, "method": scores.method}, scores.keys is not None)
+    run_path = run.path if isinstance(run, Run) else run
+    return _export(scores, out, rate=rate, count=count, min_harmfulness=min_harmfulness, run=run_path,
+                   link=link, all_splits=all_splits, force=force)
+
+
 def _open(run: Run | str | Path) -> Run:
     return run if isinstance(run, Run) else Run.open(run)
 

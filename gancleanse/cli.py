@@ -1,4 +1,4 @@
-"""Command line: ``gancleanse train | influence | counterfactual | validate | cleanse | report | demo``.
+"""Command line: ``gancleanse train | influence | counterfactual | validate | cleanse | export | report | demo``.
 
 Every subcommand is a thin shell over the Python API in ``gancleanse.api``; user errors
 print one line naming the problem and exit with status 2.
@@ -41,7 +41,7 @@ def describe_data(data: dict) -> str:
 def _write_scores(scores: api.Scores, out: Path, run: Run) -> None:
     """SCORES.csv, SCORES.json (what produced it) and, if any, SCORES.horizons.csv."""
     scores.to_csv(out)
-    info = {"metric": scores.metric, "method": scores.method, "run": str(run.path),
+    info = {"metric": scores.metric, "method": scores.method, "run": str(run.path.resolve()),
             "n_train": run.n_train, **scores.info}
     if scores.horizons:
         hpath = out.with_name(out.stem + ".horizons.csv")
@@ -122,6 +122,18 @@ def _print_summary(summary: dict) -> None:
         p = "" if r["p_value"] is None else f"{r['p_value']:.3f}"
         print(f"{r['method']:<18}{r['score_metric']:<12}{r['eval_metric']:<10}{r['removal_rate']:>6g}"
               f"{r['n_removed']:>9}{r['mean_delta']:>14.4e}{r['std_delta']:>11.2e}{p:>8}")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .data.export import summary_line
+
+    info = api.export(args.scores, args.out, rate=args.rate, count=args.count,
+                      min_harmfulness=args.min_harmfulness, run=args.run, link=args.link,
+                      all_splits=args.all_splits, force=args.force)
+    print(summary_line(info))
+    print(f"removed instances: {Path(args.out) / 'removed.csv'}"
+          + (f", {Path(args.out) / 'removed.png'}" if info["removed_png"] else ""))
+    return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -244,6 +256,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-report", action="store_true", help="skip report.html")
     common(sp)
     sp.set_defaults(func=_cmd_cleanse)
+
+    sp = sub.add_parser("export", help="write the training data minus the most harmful instances, in its format")
+    sp.add_argument("scores", help="SCORES.csv written by `gancleanse influence` (its .json names the run)")
+    how = sp.add_mutually_exclusive_group()
+    how.add_argument("--rate", type=float, default=None, help="remove the most harmful fraction R of the training split")
+    how.add_argument("--count", type=int, default=None, help="remove the N most harmful instances")
+    sp.add_argument("--min-harmfulness", type=float, default=None, metavar="H",
+                    help="remove only instances with harmfulness >= H (alone: all of them)")
+    sp.add_argument("--out", required=True, help="directory to create (the data, removed.csv, removed.png)")
+    sp.add_argument("--run", default=None, help="run directory of the scores (default: from SCORES.json)")
+    sp.add_argument("--link", action="store_true", help="hard-link image files instead of copying them")
+    sp.add_argument("--all-splits", action="store_true", help="also export the validation and test instances")
+    sp.add_argument("--force", action="store_true", help="replace an earlier export at --out")
+    sp.set_defaults(func=_cmd_export)
 
     sp = sub.add_parser("report", help="regenerate DIR/report.html from a study's outputs")
     sp.add_argument("dir", help="study directory written by `gancleanse cleanse`")

@@ -36,6 +36,8 @@ class DataConfig:
     name: str = _opt("gaussian2d", choices=("gaussian2d", "digits", "mnist", "npz", "images", "custom"),
                      doc="images: your folder, StyleGAN-style zip or .npy/.npz; custom: tensors given to the Python API")
     path: str | None = _opt(None, doc="images: folder, .zip, .npy or .npz; mnist: IDX directory or .npz; npz: file")
+    reference_path: str | None = _opt(None, doc="images: a curated dataset the validation and test splits "
+                                      "come from (then the training split is all of path)")
     image_size: int | None = _opt(None, lo=4, hi=4096, doc="resize images to this side (short side, then centre crop)")
     channels: int | None = _opt(None, choices=(1, 3), doc="images: 1 or 3 (default: 1 if every image is gray)")
     labels: str = _opt("auto", choices=("auto", "folders", "none"),

@@ -37,7 +37,7 @@ import torch
 from ..config import DataConfig
 from ..errors import ConfigError, DataError, GancleanseWarning
 from .base import Splits
-from .images import as_labels, permutation
+from .images import as_labels, permutation, split_counts
 
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 # Pillow formats that only identify files or need external programs: never image data here.
@@ -404,19 +404,6 @@ def permute_in_place(x: np.ndarray, order: np.ndarray) -> None:
             i = j
 
 
-def split_counts(cfg: DataConfig, available: int, what: str) -> tuple[int, int, int]:
-    """(n_train, n_valid, n_test); n_train defaults to every image not in valid or test."""
-    n_train = cfg.n_train if cfg.n_train is not None else available - cfg.n_valid - cfg.n_test
-    wanted = n_train + cfg.n_valid + cfg.n_test
-    if n_train < 1 or wanted > available:
-        given = f"data.n_train = {n_train} + " if cfg.n_train is not None else ""
-        raise DataError(f"{given}data.n_valid = {cfg.n_valid} + data.n_test = {cfg.n_test} "
-                        f"{'leaves no training image' if n_train < 1 else f'= {wanted} exceeds the'} "
-                        f"{'' if n_train < 1 else f'{available} images available '}in {what}"
-                        + (f" ({available} images)" if n_train < 1 else ""))
-    return n_train, cfg.n_valid, cfg.n_test
-
-
 def split_pixels(cfg: DataConfig, x: np.ndarray, y: np.ndarray | None, keys: list[str],
                  source: dict, what: str) -> Splits:
     """Seeded train / valid / test of ``x`` without copying it: rows are permuted in place."""
@@ -434,15 +421,23 @@ def split_pixels(cfg: DataConfig, x: np.ndarray, y: np.ndarray | None, keys: lis
 
 
 # ------------------------------------------------------------------------------ main
-def load_images(cfg: DataConfig, progress: bool = False) -> Splits:
-    """The seeded split of the images at ``data.path``, uint8 (float arrays keep their dtype)."""
-    if not cfg.path:
-        raise ConfigError("data.name = 'images' needs data.path (an image folder, a .zip, or a .npy/.npz file)")
-    path = Path(cfg.path).expanduser()
+@dataclass
+class Images:
+    """Every readable image of one source, in key order, before any split."""
+
+    x: np.ndarray  # (N, C, H, W) uint8, or float as stored in an array file
+    y: np.ndarray | None
+    keys: list[str]
+    source: dict
+
+
+def read_source(path_text: str, cfg: DataConfig, role: str, progress: bool = False) -> Images:
+    """A folder, zip, .npy or .npz, decoded and converted by the config ("data.path" is ``role``)."""
+    path = Path(path_text).expanduser()
     if not path.exists():
-        raise DataError(f"data.path not found: {path}")
+        raise DataError(f"{role} not found: {path}")
     if path.is_file() and path.suffix.lower() in (".npy", ".npz"):
-        return _load_array(cfg, path)
+        return _read_array_source(cfg, path)
     listing = open_listing(path)
     try:
         if not listing.keys:
@@ -470,28 +465,74 @@ def load_images(cfg: DataConfig, progress: bool = False) -> Splits:
               "n_read": len(keys), "skipped": [list(s) for s in skipped], "digest": digest,
               "has_dataset_json": listing.dataset_json is not None, "label_names": label_names,
               "labels": "none" if labels is None else cfg.labels if cfg.labels != "auto" else DATASET_JSON}
-    return split_pixels(cfg, x, labels, keys, source, str(path))
+    return Images(x, labels, keys, source)
 
 
-def _load_array(cfg: DataConfig, path: Path) -> Splits:
+def _read_array_source(cfg: DataConfig, path: Path) -> Images:
     raw, y, name = read_array_file(path)
     source_name = f"{path}:{name}" if name else str(path)
-    x = convert_array(channels_first(raw, source_name), cfg, source_name)
-    del raw
-    labels = None
-    if y is not None and cfg.labels != "none":
-        labels = as_labels(y, x.shape[0], f"{path}:y").numpy()
     if cfg.labels == "folders":
         raise ConfigError(f"data.labels = 'folders' needs an image folder or zip; {path} is an array file")
+    x = convert_array(channels_first(raw, source_name), cfg, source_name)
+    del raw
+    labels = as_labels(y, x.shape[0], f"{path}:y").numpy() if y is not None and cfg.labels != "none" else None
     if not x.flags.writeable:
         x = x.copy()
     source = {"format": path.suffix.lower()[1:], "path": str(path.resolve()), "array": name,
               "n_files": 1, "n_read": int(x.shape[0]), "skipped": [], "digest": _file_digest(path),
               "labels": "none" if labels is None else "y", "label_names": None}
-    return split_pixels(cfg, x, labels, [f"#{i}" for i in range(x.shape[0])], source, str(path))
+    return Images(x, labels, [f"#{i}" for i in range(x.shape[0])], source)
 
 
-def iter_sources(splits: Splits) -> Iterator[tuple[str, str]]:  # pragma: no cover - kept small on purpose
-    for name in ("train", "valid", "test"):
-        for key in splits.key_list(name):
-            yield name, key
+def _match_channels(a: Images, b: Images) -> None:
+    """Training and reference images with different default channel counts: both become RGB."""
+    for img in (a, b):
+        if img.x.shape[1] == 1 and max(a.x.shape[1], b.x.shape[1]) == 3:
+            img.x = np.repeat(img.x, 3, axis=1)
+    if a.x.shape[1:] != b.x.shape[1:]:
+        raise DataError(f"training images are {tuple(a.x.shape[1:])} but reference images are "
+                        f"{tuple(b.x.shape[1:])}; set data.image_size (and data.channels) to make them alike")
+
+
+def load_images(cfg: DataConfig, progress: bool = False) -> Splits:
+    """The seeded train / valid / test split of ``data.path`` (uint8; float arrays keep their dtype).
+
+    With ``data.reference_path`` the validation and test splits are drawn from that
+    dataset instead (a curated set to measure against), and the training split is all of
+    ``data.path`` (or a seeded ``n_train`` of it).
+    """
+    if not cfg.path:
+        raise ConfigError("data.name = 'images' needs data.path (an image folder, a .zip, or a .npy/.npz file)")
+    train = read_source(cfg.path, cfg, "data.path", progress)
+    if cfg.reference_path is None:
+        return split_pixels(cfg, train.x, train.y, train.keys, train.source, str(cfg.path))
+    ref = read_source(cfg.reference_path, cfg, "data.reference_path", progress)
+    _match_channels(train, ref)
+    if (train.y is None) != (ref.y is None):
+        raise DataError("data.path and data.reference_path must both have labels or both have none "
+                        f"(labels = {cfg.labels!r})")
+    n_train = cfg.n_train if cfg.n_train is not None else train.x.shape[0]
+    if n_train > train.x.shape[0]:
+        raise DataError(f"data.n_train = {n_train} exceeds the {train.x.shape[0]} images in {cfg.path}")
+    if cfg.n_valid + cfg.n_test > ref.x.shape[0]:
+        raise DataError(f"data.n_valid = {cfg.n_valid} + data.n_test = {cfg.n_test} exceeds the "
+                        f"{ref.x.shape[0]} images in {cfg.reference_path}")
+    tr = _seeded_rows(train, n_train, cfg.seed)
+    ev = _seeded_rows(ref, cfg.n_valid + cfg.n_test, cfg.seed)
+    a = cfg.n_valid
+    source = dict(train.source, reference=ref.source,
+                  digest=hashlib.sha256((train.source["digest"] + ref.source["digest"]).encode()).hexdigest())
+    ys = (None, None, None) if tr.y is None else (torch.from_numpy(tr.y), torch.from_numpy(ev.y[:a]),
+                                                  torch.from_numpy(ev.y[a:]))
+    xe = torch.from_numpy(ev.x)
+    return Splits(torch.from_numpy(tr.x), xe[:a], xe[a:], *ys,
+                  keys={"train": tr.keys, "valid": ev.keys[:a], "test": ev.keys[a:]}, source=source)
+
+
+def _seeded_rows(images: Images, n: int, seed: int) -> Images:
+    """``n`` rows of a seeded permutation; all rows in key order when ``n`` is everything."""
+    if n == images.x.shape[0]:
+        return images
+    order = permutation(images.x.shape[0], seed).numpy()[:n]
+    return Images(images.x[order], None if images.y is None else images.y[order],
+                  [images.keys[i] for i in order], images.source)

@@ -1,13 +1,15 @@
 """An image-folder dataset with known bad images, built from scikit-learn's bundled digits.
 
-    python -m gancleanse.examples.digit_folder OUT [--size 32] [--zip] [--corrupt 0.06]
+    python -m gancleanse.examples.digit_folder OUT [--size 32] [--zip] [--corrupt 0.06] [--reference 500]
 
 writes ``OUT/images/<class>/<id>.png`` (RGB: a light digit on a dark background; the
 ImageFolder layout, so ``labels = "folders"`` gives the classes) or ``OUT/images.zip`` in
-StyleGAN's layout with a ``dataset.json``, and ``OUT/planted.csv`` naming the corrupted
+StyleGAN's layout with a ``dataset.json``; ``OUT/planted.csv`` naming the corrupted
 images planted among them (``key,kind``): colour-inverted digits, uniform noise, blank
-frames and off-class shapes. File names do not tell planted from clean images. Nothing is
-downloaded: the digits ship with scikit-learn.
+frames and off-class shapes; and ``OUT/reference/``, clean digits disjoint from the
+training images, the curated set to evaluate against (``data.reference_path``). File
+names do not tell planted from clean images. Nothing is downloaded: the digits ship with
+scikit-learn.
 """
 
 from __future__ import annotations
@@ -62,15 +64,27 @@ def corrupt(kind: str, clean: np.ndarray, rng: np.random.Generator) -> np.ndarra
 
 
 def write_digit_folder(out: str | Path, *, size: int = 32, n: int | None = None, corrupt_fraction: float = 0.06,
-                       as_zip: bool = False, seed: int = 0) -> tuple[Path, list[tuple[str, str]]]:
-    """Write the dataset; returns (the folder or zip to use as ``data.path``, planted (key, kind))."""
+                       reference: int = 500, as_zip: bool = False, seed: int = 0) -> tuple[Path, list[tuple[str, str]]]:
+    """Write the dataset; returns (the folder or zip to use as ``data.path``, planted (key, kind)).
+
+    The first ``reference`` digits of a seeded permutation go to ``OUT/reference/`` (clean),
+    the next ``n`` (default: the rest) to the training images, of which a fraction
+    ``corrupt_fraction`` is replaced by planted corruptions.
+    """
     from PIL import Image
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     images, labels = render_digits(size)
-    order = rng.permutation(len(images))[:n]
+    perm = rng.permutation(len(images))
+    if reference >= len(perm):
+        raise ValueError(f"reference = {reference} leaves no training digits of {len(perm)}")
+    for pos, i in enumerate(perm[:reference]):
+        path = out / "reference" / f"{labels[i]}/{pos:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(path, format="PNG")
+    order = perm[reference:][:n]
     n_bad = int(round(corrupt_fraction * len(order)))
     bad_at = set(rng.choice(len(order), n_bad, replace=False).tolist())
     files: list[tuple[str, bytes, int]] = []
@@ -109,11 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=32, help="image side (default 32)")
     p.add_argument("--count", type=int, default=None, help="images in all (default: all 1,797 digits)")
     p.add_argument("--corrupt", type=float, default=0.06, help="fraction replaced by corrupted images")
+    p.add_argument("--reference", type=int, default=500, help="clean digits in OUT/reference (default 500)")
     p.add_argument("--zip", action="store_true", help="write a StyleGAN-style zip with dataset.json")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     target, planted = write_digit_folder(a.out, size=a.size, n=a.count, corrupt_fraction=a.corrupt,
-                                         as_zip=a.zip, seed=a.seed)
+                                         reference=a.reference, as_zip=a.zip, seed=a.seed)
     print(f"wrote {target} ({len(planted)} planted corrupted images listed in {Path(a.out) / 'planted.csv'})")
     return 0
 

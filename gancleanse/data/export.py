@@ -1,0 +1,355 @@
+"""The cleaned dataset: the training split minus its most harmful instances, in its own format.
+
+``export(scores, out, rate=... | count=...)`` writes into ``out``:
+
+- the kept images in the format they came from: ``out/NAME/`` with the same relative
+  paths (files copied byte for byte, or hard-linked), ``out/NAME.zip`` (members copied
+  with their compression, ``dataset.json`` filtered), or ``out/NAME.npy`` / ``NAME.npz``
+  (rows filtered, arrays otherwise unchanged). Data that came from no file (2D points,
+  the bundled digits, tensors given to the API) is written as ``out/train.npz``;
+- ``removed.csv`` (``rank,key,index,harmfulness,influence``, most harmful first) and
+  ``removed.png``, the removed images as the model saw them, labelled with rank and key;
+- ``export.json``: what was exported from which scores and run, and by which rule.
+
+The validation and test splits are exported too with ``all_splits`` when they came from
+the same source (not from a separate ``reference_path``). Nothing is written unless the
+whole export succeeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..config import Config, load_config
+from ..errors import GancleanseError, RunDirError
+from ..run import staged_directory, write_json_atomic
+
+GRID_MAX = 64  # removed images drawn in removed.png
+MARKER = "export.json"
+
+
+@dataclass
+class ScoreTable:
+    """A SCORES.csv read back: one row per training instance, by index."""
+
+    influence: np.ndarray
+    harmfulness: np.ndarray
+    keys: list[str]
+    path: Path | None = None
+    info: dict[str, Any] | None = None
+    has_keys: bool = True  # False for a file written before instance keys existed
+
+    @classmethod
+    def read(cls, path: str | Path) -> "ScoreTable":
+        path = Path(path)
+        if not path.is_file():
+            raise GancleanseError(f"scores file not found: {path}")
+        try:
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+        except (OSError, UnicodeDecodeError) as e:
+            raise GancleanseError(f"{path}: cannot read the scores ({e})") from None
+        if not rows or rows[0][:3] != ["index", "influence", "harmfulness"]:
+            raise GancleanseError(f"{path}: not a SCORES.csv (header must start with index,influence,harmfulness)")
+        has_key = len(rows[0]) > 3 and rows[0][3] == "key"
+        body = rows[1:]
+        try:
+            index = [int(r[0]) for r in body]
+            influence = np.array([float(r[1]) for r in body])
+            harm = np.array([float(r[2]) for r in body])
+        except (ValueError, IndexError) as e:
+            raise GancleanseError(f"{path}: malformed row ({e})") from None
+        if index != list(range(len(body))):
+            raise GancleanseError(f"{path}: rows must be indices 0..N-1 in order")
+        if not (np.isfinite(influence).all() and np.isfinite(harm).all()):
+            raise GancleanseError(f"{path}: non-finite scores")
+        keys = [r[3] for r in body] if has_key else [f"#{i}" for i in index]
+        info_path = path.with_suffix(".json")
+        info = json.loads(info_path.read_text()) if info_path.is_file() else None
+        return cls(influence, harm, keys, path, info, has_key)
+
+    def ranking(self) -> np.ndarray:
+        """Indices, most harmful first (ties by index, as everywhere in gancleanse)."""
+        return np.argsort(-self.harmfulness, kind="stable")
+
+
+def select(harmfulness: np.ndarray, *, rate: float | None = None, count: int | None = None,
+           min_harmfulness: float | None = None) -> list[int]:
+    """The instances to remove, most harmful first: the top ``floor(N * rate)`` or ``count``,
+    of which only those with harmfulness >= ``min_harmfulness`` (alone: all of those)."""
+    n = len(harmfulness)
+    if rate is not None and count is not None:
+        raise GancleanseError("give either a removal rate or a count, not both")
+    if rate is None and count is None and min_harmfulness is None:
+        raise GancleanseError("say how many instances to remove: --rate R, --count N or --min-harmfulness H")
+    if rate is not None and not (math.isfinite(rate) and 0.0 <= rate < 1.0):
+        raise GancleanseError(f"--rate must lie in [0, 1), got {rate}")
+    if count is not None and not 0 <= count < n:
+        raise GancleanseError(f"--count must lie in 0..{n - 1} (the training split has {n} instances), got {count}")
+    if min_harmfulness is not None and not math.isfinite(min_harmfulness):
+        raise GancleanseError(f"--min-harmfulness must be finite, got {min_harmfulness}")
+    k = math.floor(n * rate) if rate is not None else count if count is not None else n
+    top = [int(i) for i in np.argsort(-harmfulness, kind="stable")[:k]]
+    if min_harmfulness is not None:
+        top = [i for i in top if harmfulness[i] >= min_harmfulness]
+    return top
+
+
+# ------------------------------------------------------------------------- the run side
+@dataclass
+class RunData:
+    """What an export needs of a run directory: its config and recorded instance keys."""
+
+    path: Path
+    cfg: Config
+    keys: dict[str, list[str]]
+    source: dict[str, Any] | None
+
+    @classmethod
+    def read(cls, path: str | Path) -> "RunData":
+        path = Path(path)
+        splits_file = path / "splits.json"
+        if not (path / "run.json").is_file():
+            raise RunDirError(f"run directory not found or incomplete: {path}")
+        if not splits_file.is_file():
+            raise RunDirError(f"{path} records no instance keys (splits.json); retrain it with this version")
+        try:
+            recorded = json.loads(splits_file.read_text())
+        except (OSError, ValueError) as e:
+            raise RunDirError(f"{splits_file}: unreadable ({e})") from None
+        return cls(path, load_config(path / "config.toml"), {k: recorded[k] for k in ("train", "valid", "test")},
+                   recorded.get("source"))
+
+
+def _run_of(table: ScoreTable, run: str | Path | None) -> Path:
+    if run is not None:
+        return Path(run)
+    if table.info and table.info.get("run"):
+        return Path(table.info["run"])
+    raise GancleanseError(f"{table.path}: no SCORES.json beside it names the run; pass --run RUN_DIR")
+
+
+# --------------------------------------------------------------------------- writers
+def _copy_folder(src: Path, dst: Path, keys: Sequence[str], link: bool) -> None:
+    for key in keys:
+        target = dst / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if link:
+            try:
+                os.link(src / key, target)
+                continue
+            except OSError as e:
+                raise GancleanseError(f"cannot hard-link {src / key} into {dst} ({e}); "
+                                      "export without --link to copy") from None
+        shutil.copy2(src / key, target)
+
+
+def _filtered_dataset_json(raw: bytes, keys: Sequence[str]) -> bytes:
+    meta = json.loads(raw)
+    if isinstance(meta, dict) and isinstance(meta.get("labels"), list):
+        keep = set(keys)
+        meta = dict(meta, labels=[item for item in meta["labels"] if item[0] in keep])
+    return (json.dumps(meta) + "\n").encode()
+
+
+def _copy_zip(src: Path, dst: Path, keys: Sequence[str]) -> None:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for key in keys:
+            info = zin.getinfo(key)
+            zout.writestr(info, zin.read(key), compress_type=info.compress_type)
+        if "dataset.json" in zin.namelist():
+            zout.writestr("dataset.json", _filtered_dataset_json(zin.read("dataset.json"), keys))
+
+
+def _rows(keys: Sequence[str]) -> np.ndarray:
+    try:
+        return np.array([int(k.removeprefix("#")) for k in keys], dtype=np.int64)
+    except ValueError:
+        raise GancleanseError(f"array instance keys must be '#row', got {keys[0]!r}") from None
+
+
+def _copy_arrays(src: Path, dst: Path, keys: Sequence[str], array: str | None) -> None:
+    rows = _rows(keys)
+    if src.suffix.lower() == ".npy":
+        np.save(dst, np.load(src, allow_pickle=False)[rows])
+        return
+    with np.load(src, allow_pickle=False) as f:
+        n = f[array or "x"].shape[0]
+        arrays = {k: (f[k][rows] if f[k].ndim and f[k].shape[0] == n else f[k]) for k in f.files}
+    np.savez(dst, **arrays)
+
+
+# ----------------------------------------------------------------------------- pictures
+def removed_picture(path: Path, images: np.ndarray | None, points: np.ndarray | None, removed: list[int],
+                    keys: Sequence[str], harm: np.ndarray) -> bool:
+    """removed.png: a labelled grid of removed images, or for 2D data the points circled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if images is not None and images.ndim == 4:
+        shown = removed[:GRID_MAX]
+        cols = min(8, max(1, len(shown)))
+        rows = max(1, math.ceil(len(shown) / cols))
+        fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows + 0.4), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for r, (ax, i) in enumerate(zip(axes.flat, shown), 1):
+            img = np.clip((images[r - 1] + 1.0) / 2.0, 0.0, 1.0).transpose(1, 2, 0)
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                      vmin=0.0, vmax=1.0, interpolation="nearest")
+            label = keys[i] if len(keys[i]) <= 22 else "..." + keys[i][-19:]
+            ax.set_title(f"{r}. {label}\n{harm[i]:.3g}", fontsize=6)
+        more = f" (first {len(shown)} of {len(removed)})" if len(removed) > len(shown) else ""
+        fig.suptitle(f"removed, most harmful first{more}: rank. key / harmfulness", fontsize=8)
+    elif points is not None and points.ndim == 2 and points.shape[1] == 2:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.scatter(points[:, 0], points[:, 1], s=3, c="0.6", label="kept")
+        ax.scatter(points[removed, 0], points[removed, 1], s=14, facecolors="none", edgecolors="red",
+                   label=f"removed ({len(removed)})")
+        ax.legend(fontsize=8)
+        ax.set_title("training instances removed by the export", fontsize=9)
+    else:
+        return False
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _removed_images(run: RunData, removed: list[int]) -> np.ndarray | None:
+    """The removed instances as model values, decoded the way training read them."""
+    if run.source is not None and run.source.get("format") in ("folder", "zip"):
+        from .image_files import Converter, open_listing
+
+        convert = Converter(run.cfg.data)
+        listing = open_listing(Path(run.source["path"]))
+        try:
+            raw = [convert(listing.read(run.keys["train"][i])) for i in removed[:GRID_MAX]]
+        finally:
+            listing.close()
+        channels = max((a.shape[0] for a in raw), default=1)
+        raw = [np.repeat(a, channels // a.shape[0], axis=0) for a in raw]
+        return np.stack(raw).astype(np.float64) / 127.5 - 1.0 if raw else None
+    return None
+
+
+# ------------------------------------------------------------------------------- main
+def export(scores: str | Path | ScoreTable, out: str | Path, *, rate: float | None = None,
+           count: int | None = None, min_harmfulness: float | None = None, run: str | Path | None = None,
+           link: bool = False, all_splits: bool = False, force: bool = False) -> dict[str, Any]:
+    """Write the cleaned training split of ``scores``' run to ``out``; returns what export.json says."""
+    table = scores if isinstance(scores, ScoreTable) else ScoreTable.read(scores)
+    rd = RunData.read(_run_of(table, run))
+    train_keys = rd.keys["train"]
+    if len(train_keys) != len(table.keys) or (table.has_keys and table.keys != train_keys):
+        raise GancleanseError(f"{table.path or 'the scores'} do not belong to run {rd.path}: "
+                              f"{len(table.keys)} scored instances, the run's training split has {len(train_keys)}"
+                              + ("" if len(train_keys) != len(table.keys) else " with other keys"))
+    removed = select(table.harmfulness, rate=rate, count=count, min_harmfulness=min_harmfulness)
+    gone = set(removed)
+    kept_keys = [k for i, k in enumerate(train_keys) if i not in gone]
+    out = Path(out)
+    if out.exists() and force and not (out / MARKER).is_file():
+        raise GancleanseError(f"{out} exists and is not a gancleanse export; --force replaces only an earlier export")
+    src = rd.source
+    fmt = src["format"] if src else ("npz" if rd.cfg.data.name == "npz" else "tensors")
+    extra: list[str] = []
+    if all_splits:
+        if src is not None and "reference" in src:
+            raise GancleanseError("--all-splits: the validation and test splits came from data.reference_path, "
+                                  "a different dataset; export the training split alone")
+        extra = rd.keys["valid"] + rd.keys["test"]
+    with staged_directory(out, force=force) as stage:
+        if fmt == "folder":
+            root = Path(src["path"])
+            target = stage / root.name
+            _copy_folder(root, target, kept_keys + extra, link)
+            meta = root / "dataset.json"
+            if meta.is_file():
+                (target / "dataset.json").write_bytes(_filtered_dataset_json(meta.read_bytes(), kept_keys + extra))
+        elif fmt == "zip":
+            target = stage / Path(src["path"]).name
+            _copy_zip(Path(src["path"]), target, kept_keys + extra)
+        elif fmt in ("npy", "npz"):
+            path = Path(src["path"]) if src else Path(rd.cfg.data.path).expanduser()
+            target = stage / path.name
+            _copy_arrays(path, target, kept_keys + extra, src.get("array") if src else "x")
+        else:
+            target = stage / "train.npz"
+            _write_tensors(rd, target, [i for i in range(len(train_keys)) if i not in gone])
+        images = _removed_images(rd, removed)
+        if images is None and fmt in ("npy", "npz"):
+            images = _array_rows(target, rd, [train_keys[i] for i in removed[:GRID_MAX]], src) if removed else None
+        points = _training_points(rd) if images is None and fmt == "tensors" else None
+        with open(stage / "removed.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["rank", "key", "index", "harmfulness", "influence"])
+            for r, i in enumerate(removed, 1):
+                w.writerow([r, train_keys[i], i, repr(float(table.harmfulness[i])), repr(float(table.influence[i]))])
+        drew = bool(removed) and removed_picture(stage / "removed.png", images, points, removed, train_keys,
+                                                 table.harmfulness)
+        info = {"format": fmt, "output": target.name, "scores": str(table.path) if table.path else None,
+                "run": str(rd.path), "rule": {"rate": rate, "count": count, "min_harmfulness": min_harmfulness},
+                "metric": (table.info or {}).get("metric"), "method": (table.info or {}).get("method"),
+                "n_train": len(train_keys), "n_removed": len(removed), "n_exported": len(kept_keys) + len(extra),
+                "all_splits": all_splits, "link": link, "removed_png": drew,
+                "source": None if src is None else {k: src[k] for k in ("path", "digest") if k in src}}
+        write_json_atomic(stage / MARKER, info)
+    info["path"] = str(out / info["output"])
+    return info
+
+
+def _array_rows(written: Path, rd: RunData, keys: list[str], src: dict | None) -> np.ndarray:
+    """Removed rows of the source array, converted the way training converted them."""
+    from .base import as_float
+    from .image_files import channels_first, convert_array, read_array_file
+
+    path = Path(src["path"]) if src else Path(rd.cfg.data.path).expanduser()
+    raw, _, name = read_array_file(path)
+    x = channels_first(raw, str(path))[_rows(keys)]
+    import torch
+
+    return as_float(torch.from_numpy(convert_array(np.ascontiguousarray(x), rd.cfg.data, str(path)))).numpy()
+
+
+def _training_split(rd: RunData):  # noqa: ANN202 - Splits, imported lazily
+    from safetensors.torch import load_file
+
+    from . import Splits, load_data
+
+    data_file = rd.path / "data.safetensors"
+    if data_file.is_file():
+        return Splits(**load_file(str(data_file)))
+    return load_data(rd.cfg)
+
+
+def _write_tensors(rd: RunData, target: Path, kept: list[int]) -> None:
+    splits = _training_split(rd)
+    arrays = {"x": splits.split("train").numpy()[kept]}
+    if splits.y_train is not None:
+        arrays["y"] = splits.y_train.numpy()[kept]
+    np.savez(target, **arrays)
+
+
+def _training_points(rd: RunData) -> np.ndarray:
+    return _training_split(rd).split("train").numpy()
+
+
+def summary_line(info: dict[str, Any]) -> str:
+    return (f"exported {info['n_exported']} of {info['n_train']} training instances "
+            f"({info['n_removed']} removed) to {info['path']}")
+
+
+__all__ = ["ScoreTable", "export", "select", "summary_line"]
