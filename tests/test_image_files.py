@@ -746,11 +746,7 @@ def test_cli_train_and_influence_on_an_image_folder(tmp_path, capsys):
     assert not any(p.name.startswith("bad_run") for p in tmp_path.iterdir())
 
 
-# ------------------------------------------------------------- known source bugs (xfail)
-@pytest.mark.xfail(strict=True, reason=(
-    "16-bit grayscale PNGs (Pillow mode I;16) are converted with Image.convert('L'), which clips "
-    "every value above 255 to 255: the images silently become black/white. Expected: scaled to "
-    "8 bits (value / 257), or a DataError naming the file"))
+# ------------------------------------------------------------- edge cases of real folders
 def test_16bit_gray_png_keeps_its_levels(tmp_path):
     root = tmp_path / "d"
     root.mkdir()
@@ -767,10 +763,6 @@ def test_16bit_gray_png_keeps_its_levels(tmp_path):
         assert np.abs(x[0].astype(np.int64) - expected).max() <= 1, k
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "list_folder walks with os.walk(followlinks=True) and no cycle check: a symlink to an "
-    "ancestor folder makes every image load ~40 times (keys again/again/.../0.png) until the "
-    "OS gives ELOOP, so duplicates leak across train/valid/test"))
 def test_symlink_loop_does_not_duplicate_images(tmp_path):
     import os
 
@@ -790,10 +782,6 @@ def test_symlink_loop_does_not_duplicate_images(tmp_path):
     assert len({os.path.realpath(root / k) for k in ks}) == len(ks)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "PIL.Image.DecompressionBombError (an image over 2 x Image.MAX_IMAGE_PIXELS, ~179 MP by "
-    "default) derives from Exception, not OSError/ValueError, so decode_files neither turns it "
-    "into a DataError naming the file nor skips it with skip_bad_files; the CLI shows a traceback"))
 def test_oversized_image_is_a_data_error_naming_it(tmp_path, monkeypatch):
     rng = np.random.default_rng(31)
     root = tmp_path / "d"

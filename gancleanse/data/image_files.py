@@ -83,7 +83,13 @@ def _visible(parts: tuple[str, ...]) -> bool:
 def list_folder(root: Path) -> Listing:
     exts = image_extensions()
     keys = []
+    seen: set[str] = set()  # real paths of folders walked: a symlink loop is walked once
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if _visible((d,)))
         rel_dir = Path(dirpath).relative_to(root)
         for f in filenames:
@@ -177,6 +183,9 @@ class Converter:
         with Image.open(io.BytesIO(raw)) as img:
             img.load()
             mode = self.channels_mode(img.mode)
+            if img.mode.startswith("I"):  # 16-bit gray: scale to 8 bits (Pillow's convert would clip)
+                a16 = np.asarray(img, dtype=np.float64)
+                img = Image.fromarray(np.clip(np.round(a16 / 257.0), 0, 255).astype(np.uint8), mode="L")
             if img.mode == "P" and "transparency" in img.info:
                 img = img.convert("RGBA")
             img = img.convert(mode)
@@ -247,6 +256,7 @@ def decode_files(listing: Listing, cfg: DataConfig, progress: bool = False
     it changes when any file does. A file that cannot be decoded is an error naming it,
     unless ``skip_bad_files``.
     """
+    from PIL import Image
     from tqdm.auto import tqdm
 
     convert = Converter(cfg)
@@ -263,7 +273,7 @@ def decode_files(listing: Listing, cfg: DataConfig, progress: bool = False
         digest.update(key.encode() + b"\0" + hashlib.sha256(raw).digest())
         try:
             img = convert(raw)
-        except (OSError, ValueError, SyntaxError, MemoryError) as e:
+        except (OSError, ValueError, SyntaxError, MemoryError, Image.DecompressionBombError) as e:
             reason = f"{type(e).__name__}: {e}"
             if not cfg.skip_bad_files:
                 raise DataError(f"{_join(listing, key)}: not a readable image ({reason}); fix or remove it, "
@@ -311,9 +321,13 @@ def channels_first(x: np.ndarray, source: str) -> np.ndarray:
     if x.ndim != 4:
         raise DataError(f"{source}: expected images of shape (N, H, W), (N, C, H, W) or (N, H, W, C), "
                         f"got {tuple(x.shape)}")
-    if x.shape[1] in (1, 3, 4):
+    first, last = x.shape[1] in (1, 3, 4), x.shape[3] in (1, 3, 4)
+    if first and last:  # both could be channels: the layout whose images are square wins
+        last = x.shape[1] == x.shape[2] and x.shape[2] != x.shape[3]
+        first = not last
+    if first:
         return x
-    if x.shape[3] in (1, 3, 4):
+    if last:
         return x.transpose(0, 3, 1, 2)
     raise DataError(f"{source}: images of shape {tuple(x.shape)} have no channel axis of size 1, 3 or 4 "
                     "(first or last after N)")
