@@ -284,13 +284,16 @@ def validate(run: Run | str | Path, metric: str = "all", method: str = "itd", in
 
 def cleanse(cfg: Config, out: str | Path, *, models: GANModules | None = None, data: Splits | None = None,
             executor: str = "local", workers: int = 1, report: bool = True,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, export: str | Path | None = None, force_export: bool = False) -> dict[str, Any]:
     """The whole cleansing study of ``cfg``'s [cleanse] section; resumable in ``out``.
 
     With ``models``, every replicate starts from the modules' own initial parameters (the
-    replicates then differ by data split/seed, minibatch order and latents).
+    replicates then differ by data split/seed, minibatch order and latents). With
+    ``export``, the scorer and removal rate chosen on the validation split for the first
+    metric are applied to the full training split and the cleaned data written there
+    (``summary["export"]`` says what was written).
     """
-    from .study.cleanse import run_study
+    from .study.cleanse import export_recommended, run_study
 
     summary = run_study(cfg, Path(out), models=models, data=data, executor=executor, workers=workers,
                         progress=progress)
@@ -298,4 +301,7 @@ def cleanse(cfg: Config, out: str | Path, *, models: GANModules | None = None, d
         from .study.report import write_report
 
         write_report(Path(out))
+    if export is not None:
+        summary["export"] = export_recommended(cfg, Path(out), Path(export), summary, models=models, data=data,
+                                               force=force_export)
     return summary

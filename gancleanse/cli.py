@@ -107,12 +107,30 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_cleanse(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     summary = api.cleanse(cfg, args.out, executor=args.executor, workers=args.workers,
-                          report=not args.no_report, progress=not args.quiet)
+                          report=not args.no_report, progress=not args.quiet, export=args.export,
+                          force_export=args.force)
     _print_summary(summary)
     out = Path(args.out)
+    _print_recommendation(summary, args.config, out, cfg.cleanse.metrics[0])
+    if "export" in summary:
+        from .data.export import summary_line
+
+        print(summary_line(summary["export"]))
     print(f"\nresults: {out / 'results.csv'}, {out / 'summary.csv'}"
           + ("" if args.no_report else f"\nreport:  {out / 'report.html'}"))
     return 0
+
+
+def _print_recommendation(summary: dict, config: str, out: Path, metric: str) -> None:
+    """The scorer and rate chosen on the validation split, and the command that applies them."""
+    for r in summary.get("recommended", []):
+        verdict = "improves" if r["improves_validation"] else "does not improve"
+        print(f"\nchosen on the validation split for {r['eval_metric']}: {r['method']}-{r['score_metric']} "
+              f"removing {r['removal_rate']:g} ({r['n_removed']} instances) {verdict} it "
+              f"(validation {r['mean_valid_delta']:+.4g}, test {r['mean_delta']:+.4g})")
+        if r["eval_metric"] == metric and r["improves_validation"]:
+            print(f"export the cleaned training data with it:\n  gancleanse cleanse {config} --out {out} "
+                  f"--export CLEANED_DIR")
 
 
 def _print_summary(summary: dict) -> None:
@@ -254,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--executor", choices=("local", "ray"), default="local")
     sp.add_argument("--workers", type=int, default=1, help="parallel jobs")
     sp.add_argument("--no-report", action="store_true", help="skip report.html")
+    sp.add_argument("--export", default=None, metavar="CLEANED_DIR",
+                    help="apply the scorer and rate chosen on the validation split (first metric) to the full "
+                         "training split and write the cleaned data there, in its own format")
+    sp.add_argument("--force", action="store_true", help="replace an earlier export at --export")
     common(sp)
     sp.set_defaults(func=_cmd_cleanse)
 

@@ -154,6 +154,14 @@ def read_scores(path: Path) -> np.ndarray:
     return np.array([float(r[2]) for r in rows])
 
 
+def read_keys(path: Path) -> list[str]:
+    """Instance keys of a SCORES.csv (``#i`` for files written before keys existed)."""
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    has_key = len(rows[0]) > 3 and rows[0][3] == "key"
+    return [r[3] if has_key else f"#{i}" for i, r in enumerate(rows[1:])]
+
+
 def removal_set(harmfulness: np.ndarray, rate: float) -> list[int]:
     n = math.floor(len(harmfulness) * rate)
     return [int(i) for i in np.argsort(-harmfulness, kind="stable")[:n]]
@@ -314,7 +322,65 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     protocol = [{"method": method, "score_metric": sm, "eval_metric": em,
                  "chosen_rates": [r["removal_rate"] for r in rs], **_stats([r["delta"] for r in rs])}
                 for (method, sm, em), rs in sorted(chosen.items())]
-    return {"by_rate": table, "rate_chosen_on_validation": protocol}
+    return {"by_rate": table, "rate_chosen_on_validation": protocol, "recommended": recommend(rows)}
+
+
+def recommend(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per evaluated metric, the scorer and removal rate whose mean change on the *validation*
+    split is best (random removal excluded: it is a control, not a cleansing), with its test change."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["n_removed"] > 0 and r["method"] != "random":
+            groups.setdefault((r["eval_metric"], r["method"], r["score_metric"], r["removal_rate"]), []).append(r)
+    best: dict[str, dict[str, Any]] = {}
+    for (em, method, sm, rate), rs in sorted(groups.items()):
+        sign = 1.0 if HIGHER_IS_BETTER[em] else -1.0
+        entry = {"eval_metric": em, "method": method, "score_metric": sm, "removal_rate": rate,
+                 "n_removed": rs[0]["n_removed"], "mean_valid_delta": float(np.mean([r["valid_delta"] for r in rs])),
+                 "mean_delta": float(np.mean([r["delta"] for r in rs])), "n_seeds": len(rs)}
+        entry["improves_validation"] = sign * entry["mean_valid_delta"] > 0
+        if em not in best or sign * entry["mean_valid_delta"] > sign * best[em]["mean_valid_delta"]:
+            best[em] = entry
+    return [best[em] for em in sorted(best)]
+
+
+def full_config(cfg: Config) -> Config:
+    """The config of the run an export is scored on: the study's own seeds, and for data read
+    from files every instance not in the validation or test split as the training split."""
+    cfg = cfg.resolved()
+    if cfg.data.name not in ("gaussian2d", "custom"):
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, n_train=None))
+    return cfg
+
+
+def export_recommended(cfg: Config, out: Path, export_dir: Path, summary: dict[str, Any], *,
+                       models: GANModules | None = None, data: Splits | None = None,
+                       force: bool = False) -> dict[str, Any]:
+    """Apply the validation-chosen scorer and rate of the first metric to the full training split.
+
+    The scores come from a run trained on the full training split: the study's seed-0
+    replicate when that is the same training, else one more run in ``out/export/``.
+    """
+    from ..data.export import export
+
+    cfg = cfg.resolved()
+    metric = cfg.cleanse.metrics[0]
+    rec = next((r for r in summary.get("recommended", []) if r["eval_metric"] == metric), None)
+    if rec is None or not rec["improves_validation"]:
+        raise ConfigError(f"no scorer improved the validation {metric} at any removal rate in {out}; "
+                          "nothing to export (see summary.csv)")
+    full = full_config(cfg)
+    scorer = Scorer(rec["method"], rec["score_metric"])
+    if 0 in cfg.cleanse.seeds and replicate_config(cfg, 0) == full:
+        seed_dir = out / "seeds" / "seed_0"
+    else:
+        seed_dir = out / "export"
+        seed_dir.mkdir(parents=True, exist_ok=True)
+    run = train_and_score(full.to_dict(), str(seed_dir), [(scorer.method, scorer.score_metric)], 0, models, data)
+    info = export(seed_dir / "scores" / f"{scorer.name}.csv", export_dir, rate=rec["removal_rate"],
+                  run=run.path, force=force)
+    info["recommended"] = rec
+    return info
 
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:

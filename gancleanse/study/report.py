@@ -21,7 +21,7 @@ import numpy as np
 
 from ..config import HIGHER_IS_BETTER, Config, load_config
 from ..errors import GancleanseError
-from .cleanse import read_results, read_scores, retrain_key, summarize
+from .cleanse import read_keys, read_results, read_scores, retrain_key, summarize
 
 GRID_COUNT = 32  # most harmful / most helpful training images shown per scorer
 MARKED = 50  # most harmful 2D instances circled per scorer
@@ -325,12 +325,14 @@ def _scores(study_dir: Path, rows: list[Row], seed: int) -> str:
             cards.append(_note(f"{path.name} has {len(harm)} scores for {len(x)} training instances."))
             continue
         order = np.argsort(-harm, kind="stable")
+        keys = read_keys(path)
         if images is not None:
             for label, idx in (("most harmful", order[:GRID_COUNT]), ("most helpful", order[::-1][:GRID_COUNT])):
                 ids = ", ".join(str(int(i)) for i in idx)
+                named = ", ".join(keys[i] for i in idx)
                 img = _img(_grid_png(images[idx]), f"{name}: {label} training images", f"indices: {ids}", pixels=True)
-                cards.append(_figure(img, f"<b>{_e(name)}</b>: the {len(idx)} {label} (row by row; "
-                                          f"indices {ids})"))
+                cards.append(_figure(img, f"<b>{_e(name)}</b>: the {len(idx)} {label} (row by row): "
+                                          f"<span class=\"keys\">{_e(named)}</span>"))
         else:
             cards.append(_figure(_img(_harm_scatter(x, harm, order[:top_k]), f"{name}: harmfulness"),
                                  f"<b>{_e(name)}</b>: training set coloured by harmfulness (red: removal "
