@@ -71,6 +71,14 @@ def rows_by_key(splits) -> dict[str, tuple[np.ndarray, int | None]]:
     return out
 
 
+def assert_holds_exactly(splits, written: dict[str, np.ndarray]) -> None:
+    """The splits hold exactly the written images (by key), each with the pixels written."""
+    rows = rows_by_key(splits)
+    assert sorted(rows) == sorted(written)
+    for key, arr in written.items():
+        assert np.array_equal(rows[key][0], chw(arr)), key
+
+
 def all_keys(splits) -> list[str]:
     return [k for name in ("train", "valid", "test") for k in splits.keys[name]]
 
@@ -279,10 +287,7 @@ def test_zip_without_labels(tmp_path, meta):
     written = _stylegan_zip(path, 6, meta)
     s = load_images(dcfg(path=path))
     assert s.y_train is None and s.y_valid is None and s.y_test is None
-    rows = rows_by_key(s)
-    assert sorted(rows) == sorted(written)
-    for key, arr in written.items():
-        assert np.array_equal(rows[key][0], chw(arr)), key
+    assert_holds_exactly(s, written)
 
 
 def test_zip_dataset_json_missing_a_label_names_the_image(tmp_path):
@@ -609,10 +614,7 @@ def test_skip_bad_files_skips_warns_and_records(tmp_path, kind):
     with pytest.warns(GancleanseWarning, match=r"x\.png"):
         s = load_images(dcfg(path=root, skip_bad_files=True))
     assert [item[0] for item in s.source["skipped"]] == ["x.png"]
-    rows = rows_by_key(s)
-    assert sorted(rows) == sorted(written)
-    for k, a in written.items():
-        assert np.array_equal(rows[k][0], chw(a)), k
+    assert_holds_exactly(s, written)
 
 
 def test_skip_bad_files_with_no_good_file_left_is_an_error(tmp_path):

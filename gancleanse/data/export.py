@@ -271,6 +271,7 @@ def export(scores: str | Path | ScoreTable, out: str | Path, *, rate: float | No
             raise GancleanseError("--all-splits: the validation and test splits came from data.reference_path, "
                                   "a different dataset; export the training split alone")
         extra = rd.keys["valid"] + rd.keys["test"]
+    points = None  # the training points of 2D data, for removed.png
     with staged_directory(out, force=force) as stage:
         if fmt == "folder":
             root = Path(src["path"])
@@ -288,11 +289,10 @@ def export(scores: str | Path | ScoreTable, out: str | Path, *, rate: float | No
             _copy_arrays(path, target, kept_keys + extra, src.get("array") if src else "x")
         else:
             target = stage / "train.npz"
-            _write_tensors(rd, target, [i for i in range(len(train_keys)) if i not in gone])
+            points = _write_tensors(rd, target, [i for i in range(len(train_keys)) if i not in gone])
         images = _removed_images(rd, removed)
         if images is None and fmt in ("npy", "npz"):
             images = _array_rows(target, rd, [train_keys[i] for i in removed[:GRID_MAX]], src) if removed else None
-        points = _training_points(rd) if images is None and fmt == "tensors" else None
         with open(stage / "removed.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["rank", "key", "index", "harmfulness", "influence"])
@@ -335,16 +335,15 @@ def _training_split(rd: RunData):  # noqa: ANN202 - Splits, imported lazily
     return load_data(rd.cfg)
 
 
-def _write_tensors(rd: RunData, target: Path, kept: list[int]) -> None:
+def _write_tensors(rd: RunData, target: Path, kept: list[int]) -> np.ndarray:
+    """train.npz of the kept instances as the model saw them; returns the whole training split."""
     splits = _training_split(rd)
-    arrays = {"x": splits.split("train").numpy()[kept]}
+    x = splits.split("train").numpy()
+    arrays = {"x": x[kept]}
     if splits.y_train is not None:
         arrays["y"] = splits.y_train.numpy()[kept]
     np.savez(target, **arrays)
-
-
-def _training_points(rd: RunData) -> np.ndarray:
-    return _training_split(rd).split("train").numpy()
+    return x
 
 
 def summary_line(info: dict[str, Any]) -> str:

@@ -27,6 +27,7 @@ import json
 import os
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -37,7 +38,7 @@ import torch
 from ..config import DataConfig
 from ..errors import ConfigError, DataError, GancleanseWarning
 from .base import Splits
-from .images import as_labels, permutation, split_counts
+from .images import as_labels, check_pixel_values, permutation, split_counts
 
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 # Pillow formats that only identify files or need external programs: never image data here.
@@ -114,17 +115,11 @@ def list_zip(path: Path) -> Listing:
     def read(key: str) -> bytes:
         try:
             return archive.read(key)
-        except (zipfile.BadZipFile, OSError, EOFError, zlib_error()) as e:
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
             raise OSError(f"damaged zip member ({e})") from None
 
     meta = archive.read(DATASET_JSON) if DATASET_JSON in names else None
     return Listing("zip", path, keys, read, meta, archive.close)
-
-
-def zlib_error() -> type[Exception]:
-    import zlib
-
-    return zlib.error
 
 
 def open_listing(path: Path) -> Listing:
@@ -337,20 +332,9 @@ def convert_array(x: np.ndarray, cfg: DataConfig, source: str) -> np.ndarray:
     """Channels and size of an (N, C, H, W) array by the config; uint8 stays uint8."""
     if x.shape[0] == 0 or min(x.shape[2:]) == 0:
         raise DataError(f"{source}: empty image array of shape {tuple(x.shape)}")
+    check_pixel_values(x, source)
     if np.issubdtype(x.dtype, np.integer):
-        lo, hi = int(x.min()), int(x.max())
-        if lo < 0 or hi > 255:
-            raise DataError(f"{source}: integer pixels must lie in 0..255, found {lo}..{hi}")
         x = x.astype(np.uint8, copy=False)
-    elif np.issubdtype(x.dtype, np.floating):
-        if not np.isfinite(x).all():
-            raise DataError(f"{source}: image array contains NaN or infinite values")
-        lo, hi = float(x.min()), float(x.max())
-        if lo < -1.0 or hi > 1.0:
-            warnings.warn(f"{source}: float pixels outside [-1, 1] (range {lo:.3g}..{hi:.3g}) are used as "
-                          "they are; store uint8 0..255 to have them scaled", GancleanseWarning, stacklevel=3)
-    else:
-        raise DataError(f"{source}: image array has dtype {x.dtype}; use uint8 (0..255) or float")
     if x.shape[1] == 4:
         x = x[:, :3]  # alpha dropped, as Pillow's RGBA -> RGB
     target = cfg.channels or x.shape[1]

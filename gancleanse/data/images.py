@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DataConfig
-from ..errors import DataError
+from ..errors import DataError, GancleanseWarning
 from .base import Splits
 
 
@@ -36,6 +36,12 @@ def check_images(x: np.ndarray, source: str) -> np.ndarray:
                         f"got shape {tuple(x.shape)}")
     if x.shape[0] == 0 or min(x.shape[1:]) == 0:
         raise DataError(f"{source}: empty image array of shape {tuple(x.shape)}")
+    check_pixel_values(x, source)
+    return x
+
+
+def check_pixel_values(x: np.ndarray, source: str) -> None:
+    """Integer pixels in 0..255; float pixels finite (a warning when outside [-1, 1]); no other dtype."""
     if np.issubdtype(x.dtype, np.integer):
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi > 255:
@@ -47,10 +53,9 @@ def check_images(x: np.ndarray, source: str) -> np.ndarray:
         if lo < -1.0 or hi > 1.0:
             warnings.warn(f"{source}: float pixels outside [-1, 1] (range {lo:.3g}..{hi:.3g}) are "
                           "used as they are; a generator ending in tanh cannot reach them",
-                          stacklevel=3)
+                          GancleanseWarning, stacklevel=4)
     else:
         raise DataError(f"{source}: image array has dtype {x.dtype}; use uint8 (0..255) or float")
-    return x
 
 
 def to_tensor(x: np.ndarray) -> torch.Tensor:

@@ -154,14 +154,6 @@ def read_scores(path: Path) -> np.ndarray:
     return np.array([float(r[2]) for r in rows])
 
 
-def read_keys(path: Path) -> list[str]:
-    """Instance keys of a SCORES.csv (``#i`` for files written before keys existed)."""
-    with open(path) as f:
-        rows = list(csv.reader(f))
-    has_key = len(rows[0]) > 3 and rows[0][3] == "key"
-    return [r[3] if has_key else f"#{i}" for i, r in enumerate(rows[1:])]
-
-
 def removal_set(harmfulness: np.ndarray, rate: float) -> list[int]:
     n = math.floor(len(harmfulness) * rate)
     return [int(i) for i in np.argsort(-harmfulness, kind="stable")[:n]]

@@ -20,8 +20,9 @@ from typing import Any, Callable
 import numpy as np
 
 from ..config import HIGHER_IS_BETTER, Config, load_config
+from ..data.export import ScoreTable
 from ..errors import GancleanseError
-from .cleanse import read_keys, read_results, read_scores, retrain_key, summarize
+from .cleanse import read_results, read_scores, retrain_key, summarize
 
 GRID_COUNT = 32  # most harmful / most helpful training images shown per scorer
 MARKED = 50  # most harmful 2D instances circled per scorer
@@ -325,7 +326,7 @@ def _scores(study_dir: Path, rows: list[Row], seed: int) -> str:
             cards.append(_note(f"{path.name} has {len(harm)} scores for {len(x)} training instances."))
             continue
         order = np.argsort(-harm, kind="stable")
-        keys = read_keys(path)
+        keys = ScoreTable.read(path).keys
         if images is not None:
             for label, idx in (("most harmful", order[:GRID_COUNT]), ("most helpful", order[::-1][:GRID_COUNT])):
                 ids = ", ".join(str(int(i)) for i in idx)
