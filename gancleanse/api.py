@@ -13,7 +13,7 @@ import torch
 
 from .config import HIGHER_IS_BETTER, METRICS, Config
 from .data import Splits
-from .errors import ConfigError, GancleanseError
+from .errors import ConfigError, GancleanseError, NonFiniteError
 # Imported eagerly: the package attribute ``gancleanse.influence`` must end up being the
 # function below, not the subpackage of the same name bound on its first import.
 from .influence.itd import itd_influence
@@ -135,8 +135,22 @@ def influence(run: Run | str | Path, metric: str = "all", method: str = "itd", *
     """
     run = _open(run)
     scores = _score(run, metric, method, features=features, seed=seed, progress=progress, **solver_options)
+    check_finite_scores(scores, run)
     scores.keys = run.train_keys
+    scores.info["run_id"] = run.id
     return scores
+
+
+def check_finite_scores(scores: Scores, run: Run) -> None:
+    """NaN or infinity in an estimate is an error naming where it came from, never a score file."""
+    vectors = {"influence": scores.influence, "harmfulness": scores.harmfulness,
+               **{f"influence after {k} epoch(s) traced": v for k, v in scores.horizons.items()}}
+    for what, v in vectors.items():
+        bad = ~np.isfinite(np.asarray(v, dtype=np.float64))
+        if bad.any():
+            first = [int(i) for i in np.flatnonzero(bad)[:5]]
+            raise NonFiniteError(f"{scores.method} {what} on {scores.metric} of run {run.path} has "
+                                 f"{int(bad.sum())} non-finite value(s) (instances {first}); nothing was written")
 
 
 def _score(run: Run, metric: str, method: str, *, features: str, seed: int, progress: bool,

@@ -1,4 +1,4 @@
-"""Command line: ``gancleanse train | influence | counterfactual | validate | cleanse | export | report | demo``.
+"""Command line: ``gancleanse train | influence | counterfactual | validate | cleanse | export | report | verify | demo``.
 
 Every subcommand is a thin shell over the Python API in ``gancleanse.api``; user errors
 print one line naming the problem and exit with status 2.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import warnings
 from importlib import resources
@@ -38,6 +39,20 @@ def describe_data(data: dict) -> str:
             f"{data['labels']}); {split}")
 
 
+def check_out(path: str, suffix: str, force: bool, option: str = "--out") -> Path:
+    """An output file path: it must end in ``suffix``; an existing file is replaced only with
+    --force, and never a directory. Checked before any work starts."""
+    out = Path(path)
+    if out.suffix.lower() != suffix:
+        raise GancleanseError(f"{option} {path}: must end in {suffix}")
+    for p in (out, out.with_suffix(".json")):
+        if p.is_dir():
+            raise GancleanseError(f"{option} {path}: {p} is a directory")
+        if (p.exists() or p.is_symlink()) and not force:
+            raise GancleanseError(f"{option} {path}: {p} exists (use --force to replace it)")
+    return out
+
+
 def _write_scores(scores: api.Scores, out: Path, run: Run) -> None:
     """SCORES.csv, SCORES.json (what produced it) and, if any, SCORES.horizons.csv."""
     scores.to_csv(out)
@@ -61,12 +76,13 @@ def _print_top(scores: api.Scores, k: int) -> None:
 
 
 def _cmd_influence(args: argparse.Namespace) -> int:
-    run = Run.open(args.run)
+    out = check_out(args.out, ".csv", args.force)
+    run = Run.open(args.run, extractor=args.extractor)
     scores = api.influence(run, args.metric, args.method, features=args.features, seed=args.seed,
                            progress=not args.quiet, **_solver_options(args))
     if not args.horizons:
         scores.horizons = {}
-    _write_scores(scores, Path(args.out), run)
+    _write_scores(scores, out, run)
     if args.top:
         _print_top(scores, min(args.top, run.n_train))
     print(f"wrote {args.out} ({run.n_train} rows) in {scores.info.get('seconds', 0.0):.1f} s", file=sys.stderr)
@@ -82,7 +98,7 @@ def _solver_options(args: argparse.Namespace) -> dict:
 
 
 def _cmd_counterfactual(args: argparse.Namespace) -> int:
-    run = Run.open(args.run)
+    run = Run.open(args.run, extractor=args.extractor)
     removed = api.parse_indices(args.remove, run.n_train)
     result = api.counterfactual(run, removed, args.metric, from_epoch=args.from_epoch,
                                 progress=not args.quiet)
@@ -91,7 +107,8 @@ def _cmd_counterfactual(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    res = api.validate(args.run, args.metric, args.method, args.instances, seed=args.seed,
+    check_out(args.out, ".json", args.force)
+    res = api.validate(Run.open(args.run, extractor=args.extractor), args.metric, args.method, args.instances, seed=args.seed,
                        extremes=args.extremes, horizons=args.horizons, executor=args.executor,
                        workers=args.workers, out=args.out, progress=not args.quiet,
                        solver_options=_solver_options(args))
@@ -99,7 +116,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     print(f"{'epochs traced':>13}  {'kendall tau':>11}  {'pearson':>8}  {'jaccard':>8}  (random jaccard "
           f"{res['random_jaccard']:.3f}, {res['n_instances']} instances)")
     for r in rows:
-        print(f"{r['epochs_traced']:>13}  {r['kendall_tau']:>11.3f}  {r['pearson']:>8.3f}  {r['jaccard']:>8.3f}")
+        tau, r_ = (("n/a" if v is None else f"{v:.3f}") for v in (r["kendall_tau"], r["pearson"]))
+        print(f"{r['epochs_traced']:>13}  {tau:>11}  {r_:>8}  {r['jaccard']:>8.3f}")
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}", file=sys.stderr)
     return 0
 
@@ -151,6 +169,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(summary_line(info))
     print(f"removed instances: {Path(args.out) / 'removed.csv'}"
           + (f", {Path(args.out) / 'removed.png'}" if info["removed_png"] else ""))
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify_run
+
+    run = Run.open(args.run)
+    print(f"verifying {run.path}")
+    verify_run(run, replay=not args.no_replay, report=lambda line: print(f"  ok  {line}"),
+               progress=not args.quiet)
+    print(f"{run.path}: every check passed")
     return 0
 
 
@@ -209,6 +238,16 @@ def _aid_arguments(sp: argparse.ArgumentParser) -> None:
                    help="training instances (and latents) of the fixed Jacobian operator (default all, up to 2048)")
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gancleanse", description=(
         "Estimate how each training instance changes a GAN evaluation metric, remove the harmful "
@@ -218,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+    def extractor(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--extractor", default=None, metavar="FILE.pt",
+                        help="TorchScript feature extractor for is/log_is/fid/kid (loading it runs its code, so a "
+                             "run's stored metric.extractor is used only when named here)")
 
     sp = sub.add_parser("train", help="train a GAN and record a run directory")
     sp.add_argument("config", help="TOML config file")
@@ -230,15 +274,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run", help="run directory written by `gancleanse train`")
     sp.add_argument("--metric", choices=METRICS, default="all")
     sp.add_argument("--method", choices=api.METHODS, default="itd")
-    sp.add_argument("--out", required=True, help="SCORES.csv to write (index,influence,harmfulness)")
+    sp.add_argument("--out", required=True, help="SCORES.csv to write (index,influence,harmfulness,key); "
+                    "SCORES.json beside it says what produced it")
+    sp.add_argument("--force", action="store_true", help="replace an existing SCORES.csv")
     sp.add_argument("--horizons", action="store_true",
                     help="also write the estimate for every number of epochs traced back (SCORES.horizons.csv)")
-    sp.add_argument("--top", type=int, default=0, metavar="K", help="print the K most harmful instances")
+    sp.add_argument("--top", type=positive_int, default=0, metavar="K", help="print the K most harmful instances")
     sp.add_argument("--features", choices=("raw", "classifier"), default="raw",
                     help="isolation_forest: fit on raw data or on the metric classifier's features")
     sp.add_argument("--seed", type=int, default=0, help="random / isolation_forest / aid seed")
     _aid_arguments(sp)
     common(sp)
+    extractor(sp)
     sp.set_defaults(func=_cmd_influence)
 
     sp = sub.add_parser("counterfactual", help="retrain the recorded window without some instances")
@@ -248,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--from-epoch", type=int, default=None,
                     help="restart at this epoch's start (inside the recorded window) instead of the window start")
     common(sp)
+    extractor(sp)
     sp.set_defaults(func=_cmd_counterfactual)
 
     sp = sub.add_parser("validate", help="compare estimates with counterfactual retraining")
@@ -256,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--method", choices=api.METHODS, default="itd")
     sp.add_argument("--instances", type=int, default=20, metavar="K", help="instances to retrain without")
     sp.add_argument("--out", required=True, help="VALID.json to write (a scatter plot goes beside it)")
+    sp.add_argument("--force", action="store_true", help="replace an existing VALID.json")
     sp.add_argument("--seed", type=int, default=0, help="seed of the instance choice")
     sp.add_argument("--extremes", action="store_true",
                     help="take half of the instances from the extremes of the estimate")
@@ -264,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workers", type=int, default=1, help="parallel retrains")
     _aid_arguments(sp)
     common(sp)
+    extractor(sp)
     sp.set_defaults(func=_cmd_validate)
 
     sp = sub.add_parser("cleanse", help="the whole cleansing study of a config, with report")
@@ -297,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("dir", help="study directory written by `gancleanse cleanse`")
     sp.set_defaults(func=_cmd_report)
 
+    sp = sub.add_parser("verify", help="check a run directory: hashes, schedule, latents, bitwise replay")
+    sp.add_argument("run", help="run directory written by `gancleanse train`")
+    sp.add_argument("--no-replay", action="store_true", help="skip replaying the recorded window")
+    common(sp)
+    sp.set_defaults(func=_cmd_verify)
+
     sp = sub.add_parser("demo", help="the main job: a reduced 2D cleansing study on the embedded default")
     sp.add_argument("--out", default="runs/demo", help="output directory (default runs/demo; resumed)")
     sp.add_argument("--workers", type=int, default=1, help="parallel jobs")
@@ -309,18 +365,47 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"gancleanse: warning: {message}", file=sys.stderr)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that staging directories, locks and workers are cleaned up."""
+
+
+def _on_sigterm(signum, frame) -> None:  # noqa: ANN001
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning  # one line per warning; restored on exit
             return args.func(args)
     except GancleanseError as e:
-        print(f"gancleanse: error: {e}", file=sys.stderr)
+        print(f"gancleanse: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file the user named cannot be read or written
+        where = f": {e.filename}" if e.filename else ""
+        print(f"gancleanse: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gancleanse: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("gancleanse: terminated", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +21,20 @@ from .errors import ConfigError
 GAUSSIAN2D_N_TRAIN = 10000  # the paper's accuracy setting
 METRICS = ("all", "is", "log_is", "fid", "kid", "loss_d")
 HIGHER_IS_BETTER = {"all": True, "is": True, "log_is": True, "fid": False, "kid": False, "loss_d": False}
+METHODS = ("itd", "aid", "isolation_forest", "random")
+INT64 = 2**63  # TOML integers are 64-bit; tomllib reads bigger ones, which torch then cannot hold
+REPLICATE_SEEDS = 2**32  # cleanse.seeds are added to the 64-bit base seeds; this keeps every sum
+# below 2**64, the range torch.Generator.manual_seed accepts (np.random.SeedSequence takes any)
+MAX_THREADS = 1024  # a static sanity bound (torch.set_num_threads(100000) crashes); see check_threads
 
 
 def _opt(default: Any, *, choices: tuple | None = None, lo: float | None = None,
-         hi: float | None = None, lo_open: bool = False, doc: str = "") -> Any:
-    """A dataclass field with validation metadata (allowed choices, numeric range)."""
-    meta = {"choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "doc": doc}
+         hi: float | None = None, lo_open: bool = False, hi_open: bool = False, doc: str = "") -> Any:
+    """A dataclass field with validation metadata (allowed choices, numeric range).
+
+    The range of a list field bounds each of its items.
+    """
+    meta = {"choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "doc": doc}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -79,12 +88,13 @@ class TrainConfig:
     loss: str = _opt("modified_minmax", choices=("modified_minmax", "minmax", "wasserstein", "hinge", "ls"))
     weight_decay_d: float = _opt(0.0, lo=0.0)
     weight_decay_g: float = _opt(0.0, lo=0.0)
-    ema_beta: float = _opt(0.0, lo=0.0, hi=1.0, doc="0 = no generator averaging")
+    ema_beta: float = _opt(0.0, lo=0.0, hi=1, hi_open=True, doc="0 = no generator averaging "
+                           "(1 would freeze the average at the initial generator)")
     seed: int = _opt(0, lo=0)
     record_from_epoch: int | None = _opt(None, lo=0, doc="first epoch of the recorded window")
     checkpoint_every: int = _opt(25, lo=1, doc="steps between replay checkpoints in the window")
-    threads: int = _opt(1, lo=1, doc="torch CPU threads for training and every replay of the run; "
-                        "1 keeps parallel retrains from oversubscribing cores")
+    threads: int = _opt(1, lo=1, hi=MAX_THREADS, doc="torch CPU threads for training and every replay "
+                        "of the run; 1 keeps parallel retrains from oversubscribing cores")
 
 
 @dataclass
@@ -105,8 +115,9 @@ class MetricConfig:
 class CleanseConfig:
     metrics: list[str] = _opt(["all"])
     methods: list[str] = _opt(["itd", "random"])
-    removal_rates: list[float] = _opt([0.0, 0.01, 0.05, 0.1])
-    seeds: list[int] = _opt([0, 1, 2])
+    removal_rates: list[float] = _opt([0.0, 0.01, 0.05, 0.1], lo=0.0, hi=1, hi_open=True)
+    seeds: list[int] = _opt([0, 1, 2], lo=0, hi=REPLICATE_SEEDS, hi_open=True,
+                            doc="one replicate per seed, added to data.seed, train.seed and metric.seed")
     retrain: str = _opt("window", choices=("window", "full"))
     aid_solver: str = _opt("gmres", choices=("gmres", "cg", "neumann"), doc="adjoint solver of method aid")
     aid_iterations: int | None = _opt(None, lo=1, doc="default: the solver's (gmres 100, cg 200, neumann 1000)")
@@ -159,13 +170,25 @@ class Config:
         if self.data.n_train is not None and t.batch_size > self.data.n_train:
             raise ConfigError(f"{source}: train.batch_size = {t.batch_size} exceeds "
                               f"data.n_train = {self.data.n_train}")
-        for m in self.cleanse.metrics:
-            if m not in METRICS:
-                raise ConfigError(f"{source}: cleanse.metrics has unknown metric {m!r} "
-                                  f"(known: {', '.join(METRICS)})")
-        for r in self.cleanse.removal_rates:
-            if not 0.0 <= r < 1.0:
-                raise ConfigError(f"{source}: cleanse.removal_rates must lie in [0, 1), got {r}")
+        self._check_cleanse(source)
+
+    def _check_cleanse(self, source: str) -> None:
+        """Each study list non-empty, naming known metrics and methods, and without repeats (a
+        repeated seed would count one replicate twice): caught before any replicate trains."""
+        c = self.cleanse
+        for key, what, known in (("metrics", "metric", METRICS), ("methods", "method", METHODS),
+                                 ("removal_rates", "removal rate", None), ("seeds", "seed", None)):
+            values = getattr(c, key)
+            if not values:
+                raise ConfigError(f"{source}: cleanse.{key} is empty: list at least one {what}")
+            seen: set = set()
+            for v in values:
+                if known is not None and v not in known:
+                    raise ConfigError(f"{source}: cleanse.{key} has unknown {what} {v!r} "
+                                      f"(known: {', '.join(known)})")
+                if v in seen:
+                    raise ConfigError(f"{source}: cleanse.{key} lists {what} {v!r} more than once")
+                seen.add(v)
 
     def resolved(self) -> "Config":
         """A copy with every derived default made explicit."""
@@ -216,21 +239,33 @@ def _check_value(f: dataclasses.Field, value: Any, key: str, source: str) -> Any
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {key} must be a list, got {type(value).__name__} {value!r}")
         item = base[5:-1]
-        return [_coerce(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        items = [_coerce(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        for i, v in enumerate(items):
+            _check_range(f.metadata, v, f"{key}[{i}]", source)
+        return items
     value = _coerce(base, value, key, source)
     meta = f.metadata
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(f"{source}: {key} = {value!r} is not one of {', '.join(map(repr, meta['choices']))}")
+    _check_range(meta, value, key, source)
+    return value
+
+
+def _check_range(meta: Any, value: Any, key: str, source: str) -> None:
     lo, hi = meta.get("lo"), meta.get("hi")
     if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
         rel = ">" if meta.get("lo_open") else ">="
         raise ConfigError(f"{source}: {key} = {value!r} is out of range (must be {rel} {lo})")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{source}: {key} = {value!r} is out of range (must be <= {hi})")
-    return value
+    if hi is not None and (value > hi or (meta.get("hi_open") and value == hi)):
+        rel = "<" if meta.get("hi_open") else "<="
+        raise ConfigError(f"{source}: {key} = {value!r} is out of range (must be {rel} {hi})")
 
 
 def _coerce(type_name: str, value: Any, key: str, source: str) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and not -INT64 <= value < INT64:
+        shown = str(value) if len(str(value)) <= 40 else f"an integer of {len(str(abs(value)))} digits"
+        raise ConfigError(f"{source}: {key} = {shown} does not fit a 64-bit integer "
+                          "(TOML integers lie in -2**63 .. 2**63 - 1)")
     if type_name == "bool":
         if isinstance(value, bool):
             return value
@@ -251,15 +286,51 @@ def _coerce(type_name: str, value: Any, key: str, source: str) -> Any:
 
 
 def load_config(path: str | Path) -> Config:
-    """Read and validate a TOML config file."""
+    """Read and validate a TOML config file; every problem is a ConfigError naming the file."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a config file")
+    if not path.exists():
         raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():  # a FIFO or device could block or never end
+        raise ConfigError(f"{path}: not a regular file")
     try:
-        raw = tomllib.loads(path.read_text())
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8")  # TOML is UTF-8 whatever the locale says
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError(f"{path}: not valid TOML: arrays or inline tables nested too deeply") from None
     return Config.from_dict(raw, source=str(path))
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on: its affinity mask where the OS has one (containers, taskset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_threads(n: int, key: str = "train.threads") -> None:
+    """Refuse more torch threads than this process has cores.
+
+    Called by training code, not by config loading: a run directory recorded on a bigger
+    machine must still load (and be inspected) here.
+    """
+    if n < 1:
+        raise ConfigError(f"{key} = {n} is out of range (must be >= 1)")
+    cores = available_cores()
+    if n > cores:
+        raise ConfigError(f"{key} = {n} exceeds the {cores} CPU core{'s' if cores != 1 else ''} "
+                          "available to this process; lower it")
 
 
 def dump_toml(sections: dict[str, dict[str, Any]]) -> str:

@@ -23,5 +23,9 @@ class TrainingDivergedError(GancleanseError):
     """A loss or parameter became NaN or infinite during training or replay."""
 
 
+class NonFiniteError(GancleanseError):
+    """A metric value, score or option is NaN or infinite: nothing is written from it."""
+
+
 class GancleanseWarning(UserWarning):
     """Something finished but may be inaccurate; the CLI prints it as one line."""

@@ -11,8 +11,11 @@ Layout (all tensors in safetensors)::
       losses.jsonl              one line per training step
       splits.json               the instance keys of each split and where the data came from
 
-A run is written under ``RUN.partial`` and renamed only when complete, and ``run.json``
-carries ``"status": "complete"``, so an interrupted run is never taken for a finished one.
+A run is written under ``RUN.partial`` (locked by its writer) and renamed only when
+complete, and ``run.json`` carries ``"status": "complete"``, so an interrupted run is never
+taken for a finished one. ``run.json`` records the sha256 of every other file and is sealed
+(``gancleanse.integrity``); every read below verifies the bytes it parses, and the derived
+numbers of ``run.json`` must agree with the config they derive from.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tomllib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -27,17 +31,19 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
-from .config import Config, load_config
+from .config import Config
 from .data import Splits, load_data
-from .data.base import as_float
+from .data.base import SPLIT_NAMES, as_float
 from .errors import RunDirError
+from .integrity import read_verified, seal_of
 from .models import GANModules, build_models
 from .training.dynamics import Dynamics, State, StepBatch
 from .training.schedule import Schedule, eval_latents
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: content hashes and seal in run.json
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -82,10 +88,26 @@ def save_state(state: State, path: Path) -> None:
     save_file(flatten_state(state), str(path))
 
 
-def load_state_file(path: Path) -> State:
-    if not path.is_file():
-        raise RunDirError(f"checkpoint missing: {path}")
-    return unflatten_state(load_file(str(path)))
+def parse_tensors(data: bytes, label: str) -> dict[str, torch.Tensor]:
+    """safetensors bytes -> tensors, with a parse failure named by ``label``."""
+    try:
+        return load_safetensors(data)
+    except Exception as e:  # safetensors raises its own error types
+        raise RunDirError(f"{label}: not a readable safetensors file ({e})") from None
+
+
+def check_finite_tensors(tensors: dict[str, torch.Tensor], label: str) -> None:
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise RunDirError(f"{label}: non-finite values in {key}")
+
+
+def window_checkpoints(window_start: int, total: int, every: int, steps_per_epoch: int) -> list[int]:
+    """Checkpoint steps: the window start, every ``every`` steps, every epoch start, the end."""
+    steps = set(range(window_start, total, every))
+    steps |= {s for s in range(window_start, total) if s % steps_per_epoch == 0}
+    steps |= {0, window_start, total}
+    return sorted(steps)
 
 
 @contextmanager
@@ -101,34 +123,67 @@ def torch_threads(n: int | None) -> Iterator[None]:
             torch.set_num_threads(old)
 
 
-@contextmanager
-def staged_directory(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a staging directory that becomes ``out`` only if the block finishes.
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` holds a gancleanse run (its run.json says so), whatever its state."""
+    try:
+        meta = json.loads((path / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "format" in meta and "status" in meta and "n_train" in meta
 
-    On any error the staging directory is removed, so nothing half-written remains.
+
+@contextmanager
+def staged_directory(out: Path, force: bool = False, *, is_ours=is_run_dir, what: str = "run") -> Iterator[Path]:
+    """Yield a locked staging directory ``OUT.partial`` that becomes ``out`` only if the block finishes.
+
+    ``force`` replaces an existing ``out`` only when ``is_ours(out)`` (a gancleanse run
+    directory): never a user's file or directory. A stale stage is removed only when it is
+    ours (its lock names a dead process); one held by a live process is refused. On any
+    error the stage is removed, so nothing half-written remains.
     """
+    from .locks import DirectoryLock
+
     out = Path(out)
-    if out.exists():
+    if out.exists() or out.is_symlink():
+        if not out.is_dir() or out.is_symlink():
+            raise RunDirError(f"{out} exists and is not a directory; choose another output path")
         if not force:
             raise RunDirError(f"output directory already exists: {out} (use --force to replace it)")
+        if not is_ours(out):
+            raise RunDirError(f"{out} exists and is not a gancleanse {what} directory: --force replaces only "
+                              "those; choose another output path")
     stage = out.with_name(out.name + ".partial")
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir(parents=True)
+    if stage.exists() or stage.is_symlink():
+        if stage.is_symlink() or not stage.is_dir() or not (stage / ".lock").is_file():
+            raise RunDirError(f"{stage} exists and was not left by gancleanse; remove or rename it")
+    stage.mkdir(parents=True, exist_ok=True)
+    locked = False
     try:
-        yield stage
+        with DirectoryLock(stage, what):  # refuses a live writer; takes over a dead one's stage
+            locked = True
+            for child in stage.iterdir():  # whatever a dead writer left
+                if child.name != ".lock":
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            yield stage
+            if out.exists():
+                shutil.rmtree(out)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        if locked:
+            shutil.rmtree(stage, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out)
     os.replace(stage, out)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary name and rename it: readers see the old file or the new one."""
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def checkpoint_name(step: int) -> str:
@@ -136,42 +191,106 @@ def checkpoint_name(step: int) -> str:
 
 
 # ---------------------------------------------------------------------------- reader
+META_FIELDS: dict[str, type] = {
+    "format": int, "status": str, "threads": int, "n_train": int, "steps_per_epoch": int,
+    "total_steps": int, "window": dict, "checkpoints": list, "data_fingerprint": str, "files": dict,
+    "seal": str,
+}
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """run.json of ``path``: parsed, complete, of this format, sealed, with well-typed fields."""
+    meta_path = path / "run.json"
+    if not meta_path.is_file():
+        raise RunDirError(f"{path} is not a gancleanse run directory (no run.json)")
+    try:
+        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise RunDirError(f"{meta_path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:
+        raise RunDirError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise RunDirError(f"{meta_path}: not a JSON object")
+    if meta.get("status") != "complete":
+        raise RunDirError(f"run {path} is not complete (run.json status {meta.get('status')!r})")
+    if meta.get("format") != FORMAT_VERSION:
+        raise RunDirError(f"{meta_path}: format {meta.get('format')!r}, this gancleanse reads format "
+                          f"{FORMAT_VERSION} (runs without content hashes cannot be trusted: retrain it)")
+    for key, kind in META_FIELDS.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise RunDirError(f"{meta_path}: field {key!r} is missing or not a {kind.__name__}")
+    try:
+        seal = seal_of(meta)
+    except ValueError as e:  # NaN or infinity in run.json
+        raise RunDirError(f"{meta_path}: {e}") from None
+    if seal != meta["seal"]:
+        raise RunDirError(f"{meta_path} was edited after training (its seal does not match its content)")
+    return meta
+
+
+def check_meta_against_config(meta: dict[str, Any], cfg: Config, label: str) -> None:
+    """The numbers run.json derives from the config must be the ones the config gives."""
+    t = cfg.train
+    n = cfg.data.n_train
+    spe = n // t.batch_size if n else 0
+    expected = {
+        "n_train": n, "steps_per_epoch": spe, "total_steps": t.epochs * spe, "threads": t.threads,
+        "window": {"start_epoch": t.record_from_epoch, "start_step": (t.record_from_epoch or 0) * spe,
+                   "end_step": t.epochs * spe},
+    }
+    for key, value in expected.items():
+        if meta[key] != value:
+            raise RunDirError(f"{label}: {key} = {meta[key]!r} disagrees with config.toml ({value!r})")
+    ckpts = window_checkpoints(expected["window"]["start_step"], expected["total_steps"], t.checkpoint_every, spe)
+    if meta["checkpoints"] != ckpts:
+        raise RunDirError(f"{label}: the checkpoint steps disagree with config.toml")
+    for name in ["config.toml", "schedule.safetensors", "eval_latents.safetensors", "splits.json",
+                 *(f"checkpoints/{checkpoint_name(c)}" for c in ckpts)]:
+        if not isinstance(meta["files"].get(name), str):
+            raise RunDirError(f"{label}: no sha256 recorded for {name}")
+
+
 @dataclass
 class Run:
-    """A finished run directory, opened for reading."""
+    """A finished run directory, opened for reading.
+
+    Every file is verified against run.json's sha256 as it is read; ``Run.open`` checks
+    run.json's seal and the config. ``verify`` (``gancleanse verify``) checks everything.
+    """
 
     path: Path
     cfg: Config
     meta: dict[str, Any]
+    extractor: str | None = None  # a TorchScript file the user named explicitly (it runs code)
 
     @classmethod
-    def open(cls, path: str | Path, models: GANModules | None = None) -> "Run":
-        """Open a finished run; ``models`` are required for runs trained with user modules."""
+    def open(cls, path: str | Path, models: GANModules | None = None, extractor: str | Path | None = None) -> "Run":
+        """Open a finished run; ``models`` are required for runs trained with user modules.
+
+        ``extractor``: the TorchScript feature extractor for is/fid/kid. Loading one runs
+        code, so it is never taken from the run directory's stored config: a run whose
+        config names one needs it named here (the CLI's ``--extractor``).
+        """
         path = Path(path)
         if not path.is_dir():
             partial = path.with_name(path.name + ".partial")
             hint = f" ({partial} exists: that run did not finish)" if partial.exists() else ""
             raise RunDirError(f"run directory not found: {path}{hint}")
-        meta_path = path / "run.json"
-        if not meta_path.is_file():
-            raise RunDirError(f"{path} is not a gancleanse run directory (no run.json)")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("status") != "complete":
-            raise RunDirError(f"run {path} is not complete (status {meta.get('status')!r})")
-        if meta.get("format") != FORMAT_VERSION:
-            raise RunDirError(f"run {path} has format {meta.get('format')}, expected {FORMAT_VERSION}")
-        cfg = load_config(path / "config.toml")
-        run = cls(path, cfg, meta)
+        meta = read_meta(path)
+        text = read_verified(path, "config.toml", meta["files"].get("config.toml"))
+        try:
+            cfg = Config.from_dict(tomllib.loads(text.decode("utf-8")), source=str(path / "config.toml"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RunDirError(f"{path / 'config.toml'}: unreadable ({e})") from None
+        check_meta_against_config(meta, cfg, str(path / "run.json"))
+        run = cls(path, cfg, meta, None if extractor is None else str(extractor))
         if models is not None:
             run.__dict__["models"] = models  # fills the cached property
-        elif cfg.model.arch == "custom":
-            raise RunDirError(f"{path} was trained with user-supplied modules: open it with "
-                              "gancleanse.Run.open(path, models=GANModules(generator, discriminator, z_dim))")
         return run
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle what reopens the run in another process (caches are rebuilt there)."""
-        state = {"path": self.path, "cfg": self.cfg, "meta": self.meta}
+        state = {"path": self.path, "cfg": self.cfg, "meta": self.meta, "extractor": self.extractor}
         if self.cfg.model.arch == "custom":
             state["models"] = self.models
         return state
@@ -179,18 +298,45 @@ class Run:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
+    @property
+    def id(self) -> str:
+        """The run's identity: the seal of its run.json, which hashes every file of the run."""
+        return self.meta["seal"]
+
+    def read(self, name: str) -> bytes:
+        """The verified bytes of the run's file ``name`` (relative, e.g. "checkpoints/step_...")."""
+        return read_verified(self.path, name, self.meta["files"].get(name))
+
+    def read_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        tensors = parse_tensors(self.read(name), f"{name} in {self.path}")
+        check_finite_tensors(tensors, f"{name} in {self.path}")
+        return tensors
+
     # --- derived objects -------------------------------------------------------
     @cached_property
     def dtype(self) -> torch.dtype:
         return DTYPES[self.cfg.model.dtype]
 
     @cached_property
+    def recorded_splits(self) -> dict[str, Any]:
+        """splits.json: the data source and every split's instance keys."""
+        label = f"splits.json in {self.path}"
+        try:
+            rec = json.loads(self.read("splits.json").decode("utf-8"))
+        except ValueError as e:
+            raise RunDirError(f"{label}: not valid JSON ({e})") from None
+        if not isinstance(rec, dict) or not all(isinstance(rec.get(k), list) for k in SPLIT_NAMES):
+            raise RunDirError(f"{label}: no key list for every split")
+        return rec
+
+    @cached_property
     def splits(self) -> Splits:
         if self.cfg.data.name == "custom":
-            keys_file = self.path / "splits.json"
-            keys = json.loads(keys_file.read_text()) if keys_file.is_file() else {}
-            keys = {k: keys[k] for k in ("train", "valid", "test")} if "train" in keys else None
-            return Splits(**load_file(str(self.path / "data.safetensors")), keys=keys)
+            keys = {k: self.recorded_splits[k] for k in SPLIT_NAMES}
+            try:
+                return Splits(**self.read_tensors("data.safetensors"), keys=keys)
+            except TypeError as e:
+                raise RunDirError(f"data.safetensors in {self.path}: unexpected tensors ({e})") from None
         splits = load_data(self.cfg)
         if splits.fingerprint() != self.meta["data_fingerprint"]:
             raise RunDirError(f"the data of {self.path} changed since training "
@@ -199,6 +345,9 @@ class Run:
 
     @cached_property
     def models(self) -> GANModules:
+        if self.cfg.model.arch == "custom":
+            raise RunDirError(f"{self.path} was trained with user-supplied modules: open it with "
+                              "gancleanse.Run.open(path, models=GANModules(generator, discriminator, z_dim))")
         return build_models(self.cfg, self.splits.sample_shape)
 
     @cached_property
@@ -217,7 +366,22 @@ class Run:
 
     @cached_property
     def _schedule(self) -> dict[str, torch.Tensor]:
-        return load_file(str(self.path / "schedule.safetensors"))
+        """The recorded window's indices and latents, checked against the window's shape."""
+        sched = self.read_tensors("schedule.safetensors")
+        label = f"schedule.safetensors in {self.path}"
+        steps, b, z_dim = self.final_step - self.window_start, self.cfg.train.batch_size, self.cfg.model.z_dim
+        shapes = {"indices": (steps, b), "z_d": (steps, b, z_dim)}
+        if self.cfg.train.update != "simultaneous":
+            shapes["z_g"] = (steps, b, z_dim)
+        for key, shape in shapes.items():
+            if key not in sched:
+                raise RunDirError(f"{label}: no {key!r} tensor")
+            if tuple(sched[key].shape) != shape:
+                raise RunDirError(f"{label}: {key} has shape {tuple(sched[key].shape)}, the window needs {shape}")
+        idx = sched["indices"]
+        if idx.dtype != torch.int64 or (idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < self.n_train)):
+            raise RunDirError(f"{label}: instance indices must be int64 in 0..{self.n_train - 1}")
+        return sched
 
     # --- window ----------------------------------------------------------------
     @property
@@ -282,15 +446,25 @@ class Run:
         return StepBatch(x, z_d.to(self.dtype), z_g.to(self.dtype), step)
 
     def load_state(self, step: int) -> State:
+        """The verified checkpoint at ``step`` (finite, as training wrote it)."""
         if step not in self.checkpoint_steps:
             raise RunDirError(f"no checkpoint at step {step} in {self.path}")
-        return load_state_file(self.path / "checkpoints" / checkpoint_name(step))
+        return unflatten_state(self.read_tensors(f"checkpoints/{checkpoint_name(step)}"))
 
     def final_state(self) -> State:
         return self.load_state(self.final_step)
 
+    @cached_property
+    def _eval_latents(self) -> dict[str, torch.Tensor]:
+        z = self.read_tensors("eval_latents.safetensors")
+        shape = (self.cfg.metric.n_samples, self.cfg.model.z_dim)
+        for split in ("valid", "test"):
+            if split not in z or tuple(z[split].shape) != shape:
+                raise RunDirError(f"eval_latents.safetensors in {self.path}: {split!r} must have shape {shape}")
+        return z
+
     def eval_latents(self, split: str) -> torch.Tensor:
-        return load_file(str(self.path / "eval_latents.safetensors"))[split].to(self.dtype)
+        return self._eval_latents[split].to(self.dtype)
 
 
 def write_eval_latents(cfg: Config, stage: Path) -> None:

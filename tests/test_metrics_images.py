@@ -369,8 +369,7 @@ def test_make_metric_on_a_digits_run(digits_run: gc.Run, name: str) -> None:
 
 def test_make_metric_with_an_extractor(digits_run: gc.Run, tmp_path: Path) -> None:
     path = script(ScriptedPair(), tmp_path / "pair.pt")
-    run = gc.Run.open(digits_run.path)
-    run.cfg.metric.extractor = str(path)
+    run = gc.Run.open(digits_run.path, extractor=path)  # named explicitly: it runs code
     metric = make_metric("fid", run, "test")
     model = load_extractor(path, (1, 8, 8))
     state = run.final_state()

@@ -26,13 +26,16 @@ import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from ..config import Config, load_config
+from ..config import Config
 from ..errors import GancleanseError, RunDirError
 from ..run import staged_directory, write_json_atomic
+
+if TYPE_CHECKING:
+    from ..run import Run
 
 GRID_MAX = 64  # removed images drawn in removed.png
 MARKER = "export.json"
@@ -115,20 +118,16 @@ class RunData:
     keys: dict[str, list[str]]
     source: dict[str, Any] | None
 
+    run: "Run"
+
     @classmethod
     def read(cls, path: str | Path) -> "RunData":
-        path = Path(path)
-        splits_file = path / "splits.json"
-        if not (path / "run.json").is_file():
-            raise RunDirError(f"run directory not found or incomplete: {path}")
-        if not splits_file.is_file():
-            raise RunDirError(f"{path} records no instance keys (splits.json); retrain it with this version")
-        try:
-            recorded = json.loads(splits_file.read_text())
-        except (OSError, ValueError) as e:
-            raise RunDirError(f"{splits_file}: unreadable ({e})") from None
-        return cls(path, load_config(path / "config.toml"), {k: recorded[k] for k in ("train", "valid", "test")},
-                   recorded.get("source"))
+        """The run's verified config and splits.json (no models are built)."""
+        from ..run import Run
+
+        run = Run.open(path)
+        rec = run.recorded_splits
+        return cls(run.path, run.cfg, {k: rec[k] for k in ("train", "valid", "test")}, rec.get("source"), run)
 
 
 def _run_of(table: ScoreTable, run: str | Path | None) -> Path:
@@ -257,12 +256,14 @@ def export(scores: str | Path | ScoreTable, out: str | Path, *, rate: float | No
         raise GancleanseError(f"{table.path or 'the scores'} do not belong to run {rd.path}: "
                               f"{len(table.keys)} scored instances, the run's training split has {len(train_keys)}"
                               + ("" if len(train_keys) != len(table.keys) else " with other keys"))
+    scored_on = (table.info or {}).get("run_id")
+    if scored_on is not None and scored_on != rd.run.id:
+        raise GancleanseError(f"{table.path or 'the scores'} were computed on another training than the run now at "
+                              f"{rd.path} (SCORES.json names run {scored_on[:12]}..., the run is {rd.run.id[:12]}...)")
     removed = select(table.harmfulness, rate=rate, count=count, min_harmfulness=min_harmfulness)
     gone = set(removed)
     kept_keys = [k for i, k in enumerate(train_keys) if i not in gone]
     out = Path(out)
-    if out.exists() and force and not (out / MARKER).is_file():
-        raise GancleanseError(f"{out} exists and is not a gancleanse export; --force replaces only an earlier export")
     src = rd.source
     fmt = src["format"] if src else ("npz" if rd.cfg.data.name == "npz" else "tensors")
     extra: list[str] = []
@@ -272,7 +273,7 @@ def export(scores: str | Path | ScoreTable, out: str | Path, *, rate: float | No
                                   "a different dataset; export the training split alone")
         extra = rd.keys["valid"] + rd.keys["test"]
     points = None  # the training points of 2D data, for removed.png
-    with staged_directory(out, force=force) as stage:
+    with staged_directory(out, force=force, is_ours=lambda p: (p / MARKER).is_file(), what="export") as stage:
         if fmt == "folder":
             root = Path(src["path"])
             target = stage / root.name
@@ -325,14 +326,7 @@ def _array_rows(written: Path, rd: RunData, keys: list[str], src: dict | None) -
 
 
 def _training_split(rd: RunData):  # noqa: ANN202 - Splits, imported lazily
-    from safetensors.torch import load_file
-
-    from . import Splits, load_data
-
-    data_file = rd.path / "data.safetensors"
-    if data_file.is_file():
-        return Splits(**load_file(str(data_file)))
-    return load_data(rd.cfg)
+    return rd.run.splits
 
 
 def _write_tensors(rd: RunData, target: Path, kept: list[int]) -> np.ndarray:

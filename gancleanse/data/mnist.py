@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import math
 import zlib
 from pathlib import Path
 
@@ -44,7 +45,10 @@ def find_idx(directory: Path, name: str) -> Path:
 
 
 def _read_bytes(path: Path) -> bytes:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read MNIST file ({e.strerror or e})") from None
     if raw[:2] != _GZIP:
         return raw
     try:
@@ -68,7 +72,7 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     if len(data) < header:
         raise DataError(f"{path}: truncated IDX file (header needs {header} bytes, file has {len(data)})")
     dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    size = int(np.prod(dims))
+    size = math.prod(dims)  # exact: np.prod wraps around in int64 (2**31 * 2**31 * 4 == 0)
     body = len(data) - header
     if body != size:
         what = "truncated" if body < size else "has trailing bytes"
@@ -89,6 +93,10 @@ def _paper_split(cfg: DataConfig, train: tuple[np.ndarray, np.ndarray, str],
                  test: tuple[np.ndarray, np.ndarray, str]) -> Splits:
     """Train + valid from the seeded permutation of the training images; test from the head of the test images."""
     (x, y, x_name), (xt, yt, xt_name) = train, test
+    same = x.shape[1:] == xt.shape[1:] if cfg.image_size is None else x.shape[1] == xt.shape[1]
+    if not same:  # every split must fit the one model (image_size resizes height and width only)
+        raise DataError(f"{xt_name} holds images of shape {tuple(xt.shape[1:])} but {x_name} holds "
+                        f"{tuple(x.shape[1:])}; the training and test images must have the same shape")
     n_train = cfg.n_train if cfg.n_train is not None else x.shape[0] - cfg.n_valid
     check_counts(dataclasses.replace(cfg, n_train=max(n_train, 1)), ("n_train", "n_valid"), x.shape[0], x_name)
     check_counts(cfg, ("n_test",), xt.shape[0], xt_name)

@@ -7,6 +7,7 @@ are scaled to [-1, 1]; float pixels are used unchanged. The split is seeded by `
 from __future__ import annotations
 
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,14 @@ def read_npz(path: Path) -> dict[str, Any]:
             raise DataError(f"{path}: a single .npy array, not an .npz archive; save it with "
                             "numpy.savez(path, x=images, y=labels)")
         with loaded as f:
-            return {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise DataError(f"{path}: not a readable .npz file ({e})") from None
+    for k, v in arrays.items():
+        if not isinstance(v, np.ndarray):  # numpy hands back the raw bytes of a member that is no .npy
+            raise DataError(f"{path}: member {k!r} is not a NumPy array ({len(v)} bytes without an "
+                            ".npy header); save the file with numpy.savez")
+    return arrays
 
 
 def npz(cfg: DataConfig) -> Splits:

@@ -352,12 +352,12 @@ def _check_options(iterations: int, tol: float, damping: float | None, step: flo
                    batch_size: int | None, operator_size: int | None, solver: str) -> None:
     if iterations < 1:
         raise ConfigError(f"--aid-iterations must be at least 1, got {iterations}")
-    if not tol > 0:
-        raise ConfigError(f"--aid-tol must be positive, got {tol}")
-    if damping is not None and damping < 0:
-        raise ConfigError(f"--aid-damping must be >= 0, got {damping}")
-    if step is not None and not step > 0:
-        raise ConfigError(f"--aid-step must be positive, got {step}")
+    if not (math.isfinite(tol) and tol > 0):
+        raise ConfigError(f"--aid-tol must be a positive finite number, got {tol}")
+    if damping is not None and not (math.isfinite(damping) and damping >= 0):
+        raise ConfigError(f"--aid-damping must be a finite number >= 0, got {damping}")
+    if step is not None and not (math.isfinite(step) and step > 0):
+        raise ConfigError(f"--aid-step must be a positive finite number, got {step}")
     for name, value in (("--aid-batch-size", batch_size), ("--aid-operator-size", operator_size)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}")

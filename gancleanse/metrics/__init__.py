@@ -9,13 +9,14 @@ directory, or the TorchScript file ``metric.extractor``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..config import HIGHER_IS_BETTER, METRICS
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError
 from .all_kde import average_log_likelihood
 
 if TYPE_CHECKING:
@@ -39,8 +40,12 @@ class Metric:
         return self.fn(state)
 
     def value(self, state: "State") -> float:
+        """The metric as a number; NaN or infinity is an error, never a result."""
         with torch.no_grad():
-            return float(self.fn(state))
+            v = float(self.fn(state))
+        if not math.isfinite(v):
+            raise NonFiniteError(f"metric {self.name} on the {self.split} split evaluated to {v}")
+        return v
 
 
 def make_metric(name: str, run: "Run", split: str = "valid") -> Metric:
@@ -62,7 +67,9 @@ def make_metric(name: str, run: "Run", split: str = "valid") -> Metric:
 
         x = real.to(run.dtype)
         return Metric(name, split, lambda state: discriminator_loss(dyn, state, x, z))
-    if run.cfg.metric.extractor is None and (real.ndim != 4 or run.splits.y_train is None):
+    from .classifier import extractor_file
+
+    if extractor_file(run) is None and (real.ndim != 4 or run.splits.y_train is None):
         raise ConfigError(f"metric {name!r} needs labelled image data (or metric.extractor), not "
                           f"available for data.name = {run.cfg.data.name!r}")
     return _classifier_metric(name, run, split, real, z)

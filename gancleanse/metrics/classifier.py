@@ -51,12 +51,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from torch import nn
 
 from ..config import MetricConfig
 from ..data.base import as_float
 from ..errors import ConfigError, DataError
+from ..integrity import sha256_file
 
 if TYPE_CHECKING:
     from ..run import Run
@@ -236,9 +238,12 @@ def cached_classifier(directory: str | Path, x_train: torch.Tensor, y_train: tor
     if meta is not None and meta.get("settings") == settings and weights_path.is_file():
         model = SmallCNN(sample_shape, n_classes)
         try:
-            model.load_state_dict(load_file(str(weights_path)))
-        except (RuntimeError, OSError, ValueError):
-            pass  # damaged weights: retrain below
+            data = weights_path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != meta.get("weights_sha256"):
+                raise ValueError("weights changed since they were cached")
+            model.load_state_dict(load_safetensors(data))
+        except Exception:  # damaged or replaced weights: retrain below (a cache is never trusted blindly)
+            pass
         else:
             return _as_feature_model(model, settings, str(weights_path), meta.get("test_accuracy"))
     started = time.perf_counter()
@@ -257,6 +262,7 @@ def cached_classifier(directory: str | Path, x_train: torch.Tensor, y_train: tor
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         tmp = weights_path.with_name(weights_path.name + ".tmp")
         save_file(state, str(tmp))
+        meta["weights_sha256"] = sha256_file(tmp)
         os.replace(tmp, weights_path)
         tmp = meta_path.with_name(meta_path.name + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
@@ -338,9 +344,24 @@ def _check_output(out: object, path: Path, shape: tuple[int, ...]) -> None:
                     f"got {got}")
 
 
+def extractor_file(run: "Run") -> str | None:
+    """The TorchScript extractor to load for ``run``: only one the user named explicitly.
+
+    Loading TorchScript runs code, so the path stored in a run directory's config is never
+    loaded on its own authority; it must be given again (``--extractor`` / ``Run.open``).
+    """
+    if run.extractor is not None:
+        return run.extractor
+    if run.cfg.metric.extractor:
+        raise ConfigError(f"the metrics of run {run.path} use the TorchScript extractor "
+                          f"{run.cfg.metric.extractor}, which runs code when loaded: name it explicitly "
+                          f"(--extractor {run.cfg.metric.extractor}, or Run.open(path, extractor=...))")
+    return None
+
+
 def load_feature_model(run: "Run") -> FeatureModel:
-    """``metric.extractor`` when set, else the run's own trained classifier."""
-    extractor = run.cfg.metric.extractor
+    """The explicitly named extractor, else the run's own trained classifier."""
+    extractor = extractor_file(run)
     if extractor:
         return load_extractor(extractor, run.splits.sample_shape)
     return load_or_train_classifier(run)
@@ -352,7 +373,7 @@ def training_features(run: "Run") -> np.ndarray:
 
     The same model the metrics use: ``metric.extractor`` when set, else the run's classifier.
     """
-    if run.splits.train.ndim != 4 and not run.cfg.metric.extractor:
+    if run.splits.train.ndim != 4 and not extractor_file(run):
         raise ConfigError(f"classifier features need image data (N, C, H, W); data.name = "
                           f"{run.cfg.data.name!r} has samples of shape {run.splits.sample_shape}: "
                           "use --features raw")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import warnings
@@ -35,7 +36,7 @@ from safetensors.torch import save_file
 from scipy.stats import ttest_1samp
 
 from ..config import HIGHER_IS_BETTER, Config
-from ..errors import ConfigError, GancleanseWarning
+from ..errors import ConfigError, GancleanseError, GancleanseWarning
 from ..data import Splits
 from ..models import GANModules
 from ..run import Run, write_json_atomic
@@ -94,15 +95,15 @@ def train_and_score(cfg_dict: dict, seed_dir: str, scorers: list[tuple[str, str]
 
     seed_dir_p = Path(seed_dir)
     run_dir = seed_dir_p / "run"
-    if (run_dir / "run.json").is_file():
-        run = Run.open(run_dir, models=models)
+    if (run_dir / "run.json").is_file():  # the study's own config names the extractor: explicit
+        run = Run.open(run_dir, models=models, extractor=cfg_dict["metric"].get("extractor"))
     else:
         run = api.train(Config.from_dict(cfg_dict), run_dir, models=models, data=data, force=True,
                         progress=False)
     (seed_dir_p / "scores").mkdir(exist_ok=True)
     for method, score_metric in scorers:
         path = seed_dir_p / "scores" / f"{method}-{score_metric}.csv"
-        if path.is_file():
+        if path.is_file() and _stored_run_id(path.with_suffix(".json")) == run.id:
             continue
         if method == "itd":
             s = api.influence(run, score_metric, method, progress=False)
@@ -123,9 +124,26 @@ def train_and_score(cfg_dict: dict, seed_dir: str, scorers: list[tuple[str, str]
     return run
 
 
+def _stored_run_id(path: Path) -> str | None:
+    """The run a stored score or retrain came from (None: unreadable, or written for no run)."""
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return rec.get("run_id") if isinstance(rec, dict) else None
+
+
+def removal_digest(removed: list[int]) -> str:
+    return hashlib.sha256(",".join(map(str, sorted(removed))).encode()).hexdigest()
+
+
 def retrain_and_evaluate(run: Run, removed: list[int], retrain: str, metrics: list[str],
-                         samples_path: str | None) -> dict[str, dict[str, float]]:
-    """Retrain without ``removed`` and evaluate each metric on the test and validation splits."""
+                         samples_path: str | None) -> dict[str, Any]:
+    """Retrain without ``removed`` and evaluate each metric on the test and validation splits.
+
+    The result names the run and the removed set it belongs to, so that a resumed study
+    never takes it for another retrain.
+    """
     from ..metrics import make_metric
     from ..training.replay import replay
 
@@ -133,8 +151,9 @@ def retrain_and_evaluate(run: Run, removed: list[int], retrain: str, metrics: li
     weights[removed] = 0.0
     start = run.window_start if retrain == "window" else 0
     state = replay(run, start, weights=weights)
-    out = {m: {"test": make_metric(m, run, "test").value(state),
-               "valid": make_metric(m, run, "valid").value(state)} for m in metrics}
+    out: dict[str, Any] = {m: {"test": make_metric(m, run, "test").value(state),
+                               "valid": make_metric(m, run, "valid").value(state)} for m in metrics}
+    out["provenance"] = {"run_id": run.id, "removed": removal_digest(removed), "retrain": retrain}
     if samples_path:
         dyn = run.dynamics
         with torch.no_grad():
@@ -149,9 +168,16 @@ def retrain_key(seed: int, scorer: str | None = None, rate: float = 0.0) -> str:
 
 
 def read_scores(path: Path) -> np.ndarray:
-    with open(path) as f:
-        rows = list(csv.reader(f))[1:]
-    return np.array([float(r[2]) for r in rows])
+    """The harmfulness column of a SCORES.csv, checked (numbers, finite)."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))[1:]
+        harm = np.array([float(r[2]) for r in rows])
+    except (OSError, ValueError, IndexError) as e:
+        raise GancleanseError(f"{path}: not a readable SCORES.csv ({e}); delete it to recompute it") from None
+    if not np.isfinite(harm).all():
+        raise GancleanseError(f"{path}: non-finite harmfulness; delete it to recompute it")
+    return harm
 
 
 def removal_set(harmfulness: np.ndarray, rate: float) -> list[int]:
@@ -160,19 +186,75 @@ def removal_set(harmfulness: np.ndarray, rate: float) -> list[int]:
 
 
 # --------------------------------------------------------------------------- the study
+STUDY_MARKER = "study.json"  # marks a directory as a gancleanse study: --force and resume trust only these
+
+
+def is_study_dir(path: Path) -> bool:
+    try:
+        rec = json.loads((path / STUDY_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(rec, dict) and rec.get("kind") == "gancleanse study"
+
+
+def open_study_dir(out: Path, cfg: Config) -> None:
+    """Create or resume the study directory ``out``: never a directory of something else."""
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise ConfigError(f"--out {out} exists and is not a directory")
+        if not is_study_dir(out) and any(out.iterdir()):
+            raise ConfigError(f"--out {out} is a non-empty directory that is not a gancleanse study; "
+                              "choose a new or empty directory")
+        config_path = out / "config.toml"
+        if config_path.is_file():
+            try:
+                same = Config.from_dict(_read_toml(config_path)) == cfg
+            except (ConfigError, ValueError):
+                same = False
+            if not same:
+                raise ConfigError(f"{out} holds a study with a different config; use a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def check_study_config(cfg: Config, data: Splits | None) -> None:
+    """What the config must allow before anything is written to the study directory."""
+    from ..config import check_threads
+
+    check_threads(cfg.train.threads)
+    scorers_for(cfg, True)
+    needs_classifier = [m for m in cfg.cleanse.metrics if m in ("is", "log_is", "fid", "kid")]
+    two_d = cfg.data.name == "gaussian2d" or (data is not None and data.train.ndim < 3)
+    if needs_classifier and two_d and not cfg.metric.extractor:
+        raise ConfigError(f"cleanse.metrics {needs_classifier} need image data (or metric.extractor); "
+                          f"data.name = {cfg.data.name!r} has 2D points")
+    for key in ("path", "reference_path"):
+        value = getattr(cfg.data, key)
+        if value is not None and not Path(value).expanduser().exists():
+            raise ConfigError(f"data.{key} = {value!r}: no such file or directory")
+    if cfg.data.name in ("mnist", "npz", "images") and cfg.data.path is None:
+        raise ConfigError(f"data.name = {cfg.data.name!r} needs data.path")
+
+
 def run_study(cfg: Config, out: Path, *, models: GANModules | None = None, data: Splits | None = None,
               executor: str = "local", workers: int = 1, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the study in ``out``, locked against a second writer for its duration."""
+    from ..locks import DirectoryLock
     from ..training.recorder import with_user_inputs
 
     out = Path(out)
     cfg = with_user_inputs(cfg, models, data).resolved()
-    if not cfg.cleanse.metrics:
-        raise ConfigError("cleanse.metrics is empty: name at least one metric to evaluate")
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = out / "config.toml"
-    if config_path.is_file() and Config.from_dict(_read_toml(config_path)) != cfg:
-        raise ConfigError(f"{out} holds a study with a different config; use a new directory")
-    config_path.write_text(cfg.to_toml())
+    check_study_config(cfg, data)
+    open_study_dir(out, cfg)
+    with DirectoryLock(out, "study"):
+        if not is_study_dir(out):
+            write_json_atomic(out / STUDY_MARKER, {"kind": "gancleanse study", "format": 1})
+        (out / "config.toml").write_text(cfg.to_toml())
+        return _run_study(cfg, out, models=models, data=data, executor=executor, workers=workers,
+                          progress=progress)
+
+
+def _run_study(cfg: Config, out: Path, *, models: GANModules | None, data: Splits | None,
+               executor: str, workers: int, progress: bool) -> dict[str, Any]:
     # Isolation Forest on classifier features needs labelled images to train the classifier.
     image_data = cfg.data.name in ("digits", "mnist") or (
         data is not None and data.train.ndim >= 3 and data.y_train is not None)
@@ -190,25 +272,33 @@ def run_study(cfg: Config, out: Path, *, models: GANModules | None = None, data:
                           progress=progress, desc="train+score"))
     _warn_unconverged_aid(out, seeds)
 
-    # 2. one job per (seed, scorer, rate) retrain; rate 0 is one shared replay per seed
+    # 2. one job per (seed, scorer, rate) retrain; rate 0 is one shared replay per seed.
+    # A stored retrain is reused only if it names this seed's run and this removed set.
     parts = out / "parts"
     parts.mkdir(exist_ok=True)
-    jobs, keys = [], {}
+    jobs, keys, planned = [], {}, set()
+
+    def plan(key: str, s: int, removed: list[int], samples: str | None) -> None:
+        stored = parts / f"{key}.json"
+        if key in planned or (stored.is_file() and _part_matches(stored, runs[s].id, removed, cfg)):
+            return
+        planned.add(key)
+        jobs.append((key, (runs[s], removed, cfg.cleanse.retrain, list(cfg.cleanse.metrics), samples)))
+
     for s in seeds:
         for sc in scorers:
             harm = read_scores(out / "seeds" / f"seed_{s}" / "scores" / f"{sc.name}.csv")
+            if len(harm) != runs[s].n_train:
+                raise GancleanseError(f"{out}/seeds/seed_{s}/scores/{sc.name}.csv has {len(harm)} rows for "
+                                      f"{runs[s].n_train} training instances; delete it to recompute it")
             for rate in cfg.cleanse.removal_rates:
                 removed = removal_set(harm, rate)
                 key = retrain_key(s, sc.name, rate) if removed else retrain_key(s)
                 keys[(s, sc, rate)] = (key, len(removed))
-                if key in {k for k, _ in jobs} or (parts / f"{key}.json").is_file():
-                    continue
                 samples = str(parts / f"{key}.samples.safetensors") if s == seeds[0] else None
-                jobs.append((key, (runs[s], removed, cfg.cleanse.retrain, list(cfg.cleanse.metrics), samples)))
+                plan(key, s, removed, samples)
     first_none = retrain_key(seeds[0])  # the original GAN's samples, for the report's before/after
-    if first_none not in {k for k, _ in jobs} and not (parts / f"{first_none}.json").is_file():
-        jobs.append((first_none, (runs[seeds[0]], [], cfg.cleanse.retrain, list(cfg.cleanse.metrics),
-                                  str(parts / f"{first_none}.samples.safetensors"))))
+    plan(first_none, seeds[0], [], str(parts / f"{first_none}.samples.safetensors"))
     for key, res in run_tasks(retrain_and_evaluate, jobs, executor=executor, workers=workers,
                               progress=progress, desc="retrain"):
         write_json_atomic(parts / f"{key}.json", res)
@@ -217,13 +307,14 @@ def run_study(cfg: Config, out: Path, *, models: GANModules | None = None, data:
     rows = []
     for s in seeds:
         original = parts / f"seed{s}_original.json"
-        if not original.is_file():  # the recorded training's own final state: the "before" of every row
+        if not (original.is_file() and _part_matches(original, runs[s].id, None, cfg)):
+            # the recorded training's own final state: the "before" of every row
             write_json_atomic(original, _original_metrics(runs[s], cfg.cleanse.metrics))
-        base = json.loads(original.read_text())
+        base = _read_part(original, cfg)
         for sc in scorers:
             for rate in cfg.cleanse.removal_rates:
                 key, n = keys[(s, sc, rate)]
-                after = json.loads((parts / f"{key}.json").read_text())
+                after = _read_part(parts / f"{key}.json", cfg)
                 for m in cfg.cleanse.metrics:
                     b, a = base[m]["test"], after[m]["test"]
                     vb, va = base[m]["valid"], after[m]["valid"]
@@ -235,6 +326,32 @@ def run_study(cfg: Config, out: Path, *, models: GANModules | None = None, data:
     summary = summarize(rows)
     write_summary(out, summary)
     return summary
+
+
+def _read_part(path: Path, cfg: Config) -> dict[str, Any]:
+    """A stored retrain's metric values: every metric of the study on both splits, finite."""
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise GancleanseError(f"{path}: unreadable stored retrain ({e}); delete it to recompute it") from None
+    for m in cfg.cleanse.metrics:
+        values = rec.get(m) if isinstance(rec, dict) else None
+        if not (isinstance(values, dict) and all(isinstance(values.get(k), (int, float))
+                                                 and not isinstance(values.get(k), bool)
+                                                 and math.isfinite(values[k]) for k in ("test", "valid"))):
+            raise GancleanseError(f"{path}: no finite test and valid values of {m}; delete it to recompute it")
+    if not isinstance(rec.get("provenance"), dict):
+        raise GancleanseError(f"{path}: does not name the run it came from; delete it to recompute it")
+    return rec
+
+
+def _part_matches(path: Path, run_id: str, removed: list[int] | None, cfg: Config) -> bool:
+    """Whether a stored retrain belongs to this run and removed set (None: the original, no retrain)."""
+    prov = _read_part(path, cfg)["provenance"]
+    if prov.get("run_id") != run_id:
+        return False
+    return removed is None or (prov.get("removed") == removal_digest(removed)
+                               and prov.get("retrain") == cfg.cleanse.retrain)
 
 
 def _warn_unconverged_aid(out: Path, seeds: list[int]) -> None:
@@ -253,12 +370,14 @@ def _warn_unconverged_aid(out: Path, seeds: list[int]) -> None:
                       stacklevel=3)
 
 
-def _original_metrics(run: Run, metrics: list[str]) -> dict[str, dict[str, float]]:
+def _original_metrics(run: Run, metrics: list[str]) -> dict[str, Any]:
     from ..metrics import make_metric
 
     final = run.final_state()
-    return {m: {"test": make_metric(m, run, "test").value(final),
-                "valid": make_metric(m, run, "valid").value(final)} for m in metrics}
+    out: dict[str, Any] = {m: {"test": make_metric(m, run, "test").value(final),
+                               "valid": make_metric(m, run, "valid").value(final)} for m in metrics}
+    out["provenance"] = {"run_id": run.id}
+    return out
 
 
 def _read_toml(path: Path) -> dict:

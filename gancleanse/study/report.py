@@ -189,15 +189,10 @@ def _grid_png(images: np.ndarray, cols: int = 8) -> str:
 
 
 def _training_data(run_dir: Path) -> np.ndarray:
-    """The replicate's training split, read without building its models (user modules need none)."""
-    from safetensors.torch import load_file
+    """The replicate's training split, verified, read without building its models."""
+    from ..run import Run
 
-    from ..data import load_data
-
-    data_file = run_dir / "data.safetensors"
-    if data_file.is_file():
-        return load_file(str(data_file))["train"].numpy()
-    return load_data(load_config(run_dir / "config.toml")).split("train").numpy()
+    return Run.open(run_dir).splits.split("train").numpy()
 
 
 def _load_samples(path: Path) -> np.ndarray:

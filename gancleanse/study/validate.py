@@ -52,11 +52,16 @@ def random_jaccard(n: int, fraction: float = JACCARD_FRACTION) -> float:
                for k in range(0, m + 1) if 2 * m - k > 0)
 
 
+def _defined(value: float) -> float | None:
+    """A correlation, or None where it is undefined (a constant side)."""
+    return float(value) if math.isfinite(value) else None
+
+
 def accuracy(estimated: Sequence[float], actual: Sequence[float]) -> dict[str, float]:
     est, act = np.asarray(estimated, dtype=np.float64), np.asarray(actual, dtype=np.float64)
     return {
-        "kendall_tau": float(kendalltau(est, act).statistic),
-        "pearson": float(pearsonr(est, act).statistic),
+        "kendall_tau": _defined(kendalltau(est, act).statistic),
+        "pearson": _defined(pearsonr(est, act).statistic) if np.ptp(est) > 0 and np.ptp(act) > 0 else None,
         "jaccard": jaccard_of_extremes(est, act),
         "random_jaccard": random_jaccard(len(act)),
     }
@@ -87,20 +92,50 @@ def counterfactual_delta(run: "Run", index: int, metric: str, from_epoch: int | 
 
 def retrain_all(run: "Run", jobs: list[tuple[int, int | None]], metric: str, parts: Path, *,
                 executor: str, workers: int, progress: bool) -> dict[tuple[int, int | None], float]:
-    """Actual deltas for (instance, from_epoch) pairs, reusing those already stored in ``parts``."""
+    """Actual deltas for (instance, from_epoch) pairs, reusing those already stored in ``parts``.
+
+    Each stored retrain names the run it came from (its seal); retrains of another run, or
+    of an earlier training at the same path, are never reused: they are recomputed and
+    overwritten. A stored retrain that is not what this code writes is an error naming it.
+    """
+    from ..locks import DirectoryLock
+
     parts.mkdir(parents=True, exist_ok=True)
-    done: dict[tuple[int, int | None], float] = {}
-    for f in parts.glob("*.json"):
-        rec = json.loads(f.read_text())
-        if rec.get("metric") == metric:
-            done[(rec["index"], rec["from_epoch"])] = rec["delta"]
-    todo = [((j, e), (run, j, metric, e)) for j, e in jobs if (j, e) not in done]
-    for (j, e), delta in run_tasks(counterfactual_delta, todo, executor=executor, workers=workers,
-                                   progress=progress, desc="retrain"):
-        done[(j, e)] = delta
-        write_json_atomic(parts / f"{metric}_i{j}_e{'window' if e is None else e}.json",
-                          {"index": j, "from_epoch": e, "metric": metric, "delta": delta})
+    with DirectoryLock(parts, "validation"):
+        done: dict[tuple[int, int | None], float] = {}
+        for f in sorted(parts.glob(f"{metric}_i*_e*.json")):
+            rec = read_part(f)
+            if rec["run_id"] == run.id and rec["metric"] == metric:
+                done[(rec["index"], rec["from_epoch"])] = rec["delta"]
+        todo = [((j, e), (run, j, metric, e)) for j, e in jobs if (j, e) not in done]
+        for (j, e), delta in run_tasks(counterfactual_delta, todo, executor=executor, workers=workers,
+                                       progress=progress, desc="retrain"):
+            done[(j, e)] = delta
+            write_json_atomic(parts / f"{metric}_i{j}_e{'window' if e is None else e}.json",
+                              {"index": j, "from_epoch": e, "metric": metric, "delta": delta, "run_id": run.id,
+                               "run": str(run.path.resolve())})
     return {key: done[key] for key in jobs}
+
+
+def read_part(path: Path) -> dict[str, Any]:
+    """One stored retrain, checked: the fields this code writes, a finite delta."""
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise GancleanseError(f"{path}: unreadable stored retrain ({e}); delete it to recompute it") from None
+    ok = (isinstance(rec, dict) and isinstance(rec.get("index"), int) and isinstance(rec.get("metric"), str)
+          and isinstance(rec.get("run_id"), str) and (rec.get("from_epoch") is None or isinstance(rec["from_epoch"], int))
+          and isinstance(rec.get("delta"), (int, float)) and not isinstance(rec.get("delta"), bool))
+    if not ok:
+        raise GancleanseError(f"{path}: not a stored retrain of this gancleanse version (fields index, from_epoch, "
+                              "metric, delta, run_id); delete it to recompute it")
+    if not math.isfinite(rec["delta"]):
+        raise GancleanseError(f"{path}: stored retrain delta is {rec['delta']}; delete it to recompute it")
+    return rec
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def scatter_plot(path: Path, panels: list[dict[str, Any]], title: str) -> None:
@@ -117,7 +152,7 @@ def scatter_plot(path: Path, panels: list[dict[str, Any]], title: str) -> None:
         ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
         ax.set_xlabel("actual change (retraining)")
         ax.set_ylabel("estimated change")
-        ax.set_title(f"{p['label']}\ntau {p['kendall_tau']:.2f}  r {p['pearson']:.2f}  J {p['jaccard']:.2f}",
+        ax.set_title(f"{p['label']}\ntau {_fmt(p['kendall_tau'])}  r {_fmt(p['pearson'])}  J {p['jaccard']:.2f}",
                      fontsize=9)
         ax.ticklabel_format(style="sci", scilimits=(-3, 3))
     fig.suptitle(title, fontsize=10)

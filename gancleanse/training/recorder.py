@@ -18,23 +18,16 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..config import Config
+from ..config import Config, check_threads
 from ..data import Splits, load_data
 from ..data.base import SPLIT_NAMES, as_float
 from ..errors import TrainingDivergedError
 from ..models import GANModules, build_models
+from ..integrity import file_hashes, sealed
 from ..run import (DTYPES, FORMAT_VERSION, Run, checkpoint_name, save_state, staged_directory,
-                   torch_threads, write_eval_latents, write_json_atomic)
+                   torch_threads, window_checkpoints, write_eval_latents, write_json_atomic)
 from .dynamics import Dynamics, State, StepBatch
 from .schedule import Schedule
-
-
-def window_checkpoints(window_start: int, total: int, every: int, steps_per_epoch: int) -> list[int]:
-    """Checkpoint steps: the window start, every ``every`` steps, every epoch start, the end."""
-    steps = set(range(window_start, total, every))
-    steps |= {s for s in range(window_start, total) if s % steps_per_epoch == 0}
-    steps |= {0, window_start, total}
-    return sorted(steps)
 
 
 def check_finite(state: State, stats: dict[str, torch.Tensor], step: int, steps_per_epoch: int) -> None:
@@ -91,6 +84,7 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
     """
     cfg = with_user_inputs(cfg, models, data).resolved()
     t = cfg.train
+    check_threads(t.threads)
     with torch_threads(t.threads):
         threads = torch.get_num_threads()
         dtype = DTYPES[cfg.model.dtype]
@@ -150,13 +144,18 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
             if not schedule.shared_latents:
                 sched["z_g"] = torch.stack(rec_zg)
             save_file(sched, str(stage / "schedule.safetensors"))
-            write_json_atomic(stage / "run.json", {
+            files = ["config.toml", "eval_latents.safetensors", "splits.json", "schedule.safetensors",
+                     "losses.jsonl", *(f"checkpoints/{checkpoint_name(c)}" for c in ckpts)]
+            if data is not None:
+                files.append("data.safetensors")
+            write_json_atomic(stage / "run.json", sealed({
                 "format": FORMAT_VERSION,
                 "status": "complete",
                 "gancleanse": __version__,
                 "torch": torch.__version__,
                 "python": platform.python_version(),
                 "threads": threads,
+                "device": "cpu",
                 "n_train": cfg.data.n_train,
                 "steps_per_epoch": spe,
                 "total_steps": total,
@@ -167,5 +166,7 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
                 "data": data_summary(splits),
                 "seconds": {"train": time.perf_counter() - started, "window_steps": window_seconds},
                 "final_losses": {k: float(v) for k, v in stats.items()},
-            })
-    return Run.open(out, models=models if cfg.model.arch == "custom" else None)
+                "files": file_hashes(stage, files),
+            }))
+    # The config came from the caller, so its extractor is explicitly theirs to load.
+    return Run.open(out, models=models if cfg.model.arch == "custom" else None, extractor=cfg.metric.extractor)
