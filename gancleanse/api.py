@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .config import HIGHER_IS_BETTER, METRICS, Config
+from .config import HIGHER_IS_BETTER, METHODS, METRICS, Config
 from .data import Splits
 from .errors import ConfigError, GancleanseError, NonFiniteError
 # Imported eagerly: the package attribute ``gancleanse.influence`` must end up being the
@@ -22,8 +22,6 @@ from .models import GANModules
 from .run import Run, write_json_atomic
 from .training import recorder
 from .training.replay import replay
-
-METHODS = ("itd", "aid", "isolation_forest", "random")
 
 
 @dataclass

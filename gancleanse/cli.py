@@ -173,9 +173,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import verify_run
+    from .verify import verify_run, verify_study
 
-    run = Run.open(args.run)
+    path = Path(args.run)
+    if path.is_dir() and not (path / "run.json").exists():
+        print(f"verifying the study {path}")
+        verify_study(path, replay=not args.no_replay, report=lambda line: print(f"  ok  {line}"),
+                     progress=not args.quiet)
+        print(f"{path}: every check passed")
+        return 0
+    run = Run.open(path)
     print(f"verifying {run.path}")
     verify_run(run, replay=not args.no_replay, report=lambda line: print(f"  ok  {line}"),
                progress=not args.quiet)
@@ -347,8 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("dir", help="study directory written by `gancleanse cleanse`")
     sp.set_defaults(func=_cmd_report)
 
-    sp = sub.add_parser("verify", help="check a run directory: hashes, schedule, latents, bitwise replay")
-    sp.add_argument("run", help="run directory written by `gancleanse train`")
+    sp = sub.add_parser("verify", help="check a run (or every run of a study): hashes, schedule, latents, "
+                        "bitwise replay")
+    sp.add_argument("run", help="run directory written by `gancleanse train`, or a study directory")
     sp.add_argument("--no-replay", action="store_true", help="skip replaying the recorded window")
     common(sp)
     sp.set_defaults(func=_cmd_verify)

@@ -289,9 +289,11 @@ def test_study_parts_of_a_retrained_replicate_are_not_reused(tmp_path):
     part = out / "parts" / "seed0_itd-all_r0.1.json"
     rec = json.loads(part.read_text())
     assert rec["provenance"]["run_id"] == gc.Run.open(out / "seeds" / "seed_0" / "run").id
-    # A stored retrain that claims another run is recomputed, not reported.
+    assert main(["verify", str(out), "--no-replay", "-q"]) == 0
+    # A stored retrain that claims another run is recomputed, not reported (verify names it).
     part.write_text(json.dumps({**rec, "all": {"test": 123.0, "valid": 456.0},
                                 "provenance": {**rec["provenance"], "run_id": "0" * 64}}))
+    assert main(["verify", str(out), "--no-replay", "-q"]) == 2
     again = gc.cleanse(cfg, out, report=False, progress=False)
     assert again == first
     assert json.loads(part.read_text()) == rec
@@ -337,3 +339,22 @@ def test_export_refuses_scores_of_an_earlier_training(cfg_file, tmp_path, capsys
     assert main(["export", str(tmp_path / "s.csv"), "--count", "2", "--out", str(tmp_path / "clean")]) == 2
     one_line_error(capsys, "another training")
     assert not (tmp_path / "clean").exists()
+
+
+def test_a_second_writer_of_a_study_is_refused_by_name(tmp_path, capsys):
+    cfg = tmp_path / "study.toml"
+    cfg.write_text(STUDY)
+    out = tmp_path / "study"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename,
+                                               "started": "now", "command": "gancleanse cleanse"}))
+        assert main(["cleanse", str(cfg), "--out", str(out), "-q", "--no-report"]) == 2
+        one_line_error(capsys, str(holder.pid), str(out))
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["cleanse", str(cfg), "--out", str(out), "-q", "--no-report"]) == 0  # stale: taken over
+    assert not (out / ".lock").exists()

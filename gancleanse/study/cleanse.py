@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import save_file
 from scipy.stats import ttest_1samp
 
-from ..config import HIGHER_IS_BETTER, Config
+from ..config import HIGHER_IS_BETTER, METHODS, Config
 from ..errors import ConfigError, GancleanseError, GancleanseWarning
 from ..data import Splits
 from ..models import GANModules
@@ -72,7 +72,7 @@ def scorers_for(cfg: Config, image_data: bool) -> list[Scorer]:
             out.append(Scorer(method, "none"))
         else:
             raise ConfigError(f"cleanse.methods has unknown method {method!r} "
-                              "(known: itd, aid, isolation_forest, random)")
+                              f"(known: {', '.join(METHODS)})")
     return out
 
 
@@ -202,7 +202,7 @@ def open_study_dir(out: Path, cfg: Config) -> None:
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise ConfigError(f"--out {out} exists and is not a directory")
-        if not is_study_dir(out) and any(out.iterdir()):
+        if not is_study_dir(out) and any(p.name != ".lock" for p in out.iterdir()):  # a starting writer's lock
             raise ConfigError(f"--out {out} is a non-empty directory that is not a gancleanse study; "
                               "choose a new or empty directory")
         config_path = out / "config.toml"
