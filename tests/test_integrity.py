@@ -256,6 +256,8 @@ DEEP = {
     "eval latents scaled": (resealed("eval_latents.safetensors", lambda d: changed(d, "test", lambda t: 2 * t)),
                             "eval_latents.safetensors"),
     "final checkpoint perturbed": (resealed(FINAL, perturb_one), FINAL),
+    "final checkpoint nan": (resealed(FINAL, nan_one), FINAL),
+    "schedule index out of range": (resealed("schedule.safetensors", set_index(60)), "schedule.safetensors"),
     "mid-window checkpoint perturbed": (resealed("checkpoints/step_00000008.safetensors", perturb_one),
                                         "step_00000008"),
 }
@@ -268,6 +270,18 @@ def test_verify_catches_damage_with_consistent_hashes(case, pristine, tmp_path, 
     corrupt(run)
     capsys.readouterr()
     assert_refused(main(["verify", str(run), "-q"]), capsys.readouterr().err, names)
+
+
+@pytest.mark.parametrize("case", ["final checkpoint nan", "schedule index out of range"])
+def test_every_reader_refuses_non_finite_or_wrapping_content(case, pristine, tmp_path, capsys):
+    """Values a hash cannot vouch for: NaN is never read, an index never wraps around."""
+    corrupt, names = DEEP[case]
+    run = copy_run(pristine, tmp_path)
+    corrupt(run)
+    capsys.readouterr()
+    out = tmp_path / "scores.csv"
+    assert_refused(main(["influence", str(run), "--out", str(out), "-q"]), capsys.readouterr().err, names)
+    assert not out.exists()
 
 
 def test_verify_passes_an_intact_run_and_says_what_it_checked(pristine, capsys):
