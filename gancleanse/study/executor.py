@@ -6,7 +6,16 @@
 - ``local`` with ``workers=1``: in this process, in order (no start-up cost);
 - ``local`` with ``workers>1``: a spawn-based process pool on this machine;
 - ``ray``: Ray tasks, on the cluster at ``RAY_ADDRESS`` if set, else on a local Ray
-  instance started without dashboard or usage reporting.
+  instance started without dashboard or usage reporting. The local instance keeps its session
+  files (logs, sockets) under ``$RAY_TMPDIR/ray`` (Ray reads that variable itself; default
+  ``$TMPDIR/ray`` or ``/tmp/ray``); keep the path short, Ray's Unix socket paths beneath it
+  must stay under 107 characters.
+
+Workers die with the process that started them: the pool's workers kill themselves when their
+parent goes away (``PR_SET_PDEATHSIG`` on Linux, and a watchdog thread polling the parent PID
+everywhere), and any exception in the parent while tasks run (``KeyboardInterrupt``, an error in
+the loop consuming the results, the consumer closing the generator) kills the workers at once
+instead of waiting for their tasks, then propagates. On Ray, pending tasks are cancelled.
 
 Every job is deterministic on its own (its seeds, indices and latents come from the run
 directory, and it sets the recorded thread count), so results do not depend on the executor.
@@ -17,6 +26,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import secrets
+import signal
+import sys
+import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Callable, Hashable, Iterable, Iterator
 
@@ -36,6 +49,7 @@ def run_tasks(fn: Callable[..., Any], tasks: Iterable[tuple[Hashable, tuple]], *
     if workers < 1:
         raise GancleanseError(f"--workers must be at least 1, got {workers}")
     bar = tqdm(total=len(tasks), desc=desc, unit="job", disable=not progress or not tasks, leave=False)
+    source = None
     try:
         if executor == "ray":
             source = _ray(fn, tasks, workers)
@@ -47,17 +61,96 @@ def run_tasks(fn: Callable[..., Any], tasks: Iterable[tuple[Hashable, tuple]], *
             bar.update()
             yield item
     finally:
+        if hasattr(source, "close"):
+            # Closed here, not whenever it is garbage collected: a pool or Ray source stops its
+            # workers now when the consumer stops early or raises.
+            source.close()
         bar.close()
+
+
+# ---------------------------------------------------------------------- local process pool
+WATCHDOG_INTERVAL = 0.5  # seconds between a worker's checks that its parent still runs
 
 
 def _pool(fn, tasks, workers) -> Iterator[tuple[Hashable, Any]]:
     ctx = multiprocessing.get_context("spawn")  # fork after torch's thread pools can deadlock
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                               initargs=(os.getpid(),))
+    try:
         pending = {pool.submit(fn, *args): key for key, args in tasks}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 yield pending.pop(fut), fut.result()
+    except BaseException:  # KeyboardInterrupt, GeneratorExit, a failed task, an error downstream
+        # Not ``with pool``: its __exit__ waits for the running tasks (minutes of retraining).
+        _kill_workers(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    """SIGKILL the pool's workers now (not after their running tasks), then shut the pool down."""
+    # ``_processes`` (pid -> Process) is private, but it is the only handle on the workers:
+    # the public API can only cancel tasks not yet started and wait for the running ones.
+    # The processes are started in submit() in the thread driving this generator, so the
+    # mapping is complete here.
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    killed = False
+    for p in processes:
+        try:
+            p.kill()
+            killed = True
+        except (OSError, ValueError, AttributeError):
+            pass  # already gone or closed
+    # With the workers dead the pool's manager thread notices at once, fails the remaining
+    # futures and releases the queues, so waiting for it takes milliseconds (and frees the
+    # queues' semaphores, which would otherwise be reported as leaked at exit). Without a
+    # handle on them, do not wait: the workers end with this process (see _worker_init).
+    pool.shutdown(wait=killed, cancel_futures=True)
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Runs first in every pool worker: die with the parent, however it ends."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            PR_SET_PDEATHSIG = 1
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    # PDEATHSIG fires when the *thread* that created this process exits, not only when the whole
+    # parent does (so a run_tasks generator must be driven from one thread, which it is), and
+    # exists only on Linux: the watchdog covers the rest.
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="gancleanse-parent-watchdog",
+                     daemon=True).start()
+    # tqdm's default lock is a multiprocessing RLock: a named semaphore that a killed worker
+    # cannot unlink, which the resource tracker then reports as leaked. A worker's progress bars
+    # (disabled anyway) need only a thread lock.
+    try:
+        from tqdm import tqdm
+
+        tqdm.set_lock(threading.RLock())
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+    # Interrupting the parent from a terminal sends SIGINT to the whole process group; the
+    # parent decides what to do and kills the workers, so they must not die half-way on their own
+    # with a traceback each.
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except (OSError, ValueError):
+        pass
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while True:
+        time.sleep(WATCHDOG_INTERVAL)
+        if os.getppid() != parent_pid:
+            os._exit(1)
 
 
 def _ray(fn, tasks, workers) -> Iterator[tuple[Hashable, Any]]:
@@ -66,10 +159,10 @@ def _ray(fn, tasks, workers) -> Iterator[tuple[Hashable, Any]]:
     except ImportError:
         raise GancleanseError("--executor ray needs Ray: pip install 'gancleanse[ray]'") from None
     started_here = not ray.is_initialized()
+    address = os.environ.get("RAY_ADDRESS")
     saved_env = {k: os.environ.get(k) for k in ("RAY_USAGE_STATS_ENABLED", "RAY_AUTH_TOKEN")}
     if started_here:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        address = os.environ.get("RAY_ADDRESS")
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                   "configure_logging": False}
         if not address:
@@ -79,6 +172,7 @@ def _ray(fn, tasks, workers) -> Iterator[tuple[Hashable, Any]]:
                 # write a token file into the user's home directory.
                 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
         ray.init(address=address or None, **kwargs)
+    refs: dict = {}
     try:
         remote = ray.remote(num_cpus=1)(fn)
         refs = {remote.remote(*args): key for key, args in tasks}
@@ -86,6 +180,16 @@ def _ray(fn, tasks, workers) -> Iterator[tuple[Hashable, Any]]:
             done, _ = ray.wait(list(refs), num_returns=1)
             for ref in done:
                 yield refs.pop(ref), ray.get(ref)
+    except BaseException:
+        # On a cluster the tasks would run on after we are gone; a local instance is shut down
+        # below, which stops its workers anyway.
+        if not started_here or address:
+            for ref in refs:
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:  # noqa: BLE001 - best effort while propagating the original error
+                    pass
+        raise
     finally:
         if started_here:
             ray.shutdown()
