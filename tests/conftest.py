@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,3 +43,41 @@ def run_factory(tmp_path: Path):
         return make_run(tmp_path, f"run{next(counter)}", **sections)
 
     return factory
+
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sandbox_home(tmp_path_factory):
+    """The test suite writes nothing outside its temporary directories.
+
+    HOME, the XDG directories and matplotlib's config dir point into the session's temporary
+    directory, and Ray's session files (RAY_TMPDIR) and other programs' temporary files
+    (TMPDIR, for subprocesses) into a short directory under the system temp dir, created and
+    removed here: Ray's Unix socket paths under RAY_TMPDIR must stay under 107 characters.
+    Everything is restored afterwards.
+    """
+    base = tmp_path_factory.mktemp("sandbox")
+    short = Path(tempfile.mkdtemp(prefix="gc"))  # e.g. /tmp/gcab12cd34; Ray adds ray/session_.../sockets/...
+    paths = {
+        "HOME": base / "home",
+        "XDG_CACHE_HOME": base / "home" / ".cache",
+        "XDG_CONFIG_HOME": base / "home" / ".config",
+        "XDG_DATA_HOME": base / "home" / ".local" / "share",
+        "XDG_STATE_HOME": base / "home" / ".local" / "state",
+        "MPLCONFIGDIR": base / "home" / ".config" / "matplotlib",
+        "RAY_TMPDIR": short,
+        "TMPDIR": short / "tmp",
+    }
+    saved = {k: os.environ.get(k) for k in paths}
+    for k, p in paths.items():
+        p.mkdir(parents=True, exist_ok=True)
+        os.environ[k] = str(p)
+    try:
+        yield base / "home"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(short, ignore_errors=True)

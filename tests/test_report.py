@@ -244,12 +244,20 @@ def test_report_renders_in_chromium(study, tmp_path):
     assert text.count("</body>") == 1
     page = tmp_path / "page.html"
     page.write_text(text.replace("</body>", CHECK_SCRIPT + "</body>"), encoding="utf-8")
+    # Everything Chromium writes (profile, caches, crash dumps, dconf, fontconfig) goes under tmp_path.
+    import os
+
+    home = tmp_path / "home"
+    env = {**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"),
+           "XDG_CONFIG_HOME": str(home / ".config"), "XDG_DATA_HOME": str(home / ".local" / "share"),
+           "TMPDIR": str(tmp_path)}
     proc = subprocess.run(
         [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
-         "--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=60)
+         "--disable-breakpad", "--no-default-browser-check", f"--user-data-dir={tmp_path / 'profile'}",
+         f"--crash-dumps-dir={tmp_path / 'crashes'}", f"--disk-cache-dir={tmp_path / 'cache'}",
+         "--virtual-time-budget=10000", "--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=60, env=env)
     match = re.search(r'<pre id="check">(.*?)</pre>', proc.stdout, re.S)
     assert match, f"no check result in the dumped DOM; chromium stderr:\n{proc.stderr[-2000:]}"
     check = json.loads(html.unescape(match.group(1)))

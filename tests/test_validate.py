@@ -89,3 +89,9 @@ def test_ray_executor_gives_identical_numbers(run_factory, tmp_path):
     remote = gc.validate(run, "all", "itd", 4, seed=2, executor="ray", workers=2, progress=False)
     assert remote["actual"] == local["actual"] and remote["instances"] == local["instances"]
     assert not (Path.home() / ".ray" / "auth_token").exists() or had_token, "Ray left a token file in HOME"
+    # The local instance's session files (logs, sockets) went under RAY_TMPDIR (the sandbox's, see
+    # conftest.py), not into the system's /tmp/ray.
+    import os
+
+    ray_tmp = Path(os.environ["RAY_TMPDIR"]) / "ray"
+    assert any(ray_tmp.glob("session_*")), f"Ray kept its session files outside RAY_TMPDIR ({ray_tmp})"
