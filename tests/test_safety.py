@@ -83,7 +83,8 @@ def test_force_replaces_a_run_directory(cfg_file, tmp_path, capsys):
     one_line_error(capsys, "already exists")
     assert main(["train", str(cfg_file), "--out", str(out), "--force", "-q"]) == 0
     assert json.loads((out / "run.json").read_text())["files"] == first  # deterministic: the same bytes
-    assert not (tmp_path / "run.partial").exists() and not (out / ".lock").exists()
+    assert not (tmp_path / "run.partial").exists() and not (tmp_path / ".run.lock").exists()
+    assert not (out / ".gancleanse-stage").exists()
 
 
 def test_a_foreign_partial_directory_is_left_alone(cfg_file, tmp_path, capsys):
@@ -100,9 +101,11 @@ def test_a_dead_writers_stage_is_taken_over(cfg_file, tmp_path):
     stage = tmp_path / "run.partial"
     stage.mkdir()
     (stage / "half_written.safetensors").write_bytes(b"x")
-    (stage / ".lock").write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename}))
+    (stage / ".gancleanse-stage").write_text(dead.stdout)
+    (tmp_path / ".run.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename}))
     assert main(["train", str(cfg_file), "--out", str(tmp_path / "run"), "-q"]) == 0
     assert not stage.exists() and not (tmp_path / "run" / "half_written.safetensors").exists()
+    assert not (tmp_path / ".run.lock").exists()
     gc.Run.open(tmp_path / "run")
 
 
@@ -111,7 +114,7 @@ def test_a_failed_training_leaves_nothing(tmp_path, capsys):
     cfg.write_text(SMALL.replace("lr_d = 0.05", "lr_d = 1e30"))
     assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "-q"]) == 2
     one_line_error(capsys, "non-finite")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml"]  # no stage, no lock
 
 
 # ----------------------------------------------------------------------- --out
@@ -358,3 +361,15 @@ def test_a_second_writer_of_a_study_is_refused_by_name(tmp_path, capsys):
         holder.wait()
     assert main(["cleanse", str(cfg), "--out", str(out), "-q", "--no-report"]) == 0  # stale: taken over
     assert not (out / ".lock").exists()
+
+
+def test_a_second_writer_of_a_run_is_refused_by_name(cfg_file, tmp_path, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".run.lock").write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename}))
+        assert main(["train", str(cfg_file), "--out", str(tmp_path / "run"), "-q"]) == 2
+        one_line_error(capsys, f"process {holder.pid}")
+        assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
+    finally:
+        holder.kill()
+        holder.wait()
