@@ -299,3 +299,73 @@ def test_the_seal_covers_every_file_and_field(pristine):
     assert set(meta["files"]) == files
     assert seal_of(meta) == meta["seal"]
     assert seal_of({**meta, "threads": meta["threads"] + 1}) != meta["seal"]
+
+
+# ------------------------------------------------------------------- study parts
+STUDY = CONFIG + """
+[cleanse]
+methods = ["itd", "random"]
+removal_rates = [0.0, 0.1]
+seeds = [0]
+"""
+PART = "parts/seed0_itd-all_r0.1.json"
+SCORES = "seeds/seed_0/scores/itd-all.csv"
+
+
+def edit_json(name: str, fn: Callable[[dict], object]) -> Callable[[Path], None]:
+    def apply(study: Path) -> None:
+        rec = json.loads((study / name).read_text())
+        (study / name).write_text(json.dumps(fn(rec)))
+    return apply
+
+
+def nan_harmfulness(path: Path) -> None:
+    lines = path.read_text().splitlines()
+    fields = lines[3].split(",")
+    fields[2] = "nan"
+    lines[3] = ",".join(fields)
+    path.write_text("\n".join(lines) + "\n")
+
+
+STUDY_CASES: dict[str, tuple[Callable[[Path], None], str]] = {
+    "part not json": (write_bytes(PART, b'{"all": {"test": 1.'), PART),
+    "part nan": (edit_json(PART, lambda r: {**r, "all": {**r["all"], "test": float("nan")}}), PART),
+    "part infinite": (edit_json(PART, lambda r: {**r, "all": {**r["all"], "valid": float("inf")}}), PART),
+    "part metric missing": (edit_json(PART, lambda r: {k: v for k, v in r.items() if k != "all"}), PART),
+    "part value a string": (edit_json(PART, lambda r: {**r, "all": {**r["all"], "test": "1.0"}}), PART),
+    "part without provenance": (edit_json(PART, lambda r: {k: v for k, v in r.items() if k != "provenance"}), PART),
+    "part a list": (write_bytes(PART, b"[1, 2]"), PART),
+    "original nan": (edit_json("parts/seed0_original.json", lambda r: {**r, "all": {"test": float("nan"),
+                                                                                     "valid": 0.0}}),
+                     "seed0_original.json"),
+    "scores nan": (lambda s: nan_harmfulness(s / SCORES), "itd-all.csv"),
+    "scores short": (lambda s: (s / SCORES).write_text("\n".join((s / SCORES).read_text().splitlines()[:5])),
+                     "itd-all.csv"),
+    "scores garbage": (write_bytes(SCORES, b"index,influence,harmfulness,key\n0,x,y,#0\n"), "itd-all.csv"),
+    "replicate run edited": (edit_config("lr_g", "0.9"), "config.toml"),
+}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("study")
+    (d / "study.toml").write_text(STUDY)
+    assert main(["cleanse", str(d / "study.toml"), "--out", str(d / "study"), "-q", "--no-report"]) == 0
+    return d
+
+
+@pytest.mark.parametrize("case", sorted(STUDY_CASES))
+def test_a_resumed_study_refuses_damaged_parts(case, study, tmp_path, capsys):
+    corrupt, names = STUDY_CASES[case]
+    out = tmp_path / "study"
+    shutil.copytree(study / "study", out)
+    if case == "replicate run edited":
+        corrupt(out / "seeds" / "seed_0" / "run")
+    else:
+        corrupt(out)
+    (out / "results.csv").unlink()
+    capsys.readouterr()
+    code = main(["cleanse", str(study / "study.toml"), "--out", str(out), "-q", "--no-report"])
+    assert_refused(code, capsys.readouterr().err, names)
+    assert not (out / "results.csv").exists()
+    assert not list(out.glob("*.tmp")) and not (out / ".lock").exists()
