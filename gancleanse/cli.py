@@ -110,7 +110,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     check_out(args.out, ".json", args.force)
     res = api.validate(Run.open(args.run, extractor=args.extractor), args.metric, args.method, args.instances, seed=args.seed,
                        extremes=args.extremes, horizons=args.horizons, executor=args.executor,
-                       workers=args.workers, out=args.out, progress=not args.quiet,
+                       workers=args.workers, out=args.out, progress=not args.quiet, batched=args.batched,
                        solver_options=_solver_options(args))
     rows = list(res["horizons"].values()) if args.horizons else [res]
     print(f"{'epochs traced':>13}  {'kendall tau':>11}  {'pearson':>8}  {'jaccard':>8}  (random jaccard "
@@ -318,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--horizons", action="store_true", help="validate every recorded horizon (itd)")
     sp.add_argument("--executor", choices=("local", "ray"), default="local")
     sp.add_argument("--workers", type=int, default=1, help="parallel retrains")
+    sp.add_argument("--batched", action="store_true",
+                    help="advance retrains together by one vmapped step (faster on small networks; equal to "
+                         "rounding, not bitwise)")
     _aid_arguments(sp)
     common(sp)
     extractor(sp)

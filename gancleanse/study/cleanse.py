@@ -146,11 +146,12 @@ def retrain_and_evaluate(run: Run, removed: list[int], retrain: str, metrics: li
     """
     from ..metrics import make_metric
     from ..training.replay import replay
+    from ..training.retrain import late_start
 
     weights = torch.ones(run.n_train, dtype=run.dtype)
     weights[removed] = 0.0
     start = run.window_start if retrain == "window" else 0
-    state = replay(run, start, weights=weights)
+    state = replay(run, late_start(run, weights, start), weights=weights)  # bitwise the same as from start
     out: dict[str, Any] = {m: {"test": make_metric(m, run, "test").value(state),
                                "valid": make_metric(m, run, "valid").value(state)} for m in metrics}
     out["provenance"] = {"run_id": run.id, "removed": removal_digest(removed), "retrain": retrain}

@@ -83,15 +83,34 @@ def choose_instances(estimate: np.ndarray, k: int, seed: int, extremes: bool) ->
     return sorted(int(i) for i in chosen)
 
 
-def counterfactual_delta(run: "Run", index: int, metric: str, from_epoch: int | None) -> float:
-    """One retrain without one instance (a top-level function so that process pools can pickle it)."""
-    from ..api import counterfactual
+RETRAIN_CHUNK = 64  # retrains advanced together by one vmapped step
 
-    return float(counterfactual(run, [index], metric, from_epoch=from_epoch)["delta"])
+
+def counterfactual_deltas(run: "Run", indices: list[int], metric: str, from_epoch: int | None,
+                          batched: bool) -> list[float]:
+    """Retrains without each one instance, forked off one shared replay (a top-level function
+    so that process pools can pickle it)."""
+    from ..api import counterfactuals
+
+    return [float(r["delta"]) for r in counterfactuals(run, [[j] for j in indices], metric, from_epoch=from_epoch,
+                                                        batched=batched)]
+
+
+def chunks(jobs: list[tuple[int, int | None]], workers: int) -> list[tuple[int | None, list[int]]]:
+    """(from_epoch, instances) groups of at most RETRAIN_CHUNK, at least one per worker."""
+    by_epoch: dict[int | None, list[int]] = {}
+    for j, e in jobs:
+        by_epoch.setdefault(e, []).append(j)
+    out = []
+    for e, js in by_epoch.items():
+        size = max(1, min(RETRAIN_CHUNK, math.ceil(len(js) / workers)))
+        out += [(e, js[i:i + size]) for i in range(0, len(js), size)]
+    return out
 
 
 def retrain_all(run: "Run", jobs: list[tuple[int, int | None]], metric: str, parts: Path, *,
-                executor: str, workers: int, progress: bool) -> dict[tuple[int, int | None], float]:
+                executor: str, workers: int, progress: bool, batched: bool = False
+                ) -> dict[tuple[int, int | None], float]:
     """Actual deltas for (instance, from_epoch) pairs, reusing those already stored in ``parts``.
 
     Each stored retrain names the run it came from (its seal); retrains of another run, or
@@ -107,13 +126,15 @@ def retrain_all(run: "Run", jobs: list[tuple[int, int | None]], metric: str, par
             rec = read_part(f)
             if rec["run_id"] == run.id and rec["metric"] == metric:
                 done[(rec["index"], rec["from_epoch"])] = rec["delta"]
-        todo = [((j, e), (run, j, metric, e)) for j, e in jobs if (j, e) not in done]
-        for (j, e), delta in run_tasks(counterfactual_delta, todo, executor=executor, workers=workers,
-                                       progress=progress, desc="retrain"):
-            done[(j, e)] = delta
-            write_json_atomic(parts / f"{metric}_i{j}_e{'window' if e is None else e}.json",
-                              {"index": j, "from_epoch": e, "metric": metric, "delta": delta, "run_id": run.id,
-                               "run": str(run.path.resolve())})
+        todo = chunks([(j, e) for j, e in jobs if (j, e) not in done], workers)
+        tasks = [((e, tuple(js)), (run, js, metric, e, batched)) for e, js in todo]
+        for (e, js), deltas in run_tasks(counterfactual_deltas, tasks, executor=executor, workers=workers,
+                                         progress=progress, desc="retrain"):
+            for j, delta in zip(js, deltas):
+                done[(j, e)] = delta
+                write_json_atomic(parts / f"{metric}_i{j}_e{'window' if e is None else e}.json",
+                                  {"index": j, "from_epoch": e, "metric": metric, "delta": delta,
+                                   "run_id": run.id, "run": str(run.path.resolve())})
     return {key: done[key] for key in jobs}
 
 
