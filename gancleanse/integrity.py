@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -66,10 +65,3 @@ def sealed(meta: dict[str, Any]) -> dict[str, Any]:
 def file_hashes(root: Path, names: Iterable[str]) -> dict[str, str]:
     """{relative name: sha256} of the named files under ``root``."""
     return {name: sha256_file(root / name) for name in names}
-
-
-def remove_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass

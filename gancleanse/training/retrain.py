@@ -58,7 +58,7 @@ def retrain_many(run: Run, weights: torch.Tensor, start: int, *, vmap_steps: boo
         stepper = vmap(lambda s, w, b: dyn.step(s, b, w)[0], in_dims=(0, 0, None))
         last_fork = int(first[first < end].max()) if bool((first < end).any()) else begin
         for step in tqdm(range(begin, end), desc="retrain", unit="step", disable=not progress, leave=False):
-            forks = [k for k in torch.nonzero(first == step).flatten().tolist()]
+            forks = torch.nonzero(first == step).flatten().tolist()
             if forks:
                 active += forks
                 if vmap_steps:
