@@ -9,7 +9,6 @@ checkpoint on the way bit for bit (on the recorded thread count, on the CPU).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -117,7 +116,7 @@ def _replay_matches(run: Run, progress: bool) -> int:
 def verify_study(path: Path, *, replay: bool = True, report: Callable[[str], None] = print,
                  progress: bool = False) -> list[str]:
     """Verify every replicate's run of a study and that its stored scores and retrains name them."""
-    from .study.cleanse import STUDY_MARKER, is_study_dir
+    from .study.cleanse import STUDY_MARKER, is_study_dir, stored_run_id
 
     if not is_study_dir(path):
         raise RunDirError(f"{path} is neither a run directory (run.json) nor a study directory ({STUDY_MARKER})")
@@ -130,25 +129,14 @@ def verify_study(path: Path, *, replay: bool = True, report: Callable[[str], Non
         verify_run(run, replay=replay, report=lambda line, label=label: report(f"{label}: {line}"), progress=progress)
         run_ids[run.id] = label
         for scores in sorted((run_dir.parent / "scores").glob("*.json")):
-            if _recorded_run(scores) != run.id:
+            if stored_run_id(scores) != run.id:
                 raise RunDirError(f"{scores}: these scores name another run than {run_dir}")
     lines.append(f"{len(run_dirs)} replicate run(s) verified")
     report(lines[-1])
     parts = sorted(p for p in (path / "parts").glob("*.json"))
     for part in parts:
-        rec = _recorded_run(part)
-        if rec not in run_ids:
-            raise RunDirError(f"{part}: this stored retrain names no run of the study (resuming recomputes it)")
+        if stored_run_id(part) not in run_ids:
+            raise RunDirError(f"{part}: this stored retrain is unreadable or names no run of the study")
     lines.append(f"{len(parts)} stored retrain(s) name a verified run of the study")
     report(lines[-1])
     return lines
-
-
-def _recorded_run(path: Path) -> str | None:
-    try:
-        rec = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise RunDirError(f"{path}: unreadable") from None
-    if not isinstance(rec, dict):
-        return None
-    return rec.get("run_id") if "run_id" in rec else (rec.get("provenance") or {}).get("run_id")

@@ -111,23 +111,32 @@ def select(harmfulness: np.ndarray, *, rate: float | None = None, count: int | N
 # ------------------------------------------------------------------------- the run side
 @dataclass
 class RunData:
-    """What an export needs of a run directory: its config and recorded instance keys."""
-
-    path: Path
-    cfg: Config
-    keys: dict[str, list[str]]
-    source: dict[str, Any] | None
+    """What an export needs of a run directory: its verified config and recorded instance keys
+    (no models are built)."""
 
     run: "Run"
 
     @classmethod
     def read(cls, path: str | Path) -> "RunData":
-        """The run's verified config and splits.json (no models are built)."""
         from ..run import Run
 
-        run = Run.open(path)
-        rec = run.recorded_splits
-        return cls(run.path, run.cfg, {k: rec[k] for k in ("train", "valid", "test")}, rec.get("source"), run)
+        return cls(Run.open(path))
+
+    @property
+    def path(self) -> Path:
+        return self.run.path
+
+    @property
+    def cfg(self) -> Config:
+        return self.run.cfg
+
+    @property
+    def keys(self) -> dict[str, list[str]]:
+        return {k: self.run.recorded_splits[k] for k in ("train", "valid", "test")}
+
+    @property
+    def source(self) -> dict[str, Any] | None:
+        return self.run.recorded_splits.get("source")
 
 
 def _run_of(table: ScoreTable, run: str | Path | None) -> Path:

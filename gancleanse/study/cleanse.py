@@ -103,7 +103,7 @@ def train_and_score(cfg_dict: dict, seed_dir: str, scorers: list[tuple[str, str]
     (seed_dir_p / "scores").mkdir(exist_ok=True)
     for method, score_metric in scorers:
         path = seed_dir_p / "scores" / f"{method}-{score_metric}.csv"
-        if path.is_file() and _stored_run_id(path.with_suffix(".json")) == run.id:
+        if path.is_file() and stored_run_id(path.with_suffix(".json")) == run.id:
             continue
         if method == "itd":
             s = api.influence(run, score_metric, method, progress=False)
@@ -124,13 +124,15 @@ def train_and_score(cfg_dict: dict, seed_dir: str, scorers: list[tuple[str, str]
     return run
 
 
-def _stored_run_id(path: Path) -> str | None:
-    """The run a stored score or retrain came from (None: unreadable, or written for no run)."""
+def stored_run_id(path: Path) -> str | None:
+    """The run a stored score file's JSON or a stored retrain names (None: unreadable, or none)."""
     try:
         rec = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return rec.get("run_id") if isinstance(rec, dict) else None
+    if not isinstance(rec, dict):
+        return None
+    return rec["run_id"] if "run_id" in rec else (rec.get("provenance") or {}).get("run_id")
 
 
 def removal_digest(removed: list[int]) -> str:
@@ -222,7 +224,6 @@ def check_study_config(cfg: Config, data: Splits | None) -> None:
     from ..config import check_threads
 
     check_threads(cfg.train.threads)
-    scorers_for(cfg, True)
     needs_classifier = [m for m in cfg.cleanse.metrics if m in ("is", "log_is", "fid", "kid")]
     two_d = cfg.data.name == "gaussian2d" or (data is not None and data.train.ndim < 3)
     if needs_classifier and two_d and not cfg.metric.extractor:

@@ -35,10 +35,14 @@ def first_use_steps(run: Run, changed: torch.Tensor, start: int) -> torch.Tensor
     return first
 
 
+def checkpoint_before(run: Run, step: int, start: int) -> int:
+    """The last checkpoint in [start, step] (``start`` is one: a window or epoch start, or 0)."""
+    return max(c for c in run.checkpoint_steps if start <= c <= step) if step > start else start
+
+
 def late_start(run: Run, weights: torch.Tensor, start: int) -> int:
     """The last checkpoint at or before the first step where ``weights`` differ from 1."""
-    first = int(first_use_steps(run, (weights != 1).unsqueeze(0), start)[0])
-    return max(c for c in run.checkpoint_steps if start <= c <= first) if first > start else start
+    return checkpoint_before(run, int(first_use_steps(run, (weights != 1).unsqueeze(0), start)[0]), start)
 
 
 def retrain_many(run: Run, weights: torch.Tensor, start: int, *, vmap_steps: bool = True,
@@ -49,8 +53,7 @@ def retrain_many(run: Run, weights: torch.Tensor, start: int, *, vmap_steps: boo
     dyn = run.dynamics
     results: list[State | None] = [None] * weights.shape[0]
     ones = torch.ones(run.cfg.train.batch_size, dtype=run.dtype)
-    begin = int(first.min())
-    begin = max(c for c in run.checkpoint_steps if start <= c <= begin) if begin > start else start
+    begin = checkpoint_before(run, int(first.min()), start)
     with torch_threads(run.threads), torch.no_grad():
         state = run.load_state(begin)
         active: list[int] = []
