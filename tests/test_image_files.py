@@ -322,10 +322,7 @@ def test_npy_nhwc_uint8(tmp_path):
     s = load_images(dcfg(path=path, n_valid=2, n_test=2))
     assert s.train.dtype == torch.uint8 and s.train.shape == (5, 3, 5, 5)
     assert s.y_train is None
-    rows = rows_by_key(s)
-    assert sorted(rows) == sorted(f"#{i}" for i in range(9))
-    for i in range(9):
-        assert np.array_equal(rows[f"#{i}"][0], arr[i].transpose(2, 0, 1)), i
+    assert_holds_exactly(s, {f"#{i}": arr[i] for i in range(9)})
 
 
 def test_npy_gray_nhw(tmp_path):
@@ -335,9 +332,7 @@ def test_npy_gray_nhw(tmp_path):
     np.save(path, arr)
     s = load_images(dcfg(path=path))
     assert s.train.shape[1:] == (1, 6, 6)
-    rows = rows_by_key(s)
-    for i in range(5):
-        assert np.array_equal(rows[f"#{i}"][0], arr[i][None]), i
+    assert_holds_exactly(s, {f"#{i}": arr[i] for i in range(5)})
 
 
 def test_npz_arr_0_nhwc(tmp_path):
@@ -346,10 +341,7 @@ def test_npz_arr_0_nhwc(tmp_path):
     path = tmp_path / "a.npz"
     np.savez(path, arr)  # stored as arr_0
     s = load_images(dcfg(path=path))
-    rows = rows_by_key(s)
-    assert sorted(rows) == sorted(f"#{i}" for i in range(7))
-    for i in range(7):
-        assert np.array_equal(rows[f"#{i}"][0], arr[i].transpose(2, 0, 1)), i
+    assert_holds_exactly(s, {f"#{i}": arr[i] for i in range(7)})
 
 
 def test_npz_x_y_nchw_float_values_kept(tmp_path):

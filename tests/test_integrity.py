@@ -200,9 +200,12 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
 }
 
 
-def copy_run(pristine: Path, tmp_path: Path) -> Path:
+def damaged_copy(pristine: Path, tmp_path: Path, corrupt: Callable[[Path], None], capsys) -> Path:  # noqa: ANN001
+    """A copy of the pristine run with ``corrupt`` applied (and the captured output so far dropped)."""
     run = tmp_path / "run"
     shutil.copytree(pristine, run)
+    corrupt(run)
+    capsys.readouterr()
     return run
 
 
@@ -217,9 +220,7 @@ def assert_refused(code: int, err: str, names: str) -> None:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_influence_refuses_a_damaged_run(case, pristine, tmp_path, capsys):
     corrupt, names = CASES[case]
-    run = copy_run(pristine, tmp_path)
-    corrupt(run)
-    capsys.readouterr()
+    run = damaged_copy(pristine, tmp_path, corrupt, capsys)
     out = tmp_path / "scores.csv"
     code = main(["influence", str(run), "--metric", "all", "--out", str(out), "-q"])
     assert_refused(code, capsys.readouterr().err, names)
@@ -230,9 +231,7 @@ def test_influence_refuses_a_damaged_run(case, pristine, tmp_path, capsys):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_verify_refuses_a_damaged_run(case, pristine, tmp_path, capsys):
     corrupt, names = CASES[case]
-    run = copy_run(pristine, tmp_path)
-    corrupt(run)
-    capsys.readouterr()
+    run = damaged_copy(pristine, tmp_path, corrupt, capsys)
     assert_refused(main(["verify", str(run), "-q"]), capsys.readouterr().err, names)
 
 
@@ -266,9 +265,7 @@ DEEP = {
 @pytest.mark.parametrize("case", sorted(DEEP))
 def test_verify_catches_damage_with_consistent_hashes(case, pristine, tmp_path, capsys):
     corrupt, names = DEEP[case]
-    run = copy_run(pristine, tmp_path)
-    corrupt(run)
-    capsys.readouterr()
+    run = damaged_copy(pristine, tmp_path, corrupt, capsys)
     assert_refused(main(["verify", str(run), "-q"]), capsys.readouterr().err, names)
 
 
@@ -276,9 +273,7 @@ def test_verify_catches_damage_with_consistent_hashes(case, pristine, tmp_path, 
 def test_every_reader_refuses_non_finite_or_wrapping_content(case, pristine, tmp_path, capsys):
     """Values a hash cannot vouch for: NaN is never read, an index never wraps around."""
     corrupt, names = DEEP[case]
-    run = copy_run(pristine, tmp_path)
-    corrupt(run)
-    capsys.readouterr()
+    run = damaged_copy(pristine, tmp_path, corrupt, capsys)
     out = tmp_path / "scores.csv"
     assert_refused(main(["influence", str(run), "--out", str(out), "-q"]), capsys.readouterr().err, names)
     assert not out.exists()
