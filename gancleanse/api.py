@@ -2,87 +2,25 @@
 
 from __future__ import annotations
 
-import csv
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from .config import HIGHER_IS_BETTER, METHODS, METRICS, Config
+from .config import METRICS, Config
 from .data import Splits
 from .errors import ConfigError, GancleanseError, NonFiniteError
 # Imported eagerly: the package attribute ``gancleanse.influence`` must end up being the
 # function below, not the subpackage of the same name bound on its first import.
-from .influence.itd import itd_influence
+from .influence import score
 from .metrics import make_metric
 from .models import GANModules
 from .run import Run, write_json_atomic
+from .scores import Scores
 from .training import recorder
 from .training.replay import replay
 from .training.retrain import late_start
-
-
-@dataclass
-class Scores:
-    """One score per training instance. ``harmfulness > 0``: removal predicted to help; higher first.
-
-    For ``itd``/``aid``, ``influence`` is the predicted V(without j) - V(with j) and
-    harmfulness follows the metric's direction. For baselines, ``influence`` is the raw score
-    (Isolation Forest ``score_samples``; random draws) and ``harmfulness`` its removal order.
-    """
-
-    metric: str
-    method: str
-    influence: np.ndarray
-    harmfulness: np.ndarray
-    horizons: dict[int, np.ndarray] = field(default_factory=dict)  # epochs traced -> influence
-    info: dict[str, Any] = field(default_factory=dict)
-    keys: list[str] | None = None  # each instance's stable name (relative path or #i), by index
-
-    @classmethod
-    def from_influence(cls, metric: str, method: str, influence: np.ndarray, **kw: Any) -> "Scores":
-        sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
-        return cls(metric, method, influence, sign * influence, **kw)
-
-    def most_harmful(self, k: int) -> list[int]:
-        """Indices of the k instances to remove first (ties broken by index)."""
-        return [int(i) for i in np.argsort(-self.harmfulness, kind="stable")[:k]]
-
-    def to_csv(self, path: str | Path) -> None:
-        write_scores_csv(path, self.influence, self.harmfulness, self.keys)
-
-    def horizons_to_csv(self, path: str | Path) -> None:
-        """Long format: index, epochs_traced, influence, harmfulness."""
-        sign = 1.0 if HIGHER_IS_BETTER[self.metric] else -1.0
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["index", "epochs_traced", "influence", "harmfulness"])
-            for k in sorted(self.horizons):
-                for i, v in enumerate(self.horizons[k]):
-                    w.writerow([i, k, repr(float(v)), repr(float(sign * v))])
-        tmp.replace(path)
-
-
-def write_scores_csv(path: str | Path, influence: np.ndarray, harmfulness: np.ndarray,
-                     keys: Sequence[str] | None = None) -> None:
-    """SCORES.csv: ``index,influence,harmfulness,key``, written to a temporary name then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    keys = keys if keys is not None else [f"#{i}" for i in range(len(influence))]
-    if len(keys) != len(influence):
-        raise GancleanseError(f"{len(keys)} instance keys for {len(influence)} scores")
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["index", "influence", "harmfulness", "key"])
-        for i, (inf, harm, key) in enumerate(zip(influence, harmfulness, keys)):
-            w.writerow([i, repr(float(inf)), repr(float(harm)), key])
-    tmp.replace(path)
 
 
 def export(scores: "Scores | str | Path", out: str | Path, *, rate: float | None = None, count: int | None = None,
@@ -124,16 +62,17 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
 
 
 def influence(run: Run | str | Path, metric: str = "all", method: str = "itd", *,
-              features: str = "raw", seed: int = 0, progress: bool = True,
-              **solver_options: Any) -> Scores:
-    """Score every training instance of ``run``.
+              features: str | None = None, seed: int = 0, progress: bool = True,
+              **options: Any) -> Scores:
+    """Score every training instance of ``run`` (``gancleanse.influence.METHODS``).
 
-    ``itd`` / ``aid``: influence on ``metric`` (validation split). Baselines:
-    ``isolation_forest`` on ``features`` ("raw" data or "classifier" features) and
-    ``random`` (seeded); ``metric`` is then only recorded. ``solver_options`` go to AID.
+    ``itd`` / ``aid``: influence on ``metric`` (validation split); ``options`` are AID's
+    solver options. Baselines: ``isolation_forest`` and ``knn_density`` (``neighbors``) on
+    ``features`` ("raw" data or "classifier" features), ``discriminator`` (the trained D's
+    logit) and ``random`` (seeded); ``metric`` is then only recorded.
     """
     run = _open(run)
-    scores = _score(run, metric, method, features=features, seed=seed, progress=progress, **solver_options)
+    scores = score(run, method, metric, features=features, seed=seed, progress=progress, **options)
     check_finite_scores(scores, run)
     scores.keys = run.train_keys
     scores.info["run_id"] = run.id
@@ -150,51 +89,6 @@ def check_finite_scores(scores: Scores, run: Run) -> None:
             first = [int(i) for i in np.flatnonzero(bad)[:5]]
             raise NonFiniteError(f"{scores.method} {what} on {scores.metric} of run {run.path} has "
                                  f"{int(bad.sum())} non-finite value(s) (instances {first}); nothing was written")
-
-
-def _score(run: Run, metric: str, method: str, *, features: str, seed: int, progress: bool,
-           **solver_options: Any) -> Scores:
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r} (available: {', '.join(METHODS)})")
-    if metric not in METRICS:
-        raise ConfigError(f"unknown metric {metric!r} (known: {', '.join(METRICS)})")
-    if method == "itd":
-        res = itd_influence(run, make_metric(metric, run, "valid"), progress=progress)
-        return Scores.from_influence(
-            metric, method, res.influence.numpy(), horizons={k: v.numpy() for k, v in res.horizons.items()},
-            info={"metric_value": res.metric_value, "seconds": res.seconds, "steps": res.steps,
-                  "window_start_epoch": run.window_start // run.steps_per_epoch})
-    if method == "aid":
-        from .influence.aid import aid_influence
-
-        res = aid_influence(run, make_metric(metric, run, "valid"), seed=seed, progress=progress,
-                            **solver_options)
-        return Scores.from_influence(
-            metric, method, res.influence.numpy(),
-            info={"metric_value": res.metric_value, "seconds": res.seconds, "solver": res.solver,
-                  "residual": res.residual, "iterations": res.iterations, "converged": res.converged,
-                  **res.options})
-    from .influence import baselines
-
-    started = time.perf_counter()
-    if method == "random":
-        harm = baselines.random_scores(run.n_train, seed)
-        return Scores(metric, method, harm, harm, info={"seed": seed, "seconds": time.perf_counter() - started})
-    x = instance_features(run, features)
-    harm = baselines.isolation_forest_scores(x, seed)
-    return Scores(metric, method, -harm, harm,
-                  info={"features": features, "seed": seed, "seconds": time.perf_counter() - started})
-
-
-def instance_features(run: Run, features: str) -> np.ndarray:
-    """Training instances as rows: the raw data, or the metric classifier's features."""
-    if features == "raw":
-        return run.splits.split("train", torch.float32).reshape(run.n_train, -1).numpy()
-    if features == "classifier":
-        from .metrics.classifier import training_features
-
-        return training_features(run)
-    raise ConfigError(f"unknown features {features!r} (available: raw, classifier)")
 
 
 def parse_indices(text: str, n_train: int) -> list[int]:

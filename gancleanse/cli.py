@@ -17,6 +17,7 @@ from pathlib import Path
 from . import __version__, api
 from .config import METRICS, Config, load_config
 from .errors import GancleanseError
+from .influence import METHODS
 from .run import Run, write_json_atomic
 
 
@@ -90,7 +91,11 @@ def _cmd_influence(args: argparse.Namespace) -> int:
 
 
 def _solver_options(args: argparse.Namespace) -> dict:
-    """AID options given on the command line (only those set)."""
+    """The scorer's options given on the command line (only those set)."""
+    if getattr(args, "neighbors", None) is not None:
+        if args.method != "knn_density":
+            raise GancleanseError(f"--neighbors applies to --method knn_density, not {args.method}")
+        return {"neighbors": args.neighbors}
     if args.method != "aid":
         return {}
     names = ("solver", "iterations", "step", "damping", "tol", "batch_size", "operator_size")
@@ -280,15 +285,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("influence", help="score every training instance")
     sp.add_argument("run", help="run directory written by `gancleanse train`")
     sp.add_argument("--metric", choices=METRICS, default="all")
-    sp.add_argument("--method", choices=api.METHODS, default="itd")
+    sp.add_argument("--method", choices=METHODS, default="itd")
     sp.add_argument("--out", required=True, help="SCORES.csv to write (index,influence,harmfulness,key); "
                     "SCORES.json beside it says what produced it")
     sp.add_argument("--force", action="store_true", help="replace an existing SCORES.csv")
     sp.add_argument("--horizons", action="store_true",
                     help="also write the estimate for every number of epochs traced back (SCORES.horizons.csv)")
     sp.add_argument("--top", type=positive_int, default=0, metavar="K", help="print the K most harmful instances")
-    sp.add_argument("--features", choices=("raw", "classifier"), default="raw",
-                    help="isolation_forest: fit on raw data or on the metric classifier's features")
+    sp.add_argument("--features", choices=("raw", "classifier"), default=None,
+                    help="isolation_forest / knn_density: raw data (default) or the metric classifier's features")
+    sp.add_argument("--neighbors", type=positive_int, default=None, metavar="K",
+                    help="knn_density: rank by the distance to the K-th nearest instance (default 5)")
     sp.add_argument("--seed", type=int, default=0, help="random / isolation_forest / aid seed")
     _aid_arguments(sp)
     common(sp)
@@ -308,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("validate", help="compare estimates with counterfactual retraining")
     sp.add_argument("run")
     sp.add_argument("--metric", choices=METRICS, default="all")
-    sp.add_argument("--method", choices=api.METHODS, default="itd")
+    sp.add_argument("--method", choices=METHODS, default="itd")
     sp.add_argument("--instances", type=int, default=20, metavar="K", help="instances to retrain without")
     sp.add_argument("--out", required=True, help="VALID.json to write (a scatter plot goes beside it)")
     sp.add_argument("--force", action="store_true", help="replace an existing VALID.json")

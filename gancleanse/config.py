@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .influence import METHODS
 
 GAUSSIAN2D_N_TRAIN = 10000  # the paper's accuracy setting
 METRICS = ("all", "is", "log_is", "fid", "kid", "loss_d")
 HIGHER_IS_BETTER = {"all": True, "is": True, "log_is": True, "fid": False, "kid": False, "loss_d": False}
-METHODS = ("itd", "aid", "isolation_forest", "random")
 INT64 = 2**63  # TOML integers are 64-bit; tomllib reads bigger ones, which torch then cannot hold
 REPLICATE_SEEDS = 2**32  # cleanse.seeds are added to the 64-bit base seeds; this keeps every sum
 # below 2**64, the range torch.Generator.manual_seed accepts (np.random.SeedSequence takes any)

@@ -18,7 +18,8 @@ STUDY = {
     "data": {"n_train": 200, "n_valid": 100, "n_test": 100},
     "model": {"activation": "elu", "g_hidden": 8, "d_hidden": 8, "z_dim": 3},
     "train": {"epochs": 2, "batch_size": 20, "lr_d": 0.01, "lr_g": 0.01},
-    "cleanse": {"metrics": ["all", "loss_d"], "methods": ["itd", "random", "isolation_forest"],
+    "cleanse": {"metrics": ["all", "loss_d"], "methods": ["itd", "random", "isolation_forest", "knn_density",
+                                                          "discriminator"],
                 "removal_rates": [0.0, 0.1], "seeds": [0, 1]},
 }
 
@@ -38,8 +39,9 @@ def test_tables_are_consistent(study):
     assert header[:9] == ["seed", "method", "score_metric", "eval_metric", "removal_rate", "n_removed",
                           "before", "after", "delta"]
     scorers = {(r["method"], r["score_metric"]) for r in rows}
-    assert scorers == {("itd", "all"), ("itd", "loss_d"), ("random", "none"), ("isolation_forest", "raw")}
-    assert len(rows) == 2 * 4 * 2 * 2  # seeds x scorers x rates x eval metrics
+    assert scorers == {("itd", "all"), ("itd", "loss_d"), ("random", "none"), ("isolation_forest", "raw"),
+                       ("knn_density", "raw"), ("discriminator", "none")}
+    assert len(rows) == 2 * 6 * 2 * 2  # seeds x scorers x rates x eval metrics
     for r in rows:
         assert r["delta"] == r["after"] - r["before"]
         assert r["n_removed"] == int(200 * r["removal_rate"])

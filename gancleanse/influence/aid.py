@@ -55,8 +55,9 @@ from torch.func import grad, jvp, vjp
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, GancleanseWarning
-from ..metrics import Metric
+from ..metrics import Metric, make_metric
 from ..run import Run, torch_threads
+from ..scores import Scores
 from ..training.dynamics import Dynamics, State
 from ..training.losses import d_real_term
 from ..training.schedule import solver_draw
@@ -363,3 +364,13 @@ def _check_options(iterations: int, tol: float, damping: float | None, step: flo
             raise ConfigError(f"{name} must be at least 1, got {value}")
     if batch_size is not None and solver != "neumann":
         raise ConfigError("--aid-batch-size (fresh minibatches) applies to --aid-solver neumann only")
+
+
+def score(run: Run, metric: str, *, seed: int = 0, progress: bool = True, **solver_options: Any) -> Scores:
+    """AID influence on ``metric`` (validation split); ``solver_options`` as ``aid_influence``."""
+    res = aid_influence(run, make_metric(metric, run, "valid"), seed=seed, progress=progress, **solver_options)
+    return Scores.from_influence(
+        metric, "aid", res.influence.numpy(),
+        info={"metric_value": res.metric_value, "seconds": res.seconds, "solver": res.solver,
+              "residual": res.residual, "iterations": res.iterations, "converged": res.converged,
+              **res.options})

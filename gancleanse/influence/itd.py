@@ -24,8 +24,9 @@ import torch
 from torch.func import grad, vjp
 from tqdm.auto import tqdm
 
-from ..metrics import Metric
+from ..metrics import Metric, make_metric
 from ..run import Run, torch_threads
+from ..scores import Scores
 from ..training.dynamics import State
 
 
@@ -84,3 +85,12 @@ def itd_influence(run: Run, metric: Metric, *, progress: bool = True) -> ITDResu
         bar.close()
     return ITDResult(influence, metric_value, horizons, time.perf_counter() - started,
                      run.final_step - run.window_start)
+
+
+def score(run: Run, metric: str, *, seed: int = 0, progress: bool = True) -> Scores:
+    """ITD influence on ``metric`` (validation split), with the estimate for every horizon."""
+    res = itd_influence(run, make_metric(metric, run, "valid"), progress=progress)
+    return Scores.from_influence(
+        metric, "itd", res.influence.numpy(), horizons={k: v.numpy() for k, v in res.horizons.items()},
+        info={"metric_value": res.metric_value, "seconds": res.seconds, "steps": res.steps,
+              "window_start_epoch": run.window_start // run.steps_per_epoch})

@@ -35,9 +35,10 @@ import torch
 from safetensors.torch import save_file
 from scipy.stats import ttest_1samp
 
-from ..config import HIGHER_IS_BETTER, METHODS, Config
-from ..errors import ConfigError, GancleanseError, GancleanseWarning
+from ..config import HIGHER_IS_BETTER, Config
 from ..data import Splits
+from ..errors import ConfigError, GancleanseError, GancleanseWarning
+from ..influence import variant_arguments, variants
 from ..models import GANModules
 from ..run import Run, write_json_atomic
 from .executor import run_tasks
@@ -60,20 +61,18 @@ class Scorer:
 
 
 def scorers_for(cfg: Config, image_data: bool) -> list[Scorer]:
-    out: list[Scorer] = []
-    for method in cfg.cleanse.methods:
-        if method in ("itd", "aid"):
-            out += [Scorer(method, m) for m in cfg.cleanse.metrics]
-        elif method == "isolation_forest":
-            out.append(Scorer(method, "raw"))
-            if image_data:
-                out.append(Scorer(method, "classifier"))
-        elif method == "random":
-            out.append(Scorer(method, "none"))
-        else:
-            raise ConfigError(f"cleanse.methods has unknown method {method!r} "
-                              f"(known: {', '.join(METHODS)})")
-    return out
+    """Every (method, variant) the study scores with: see ``gancleanse.influence.variants``."""
+    return [Scorer(method, v) for method in cfg.cleanse.methods
+            for v in variants(method, cfg.cleanse.metrics, image_data)]
+
+
+def scorer_options(method: str, cleanse: dict[str, Any]) -> dict[str, Any]:
+    """The study config's options for ``method`` (AID's solver settings; none for the rest)."""
+    if method != "aid":
+        return {}
+    options = {"solver": cleanse["aid_solver"], "iterations": cleanse["aid_iterations"],
+               "damping": cleanse["aid_damping"], "operator_size": cleanse["aid_operator_size"]}
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def replicate_config(cfg: Config, seed: int) -> Config:
@@ -105,20 +104,11 @@ def train_and_score(cfg_dict: dict, seed_dir: str, scorers: list[tuple[str, str]
         path = seed_dir_p / "scores" / f"{method}-{score_metric}.csv"
         if path.is_file() and stored_run_id(path.with_suffix(".json")) == run.id:
             continue
-        if method == "itd":
-            s = api.influence(run, score_metric, method, progress=False)
-        elif method == "aid":
-            c = cfg_dict["cleanse"]
-            options = {"solver": c["aid_solver"], "iterations": c["aid_iterations"], "damping": c["aid_damping"],
-                       "operator_size": c["aid_operator_size"]}
-            with warnings.catch_warnings():  # recorded in the JSON; the study warns once for all seeds
-                warnings.simplefilter("ignore", GancleanseWarning)
-                s = api.influence(run, score_metric, method, seed=seed, progress=False,
-                                  **{k: v for k, v in options.items() if v is not None})
-        elif method == "isolation_forest":
-            s = api.influence(run, "all", method, features=score_metric, seed=seed, progress=False)
-        else:
-            s = api.influence(run, "all", method, seed=seed, progress=False)
+        with warnings.catch_warnings():  # recorded in the JSON; the study warns once for all seeds
+            warnings.simplefilter("ignore", GancleanseWarning)
+            s = api.influence(run, method=method, seed=seed, progress=False,
+                              **variant_arguments(method, score_metric),
+                              **scorer_options(method, cfg_dict["cleanse"]))
         write_json_atomic(path.with_suffix(".json"), {"metric": s.metric, "method": s.method, **s.info})
         s.to_csv(path)  # last: its presence marks the scorer as done
     return run
