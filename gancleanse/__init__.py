@@ -13,7 +13,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import Scores, cleanse, counterfactual, counterfactuals, export, influence, train, validate  # noqa: E402
+from .api import Scores, cleanse, counterfactual, counterfactuals, export, influence, lds, train, validate  # noqa: E402
 from .data import Splits  # noqa: E402
 from .models import GANModules  # noqa: E402
 from .config import Config, load_config  # noqa: E402
@@ -21,5 +21,5 @@ from .errors import GancleanseError  # noqa: E402
 from .run import Run  # noqa: E402
 
 __all__ = ["Config", "GANModules", "GancleanseError", "Run", "Scores", "Splits", "cleanse", "counterfactual", "counterfactuals",
-           "export", "influence",
+           "export", "influence", "lds",
            "load_config", "train", "validate", "__version__"]

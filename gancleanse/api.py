@@ -62,20 +62,35 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
 
 
 def influence(run: Run | str | Path, metric: str = "all", method: str = "itd", *,
-              features: str | None = None, seed: int = 0, progress: bool = True,
+              features: str | None = None, seed: int = 0, check: int = 0, progress: bool = True,
               **options: Any) -> Scores:
     """Score every training instance of ``run`` (``gancleanse.influence.METHODS``).
 
     ``itd`` / ``aid``: influence on ``metric`` (validation split); ``options`` are AID's
     solver options. Baselines: ``isolation_forest`` and ``knn_density`` (``neighbors``) on
     ``features`` ("raw" data or "classifier" features), ``discriminator`` (the trained D's
-    logit) and ``random`` (seeded); ``metric`` is then only recorded.
+    logit) and ``random`` (seeded); ``metric`` is then what their trust check measures.
+
+    ``check = K`` (> 0) runs the trust check (``gancleanse.study.trust``): K retrains,
+    Kendall tau and Pearson against the actual change of ``metric`` with 90% intervals, in
+    ``scores.info["check"]``; an ``UntrustedScoresWarning`` when the ranking is not reliable.
     """
+    import warnings
+
+    from .study import trust
+
     run = _open(run)
+    trust.check_size(check, run.n_train)  # before the scoring, which may take long
     scores = score(run, method, metric, features=features, seed=seed, progress=progress, **options)
     check_finite_scores(scores, run)
     scores.keys = run.train_keys
     scores.info["run_id"] = run.id
+    if check:
+        result = trust.trust_check(run, scores, check, seed=seed, progress=progress)
+        scores.info["check"] = result
+        text = trust.warning_text(result)
+        if text:
+            warnings.warn(text, trust.UntrustedScoresWarning, stacklevel=2)
     return scores
 
 
@@ -142,7 +157,7 @@ def counterfactuals(run: Run | str | Path, removals: Sequence[Sequence[int]], me
     """``counterfactual`` for many removal sets at once: one shared replay of the recorded
     trajectory, each retrain forked off where it first differs and (``batched``) all advanced
     by one vmapped step; equal to separate retrains to rounding (bitwise with ``batched=False``)."""
-    from .training.retrain import retrain_many
+    from .study.validate import retrained_values
 
     run = _open(run)
     if metric not in METRICS:
@@ -150,18 +165,11 @@ def counterfactuals(run: Run | str | Path, removals: Sequence[Sequence[int]], me
     removed = [check_indices(r, run.n_train) for r in removals]
     if not removed:
         return []
-    m = make_metric(metric, run, split)
     start = run.window_start if from_epoch is None else run.epoch_start_step(from_epoch)
-    weights = torch.ones(len(removed), run.n_train, dtype=run.dtype)
-    for k, r in enumerate(removed):
-        weights[k, r] = 0.0
-    before = m.value(run.final_state())
-    states = retrain_many(run, weights, start, vmap_steps=batched, progress=progress)
-    out = []
-    for r, state in zip(removed, states):
-        after = m.value(state)
-        out.append({"metric": metric, "removed": r, "before": before, "after": after, "delta": after - before})
-    return out
+    before, after = retrained_values(run, removed, [metric], split=split, start=start, batched=batched,
+                                     progress=progress)
+    return [{"metric": metric, "removed": r, "before": before[metric], "after": a, "delta": a - before[metric]}
+            for r, a in zip(removed, after[metric])]
 
 
 def validate(run: Run | str | Path, metric: str = "all", method: str = "itd", instances: int = 20, *,
@@ -219,6 +227,38 @@ def validate(run: Run | str | Path, metric: str = "all", method: str = "itd", in
         val.scatter_plot(out.with_suffix(".png"), panels, f"{method} influence on {metric}: estimate vs retraining")
         result["plot"] = out.with_suffix(".png").name
         write_json_atomic(out, result)
+    return result
+
+
+def lds(run: Run | str | Path, metric: str = "all", methods: Sequence[str] = ("itd", "random"), *,
+        subsets: int = 50, fraction: float = 0.1, seed: int = 0, out: str | Path | None = None,
+        progress: bool = True, solver_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Linear datamodeling score of each method on ``metric``: Spearman correlation between the
+    summed scores of ``subsets`` random subsets (each ``fraction`` of the training split) and
+    the actual change of retraining the window without them (``gancleanse.study.lds``).
+
+    Feature scorers are scored on raw data, and also on the classifier's features for images.
+    With ``out`` (a .json path), the result is written there.
+    """
+    from .influence import variant_arguments, variants
+    from .study.lds import lds as _lds
+    from .study.lds import random_subsets
+
+    run = _open(run)
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r} (known: {', '.join(METRICS)})")
+    random_subsets(run.n_train, subsets, fraction, seed)  # bad sizes fail before any scoring
+    image_data = run.splits.train.ndim == 4
+    rankings = []
+    for method in dict.fromkeys(methods):
+        for v in variants(method, [metric], image_data):
+            options = (solver_options or {}) if method == "aid" else {}
+            rankings.append(influence(run, method=method, seed=seed, progress=progress,
+                                      **variant_arguments(method, v), **options))
+    result = _lds(run, rankings, metric, subsets=subsets, fraction=fraction, seed=seed, progress=progress)
+    result["scorer_seconds"] = {k: s.info.get("seconds") for k, s in zip(result["scorers"], rankings)}
+    if out is not None:
+        write_json_atomic(Path(out), result)
     return result
 
 

@@ -18,6 +18,8 @@ from . import __version__, api
 from .config import METRICS, Config, load_config
 from .errors import GancleanseError
 from .influence import METHODS
+from .study.trust import DEFAULT_CHECK
+from .study.trust import describe as describe_check
 from .run import Run, write_json_atomic
 
 
@@ -79,13 +81,16 @@ def _print_top(scores: api.Scores, k: int) -> None:
 def _cmd_influence(args: argparse.Namespace) -> int:
     out = check_out(args.out, ".csv", args.force)
     run = Run.open(args.run, extractor=args.extractor)
-    scores = api.influence(run, args.metric, args.method, features=args.features, seed=args.seed,
+    check = min(DEFAULT_CHECK, run.n_train) if args.check is None else args.check
+    scores = api.influence(run, args.metric, args.method, features=args.features, seed=args.seed, check=check,
                            progress=not args.quiet, **_solver_options(args))
     if not args.horizons:
         scores.horizons = {}
     _write_scores(scores, out, run)
     if args.top:
         _print_top(scores, min(args.top, run.n_train))
+    if "check" in scores.info:
+        print(describe_check(scores.info["check"]), file=sys.stderr)
     print(f"wrote {args.out} ({run.n_train} rows) in {scores.info.get('seconds', 0.0):.1f} s", file=sys.stderr)
     return 0
 
@@ -96,8 +101,10 @@ def _solver_options(args: argparse.Namespace) -> dict:
         if args.method != "knn_density":
             raise GancleanseError(f"--neighbors applies to --method knn_density, not {args.method}")
         return {"neighbors": args.neighbors}
-    if args.method != "aid":
-        return {}
+    return _aid_options(args) if args.method == "aid" else {}
+
+
+def _aid_options(args: argparse.Namespace) -> dict:
     names = ("solver", "iterations", "step", "damping", "tol", "batch_size", "operator_size")
     return {n: getattr(args, f"aid_{n}") for n in names if getattr(args, f"aid_{n}") is not None}
 
@@ -124,6 +131,30 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         tau, r_ = (("n/a" if v is None else f"{v:.3f}") for v in (r["kendall_tau"], r["pearson"]))
         print(f"{r['epochs_traced']:>13}  {tau:>11}  {r_:>8}  {r['jaccard']:>8.3f}")
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}", file=sys.stderr)
+    return 0
+
+
+def _cmd_lds(args: argparse.Namespace) -> int:
+    if args.out:
+        check_out(args.out, ".json", args.force)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise GancleanseError(f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'} "
+                              f"(known: {', '.join(METHODS)})")
+    res = api.lds(Run.open(args.run, extractor=args.extractor), args.metric, methods, subsets=args.subsets,
+                  fraction=args.fraction, seed=args.seed, out=args.out, progress=not args.quiet,
+                  solver_options=_aid_options(args))
+    cost = "" if res["retrain_cost_epochs"] is None else f", {res['retrain_cost_epochs']:.1f} training epochs"
+    print(f"LDS on {res['metric']}: {res['subsets']} subsets of {res['n_removed']} instances "
+          f"({res['fraction']:g} of the training split) retrained in {res['retrain_seconds']:.1f} s{cost}")
+    print(f"{'scorer':<28}{'LDS (Spearman)':>15}  90% interval")
+    for name, r in res["scorers"].items():
+        value = "n/a" if r["lds"] is None else f"{r['lds']:.3f}"
+        iv = "" if r["interval"] is None else f"[{r['interval'][0]:.3f}, {r['interval'][1]:.3f}]"
+        print(f"{name:<28}{value:>15}  {iv}")
+    if args.out:
+        print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
 
@@ -163,6 +194,14 @@ def _print_summary(summary: dict) -> None:
         p = "" if r["p_value"] is None else f"{r['p_value']:.3f}"
         print(f"{r['method']:<18}{r['score_metric']:<12}{r['eval_metric']:<10}{r['removal_rate']:>6g}"
               f"{r['n_removed']:>9}{r['mean_delta']:>14.4e}{r['std_delta']:>11.2e}{p:>8}")
+    if summary.get("checks"):
+        print("\ntrust check (Kendall tau of the ranking against retraining, per seed, 90% interval):")
+        for c in summary["checks"]:
+            per_seed = ", ".join("n/a" if t is None else f"{t:.2f}" + (f" [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else "")
+                                 for t, iv in zip(c["kendall_tau"], c["kendall_tau_interval"]))
+            flag = "" if c["method"] == "random" or c["n_trusted"] == len(c["seeds"]) else \
+                f"   <- trusted on {c['n_trusted']} of {len(c['seeds'])} seeds"
+            print(f"  {c['method'] + '-' + c['score_metric']:<28} on {c['check_metric']:<7} {per_seed}{flag}")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -296,7 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="isolation_forest / knn_density: raw data (default) or the metric classifier's features")
     sp.add_argument("--neighbors", type=positive_int, default=None, metavar="K",
                     help="knn_density: rank by the distance to the K-th nearest instance (default 5)")
-    sp.add_argument("--seed", type=int, default=0, help="random / isolation_forest / aid seed")
+    sp.add_argument("--seed", type=int, default=0, help="random / isolation_forest / aid / trust-check seed")
+    sp.add_argument("--check", type=int, default=None, metavar="K",
+                    help=f"trust check: retrain without K instances (half from the ranking's extremes) and report "
+                         f"Kendall tau and Pearson against the actual changes, with 90%% intervals, in SCORES.json "
+                         f"(default {DEFAULT_CHECK}; 0: skip)")
     _aid_arguments(sp)
     common(sp)
     extractor(sp)
@@ -332,6 +375,22 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     extractor(sp)
     sp.set_defaults(func=_cmd_validate)
+
+    sp = sub.add_parser("lds", help="linear datamodeling score: summed scores vs retraining without random subsets")
+    sp.add_argument("run")
+    sp.add_argument("--metric", choices=METRICS, default="all")
+    sp.add_argument("--methods", default="itd,aid,isolation_forest,knn_density,discriminator,random",
+                    metavar="M[,M...]", help="scorers to compare (default: every one)")
+    sp.add_argument("--subsets", type=int, default=50, metavar="S", help="random subsets to retrain without")
+    sp.add_argument("--fraction", type=float, default=0.1, metavar="F",
+                    help="each subset's share of the training split (0 < F < 1)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the subsets (and of seeded scorers)")
+    sp.add_argument("--out", default=None, help="LDS.json to write (per scorer: lds, interval, predicted; actual)")
+    sp.add_argument("--force", action="store_true", help="replace an existing LDS.json")
+    _aid_arguments(sp)
+    common(sp)
+    extractor(sp)
+    sp.set_defaults(func=_cmd_lds)
 
     sp = sub.add_parser("cleanse", help="the whole cleansing study of a config, with report")
     sp.add_argument("config", help="TOML config with a [cleanse] section")

@@ -119,6 +119,9 @@ class CleanseConfig:
     seeds: list[int] = _opt([0, 1, 2], lo=0, hi=REPLICATE_SEEDS, hi_open=True,
                             doc="one replicate per seed, added to data.seed, train.seed and metric.seed")
     retrain: str = _opt("window", choices=("window", "full"))
+    check: int = _opt(32, lo=0, hi=INT64, hi_open=True,
+                      doc="trust check per seed and scorer: retrains without this many instances (at most the "
+                          "training size; 0: off), Kendall tau and Pearson against the actual changes")
     aid_solver: str = _opt("gmres", choices=("gmres", "cg", "neumann"), doc="adjoint solver of method aid")
     aid_iterations: int | None = _opt(None, lo=1, doc="default: the solver's (gmres 100, cg 200, neumann 1000)")
     aid_operator_size: int | None = _opt(None, lo=1, doc="instances in AID's Jacobian products (default all, "
@@ -176,6 +179,8 @@ class Config:
         """Each study list non-empty, naming known metrics and methods, and without repeats (a
         repeated seed would count one replicate twice): caught before any replicate trains."""
         c = self.cleanse
+        if c.check == 1:
+            raise ConfigError(f"{source}: cleanse.check = 1: a trust check needs at least 2 instances (0: off)")
         for key, what, known in (("metrics", "metric", METRICS), ("methods", "method", METHODS),
                                  ("removal_rates", "removal rate", None), ("seeds", "seed", None)):
             values = getattr(c, key)

@@ -12,7 +12,7 @@ import gancleanse as gc
 from gancleanse.api import Scores
 from gancleanse.config import Config
 from gancleanse.metrics import make_metric
-from gancleanse.study.cleanse import read_results, removal_set, summarize
+from gancleanse.study.cleanse import read_results, read_scores, removal_set, summarize
 
 STUDY = {
     "data": {"n_train": 200, "n_valid": 100, "n_test": 100},
@@ -53,7 +53,8 @@ def test_tables_are_consistent(study):
         for m in ("all", "loss_d"):
             expected = make_metric(m, run, "test").value(run.final_state())
             assert {r["before"] for r in rows if r["seed"] == seed and r["eval_metric"] == m} == {expected}
-    assert summarize(rows) == json.loads((out / "summary.json").read_text())
+    stored = json.loads((out / "summary.json").read_text())
+    assert summarize(rows) == {k: v for k, v in stored.items() if k != "checks"}
     assert summary == json.loads((out / "summary.json").read_text())
     by_rate = [r for r in summary["by_rate"] if r["removal_rate"] == 0.1 and r["method"] == "itd"]
     for r in by_rate:
@@ -87,10 +88,12 @@ def test_harmful_first_follows_the_metric_direction(metric, higher):
 
 def test_study_resumes_without_redoing_work(study):
     out, summary = study
-    stamps = {p: p.stat().st_mtime_ns for p in (out / "parts").glob("*.json")}
+    stored = [*(out / "parts").glob("*.json"), *(out / "seeds").glob("seed_*/check.json")]
+    assert len(stored) > 2 * 6 and (out / "seeds" / "seed_0" / "check.json") in stored
+    stamps = {p: p.stat().st_mtime_ns for p in stored}
     again = gc.cleanse(Config.from_dict(STUDY), out, report=False, progress=False)
     assert again == summary
-    assert {p: p.stat().st_mtime_ns for p in (out / "parts").glob("*.json")} == stamps
+    assert {p: p.stat().st_mtime_ns for p in stored} == stamps
     changed = json.loads(json.dumps(STUDY))
     changed["train"]["epochs"] = 3
     with pytest.raises(gc.GancleanseError, match="different config"):
@@ -107,3 +110,33 @@ def test_aid_in_a_study_uses_the_cleanse_solver_settings(tmp_path):
     assert (info["solver"], info["iterations"], info["operator_size"]) == ("cg", 3, 50)
     rows = read_results(tmp_path / "results.csv")
     assert [(r["method"], r["n_removed"]) for r in rows] == [("aid", 0), ("aid", 20)]
+
+
+def test_every_scorer_is_trust_checked_per_seed(study):
+    from scipy.stats import kendalltau
+
+    out, summary = study
+    checks = {(c["method"], c["score_metric"]): c for c in summary["checks"]}
+    assert set(checks) == {("itd", "all"), ("itd", "loss_d"), ("random", "none"), ("isolation_forest", "raw"),
+                           ("knn_density", "raw"), ("discriminator", "none")}
+    assert checks[("itd", "loss_d")]["check_metric"] == "loss_d"
+    assert checks[("knn_density", "raw")]["check_metric"] == "all"  # baselines: the study's first metric
+    for seed in (0, 1):
+        rec = json.loads((out / "seeds" / f"seed_{seed}" / "check.json").read_text())
+        run = gc.Run.open(out / "seeds" / f"seed_{seed}" / "run")
+        assert rec["run_id"] == run.id and rec["k"] == 32
+        for name, c in rec["checks"].items():
+            method, variant = name.split("-", 1)
+            harm = read_scores(out / "seeds" / f"seed_{seed}" / "scores" / f"{name}.csv")
+            assert c["harmfulness"] == [float(harm[j]) for j in c["instances"]]
+            sign = 1.0 if c["metric"] in ("all", "is", "log_is") else -1.0
+            tau = kendalltau(c["harmfulness"], [sign * a for a in c["actual"]]).statistic
+            assert c["kendall_tau"] == pytest.approx(tau, abs=1e-12)
+            row = checks[(method, variant)]
+            assert row["kendall_tau"][row["seeds"].index(seed)] == c["kendall_tau"]
+    # an actual change is the single-removal retrain's change of the validation metric
+    c = json.loads((out / "seeds" / "seed_1" / "check.json").read_text())["checks"]["itd-loss_d"]
+    run = gc.Run.open(out / "seeds" / "seed_1" / "run")
+    j = c["instances"][0]
+    assert c["actual"][0] == pytest.approx(gc.counterfactual(run, [j], "loss_d")["delta"], rel=1e-9, abs=1e-15)
+

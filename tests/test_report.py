@@ -30,7 +30,7 @@ IMAGE_STUDY = {
     "metric": {"n_samples": 64, "classifier_epochs": 5},
     "cleanse": {"metrics": ["fid"], "methods": ["itd", "random"], "removal_rates": [0.0, 0.1], "seeds": [0, 1]},
 }
-SECTIONS = ("summary", "plots", "table", "scores", "samples", "config")
+SECTIONS = ("summary", "plots", "table", "trust", "scores", "samples", "config")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -136,6 +136,17 @@ def test_tables_match_the_summary(study):
     assert [float(c) for c in cells] == pytest.approx([e["mean_delta"] for e in summary["by_rate"]],
                                                       rel=1e-2, abs=1e-300)
     assert len(page.rows["chosen"]) == len(summary["rate_chosen_on_validation"])
+    # the trust column beside every scorer's results, and the per-seed trust table
+    trust_cells = re.findall(r'<td class="trust[^"]*">([^<]*)</td>', text.split('id="chosen"')[0])
+    checks = {(c["method"], c["score_metric"]): c for c in summary["checks"]}
+    assert trust_cells == [f'{checks[(e["method"], e["score_metric"])]["mean_kendall_tau"]:.2f} '
+                           f'({checks[(e["method"], e["score_metric"])]["n_trusted"]}/2)' for e in summary["by_rate"]]
+    table = text.split('id="trust-checks"')[1].split("</table>")[0]
+    seed_cells = re.findall(r'<td class="(weak|)">([^<]*)</td>', table)
+    expected = [("weak" if not ok and c["method"] != "random" else "", f"{t:.2f} [{iv[0]:.2f}, {iv[1]:.2f}]")
+                for c in summary["checks"] for t, iv, ok in zip(c["kendall_tau"], c["kendall_tau_interval"],
+                                                                  c["trusted"])]
+    assert seed_cells == expected
     # the config appears verbatim
     assert "".join(page.pre) == (study / "config.toml").read_text()
 

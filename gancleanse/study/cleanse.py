@@ -38,7 +38,7 @@ from scipy.stats import ttest_1samp
 from ..config import HIGHER_IS_BETTER, Config
 from ..data import Splits
 from ..errors import ConfigError, GancleanseError, GancleanseWarning
-from ..influence import variant_arguments, variants
+from ..influence import spec, variant_arguments, variants
 from ..models import GANModules
 from ..run import Run, write_json_atomic
 from .executor import run_tasks
@@ -111,7 +111,49 @@ def train_and_score(cfg_dict: dict, seed_dir: str, scorers: list[tuple[str, str]
                               **scorer_options(method, cfg_dict["cleanse"]))
         write_json_atomic(path.with_suffix(".json"), {"metric": s.metric, "method": s.method, **s.info})
         s.to_csv(path)  # last: its presence marks the scorer as done
+    check_replicate(run, seed_dir_p, scorers, cfg_dict["cleanse"], seed)
     return run
+
+
+CHECK_FILE = "check.json"
+
+
+def check_replicate(run: Run, seed_dir: Path, scorers: list[tuple[str, str]], cleanse: dict[str, Any],
+                    seed: int) -> None:
+    """The trust check of every scorer of one replicate (shared retrains), in ``seed_dir/check.json``.
+
+    Scorers of a metric are checked against it; the others against the study's first metric.
+    A stored check is kept only if it names this run and the same K.
+    """
+    from ..scores import Scores
+    from .trust import trust_checks
+
+    k = min(cleanse.get("check", 0), run.n_train)
+    path = seed_dir / CHECK_FILE
+    if k < 2:
+        path.unlink(missing_ok=True)
+        return
+    stored = _read_check(path)
+    names = [f"{m}-{v}" for m, v in scorers]
+    if stored and stored["run_id"] == run.id and stored["k"] == k and all(n in stored["checks"] for n in names):
+        return
+    rankings, metrics = [], []
+    for method, variant in scorers:
+        harm = read_scores(seed_dir / "scores" / f"{method}-{variant}.csv")
+        metric = variant_arguments(method, variant)["metric"] if spec(method).uses == "metric" else cleanse["metrics"][0]
+        rankings.append(Scores(metric, method, harm, harm))
+        metrics.append(metric)
+    results = trust_checks(run, rankings, metrics, k, seed=seed)
+    write_json_atomic(path, {"run_id": run.id, "k": k, "seed": seed, "checks": dict(zip(names, results))})
+
+
+def _read_check(path: Path) -> dict[str, Any] | None:
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(rec, dict) and isinstance(rec.get("checks"), dict) and "run_id" in rec and "k" in rec
+    return rec if ok else None
 
 
 def stored_run_id(path: Path) -> str | None:
@@ -316,8 +358,31 @@ def _run_study(cfg: Config, out: Path, *, models: GANModules | None, data: Split
                                  "valid_before": vb, "valid_after": va, "valid_delta": va - vb})
     write_results(out / "results.csv", rows)
     summary = summarize(rows)
+    summary["checks"] = check_table(out, seeds, scorers)
     write_summary(out, summary)
     return summary
+
+
+def check_table(out: Path, seeds: list[int], scorers: list[Scorer]) -> list[dict[str, Any]]:
+    """Per scorer: its trust check on every seed (tau, interval, Pearson, trusted) and the mean tau."""
+    per_seed = {s: _read_check(out / "seeds" / f"seed_{s}" / CHECK_FILE) for s in seeds}
+    table = []
+    for sc in scorers:
+        checks = [(s, rec["checks"][sc.name]) for s, rec in per_seed.items() if rec and sc.name in rec["checks"]]
+        if not checks:
+            continue
+        taus = [c["kendall_tau"] for _, c in checks if c["kendall_tau"] is not None]
+        table.append({
+            "method": sc.method, "score_metric": sc.score_metric, "check_metric": checks[0][1]["metric"],
+            "k": checks[0][1]["k"], "seeds": [s for s, _ in checks],
+            "kendall_tau": [c["kendall_tau"] for _, c in checks],
+            "kendall_tau_interval": [c["kendall_tau_interval"] for _, c in checks],
+            "pearson": [c["pearson"] for _, c in checks],
+            "trusted": [c["trusted"] for _, c in checks],
+            "mean_kendall_tau": float(np.mean(taus)) if taus else None,
+            "n_trusted": sum(bool(c["trusted"]) for _, c in checks),
+        })
+    return table
 
 
 def _read_part(path: Path, cfg: Config) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from ..config import HIGHER_IS_BETTER, Config, load_config
 from ..data.export import ScoreTable
 from ..errors import GancleanseError
 from .cleanse import read_results, read_scores, retrain_key, summarize
+from .trust import TRUST_THRESHOLD
 
 GRID_COUNT = 32  # most harmful / most helpful training images shown per scorer
 MARKED = 50  # most harmful 2D instances circled per scorer
@@ -41,7 +42,7 @@ img{max-width:100%;height:auto}img.pixels{image-rendering:pixelated}
 table{border-collapse:collapse;font-size:13px;width:100%;background:#fff}
 th,td{padding:4px 8px;text-align:right;border-bottom:1px solid #e6e8ec}th{background:#eef0f4;position:sticky;top:0}
 td.l,th.l{text-align:left}tr.good td.chg{background:#d9f2e1;color:#14532d}tr.bad td.chg{background:#f9dcd9;color:#7f1d1d}
-tr.sig td.p{font-weight:bold}.note{color:#6b7280;font-style:italic}
+tr.sig td.p{font-weight:bold}td.weak{background:#fdf0d5;color:#7c4a03}.note{color:#6b7280;font-style:italic}
 pre{background:#1f2430;color:#e6e6e6;padding:12px;border-radius:6px;overflow:auto;font-size:12px}
 """
 
@@ -66,6 +67,7 @@ def write_report(study_dir: Path) -> Path:
         _header(study_dir, rows, summary, cfg),
         _section("plots", "Change of the test metric vs removal rate", lambda: _plots(summary["by_rate"])),
         _section("table", "Summary table", lambda: _tables(summary)),
+        _section("trust", "Trust check: does each ranking agree with retraining?", lambda: _trust(summary)),
         _section("scores", f"Harmful and helpful training instances (seed {seed})",
                  lambda: _scores(study_dir, rows, seed)),
         _section("samples", f"Generated samples before and after cleansing (seed {seed}, same latents)",
@@ -274,29 +276,74 @@ def _tables(summary: dict[str, Any]) -> str:
         sig = " sig" if e["p_value"] is not None and e["p_value"] < 0.05 else ""
         return ("good" if change > 0 else "bad" if change < 0 else "zero") + sig
 
+    checks = {(c["method"], c["score_metric"]): c for c in summary.get("checks", [])}
+
+    def trust(e: Row) -> str:
+        c = checks.get((e["method"], e["score_metric"]))
+        if c is None:
+            return '<td class="trust">&ndash;</td>'
+        tau = "n/a" if c["mean_kendall_tau"] is None else f'{c["mean_kendall_tau"]:.2f}'
+        weak = c["method"] != "random" and c["n_trusted"] < len(c["seeds"])
+        return f'<td class="trust{" weak" if weak else ""}">{tau} ({c["n_trusted"]}/{len(c["seeds"])})</td>'
+
     by_rate = "".join(
         f'<tr class="{row_class(e)}"><td class="l">{_e(e["method"])}</td><td class="l">{_e(e["score_metric"])}</td>'
         f'<td class="l">{_e(_label(e["eval_metric"]))}</td><td>{_rate(e["removal_rate"])}</td>'
         f'<td>{e["n_removed"]}</td><td>{e["mean_before"]:.4g}</td><td class="chg">{e["mean_delta"]:+.3g}</td>'
-        f'<td>{e["std_delta"]:.2g}</td><td class="p">{_p(e["p_value"])}</td></tr>'
+        f'<td>{e["std_delta"]:.2g}</td><td class="p">{_p(e["p_value"])}</td>{trust(e)}</tr>'
         for e in summary["by_rate"])
     chosen = "".join(
         f'<tr class="{row_class(e)}"><td class="l">{_e(e["method"])}</td><td class="l">{_e(e["score_metric"])}</td>'
         f'<td class="l">{_e(_label(e["eval_metric"]))}</td><td>{", ".join(_rate(r) for r in e["chosen_rates"])}</td>'
         f'<td class="chg">{e["mean_delta"]:+.3g}</td><td>{e["std_delta"]:.2g}</td>'
-        f'<td class="p">{_p(e["p_value"])}</td></tr>'
+        f'<td class="p">{_p(e["p_value"])}</td>{trust(e)}</tr>'
         for e in summary["rate_chosen_on_validation"])
     return (
         '<p>Change = after &minus; before on the test split, averaged over seeds; green: improved in the '
         "metric's direction, red: worse; p: one-sample t-test of the per-seed changes against 0 "
-        "(bold below 0.05).</p>"
+        "(bold below 0.05); trust: the scorer's mean Kendall tau against retraining in its trust check "
+        "(seeds where the check trusts it / seeds; see below).</p>"
         '<div class="card"><table id="by-rate"><thead><tr><th class="l">method</th><th class="l">scored on</th>'
         '<th class="l">metric</th><th>rate</th><th>removed</th><th>mean before</th><th>mean change</th>'
-        f"<th>std</th><th>p</th></tr></thead><tbody>{by_rate}</tbody></table></div>"
+        f"<th>std</th><th>p</th><th>trust</th></tr></thead><tbody>{by_rate}</tbody></table></div>"
         "<h3>Removal rate chosen on the validation split (per seed; the change is on the test split)</h3>"
         '<div class="card"><table id="chosen"><thead><tr><th class="l">method</th><th class="l">scored on</th>'
-        '<th class="l">metric</th><th>chosen rates</th><th>mean change</th><th>std</th><th>p</th></tr></thead>'
+        '<th class="l">metric</th><th>chosen rates</th><th>mean change</th><th>std</th><th>p</th><th>trust</th>'
+        "</tr></thead>"
         f"<tbody>{chosen}</tbody></table></div>")
+
+
+def _trust(summary: dict[str, Any]) -> str:
+    checks = summary.get("checks") or []
+    if not checks:
+        return _note("No trust check was run ([cleanse] check = 0).")
+    seeds = sorted({s for c in checks for s in c["seeds"]})
+    body = "".join(_trust_row(c, seeds) for c in checks)
+    return (f"<p>Per seed, each ranking's training window was retrained without each of {checks[0]['k']} "
+            "instances (half from the ranking's extremes, half at random) and Kendall tau computed between the "
+            "ranking and the actual improvement of the metric, with a 90% bootstrap interval. Amber: the "
+            f"interval's lower bound is below {TRUST_THRESHOLD}: on that seed the ranking agrees only weakly "
+            "with retraining (random is expected near 0). To try: smooth activations, a shorter traced window, "
+            "a larger check.</p>"
+            '<div class="card"><table id="trust-checks"><thead><tr><th class="l">method</th><th class="l">scored on</th>'
+            '<th class="l">checked on</th>' + "".join(f"<th>seed {s}</th>" for s in seeds)
+            + f"<th>mean tau</th></tr></thead><tbody>{body}</tbody></table></div>")
+
+
+def _trust_row(check: dict[str, Any], seeds: list[int]) -> str:
+    per_seed = dict(zip(check["seeds"], zip(check["kendall_tau"], check["kendall_tau_interval"], check["trusted"])))
+    cells = []
+    for s in seeds:
+        if s not in per_seed:
+            cells.append("<td>&ndash;</td>")
+            continue
+        tau, iv, trusted = per_seed[s]
+        text = "n/a" if tau is None else f"{tau:.2f}" + (f" [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else "")
+        weak = not trusted and check["method"] != "random"
+        cells.append(f'<td class="{"weak" if weak else ""}">{_e(text)}</td>')
+    mean = "n/a" if check["mean_kendall_tau"] is None else f'{check["mean_kendall_tau"]:.2f}'
+    return (f'<tr><td class="l">{_e(check["method"])}</td><td class="l">{_e(check["score_metric"])}</td>'
+            f'<td class="l">{_e(_label(check["check_metric"]))}</td>{"".join(cells)}<td>{mean}</td></tr>')
 
 
 def _scores(study_dir: Path, rows: list[Row], seed: int) -> str:

@@ -96,6 +96,42 @@ def counterfactual_deltas(run: "Run", indices: list[int], metric: str, from_epoc
                                                         batched=batched)]
 
 
+def retrained_values(run: "Run", removals: Sequence[Sequence[int]], metrics: Sequence[str], *,
+                     split: str = "valid", start: int | None = None, batched: bool = True,
+                     progress: bool = False) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Each metric on ``split`` before (the recorded final state) and after retraining without
+    each removal set, from ``start`` (default: the window start). The retrains fork off one
+    shared replay, ``RETRAIN_CHUNK`` at a time (``batched``: advanced by one vmapped step), and
+    each retrained state is evaluated on every metric."""
+    import torch
+
+    from ..metrics import make_metric
+    from ..training.retrain import retrain_many
+
+    evaluators = {m: make_metric(m, run, split) for m in dict.fromkeys(metrics)}
+    final = run.final_state()
+    before = {m: ev.value(final) for m, ev in evaluators.items()}
+    after: dict[str, list[float]] = {m: [] for m in evaluators}
+    for lo in range(0, len(removals), RETRAIN_CHUNK):
+        chunk = removals[lo:lo + RETRAIN_CHUNK]
+        weights = torch.ones(len(chunk), run.n_train, dtype=run.dtype)
+        for k, removed in enumerate(chunk):
+            weights[k, list(removed)] = 0.0
+        states = retrain_many(run, weights, run.window_start if start is None else start, vmap_steps=batched,
+                              progress=progress)
+        for state in states:
+            for m, ev in evaluators.items():
+                after[m].append(ev.value(state))
+    return before, after
+
+
+def removal_changes(run: "Run", removals: Sequence[Sequence[int]], metrics: Sequence[str], *,
+                    batched: bool = True, progress: bool = False) -> dict[str, list[float]]:
+    """Actual V(without the set) - V(with it) on the validation split, per removal set and metric."""
+    before, after = retrained_values(run, removals, metrics, batched=batched, progress=progress)
+    return {m: [a - before[m] for a in values] for m, values in after.items()}
+
+
 def chunks(jobs: list[tuple[int, int | None]], workers: int) -> list[tuple[int | None, list[int]]]:
     """(from_epoch, instances) groups of at most RETRAIN_CHUNK, at least one per worker."""
     by_epoch: dict[int | None, list[int]] = {}
