@@ -116,7 +116,7 @@ def _replay_matches(run: Run, progress: bool) -> int:
 def verify_study(path: Path, *, replay: bool = True, report: Callable[[str], None] = print,
                  progress: bool = False) -> list[str]:
     """Verify every replicate's run of a study and that its stored scores and retrains name them."""
-    from .study.cleanse import STUDY_MARKER, is_study_dir, stored_run_id
+    from .study.cleanse import CHECK_FILE, STUDY_MARKER, is_study_dir, stored_run_id
 
     if not is_study_dir(path):
         raise RunDirError(f"{path} is neither a run directory (run.json) nor a study directory ({STUDY_MARKER})")
@@ -128,9 +128,10 @@ def verify_study(path: Path, *, replay: bool = True, report: Callable[[str], Non
         run = Run.open(run_dir)
         verify_run(run, replay=replay, report=lambda line, label=label: report(f"{label}: {line}"), progress=progress)
         run_ids[run.id] = label
-        for scores in sorted((run_dir.parent / "scores").glob("*.json")):
-            if stored_run_id(scores) != run.id:
-                raise RunDirError(f"{scores}: these scores name another run than {run_dir}")
+        check = run_dir.parent / CHECK_FILE
+        for stored in sorted((run_dir.parent / "scores").glob("*.json")) + ([check] if check.is_file() else []):
+            if stored_run_id(stored) != run.id:
+                raise RunDirError(f"{stored}: these scores or checks name another run than {run_dir}")
     lines.append(f"{len(run_dirs)} replicate run(s) verified")
     report(lines[-1])
     parts = sorted(p for p in (path / "parts").glob("*.json"))

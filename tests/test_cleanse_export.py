@@ -42,6 +42,7 @@ metrics = ["all"]
 methods = ["itd", "random"]
 removal_rates = [0.0, 0.1, 0.3]
 seeds = [0, 1]
+check = 8
 """
 
 

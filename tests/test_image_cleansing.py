@@ -64,7 +64,7 @@ def planted_study(tmp_path_factory):
     cfg = d / "images.toml"
     cfg.write_text(DCGAN_TOML.format(path=images, reference=d / "data" / "reference"))
     assert main(["train", str(cfg), "--out", str(d / "run"), "-q"]) == 0
-    assert main(["influence", str(d / "run"), "--metric", "fid", "--out", str(d / "fid.csv"), "-q"]) == 0
+    assert main(["influence", "--check", "0", str(d / "run"), "--metric", "fid", "--out", str(d / "fid.csv"), "-q"]) == 0
     return d, images, dict(planted)
 
 
@@ -143,7 +143,7 @@ def _train_and_score(tmp_path: Path, path: Path) -> Path:
     cfg = tmp_path / "c.toml"
     cfg.write_text(SMALL_TOML.format(path=path))
     assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "-q"]) == 0
-    assert main(["influence", str(tmp_path / "run"), "--metric", "loss_d", "--out", str(tmp_path / "s.csv"), "-q"]) == 0
+    assert main(["influence", "--check", "0", str(tmp_path / "run"), "--metric", "loss_d", "--out", str(tmp_path / "s.csv"), "-q"]) == 0
     return tmp_path / "s.csv"
 
 

@@ -707,7 +707,7 @@ def test_cli_train_and_influence_on_an_image_folder(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["train", str(cfg), "--out", str(run_dir), "-q"]) == 0
     scores = tmp_path / "scores.csv"
-    assert main(["influence", str(run_dir), "--metric", "loss_d", "--out", str(scores), "-q"]) == 0
+    assert main(["influence", "--check", "0", str(run_dir), "--metric", "loss_d", "--out", str(scores), "-q"]) == 0
 
     splits = json.loads((run_dir / "splits.json").read_text())
     assert len(splits["train"]) == 40 and len(splits["valid"]) == 10 and len(splits["test"]) == 10

@@ -222,7 +222,7 @@ def test_influence_refuses_a_damaged_run(case, pristine, tmp_path, capsys):
     corrupt, names = CASES[case]
     run = damaged_copy(pristine, tmp_path, corrupt, capsys)
     out = tmp_path / "scores.csv"
-    code = main(["influence", str(run), "--metric", "all", "--out", str(out), "-q"])
+    code = main(["influence", "--check", "0", str(run), "--metric", "all", "--out", str(out), "-q"])
     assert_refused(code, capsys.readouterr().err, names)
     assert not out.exists() and not out.with_suffix(".json").exists()
     assert not list(tmp_path.glob("scores*"))
@@ -275,7 +275,7 @@ def test_every_reader_refuses_non_finite_or_wrapping_content(case, pristine, tmp
     corrupt, names = DEEP[case]
     run = damaged_copy(pristine, tmp_path, corrupt, capsys)
     out = tmp_path / "scores.csv"
-    assert_refused(main(["influence", str(run), "--out", str(out), "-q"]), capsys.readouterr().err, names)
+    assert_refused(main(["influence", "--check", "0", str(run), "--out", str(out), "-q"]), capsys.readouterr().err, names)
     assert not out.exists()
 
 
@@ -301,6 +301,7 @@ STUDY = CONFIG + """
 [cleanse]
 methods = ["itd", "random"]
 removal_rates = [0.0, 0.1]
+check = 4
 seeds = [0]
 """
 PART = "parts/seed0_itd-all_r0.1.json"

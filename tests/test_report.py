@@ -28,7 +28,8 @@ IMAGE_STUDY = {
               "norm": "layer", "bias": True},
     "train": {"epochs": 2, "batch_size": 50, "lr_d": 0.01, "lr_g": 0.01},
     "metric": {"n_samples": 64, "classifier_epochs": 5},
-    "cleanse": {"metrics": ["fid"], "methods": ["itd", "random"], "removal_rates": [0.0, 0.1], "seeds": [0, 1]},
+    "cleanse": {"metrics": ["fid"], "methods": ["itd", "random"], "removal_rates": [0.0, 0.1], "seeds": [0, 1],
+                "check": 8},
 }
 SECTIONS = ("summary", "plots", "table", "trust", "scores", "samples", "config")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -182,7 +182,7 @@ def test_a_nan_influence_vector_is_never_written(small_run, tmp_path, capsys, mo
         res.influence[3] = float("nan")
         return res
 
-    monkeypatch.setattr("gancleanse.api.itd_influence", poisoned)
+    monkeypatch.setattr(itd, "itd_influence", poisoned)
     out = tmp_path / "s.csv"
     assert main(["influence", str(small_run), "--out", str(out), "-q"]) == 2
     one_line_error(capsys, "non-finite", "instances [3]")
@@ -260,6 +260,7 @@ STUDY = SMALL + """
 [cleanse]
 methods = ["itd", "random"]
 removal_rates = [0.0, 0.1]
+check = 4
 seeds = [0, 1]
 """
 
@@ -304,6 +305,18 @@ def test_study_parts_of_a_retrained_replicate_are_not_reused(tmp_path):
     part.write_text("{\"all\": {\"test\": NaN")
     with pytest.raises(gc.GancleanseError, match=part.name):
         gc.cleanse(cfg, out, report=False, progress=False)
+    part.write_text(json.dumps(rec))
+    # The same for a replicate's trust check: verify names it, a resumed study recomputes it.
+    check = out / "seeds" / "seed_0" / "check.json"
+    stored = json.loads(check.read_text())
+    check.write_text(json.dumps({**stored, "run_id": "0" * 64}))
+    assert main(["verify", str(out), "--no-replay", "-q"]) == 2
+    gc.cleanse(cfg, out, report=False, progress=False)
+    again_check = json.loads(check.read_text())
+    assert again_check["run_id"] == stored["run_id"] and again_check["checks"].keys() == stored["checks"].keys()
+    timing = {"seconds": 0.0, "cost_epochs": 0.0}  # the only fields that differ between two computations
+    for k, v in stored["checks"].items():
+        assert {**again_check["checks"][k], **timing} == {**v, **timing}
 
 
 def _toml(text: str) -> dict:

@@ -54,18 +54,25 @@ def lds_statistic(predicted: Sequence[float], actual: Sequence[float], seed: int
 
 
 def lds(run: "Run", rankings: Sequence["Scores"], metric: str, *, subsets: int = 50, fraction: float = 0.1,
-        seed: int = 0, batched: bool = True, progress: bool = False) -> dict[str, Any]:
-    """LDS of each ranking against retraining without ``subsets`` random fractions of the data."""
+        seed: int = 0, names: Sequence[str] | None = None, batched: bool = True,
+        progress: bool = False) -> dict[str, Any]:
+    """LDS of each ranking against retraining without ``subsets`` random fractions of the data.
+
+    ``names``: the rankings' labels in the result (default: the method, with its features).
+    """
     started = time.perf_counter()
     removals = random_subsets(run.n_train, subsets, fraction, seed)
     changes = removal_changes(run, removals, [metric], batched=batched, progress=progress)[metric]
     seconds = time.perf_counter() - started
     sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
     benefit = [sign * c for c in changes]
+    if names is None:
+        names = [s.method + (f"-{s.info['features']}" if "features" in s.info else "") for s in rankings]
+    if len(set(names)) != len(rankings):
+        raise GancleanseError(f"LDS needs one distinct name per ranking, got {list(names)}")
     results = {}
-    for s in rankings:
+    for s, name in zip(rankings, names):
         predicted = [float(np.sum(s.harmfulness[r])) for r in removals]
-        name = s.method + (f"-{s.info['features']}" if "features" in s.info else "")
         results[name] = {"method": s.method, **lds_statistic(predicted, benefit, seed), "predicted": predicted}
     epoch = seconds_per_epoch(run)
     return {"metric": metric, "subsets": subsets, "fraction": fraction, "n_removed": len(removals[0]),
