@@ -20,10 +20,8 @@ def test_an_oracle_scores_one_and_a_random_scorer_about_zero():
     oracle = lds_statistic(actual, actual)
     assert oracle["lds"] == pytest.approx(1.0, abs=1e-12) and oracle["interval"][0] == pytest.approx(1.0, abs=1e-12)
     assert lds_statistic(np.exp(actual), actual)["lds"] == pytest.approx(1.0, abs=1e-12)  # ranks only
-    noise = [lds_statistic(rng.standard_normal(400), actual)["lds"] for _ in range(20)]
-    assert abs(np.mean(noise)) < 0.05 and max(abs(v) for v in noise) < 0.2
-    lo, hi = lds_statistic(rng.standard_normal(400), actual)["interval"]
-    assert lo < 0 < hi
+    noise = [lds_statistic(rng.standard_normal(400), actual) for _ in range(3)]
+    assert all(abs(r["lds"]) < 0.15 and r["interval"][0] < 0 < r["interval"][1] for r in noise)
     assert lds_statistic(np.ones(10), actual[:10]) == {"lds": None, "interval": None}
 
 
