@@ -152,11 +152,12 @@ def counterfactual(run: Run | str | Path, remove: Sequence[int], metric: str = "
 
 
 def counterfactuals(run: Run | str | Path, removals: Sequence[Sequence[int]], metric: str = "all", *,
-                    from_epoch: int | None = None, split: str = "valid", batched: bool = True,
+                    from_epoch: int | None = None, split: str = "valid", batched: bool | None = None,
                     progress: bool = False) -> list[dict[str, Any]]:
     """``counterfactual`` for many removal sets at once: one shared replay of the recorded
     trajectory, each retrain forked off where it first differs and (``batched``) all advanced
-    by one vmapped step; equal to separate retrains to rounding (bitwise with ``batched=False``)."""
+    by one vmapped step (None: on fully connected nets, where it pays); equal to separate retrains
+    to rounding (bitwise with ``batched=False``)."""
     from .study.validate import retrained_values
 
     run = _open(run)

@@ -54,7 +54,7 @@ def lds_statistic(predicted: Sequence[float], actual: Sequence[float], seed: int
 
 
 def lds(run: "Run", rankings: Sequence["Scores"], metric: str, *, subsets: int = 50, fraction: float = 0.1,
-        seed: int = 0, names: Sequence[str] | None = None, batched: bool = True,
+        seed: int = 0, names: Sequence[str] | None = None, batched: bool | None = None,
         progress: bool = False) -> dict[str, Any]:
     """LDS of each ranking against retraining without ``subsets`` random fractions of the data.
 

@@ -96,7 +96,7 @@ def check_instances(harmfulness: np.ndarray, k: int, seed: int) -> list[int]:
 
 
 def trust_checks(run: "Run", rankings: Sequence["Scores"], metrics: Sequence[str], k: int, *, seed: int = 0,
-                 batched: bool = True, progress: bool = False) -> list[dict[str, Any]]:
+                 batched: bool | None = None, progress: bool = False) -> list[dict[str, Any]]:
     """The trust check of each ranking, against the change of the matching metric.
 
     Instances are chosen per ranking (its extremes) with a random half shared by all of them
@@ -130,7 +130,7 @@ def trust_checks(run: "Run", rankings: Sequence["Scores"], metrics: Sequence[str
 
 
 def trust_check(run: "Run", scores: "Scores", k: int, *, metric: str | None = None, seed: int = 0,
-                batched: bool = True, progress: bool = False) -> dict[str, Any]:
+                batched: bool | None = None, progress: bool = False) -> dict[str, Any]:
     """The trust check of one ranking (against ``metric``, by default the one it was scored on)."""
     return trust_checks(run, [scores], [metric or scores.metric], k, seed=seed, batched=batched,
                         progress=progress)[0]

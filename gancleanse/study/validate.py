@@ -97,11 +97,12 @@ def counterfactual_deltas(run: "Run", indices: list[int], metric: str, from_epoc
 
 
 def retrained_values(run: "Run", removals: Sequence[Sequence[int]], metrics: Sequence[str], *,
-                     split: str = "valid", start: int | None = None, batched: bool = True,
+                     split: str = "valid", start: int | None = None, batched: bool | None = None,
                      progress: bool = False) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Each metric on ``split`` before (the recorded final state) and after retraining without
     each removal set, from ``start`` (default: the window start). The retrains fork off one
-    shared replay, ``RETRAIN_CHUNK`` at a time (``batched``: advanced by one vmapped step), and
+    shared replay, ``RETRAIN_CHUNK`` at a time (``batched``: advanced by one vmapped step;
+    None: where that pays, see ``retrain.vmap_pays``), and
     each retrained state is evaluated on every metric."""
     import torch
 
@@ -126,7 +127,7 @@ def retrained_values(run: "Run", removals: Sequence[Sequence[int]], metrics: Seq
 
 
 def removal_changes(run: "Run", removals: Sequence[Sequence[int]], metrics: Sequence[str], *,
-                    batched: bool = True, progress: bool = False) -> dict[str, list[float]]:
+                    batched: bool | None = None, progress: bool = False) -> dict[str, list[float]]:
     """Actual V(without the set) - V(with it) on the validation split, per removal set and metric."""
     before, after = retrained_values(run, removals, metrics, batched=batched, progress=progress)
     return {m: [a - before[m] for a in values] for m, values in after.items()}
