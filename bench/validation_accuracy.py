@@ -1,29 +1,50 @@
-"""Estimation accuracy against counterfactual retraining, per horizon, beside the paper's table.
+"""Estimation accuracy against counterfactual retraining over seeds, beside the paper's table.
 
-Trains once with the whole training recorded, takes ITD's estimate for every horizon k from
-one backward sweep, retrains without each of K instances from the start of each horizon,
-and prints Kendall tau and Jaccard (5% + 5% extremes) per k for ITD, and for AID at the
-final point damped on each horizon's time scale. Also prints AID's time against one
-training epoch.
+The ICLR 2021 Experiment-1 protocol: per seed (data draw and training seed), train with the
+whole training recorded, take ITD's estimate for every horizon k from one backward sweep
+over the last max(k) epochs, retrain without each of K instances from the start of each
+horizon (forked, vmapped retrains), and compare: Kendall tau and the Jaccard index of the
+extremes (5% + 5%: 10 + 10 at K = 200). The final table gives, per k, the mean and std
+over seeds beside the paper's row.
+
+``--surrogate T ...`` also takes ITD with the ReLUs kink-smoothed at temperature T
+(``gancleanse.influence.surrogate``: the same trajectory, the Dirac of ReLU's second
+derivative spread over a width T) and scores it against the same retrains.
+``--aid gmres`` adds AID damped on each horizon's time scale (single-seed style; slow).
+
+Run dirs, retrains (``*.parts``), estimates and per-seed results are kept in ``--workdir``:
+a rerun with the same workdir resumes.
 
 Usage:
-  .venv/bin/python bench/validation_accuracy.py --setup 2d [--instances 40] [--workers 2]
-  .venv/bin/python bench/validation_accuracy.py --setup digits --instances 20 --horizons 1 5 \
-      --aid-iterations 20 --aid-operator-size 200
-The paper used K = 200 and 10 seeds; K is smaller here for time (it is printed).
+  .venv/bin/python bench/validation_accuracy.py --setup 2d --workdir /tmp/acc-relu \
+      --surrogate 0.01 0.03 0.1
+  .venv/bin/python bench/validation_accuracy.py --setup 2d --activation softplus --horizons 1 \
+      --workdir /tmp/acc-softplus
+  .venv/bin/python bench/validation_accuracy.py --setup digits --seeds 1 --instances 20 --horizons 1 5 \
+      --aid gmres --aid-iterations 20 --aid-operator-size 200
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
 
 import gancleanse as gc
 from gancleanse.config import Config
-from gancleanse.study.validate import accuracy, choose_instances, retrain_all
+from gancleanse.data.base import as_float
+from gancleanse.influence.itd import itd_influence
+from gancleanse.influence.surrogate import smoothed_relu
+from gancleanse.metrics import make_metric
+from gancleanse.study.validate import accuracy, choose_instances, random_jaccard, retrain_all
 
 PAPER = {  # DESIGN.md section 3: ICLR 2021, 10 seeds, 200 instances
     "2d": {"metric": "all", "tau": {1: 0.87, 5: 0.84, 10: 0.85, 20: 0.84, 50: 0.67},
@@ -34,6 +55,7 @@ PAPER = {  # DESIGN.md section 3: ICLR 2021, 10 seeds, 200 instances
 
 SETUPS = {
     "2d": {"data": {"name": "gaussian2d", "n_train": 10000, "n_valid": 1000, "n_test": 1000},
+           "model": {"activation": "relu"},
            "train": {"epochs": 50, "record_from_epoch": 0, "checkpoint_every": 50}},
     "digits": {"data": {"name": "digits", "n_train": 1000, "n_valid": 400, "n_test": 397, "image_size": 28},
                "model": {"arch": "dcgan", "z_dim": 32, "g_hidden": 32, "d_hidden": 32, "activation": "sigmoid",
@@ -44,67 +66,239 @@ SETUPS = {
 }
 
 
+class LastEpochs:
+    """A run seen as if recorded only over its last ``epochs`` epochs.
+
+    ITD's snapshot for horizon k only depends on the last k epochs of the backward sweep,
+    so sweeping the last max(k) epochs gives the same estimates as the whole window at a
+    fraction of the cost. Everything but the window start is the run's own.
+    """
+
+    def __init__(self, run: gc.Run, epochs: int) -> None:
+        final_epoch = run.final_step // run.steps_per_epoch
+        self._run = run
+        self.window_start = run.epoch_start_step(max(final_epoch - epochs, run.window_start // run.steps_per_epoch))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._run, name)
+
+
+def itd_horizons(run: gc.Run, metric: str, horizons: list[int], cache: Path, label: str,
+                 temperature: float | None = None) -> tuple[dict[int, np.ndarray], float]:
+    """ITD's estimate per horizon (cached by run id and variant) and the sweep's seconds."""
+    if cache.is_file():
+        rec = np.load(cache)
+        if str(rec["run_id"]) == run.id and sorted(int(k) for k in rec["horizons"]) == sorted(horizons):
+            return {int(k): rec[f"k{k}"] for k in rec["horizons"]}, float(rec["seconds"])
+    view = LastEpochs(run, max(horizons))
+    m = make_metric(metric, run, "valid")
+    if temperature is None:
+        res = itd_influence(view, m, progress=False)
+    else:
+        with smoothed_relu(run.models, temperature) as n:
+            if n == 0:
+                raise SystemExit(f"--surrogate: the {label} model has no ReLU to smooth")
+            res = itd_influence(view, m, progress=False)
+    out = {k: res.horizons[k].numpy() for k in horizons}
+    np.savez(cache, run_id=run.id, horizons=np.array(horizons), seconds=res.seconds,
+             **{f"k{k}": v for k, v in out.items()})
+    return out, res.seconds
+
+
+def preactivation_scale(run: gc.Run) -> float:
+    """Median |input| of the ReLUs at the final state (D on real and generated validation
+    data, G on the validation latents): the scale temperatures are compared with."""
+    seen: list[torch.Tensor] = []
+    hooks = [mod.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0].detach().abs().flatten()))
+             for root in (run.models.generator, run.models.discriminator) for mod in root.modules()
+             if isinstance(mod, (torch.nn.ReLU, torch.nn.LeakyReLU))]
+    try:
+        state = run.final_state()
+        z = run.eval_latents("valid")
+        fake = run.models.generate(state["g"], z)
+        run.models.discriminate(state["d"], fake)
+        real = as_float(run.splits.valid[: len(z)], run.dtype)
+        run.models.discriminate(state["d"], real)
+    finally:
+        for h in hooks:
+            h.remove()
+    return float(torch.cat(seen).median()) if seen else float("nan")
+
+
+def fmt_t(t: float) -> str:
+    return f"{t:g}"
+
+
+def mean_std(values: list[float | None]) -> str:
+    v = np.array([x for x in values if x is not None], dtype=np.float64)
+    if not len(v):
+        return "n/a"
+    return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
+
+
+def one_seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+    metric = PAPER[args.setup]["metric"]
+    spec = json.loads(json.dumps(SETUPS[args.setup]))
+    spec.setdefault("train", {})["seed"] = seed
+    spec.setdefault("data", {})["seed"] = seed
+    if args.activation:
+        spec.setdefault("model", {})["activation"] = args.activation
+    cfg = Config.from_dict(spec)
+    tag = f"{args.setup}-{cfg.model.activation}-seed{seed}"
+    run_dir = work / tag
+    resumed = (run_dir / "run.json").is_file()
+    run = gc.Run.open(run_dir) if resumed else gc.train(cfg, run_dir, progress=False)
+    epoch_seconds = run.meta["seconds"]["train"] / cfg.train.epochs
+    final_epoch = run.final_step // run.steps_per_epoch
+    horizons = [k for k in args.horizons if 1 <= k <= final_epoch - run.window_start // run.steps_per_epoch]
+
+    itd, itd_s = itd_horizons(run, metric, horizons, work / f"{tag}.itd.npz", tag)
+    chosen = choose_instances(itd[horizons[-1]], args.instances, seed, extremes=False)
+    variants: dict[str, dict[int, np.ndarray]] = {"ITD": itd}
+    seconds = {"ITD": itd_s}
+    for t in args.surrogate:
+        name = f"ITD~T={fmt_t(t)}"
+        variants[name], seconds[name] = itd_horizons(run, metric, horizons, work / f"{tag}.itd-T{fmt_t(t)}.npz",
+                                                     tag, temperature=t)
+
+    jobs = [(j, final_epoch - k) for k in horizons for j in chosen]
+    parts = work / f"{tag}.parts"
+    before = len(list(parts.glob(f"{metric}_i*_e*.json"))) if parts.is_dir() else 0
+    tic = time.perf_counter()
+    actual = retrain_all(run, jobs, metric, parts, executor="local", workers=args.workers,
+                         progress=args.progress, batched=True)
+    retrain_s = time.perf_counter() - tic
+
+    if args.aid != "none":
+        lr = max(cfg.train.lr_d, cfg.train.lr_g)
+        for k in horizons:
+            # Damped on k epochs' time scale (SGD: lambda = 1 / (lr k S)); else the run's default.
+            damping = 1.0 / (lr * k * run.steps_per_epoch) if cfg.train.optimizer == "sgd" else None
+            options = {"iterations": args.aid_iterations, "operator_size": args.aid_operator_size}
+            est = gc.influence(run, metric, "aid", solver=args.aid, damping=damping, progress=False,
+                               **{n: v for n, v in options.items() if v is not None})
+            variants.setdefault("AID", {})[k] = np.asarray(est.influence)
+            seconds["AID"] = seconds.get("AID", 0.0) + float(est.info["seconds"])
+
+    acc: dict[str, dict[int, dict[str, float | None]]] = {}
+    for name, est in variants.items():
+        acc[name] = {}
+        for k in horizons:
+            a = [actual[(j, final_epoch - k)] for j in chosen]
+            acc[name][k] = accuracy([float(est[k][j]) for j in chosen], a)
+    result = {
+        "seed": seed, "run_id": run.id, "horizons": horizons, "instances": len(chosen),
+        "accuracy": {n: {str(k): v for k, v in a.items()} for n, a in acc.items()},
+        "estimate_seconds": seconds, "retrain_seconds": retrain_s, "retrains_resumed": before,
+        "retrain_steps": sum(k * run.steps_per_epoch for k in horizons) * len(chosen),
+        "epoch_seconds": epoch_seconds, "train_seconds": run.meta["seconds"]["train"], "run_resumed": resumed,
+        "preactivation_median": preactivation_scale(run) if args.surrogate else None,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    (work / f"{tag}.result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def print_seed(r: dict[str, Any]) -> None:
+    names = list(r["accuracy"])
+    head = " ".join(f"{n + ' tau':>14} {'J':>5}" for n in names)
+    print(f"\nseed {r['seed']}: wall {r['wall_seconds']:.0f} s (training {r['train_seconds']:.0f} s, "
+          f"retrains {r['retrain_seconds']:.0f} s"
+          + (f", {r['retrains_resumed']} resumed" if r["retrains_resumed"] else "")
+          + ", estimates " + ", ".join(f"{n} {s:.0f} s" for n, s in r["estimate_seconds"].items()) + ")"
+          + (f"; median |ReLU input| {r['preactivation_median']:.3g}" if r["preactivation_median"] else ""))
+    print(f"{'k':>4} | {head}")
+    for k in r["horizons"]:
+        cells = []
+        for n in names:
+            a = r["accuracy"][n][str(k)]
+            tau = "n/a" if a["kendall_tau"] is None else f"{a['kendall_tau']:.3f}"
+            cells.append(f"{tau:>14} {a['jaccard']:>5.2f}")
+        print(f"{k:>4} | {' '.join(cells)}", flush=True)
+
+
+def print_summary(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
+    paper = PAPER[args.setup]
+    names = list(results[0]["accuracy"])
+    horizons = results[0]["horizons"]
+    n_inst = results[0]["instances"]
+    print(f"\n{args.setup}, activation {args.activation or SETUPS[args.setup].get('model', {}).get('activation')}, "
+          f"metric {paper['metric']}: {len(results)} seed(s) "
+          f"({', '.join(str(r['seed']) for r in results)}), K = {n_inst} instances; mean ± std over seeds")
+    print(f"{'k':>4} | {'estimator':<14} | {'Kendall tau':>12} | {'Jaccard':>12}")
+    for k in horizons:
+        for n in names:
+            rows = [r["accuracy"][n][str(k)] for r in results]
+            print(f"{k:>4} | {n:<14} | {mean_std([a['kendall_tau'] for a in rows]):>12} | "
+                  f"{mean_std([a['jaccard'] for a in rows]):>12}")
+        print(f"{k:>4} | {'paper (ITD)':<14} | {paper['tau'].get(k, math.nan):>12.2f} | "
+              f"{paper['jaccard'].get(k, math.nan):>12.2f}")
+    print(f"random: tau 0, Jaccard {random_jaccard(n_inst):.3f}")
+    if len(names) > 1:
+        print("\nper-seed Kendall tau (k: estimator: seeds in order)")
+        for k in horizons:
+            for n in names:
+                taus = [r["accuracy"][n][str(k)]["kendall_tau"] for r in results]
+                print(f"{k:>4} | {n:<14} | " + " ".join("  n/a" if t is None else f"{t:5.2f}" for t in taus))
+        print("\nmean change of tau against ITD (std over seeds; seeds where it rises)")
+        for k in horizons:
+            base = [r["accuracy"]["ITD"][str(k)]["kendall_tau"] for r in results]
+            for n in names[1:]:
+                d = np.array([r["accuracy"][n][str(k)]["kendall_tau"] - b for r, b in zip(results, base)])
+                print(f"{k:>4} | {n:<14} | {d.mean():+.3f} ({d.std(ddof=1) if len(d) > 1 else 0.0:.3f}); "
+                      f"{int((d > 0).sum())}/{len(d)} up")
+    wall = np.array([r["wall_seconds"] for r in results])
+    trained = [r["train_seconds"] for r in results if not r.get("run_resumed")]
+    retr = np.array([r["retrain_seconds"] for r in results])
+    steps = results[0]["retrain_steps"]
+    fresh = [r for r in results if not r["retrains_resumed"]]
+    print(f"\nwall time per seed {wall.mean():.0f} s (min {wall.min():.0f}, max {wall.max():.0f}); "
+          + (f"training {np.mean(trained):.0f} s of it in the {len(trained)} seed(s) trained here"
+             if trained else "every run resumed from --workdir"))
+    for n in results[0]["estimate_seconds"]:
+        s = np.array([r["estimate_seconds"][n] for r in results])
+        print(f"  {n}: {s.mean():.1f} s per seed (sweep over the last {max(horizons)} epochs)")
+    if fresh:
+        rs = np.array([r["retrain_seconds"] for r in fresh])
+        ep = np.array([r["epoch_seconds"] for r in fresh])
+        print(f"retrains per seed ({len(horizons)} horizons x {n_inst} instances, {steps} retrain-steps if "
+              f"unforked): {rs.mean():.0f} s = {np.mean(rs / ep):.0f} training epochs "
+              f"({rs.mean() / (len(horizons) * n_inst) * 1000:.0f} ms per retrain)")
+    else:
+        print(f"retrains: all resumed from --workdir ({retr.sum():.0f} s reading them)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setup", choices=list(SETUPS), default="2d")
-    ap.add_argument("--instances", type=int, default=40)
-    ap.add_argument("--horizons", type=int, nargs="*", default=[1, 5, 10, 20, 50])
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--aid", default="gmres", help="AID solver, or 'none' to skip AID")
+    ap.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1 (data draw and training)")
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--activation", choices=["relu", "softplus", "elu"], default=None,
+                    help="the model's activation (default: relu on 2d, the setup's own on digits)")
+    ap.add_argument("--instances", type=int, default=200)
+    ap.add_argument("--horizons", type=int, nargs="+", default=[1, 5, 10])
+    ap.add_argument("--surrogate", type=float, nargs="*", default=[],
+                    help="temperatures of kink-smoothed ReLU ITD, scored against the same retrains")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of this process")
+    ap.add_argument("--aid", default="none", help="AID solver (e.g. gmres), or 'none' to skip AID")
     ap.add_argument("--aid-iterations", type=int, default=None)
     ap.add_argument("--aid-operator-size", type=int, default=None,
                     help="instances per Jacobian product (keep small for image GANs)")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--progress", action="store_true", help="retrain progress bars (stderr)")
     args = ap.parse_args()
-    metric = PAPER[args.setup]["metric"]
-    spec = json.loads(json.dumps(SETUPS[args.setup]))
-    spec.setdefault("train", {})["seed"] = args.seed
-    spec.setdefault("data", {})["seed"] = args.seed
-    cfg = Config.from_dict(spec)
+    torch.set_num_threads(args.threads)
+    args.horizons = sorted(set(args.horizons))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="gancleanse-bench-"))
-    run_dir = work / f"{args.setup}-seed{args.seed}"
-    run = gc.Run.open(run_dir) if (run_dir / "run.json").is_file() else gc.train(cfg, run_dir)
-    epoch_seconds = run.meta["seconds"]["train"] / cfg.train.epochs
-    itd = gc.influence(run, metric, "itd")
-    horizons = [k for k in args.horizons if k in itd.horizons]
-    chosen = choose_instances(itd.influence, args.instances, args.seed, extremes=False)
-    final_epoch = run.final_step // run.steps_per_epoch
-    jobs = [(j, final_epoch - k) for k in horizons for j in chosen]
-    tic = time.perf_counter()
-    actual = retrain_all(run, jobs, metric, work / f"{args.setup}-seed{args.seed}.parts",
-                         executor="local", workers=args.workers, progress=True)
-    retrain_s = time.perf_counter() - tic
-    aid: dict[int, gc.Scores] = {}
-    if args.aid != "none":
-        # One AID estimate per horizon: damped on k epochs' time scale (SGD: lambda = 1 / (lr k S));
-        # with other optimizers, the run's default (the whole recorded window).
-        lr = max(cfg.train.lr_d, cfg.train.lr_g)
-        for k in horizons:
-            damping = 1.0 / (lr * k * run.steps_per_epoch) if cfg.train.optimizer == "sgd" else None
-            options = {"iterations": args.aid_iterations, "operator_size": args.aid_operator_size}
-            aid[k] = gc.influence(run, metric, "aid", solver=args.aid, damping=damping, progress=False,
-                                  **{n: v for n, v in options.items() if v is not None})
-    paper = PAPER[args.setup]
-    print(f"\n{args.setup}: metric {metric}, {run.n_train} instances, {cfg.train.epochs} epochs, "
-          f"K = {len(chosen)} instances (paper: 200), seed {args.seed}; retrains took {retrain_s:.0f} s")
-    print(f"{'k':>4} | {'ITD tau':>8} {'ITD J':>7} | {'AID tau':>8} {'AID J':>7} | "
-          f"{'paper tau':>9} {'paper J':>8} | random J")
-    for k in horizons:
-        a = [actual[(j, final_epoch - k)] for j in chosen]
-        acc = accuracy([float(itd.horizons[k][j]) for j in chosen], a)
-        acc_aid = accuracy([float(aid[k].influence[j]) for j in chosen], a) if aid else None
-        aid_cols = f"{acc_aid['kendall_tau']:>8.3f} {acc_aid['jaccard']:>7.3f}" if aid else f"{'-':>8} {'-':>7}"
-        print(f"{k:>4} | {acc['kendall_tau']:>8.3f} {acc['jaccard']:>7.3f} | {aid_cols} | "
-              f"{paper['tau'].get(k, float('nan')):>9.2f} {paper['jaccard'].get(k, float('nan')):>8.2f} | "
-              f"{acc['random_jaccard']:.3f}")
-    print(f"ITD sweep over all {cfg.train.epochs} epochs: {itd.info['seconds']:.1f} s "
-          f"({itd.info['seconds'] / epoch_seconds:.2f} training epochs)")
-    for k, est in aid.items():
-        info = est.info
-        print(f"AID ({info['solver']}, damped for k = {k}): {info['seconds']:.1f} s = "
-              f"{info['seconds'] / epoch_seconds:.2f} training epochs; residual {info['residual']:.2e}, "
-              f"{info['iterations']} iterations, converged {info['converged']}")
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"{' '.join(sys.argv)}\nworkdir {work}", flush=True)
+    results = []
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        results.append(one_seed(args, seed, work))
+        print_seed(results[-1])
+    print_summary(args, results)
 
 
 if __name__ == "__main__":

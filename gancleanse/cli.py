@@ -97,6 +97,10 @@ def _cmd_influence(args: argparse.Namespace) -> int:
 
 def _solver_options(args: argparse.Namespace) -> dict:
     """The scorer's options given on the command line (only those set)."""
+    if getattr(args, "relu_smoothing", None) is not None:
+        if args.method != "itd":
+            raise GancleanseError(f"--relu-smoothing applies to --method itd, not {args.method}")
+        return {"relu_smoothing": args.relu_smoothing}
     if getattr(args, "neighbors", None) is not None:
         if args.method != "knn_density":
             raise GancleanseError(f"--neighbors applies to --method knn_density, not {args.method}")
@@ -272,6 +276,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _itd_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--relu-smoothing", type=float, default=None, metavar="T",
+                    help="itd: differentiate ReLU kinks as if smoothed over a width T (the training is unchanged); "
+                         "try 0.2 x the typical |pre-activation| when 5 or more epochs are traced")
+
+
 def _aid_arguments(sp: argparse.ArgumentParser) -> None:
     g = sp.add_argument_group("AID solver (with --method aid)")
     g.add_argument("--aid-solver", choices=("gmres", "cg", "neumann"), default=None,
@@ -340,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"trust check: retrain without K instances (half from the ranking's extremes) and report "
                          f"Kendall tau and Pearson against the actual changes, with 90%% intervals, in SCORES.json "
                          f"(default {DEFAULT_CHECK}; 0: skip)")
+    _itd_arguments(sp)
     _aid_arguments(sp)
     common(sp)
     extractor(sp)
@@ -371,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batched", action="store_true",
                     help="advance retrains together by one vmapped step (faster on small networks; equal to "
                          "rounding, not bitwise)")
+    _itd_arguments(sp)
     _aid_arguments(sp)
     common(sp)
     extractor(sp)
