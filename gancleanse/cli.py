@@ -15,10 +15,9 @@ from importlib import resources
 from pathlib import Path
 
 from . import __version__, api
-from .config import METRICS, Config, load_config
+from .config import DEFAULT_CHECK, METRICS, Config, load_config
 from .errors import GancleanseError
 from .influence import METHODS
-from .study.trust import DEFAULT_CHECK
 from .study.trust import describe as describe_check
 from .run import Run, write_json_atomic
 

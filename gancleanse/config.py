@@ -25,6 +25,7 @@ HIGHER_IS_BETTER = {"all": True, "is": True, "log_is": True, "fid": False, "kid"
 INT64 = 2**63  # TOML integers are 64-bit; tomllib reads bigger ones, which torch then cannot hold
 REPLICATE_SEEDS = 2**32  # cleanse.seeds are added to the 64-bit base seeds; this keeps every sum
 # below 2**64, the range torch.Generator.manual_seed accepts (np.random.SeedSequence takes any)
+DEFAULT_CHECK = 32  # trust-check retrains per scoring (the CLI's and the study's default)
 MAX_THREADS = 1024  # a static sanity bound (torch.set_num_threads(100000) crashes); see check_threads
 
 
@@ -119,7 +120,7 @@ class CleanseConfig:
     seeds: list[int] = _opt([0, 1, 2], lo=0, hi=REPLICATE_SEEDS, hi_open=True,
                             doc="one replicate per seed, added to data.seed, train.seed and metric.seed")
     retrain: str = _opt("window", choices=("window", "full"))
-    check: int = _opt(32, lo=0, hi=INT64, hi_open=True,
+    check: int = _opt(DEFAULT_CHECK, lo=0, hi=INT64, hi_open=True,
                       doc="trust check per seed and scorer: retrains without this many instances (at most the "
                           "training size; 0: off), Kendall tau and Pearson against the actual changes")
     aid_solver: str = _opt("gmres", choices=("gmres", "cg", "neumann"), doc="adjoint solver of method aid")

@@ -10,7 +10,7 @@ from scipy.stats import kendalltau, pearsonr
 
 import gancleanse as gc
 from gancleanse.cli import main
-from gancleanse.config import Config
+from gancleanse.config import DEFAULT_CHECK, Config
 from gancleanse.errors import ConfigError, GancleanseError
 from gancleanse.scores import Scores
 from gancleanse.study import trust
@@ -100,4 +100,4 @@ def test_study_check_setting_is_validated():
         Config.from_dict({"cleanse": {"check": 1}})
     with pytest.raises(ConfigError, match="check"):
         Config.from_dict({"cleanse": {"check": -3}})
-    assert Config.from_dict({}).cleanse.check == trust.DEFAULT_CHECK
+    assert Config.from_dict({}).cleanse.check == DEFAULT_CHECK == 32

@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from ..run import Run
     from ..scores import Scores
 
-DEFAULT_CHECK = 32  # the CLI's and the study's default K
 TRUST_THRESHOLD = 0.5  # lower bound of tau's 90% interval below which a ranking is flagged
 CONFIDENCE = 0.90
 BOOTSTRAP = 1000
