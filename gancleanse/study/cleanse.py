@@ -123,26 +123,28 @@ def check_replicate(run: Run, seed_dir: Path, scorers: list[tuple[str, str]], cl
     """The trust check of every scorer of one replicate (shared retrains), in ``seed_dir/check.json``.
 
     Scorers of a metric are checked against it; the others against the study's first metric.
-    A stored check is kept only if it names this run and the same K.
+    A stored check is kept only if it names this run, the same K and the same metrics.
     """
     from ..scores import Scores
     from .trust import trust_checks
 
-    k = min(cleanse.get("check", 0), run.n_train)
+    k = min(cleanse["check"], run.n_train)
     path = seed_dir / CHECK_FILE
     if k < 2:
         path.unlink(missing_ok=True)
         return
-    stored = _read_check(path)
     names = [f"{m}-{v}" for m, v in scorers]
-    if stored and stored["run_id"] == run.id and stored["k"] == k and all(n in stored["checks"] for n in names):
+    metrics = [variant_arguments(m, v)["metric"] if spec(m).uses == "metric" else cleanse["metrics"][0]
+               for m, v in scorers]
+    stored = _read_check(path)
+    if stored and stored["run_id"] == run.id and stored["k"] == k and all(
+            isinstance(stored["checks"].get(n), dict) and stored["checks"][n].get("metric") == m
+            for n, m in zip(names, metrics)):
         return
-    rankings, metrics = [], []
-    for method, variant in scorers:
+    rankings = []
+    for (method, variant), metric in zip(scorers, metrics):
         harm = read_scores(seed_dir / "scores" / f"{method}-{variant}.csv")
-        metric = variant_arguments(method, variant)["metric"] if spec(method).uses == "metric" else cleanse["metrics"][0]
         rankings.append(Scores(metric, method, harm, harm))
-        metrics.append(metric)
     results = trust_checks(run, rankings, metrics, k, seed=seed)
     write_json_atomic(path, {"run_id": run.id, "k": k, "seed": seed, "checks": dict(zip(names, results))})
 
