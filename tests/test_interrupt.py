@@ -77,6 +77,12 @@ def _wait_for(condition, timeout: float, what: str, proc: subprocess.Popen, log:
         time.sleep(0.05)
 
 
+def _default_sigint() -> None:
+    """A shell starting the test run in the background (no job control) ignores SIGINT, and
+    children inherit that; the study must see SIGINT as a terminal's Ctrl-C would deliver it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
 def test_workers_die_with_the_parent(tmp_path, sig):
     cfg = tmp_path / "study.toml"
@@ -87,7 +93,8 @@ def test_workers_die_with_the_parent(tmp_path, sig):
     with open(log, "wb") as f:
         proc = subprocess.Popen([sys.executable, "-c", CLI, "cleanse", str(cfg), "--out", str(out),
                                  "--workers", "2", "-q", "--no-report"],
-                                stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+                                stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                                preexec_fn=_default_sigint)
     workers: list[int] = []
     try:
         # Both workers have started training their replicate (the staged run directory exists).
