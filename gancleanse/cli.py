@@ -202,7 +202,7 @@ def _print_summary(summary: dict) -> None:
         for c in summary["checks"]:
             per_seed = ", ".join("n/a" if t is None else f"{t:.2f}" + (f" [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else "")
                                  for t, iv in zip(c["kendall_tau"], c["kendall_tau_interval"]))
-            flag = "" if c["method"] == "random" or c["n_trusted"] == len(c["seeds"]) else \
+            flag = "" if not c["n_flagged"] else \
                 f"   <- trusted on {c['n_trusted']} of {len(c['seeds'])} seeds"
             print(f"  {c['method'] + '-' + c['score_metric']:<28} on {c['check_metric']:<7} {per_seed}{flag}")
 

@@ -144,7 +144,7 @@ def test_tables_match_the_summary(study):
                            f'({checks[(e["method"], e["score_metric"])]["n_trusted"]}/2)' for e in summary["by_rate"]]
     table = text.split('id="trust-checks"')[1].split("</table>")[0]
     seed_cells = re.findall(r'<td class="(weak|)">([^<]*)</td>', table)
-    expected = [("weak" if not ok and c["method"] != "random" else "", f"{t:.2f} [{iv[0]:.2f}, {iv[1]:.2f}]")
+    expected = [("weak" if not ok and c["method"] in ("itd", "aid") else "", f"{t:.2f} [{iv[0]:.2f}, {iv[1]:.2f}]")
                 for c in summary["checks"] for t, iv, ok in zip(c["kendall_tau"], c["kendall_tau_interval"],
                                                                   c["trusted"])]
     assert seed_cells == expected

@@ -58,7 +58,8 @@ def test_a_reversed_ranking_is_flagged_with_what_to_try(run_factory):
     assert not bad["trusted"] and bad["kendall_tau_interval"][0] < trust.TRUST_THRESHOLD
     text = trust.warning_text(bad)
     assert "agrees weakly with retraining" in text and "softplus" in text and "--check" in text
-    assert trust.warning_text({**bad, "method": "random"}) is None
+    for baseline in ("random", "isolation_forest", "knn_density", "discriminator"):  # a reference, not a claim
+        assert trust.warning_text({**bad, "method": baseline}) is None
 
 
 def test_cli_writes_the_check_and_warns_in_one_line(tmp_path, run_factory, monkeypatch, capsys):
@@ -101,3 +102,19 @@ def test_study_check_setting_is_validated():
     with pytest.raises(ConfigError, match="check"):
         Config.from_dict({"cleanse": {"check": -3}})
     assert Config.from_dict({}).cleanse.check == DEFAULT_CHECK == 32
+
+
+def test_a_study_warns_once_naming_only_the_estimators_its_checks_flag(tmp_path, monkeypatch):
+    from conftest import tiny_config
+
+    cfg = tiny_config(cleanse={"metrics": ["all"], "methods": ["itd", "random", "knn_density"],
+                               "removal_rates": [0.0], "seeds": [0], "check": 8})
+    monkeypatch.setattr(trust, "TRUST_THRESHOLD", 1.01)  # nothing can pass
+    with pytest.warns(trust.UntrustedScoresWarning) as caught:
+        summary = gc.cleanse(cfg, tmp_path / "study", report=False, progress=False)
+    texts = [str(w.message) for w in caught if issubclass(w.category, trust.UntrustedScoresWarning)]
+    assert len(texts) == 1 and "itd-all (1 of 1 seeds)" in texts[0]
+    assert "random" not in texts[0] and "knn_density" not in texts[0]
+    flags = {c["method"]: c["n_flagged"] for c in summary["checks"]}
+    assert flags == {"itd": 1, "random": 0, "knn_density": 0}
+    assert all(c["n_trusted"] == 0 for c in summary["checks"])

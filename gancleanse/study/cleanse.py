@@ -42,6 +42,7 @@ from ..influence import spec, variant_arguments, variants
 from ..models import GANModules
 from ..run import Run, write_json_atomic
 from .executor import run_tasks
+from .trust import flagged
 
 RESULT_COLUMNS = ["seed", "method", "score_metric", "eval_metric", "removal_rate", "n_removed",
                   "before", "after", "delta", "valid_before", "valid_after", "valid_delta"]
@@ -361,6 +362,7 @@ def _run_study(cfg: Config, out: Path, *, models: GANModules | None, data: Split
     write_results(out / "results.csv", rows)
     summary = summarize(rows)
     summary["checks"] = check_table(out, seeds, scorers)
+    _warn_untrusted(summary["checks"])
     write_summary(out, summary)
     return summary
 
@@ -383,8 +385,21 @@ def check_table(out: Path, seeds: list[int], scorers: list[Scorer]) -> list[dict
             "trusted": [c["trusted"] for _, c in checks],
             "mean_kendall_tau": float(np.mean(taus)) if taus else None,
             "n_trusted": sum(bool(c["trusted"]) for _, c in checks),
+            "n_flagged": sum(flagged(c) for _, c in checks),
         })
     return table
+
+
+def _warn_untrusted(checks: list[dict[str, Any]]) -> None:
+    """One warning naming every estimator whose trust check failed on some seed."""
+    from .trust import TRUST_THRESHOLD, UntrustedScoresWarning
+
+    weak = [f"{c['method']}-{c['score_metric']} ({c['n_flagged']} of {len(c['seeds'])} seeds)"
+            for c in checks if c["n_flagged"]]
+    if weak:
+        warnings.warn(f"trust check: {', '.join(weak)} agree weakly with retraining (Kendall tau interval below "
+                      f"{TRUST_THRESHOLD}); see the report's trust table before deleting data by them",
+                      UntrustedScoresWarning, stacklevel=3)
 
 
 def _read_part(path: Path, cfg: Config) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from ..config import HIGHER_IS_BETTER, Config, load_config
 from ..data.export import ScoreTable
 from ..errors import GancleanseError
 from .cleanse import read_results, read_scores, retrain_key, summarize
-from .trust import TRUST_THRESHOLD
+from .trust import TRUST_THRESHOLD, flagged
 
 GRID_COUNT = 32  # most harmful / most helpful training images shown per scorer
 MARKED = 50  # most harmful 2D instances circled per scorer
@@ -283,7 +283,7 @@ def _tables(summary: dict[str, Any]) -> str:
         if c is None:
             return '<td class="trust">&ndash;</td>'
         tau = "n/a" if c["mean_kendall_tau"] is None else f'{c["mean_kendall_tau"]:.2f}'
-        weak = c["method"] != "random" and c["n_trusted"] < len(c["seeds"])
+        weak = c["n_flagged"] > 0
         return f'<td class="trust{" weak" if weak else ""}">{tau} ({c["n_trusted"]}/{len(c["seeds"])})</td>'
 
     by_rate = "".join(
@@ -321,10 +321,11 @@ def _trust(summary: dict[str, Any]) -> str:
     body = "".join(_trust_row(c, seeds) for c in checks)
     return (f"<p>Per seed, each ranking's training window was retrained without each of {checks[0]['k']} "
             "instances (half from the ranking's extremes, half at random) and Kendall tau computed between the "
-            "ranking and the actual improvement of the metric, with a 90% bootstrap interval. Amber: the "
-            f"interval's lower bound is below {TRUST_THRESHOLD}: on that seed the ranking agrees only weakly "
-            "with retraining (random is expected near 0). To try: smooth activations, a shorter traced window, "
-            "a larger check.</p>"
+            "ranking and the actual improvement of the metric, with a 90% bootstrap interval. Amber: an "
+            f"estimator (ITD, AID) whose interval's lower bound is below {TRUST_THRESHOLD}: on that seed its "
+            "ranking agrees only weakly with retraining; to try: smooth activations, a shorter traced window, "
+            "a larger check. Baselines do not predict single removals; their taus are a reference (random: "
+            "about 0).</p>"
             '<div class="card"><table id="trust-checks"><thead><tr><th class="l">method</th><th class="l">scored on</th>'
             '<th class="l">checked on</th>' + "".join(f"<th>seed {s}</th>" for s in seeds)
             + f"<th>mean tau</th></tr></thead><tbody>{body}</tbody></table></div>")
@@ -339,7 +340,7 @@ def _trust_row(check: dict[str, Any], seeds: list[int]) -> str:
             continue
         tau, iv, trusted = per_seed[s]
         text = "n/a" if tau is None else f"{tau:.2f}" + (f" [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else "")
-        weak = not trusted and check["method"] != "random"
+        weak = flagged({"trusted": trusted, "method": check["method"]})
         cells.append(f'<td class="{"weak" if weak else ""}">{_e(text)}</td>')
     mean = "n/a" if check["mean_kendall_tau"] is None else f'{check["mean_kendall_tau"]:.2f}'
     return (f'<tr><td class="l">{_e(check["method"])}</td><td class="l">{_e(check["score_metric"])}</td>'

@@ -158,9 +158,17 @@ def describe(check: dict[str, Any]) -> str:
             f"({int(check['confidence'] * 100)}% intervals)")
 
 
+def flagged(check: dict[str, Any]) -> bool:
+    """An estimator (itd, aid) whose check failed. Baselines do not claim to predict single
+    removals, so their check is a reference shown beside them, never a warning."""
+    from ..influence import spec
+
+    return not check["trusted"] and spec(check["method"]).uses == "metric"
+
+
 def warning_text(check: dict[str, Any]) -> str | None:
-    """What an untrusted check means and what to try (None when trusted, or for ``random``)."""
-    if check["trusted"] or check["method"] == "random":
+    """What an untrusted check means and what to try (None unless ``flagged``)."""
+    if not flagged(check):
         return None
     iv = check["kendall_tau_interval"]
     where = "undefined" if iv is None else f"lower bound {iv[0]:.2f}"
