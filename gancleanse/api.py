@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from .config import METRICS, Config
 from .data import Splits
@@ -14,13 +13,10 @@ from .errors import ConfigError, GancleanseError, NonFiniteError
 # Imported eagerly: the package attribute ``gancleanse.influence`` must end up being the
 # function below, not the subpackage of the same name bound on its first import.
 from .influence import score
-from .metrics import make_metric
 from .models import GANModules
 from .run import Run, write_json_atomic
 from .scores import Scores
 from .training import recorder
-from .training.replay import replay
-from .training.retrain import late_start
 
 
 def export(scores: "Scores | str | Path", out: str | Path, *, rate: float | None = None, count: int | None = None,
@@ -136,19 +132,10 @@ def counterfactual(run: Run | str | Path, remove: Sequence[int], metric: str = "
     Restarts from the checkpoint at the start of the window (or of ``from_epoch``) and
     replays the same minibatches and latents with the removed instances' weights at 0.
     """
-    run = _open(run)
-    removed = check_indices(remove, run.n_train)
-    if metric not in METRICS:
-        raise ConfigError(f"unknown metric {metric!r} (known: {', '.join(METRICS)})")
-    m = make_metric(metric, run, split)
-    start = run.window_start if from_epoch is None else run.epoch_start_step(from_epoch)
-    weights = torch.ones(run.n_train, dtype=run.dtype)
-    weights[removed] = 0.0
-    before = m.value(run.final_state())
-    # Bitwise the same as replaying from ``start``: nothing differs before the first use.
-    after = m.value(replay(run, late_start(run, weights, start), weights=weights, progress=progress))
-    return {"metric": metric, "removed": removed, "before": before, "after": after,
-            "delta": after - before}
+    # One retrain, forked off the recorded trajectory where ``remove`` is first used: bitwise
+    # the same as replaying from ``start``, since nothing differs before that step.
+    return counterfactuals(run, [remove], metric, from_epoch=from_epoch, split=split, batched=False,
+                           progress=progress)[0]
 
 
 def counterfactuals(run: Run | str | Path, removals: Sequence[Sequence[int]], metric: str = "all", *,

@@ -16,7 +16,7 @@ from gancleanse.errors import ConfigError
 from gancleanse.metrics.classifier import load_or_train_classifier
 
 
-def test_isolation_forest_ranks_planted_outliers_first(tmp_path):
+def _planted_run(tmp_path):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(400, 2, generator=gen, dtype=torch.float64)
     data = gc.Splits.from_tensors(x[:300], x[300:350], x[350:])
@@ -24,7 +24,11 @@ def test_isolation_forest_ranks_planted_outliers_first(tmp_path):
     data.train[outliers] = torch.tensor([[9.0, 9.0], [-8.0, 7.5], [10.0, -9.0], [-9.5, -9.5]], dtype=torch.float64)
     cfg = Config.from_dict({"model": {"g_hidden": 4, "d_hidden": 4, "z_dim": 2},
                             "train": {"epochs": 1, "batch_size": 50}, "metric": {"n_samples": 50}})
-    run = gc.train(cfg, tmp_path / "run", data=data, progress=False)
+    return gc.train(cfg, tmp_path / "run", data=data, progress=False), outliers
+
+
+def test_isolation_forest_ranks_planted_outliers_first(tmp_path):
+    run, outliers = _planted_run(tmp_path)
     s = gc.influence(run, "all", "isolation_forest", features="raw", progress=False)
     assert sorted(s.most_harmful(4)) == outliers
     assert np.array_equal(s.harmfulness, -s.influence)  # influence column = score_samples
@@ -68,17 +72,6 @@ def test_isolation_forest_on_classifier_features(tmp_path):
     assert np.allclose(harm, expected, rtol=0, atol=1e-12)
     raw = gc.influence(run, "all", "isolation_forest", features="raw", progress=False).harmfulness
     assert not np.allclose(raw, harm)  # a different feature space gives a different ranking
-
-
-def _planted_run(tmp_path):
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(400, 2, generator=gen, dtype=torch.float64)
-    data = gc.Splits.from_tensors(x[:300], x[300:350], x[350:])
-    outliers = [5, 77, 150, 299]
-    data.train[outliers] = torch.tensor([[9.0, 9.0], [-8.0, 7.5], [10.0, -9.0], [-9.5, -9.5]], dtype=torch.float64)
-    cfg = Config.from_dict({"model": {"g_hidden": 4, "d_hidden": 4, "z_dim": 2},
-                            "train": {"epochs": 1, "batch_size": 50}, "metric": {"n_samples": 50}})
-    return gc.train(cfg, tmp_path / "run", data=data, progress=False), outliers
 
 
 def test_knn_density_is_the_kth_other_neighbour_distance_and_ranks_outliers_first(tmp_path):
