@@ -96,10 +96,13 @@ def _cmd_influence(args: argparse.Namespace) -> int:
 
 def _solver_options(args: argparse.Namespace) -> dict:
     """The scorer's options given on the command line (only those set)."""
-    if getattr(args, "relu_smoothing", None) is not None:
+    itd = {k: getattr(args, k, None) for k in ("relu_smoothing", "memory_gb")}
+    itd = {k: v for k, v in itd.items() if v is not None}
+    if itd:
         if args.method != "itd":
-            raise GancleanseError(f"--relu-smoothing applies to --method itd, not {args.method}")
-        return {"relu_smoothing": args.relu_smoothing}
+            flag = "--" + next(iter(itd)).replace("_", "-")
+            raise GancleanseError(f"{flag} applies to --method itd, not {args.method}")
+        return itd
     if getattr(args, "neighbors", None) is not None:
         if args.method != "knn_density":
             raise GancleanseError(f"--neighbors applies to --method knn_density, not {args.method}")
@@ -279,6 +282,9 @@ def _itd_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--relu-smoothing", type=float, default=None, metavar="T",
                     help="itd: differentiate ReLU kinks as if smoothed over a width T (the training is unchanged); "
                          "try 0.2 x the typical |pre-activation| when 5 or more epochs are traced")
+    sp.add_argument("--memory-gb", type=float, default=None, metavar="GB",
+                    help="itd: memory for the reverse pass's graphs (default: half of what is available); "
+                         "a smaller budget replays each checkpoint segment once more, same result")
 
 
 def _aid_arguments(sp: argparse.ArgumentParser) -> None:

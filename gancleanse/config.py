@@ -123,6 +123,8 @@ class CleanseConfig:
     check: int = _opt(DEFAULT_CHECK, lo=0, hi=INT64, hi_open=True,
                       doc="trust check per seed and scorer: retrains without this many instances (at most the "
                           "training size; 0: off), Kendall tau and Pearson against the actual changes")
+    itd_memory_gb: float | None = _opt(None, lo=0.0, lo_open=True, doc="memory for ITD's reverse-pass graphs "
+                                       "(default: half of what is available); the result does not depend on it")
     aid_solver: str = _opt("gmres", choices=("gmres", "cg", "neumann"), doc="adjoint solver of method aid")
     aid_iterations: int | None = _opt(None, lo=1, doc="default: the solver's (gmres 100, cg 200, neumann 1000)")
     aid_operator_size: int | None = _opt(None, lo=1, doc="instances in AID's Jacobian products (default all, "

@@ -140,3 +140,20 @@ def test_interrupted_run_is_not_mistaken_for_finished(trained, tmp_path):
     (partial / "run.json").write_text(json.dumps(meta))
     r = gancleanse("influence", partial, "--out", tmp_path / "s.csv")
     assert r.returncode == 2 and "not complete" in r.stderr
+
+
+def test_itd_memory_budget_option(trained, capsys):
+    """--memory-gb bounds the graphs held at once without changing a score; it is ITD's alone."""
+    whole, split = trained / "whole.csv", trained / "split.csv"
+    assert main(["influence", str(trained / "run"), "--out", str(whole), "--check", "0", "-q"]) == 0
+    per_step = json.loads(whole.with_suffix(".json").read_text())["graph_gb_per_step"]
+    assert main(["influence", str(trained / "run"), "--out", str(split), "--check", "0", "-q",
+                 "--memory-gb", str(1.5 * per_step)]) == 0
+    assert json.loads(split.with_suffix(".json").read_text())["steps_per_stretch"] == 1
+    np.testing.assert_array_equal(read_scores(split)[1], read_scores(whole)[1])
+    assert main(["influence", str(trained / "run"), "--method", "aid", "--memory-gb", "1",
+                 "--out", str(trained / "aid.csv"), "-q"]) == 2
+    assert "--memory-gb applies to --method itd" in capsys.readouterr().err
+    assert main(["influence", str(trained / "run"), "--memory-gb", "0", "--check", "0",
+                 "--out", str(trained / "zero.csv"), "-q"]) == 2
+    assert "memory_gb must be a positive number" in capsys.readouterr().err

@@ -89,3 +89,20 @@ def test_horizon_snapshots_equal_shorter_windows(tmp_path):
     # The k=2 snapshot is the exact derivative of training where removal starts at epoch 1.
     expected = -unrolled_dV_dw(long, "all", start=long.epoch_start_step(1))
     assert rel_err(res.horizons[2], expected) < 1e-8
+
+
+def test_memory_budget_sets_the_stretch_and_never_the_result(run_factory):
+    """Segments whose graphs exceed the budget are split into stretches that fit; the
+    influence and every horizon stay bit for bit those of whole segments."""
+    run = run_factory(train={"update": "simultaneous", "optimizer": "adam", "lr_d": 0.01, "lr_g": 0.01,
+                             "checkpoint_every": 5})
+    metric = make_metric("all", run)
+    whole = itd_influence(run, metric, memory_gb=100.0, progress=False)
+    assert whole.stretch == 5 and whole.graph_bytes_per_step > 0
+    for steps in (1, 2, 3):  # a budget of `steps` graphs, with half a step to spare
+        budget = (steps + 0.5) * whole.graph_bytes_per_step / 1e9
+        split = itd_influence(run, metric, memory_gb=budget, progress=False)
+        assert split.stretch == steps
+        assert torch.equal(split.influence, whole.influence)
+        assert split.horizons.keys() == whole.horizons.keys()
+        assert all(torch.equal(split.horizons[k], whole.horizons[k]) for k in whole.horizons)

@@ -7,7 +7,10 @@
 
 Sweeping segments backwards: each segment between two checkpoints is replayed forward
 once with ``torch.func.vjp``, whose closures keep that segment's graphs; they are then
-applied in reverse. Memory is one segment's graphs, never steps x parameters. The same VJP
+applied in reverse. Memory is one stretch of graphs, never steps x parameters: where a
+segment's graphs would exceed the memory budget, it is first replayed without graphs,
+keeping the states that start each stretch that fits (``memory.py``), at the price of that
+replay (about a quarter of the reverse pass's time), with the same result bit for bit. The same VJP
 carries the adjoint through both players (the D<->G cross-Jacobian blocks), the optimizer
 state and the generator average, and yields the per-instance terms of the batch.
 
@@ -30,6 +33,7 @@ from ..metrics import Metric, make_metric
 from ..run import Run, torch_threads
 from ..scores import Scores
 from ..training.dynamics import State
+from .memory import GB, budget_bytes, graph_bytes, steps_within
 
 
 @dataclass
@@ -41,6 +45,8 @@ class ITDResult:
     horizons: dict[int, torch.Tensor] = field(default_factory=dict)  # epochs traced -> influence
     seconds: float = 0.0
     steps: int = 0
+    stretch: int = 0  # steps whose graphs were held at once
+    graph_bytes_per_step: int = 0
 
 
 def _zeros_like_tree(tree):
@@ -52,8 +58,13 @@ def metric_gradient(metric: Metric, state: State) -> State:
     return grad(metric.fn)(state)
 
 
-def itd_influence(run: Run, metric: Metric, *, progress: bool = True) -> ITDResult:
-    """Trace the metric's gradient back through every recorded step of ``run``."""
+def itd_influence(run: Run, metric: Metric, *, memory_gb: float | None = None,
+                  progress: bool = True) -> ITDResult:
+    """Trace the metric's gradient back through every recorded step of ``run``.
+
+    ``memory_gb``: the budget for the graphs held at once (default: half of the memory
+    available at the start). The result does not depend on it.
+    """
     started = time.perf_counter()
     dyn = run.dynamics
     spe = run.steps_per_epoch
@@ -63,40 +74,55 @@ def itd_influence(run: Run, metric: Metric, *, progress: bool = True) -> ITDResu
     ckpts = [s for s in run.checkpoint_steps if s >= run.window_start]
     segments = list(zip(ckpts[:-1], ckpts[1:]))
     ones = torch.ones(run.cfg.train.batch_size, dtype=run.dtype)
+    device = torch.device("cpu")
+
+    def forward(state: State, step: int):  # noqa: ANN202  (next state, its VJP closure)
+        batch = run.batch(step)
+        nxt, vjp_fn, _ = vjp(lambda s, w: dyn.step(s, batch, w), state, ones, has_aux=True)
+        return nxt, vjp_fn
 
     with torch_threads(run.threads):
         final = run.final_state()
         metric_value = metric.value(final)
         u = metric_gradient(metric, final)
+        longest = max(b - a for a, b in segments)
+        per_step, _ = graph_bytes(lambda: forward(run.load_state(segments[-1][0]), segments[-1][0]), device)
+        stretch = steps_within(budget_bytes(memory_gb, device), per_step, longest)
         bar = tqdm(total=run.final_step - run.window_start, desc="itd", unit="step",
                    disable=not progress, leave=False)
         for seg_start, seg_end in reversed(segments):
-            state = run.load_state(seg_start)
-            closures = []
-            for step in range(seg_start, seg_end):
-                batch = run.batch(step)
-                state, vjp_fn, _ = vjp(lambda s, w, b=batch: dyn.step(s, b, w), state, ones, has_aux=True)
-                closures.append(vjp_fn)
-            for step in range(seg_end - 1, seg_start - 1, -1):
-                u, g_w = closures.pop()(u)
-                influence.index_add_(0, run.indices(step), -g_w.to(torch.float64))
-                if step % spe == 0:
-                    horizons[final_epoch - step // spe] = influence.clone()
-                bar.update()
-            del closures
+            starts = {seg_start: run.load_state(seg_start)}
+            if seg_end - seg_start > stretch:  # replay without graphs, keeping each stretch's start
+                state = starts[seg_start]
+                with torch.no_grad():
+                    for step in range(seg_start, seg_end - 1):
+                        state = dyn.step(state, run.batch(step), ones)[0]
+                        if (step + 1 - seg_start) % stretch == 0:
+                            starts[step + 1] = state
+            for begin in sorted(starts, reverse=True):
+                state, closures = starts.pop(begin), []
+                for step in range(begin, min(begin + stretch, seg_end)):
+                    state, vjp_fn = forward(state, step)
+                    closures.append(vjp_fn)
+                for step in range(begin + len(closures) - 1, begin - 1, -1):
+                    u, g_w = closures.pop()(u)
+                    influence.index_add_(0, run.indices(step), -g_w.to(torch.float64))
+                    if step % spe == 0:
+                        horizons[final_epoch - step // spe] = influence.clone()
+                    bar.update()
         bar.close()
     return ITDResult(influence, metric_value, horizons, time.perf_counter() - started,
-                     run.final_step - run.window_start)
+                     run.final_step - run.window_start, stretch, per_step)
 
 
 def score(run: Run, metric: str, *, seed: int = 0, progress: bool = True,
-          relu_smoothing: float | None = None) -> Scores:
+          relu_smoothing: float | None = None, memory_gb: float | None = None) -> Scores:
     """ITD influence on ``metric`` (validation split), with the estimate for every horizon.
 
     ``relu_smoothing`` = T: differentiate ReLU kinks as if smoothed over a width T
     (``surrogate.smoothed_relu``; the trajectory is unchanged). On the paper's 2D ReLU GAN,
     T ~ 0.2 x the typical |pre-activation| raised Kendall tau against retraining by 0.07 with
-    5 or 10 epochs traced, and not with 1.
+    5 or 10 epochs traced, and not with 1. ``memory_gb``: see ``itd_influence``.
     """
     from contextlib import nullcontext
 
@@ -104,12 +130,15 @@ def score(run: Run, metric: str, *, seed: int = 0, progress: bool = True,
 
     if relu_smoothing is not None and not (math.isfinite(relu_smoothing) and relu_smoothing > 0):
         raise ConfigError(f"relu_smoothing must be a positive number, got {relu_smoothing}")
+    if memory_gb is not None and not (math.isfinite(memory_gb) and memory_gb > 0):
+        raise ConfigError(f"memory_gb must be a positive number of gigabytes, got {memory_gb}")
     with smoothed_relu(run.models, relu_smoothing) if relu_smoothing else nullcontext(None) as swapped:
         if swapped == 0:
             raise ConfigError("relu_smoothing: the run's generator and discriminator have no ReLU or LeakyReLU")
-        res = itd_influence(run, make_metric(metric, run, "valid"), progress=progress)
+        res = itd_influence(run, make_metric(metric, run, "valid"), memory_gb=memory_gb, progress=progress)
     info = {"metric_value": res.metric_value, "seconds": res.seconds, "steps": res.steps,
-            "window_start_epoch": run.window_start // run.steps_per_epoch}
+            "window_start_epoch": run.window_start // run.steps_per_epoch,
+            "steps_per_stretch": res.stretch, "graph_gb_per_step": res.graph_bytes_per_step / GB}
     if relu_smoothing:
         info["relu_smoothing"] = relu_smoothing
     return Scores.from_influence(metric, "itd", res.influence.numpy(),

@@ -68,7 +68,9 @@ def scorers_for(cfg: Config, image_data: bool) -> list[Scorer]:
 
 
 def scorer_options(method: str, cleanse: dict[str, Any]) -> dict[str, Any]:
-    """The study config's options for ``method`` (AID's solver settings; none for the rest)."""
+    """The study config's options for ``method`` (ITD's memory budget, AID's solver settings)."""
+    if method == "itd":
+        return {} if cleanse["itd_memory_gb"] is None else {"memory_gb": cleanse["itd_memory_gb"]}
     if method != "aid":
         return {}
     options = {"solver": cleanse["aid_solver"], "iterations": cleanse["aid_iterations"],
