@@ -47,14 +47,15 @@ def _open(run: Run | str | Path) -> Run:
 
 
 def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, data: Splits | None = None,
-          force: bool = False, progress: bool = True) -> Run:
+          force: bool = False, progress: bool = True, device: str | None = None) -> Run:
     """Train with recording; returns the opened run directory.
 
     ``models``: your own generator and discriminator (``GANModules(G, D, z_dim)``; no BatchNorm
     in D), initialized as you built them. ``data``: your own tensors (``Splits.from_tensors`` or
     ``Splits.random_split``), saved into the run directory. Otherwise the config names them.
+    ``device``: "auto", "cpu", "cuda" or "cuda:N" instead of the config's ``train.device``.
     """
-    return recorder.train(cfg, out, models=models, data=data, force=force, progress=progress)
+    return recorder.train(cfg, out, models=models, data=data, force=force, progress=progress, device=device)
 
 
 def influence(run: Run | str | Path, metric: str = "all", method: str = "itd", *,

@@ -7,6 +7,7 @@ print one line naming the problem and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -24,7 +25,7 @@ from .run import Run, write_json_atomic
 
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    run = api.train(cfg, args.out, force=args.force, progress=not args.quiet)
+    run = api.train(cfg, args.out, force=args.force, progress=not args.quiet, device=args.device)
     s = run.meta["seconds"]["train"]
     print(describe_data(run.meta["data"]))
     print(f"trained {run.meta['total_steps']} steps in {s:.1f} s; run directory: {run.path}")
@@ -79,7 +80,7 @@ def _print_top(scores: api.Scores, k: int) -> None:
 
 def _cmd_influence(args: argparse.Namespace) -> int:
     out = check_out(args.out, ".csv", args.force)
-    run = Run.open(args.run, extractor=args.extractor)
+    run = Run.open(args.run, extractor=args.extractor, device=args.device)
     check = min(DEFAULT_CHECK, run.n_train) if args.check is None else args.check
     scores = api.influence(run, args.metric, args.method, features=args.features, seed=args.seed, check=check,
                            progress=not args.quiet, **_solver_options(args))
@@ -116,7 +117,7 @@ def _aid_options(args: argparse.Namespace) -> dict:
 
 
 def _cmd_counterfactual(args: argparse.Namespace) -> int:
-    run = Run.open(args.run, extractor=args.extractor)
+    run = Run.open(args.run, extractor=args.extractor, device=args.device)
     removed = api.parse_indices(args.remove, run.n_train)
     result = api.counterfactual(run, removed, args.metric, from_epoch=args.from_epoch,
                                 progress=not args.quiet)
@@ -126,7 +127,7 @@ def _cmd_counterfactual(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     check_out(args.out, ".json", args.force)
-    res = api.validate(Run.open(args.run, extractor=args.extractor), args.metric, args.method, args.instances, seed=args.seed,
+    res = api.validate(Run.open(args.run, extractor=args.extractor, device=args.device), args.metric, args.method, args.instances, seed=args.seed,
                        extremes=args.extremes, horizons=args.horizons, executor=args.executor,
                        workers=args.workers, out=args.out, progress=not args.quiet, batched=args.batched,
                        solver_options=_solver_options(args))
@@ -148,7 +149,7 @@ def _cmd_lds(args: argparse.Namespace) -> int:
     if unknown or not methods:
         raise GancleanseError(f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'} "
                               f"(known: {', '.join(METHODS)})")
-    res = api.lds(Run.open(args.run, extractor=args.extractor), args.metric, methods, subsets=args.subsets,
+    res = api.lds(Run.open(args.run, extractor=args.extractor, device=args.device), args.metric, methods, subsets=args.subsets,
                   fraction=args.fraction, seed=args.seed, out=args.out, progress=not args.quiet,
                   solver_options=_aid_options(args))
     cost = "" if res["retrain_cost_epochs"] is None else f", {res['retrain_cost_epochs']:.1f} training epochs"
@@ -165,7 +166,7 @@ def _cmd_lds(args: argparse.Namespace) -> int:
 
 
 def _cmd_cleanse(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+    cfg = _on_device(load_config(args.config), args.device)
     summary = api.cleanse(cfg, args.out, executor=args.executor, workers=args.workers,
                           report=not args.no_report, progress=not args.quiet, export=args.export,
                           force_export=args.force)
@@ -210,6 +211,16 @@ def _print_summary(summary: dict) -> None:
             print(f"  {c['method'] + '-' + c['score_metric']:<28} on {c['check_metric']:<7} {per_seed}{flag}")
 
 
+def _on_device(cfg: Config, device: str | None) -> Config:
+    """The config with ``--device`` as its train.device (a study's runs then record it)."""
+    if device is None:
+        return cfg
+    from .device import resolve
+
+    resolve(device)  # a clear error now rather than in a worker
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from .data.export import summary_line
 
@@ -223,7 +234,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import verify_run, verify_study
+    from .verify import open_for_replay, verify_run, verify_study
 
     path = Path(args.run)
     if path.is_dir() and not (path / "run.json").exists():
@@ -232,7 +243,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                      progress=not args.quiet)
         print(f"{path}: every check passed")
         return 0
-    run = Run.open(path)
+    run = open_for_replay(path, args.device)
     print(f"verifying {run.path}")
     verify_run(run, replay=not args.no_replay, report=lambda line: print(f"  ok  {line}"),
                progress=not args.quiet)
@@ -258,7 +269,7 @@ def embedded_config(name: str) -> Config:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    cfg = embedded_config("demo")
+    cfg = _on_device(embedded_config("demo"), args.device)
     c = cfg.cleanse
     print(f"2D Gaussian GAN: {cfg.data.n_train} instances, {cfg.train.epochs} epochs, seeds {c.seeds}; "
           f"influence on ALL by ITD (last epoch traced); removal rates {c.removal_rates}; -> {out}")
@@ -324,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
+    def device(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--device", default=None, metavar="DEVICE",
+                        help="auto, cpu, cuda or cuda:N (default: the config's train.device, auto: CUDA when available)")
+
     def extractor(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--extractor", default=None, metavar="FILE.pt",
                         help="TorchScript feature extractor for is/log_is/fid/kid (loading it runs its code, so a "
@@ -333,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("config", help="TOML config file")
     sp.add_argument("--out", required=True, help="run directory to create")
     sp.add_argument("--force", action="store_true", help="replace an existing run directory")
+    device(sp)
     common(sp)
     sp.set_defaults(func=_cmd_train)
 
@@ -357,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                          f"(default {DEFAULT_CHECK}; 0: skip)")
     _itd_arguments(sp)
     _aid_arguments(sp)
+    device(sp)
     common(sp)
     extractor(sp)
     sp.set_defaults(func=_cmd_influence)
@@ -367,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--metric", choices=METRICS, default="all")
     sp.add_argument("--from-epoch", type=int, default=None,
                     help="restart at this epoch's start (inside the recorded window) instead of the window start")
+    device(sp)
     common(sp)
     extractor(sp)
     sp.set_defaults(func=_cmd_counterfactual)
@@ -389,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "rounding, not bitwise)")
     _itd_arguments(sp)
     _aid_arguments(sp)
+    device(sp)
     common(sp)
     extractor(sp)
     sp.set_defaults(func=_cmd_validate)
@@ -405,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None, help="LDS.json to write (per scorer: lds, interval, predicted; actual)")
     sp.add_argument("--force", action="store_true", help="replace an existing LDS.json")
     _aid_arguments(sp)
+    device(sp)
     common(sp)
     extractor(sp)
     sp.set_defaults(func=_cmd_lds)
@@ -419,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="apply the scorer and rate chosen on the validation split (first metric) to the full "
                          "training split and write the cleaned data there, in its own format")
     sp.add_argument("--force", action="store_true", help="replace an earlier export at --export")
+    device(sp)
     common(sp)
     sp.set_defaults(func=_cmd_cleanse)
 
@@ -444,12 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "bitwise replay")
     sp.add_argument("run", help="run directory written by `gancleanse train`, or a study directory")
     sp.add_argument("--no-replay", action="store_true", help="skip replaying the recorded window")
+    device(sp)
     common(sp)
     sp.set_defaults(func=_cmd_verify)
 
     sp = sub.add_parser("demo", help="the main job: a reduced 2D cleansing study on the embedded default")
     sp.add_argument("--out", default="runs/demo", help="output directory (default runs/demo; resumed)")
     sp.add_argument("--workers", type=int, default=1, help="parallel jobs")
+    device(sp)
     common(sp)
     sp.set_defaults(func=_cmd_demo)
     return p

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 
 from .errors import ConfigError
 from .influence import METHODS
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 GAUSSIAN2D_N_TRAIN = 10000  # the paper's accuracy setting
 METRICS = ("all", "is", "log_is", "fid", "kid", "loss_d")
@@ -94,6 +97,8 @@ class TrainConfig:
     seed: int = _opt(0, lo=0)
     record_from_epoch: int | None = _opt(None, lo=0, doc="first epoch of the recorded window")
     checkpoint_every: int = _opt(25, lo=1, doc="steps between replay checkpoints in the window")
+    device: str = _opt("auto", doc="auto (CUDA when available), cpu, cuda or cuda:N; every command's "
+                       "--device overrides it")
     threads: int = _opt(1, lo=1, hi=MAX_THREADS, doc="torch CPU threads for training and every replay "
                         "of the run; 1 keeps parallel retrains from oversubscribing cores")
 
@@ -171,6 +176,8 @@ class Config:
         if t.record_from_epoch is not None and t.record_from_epoch >= t.epochs:
             raise ConfigError(f"{source}: train.record_from_epoch = {t.record_from_epoch} must be "
                               f"smaller than train.epochs = {t.epochs}")
+        if not DEVICE_PATTERN.fullmatch(t.device):
+            raise ConfigError(f"{source}: train.device = {t.device!r} is not one of auto, cpu, cuda, cuda:N")
         if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
             raise ConfigError(f"{source}: train.betas must be two numbers in [0, 1), got {t.betas}")
         if self.data.n_train is not None and t.batch_size > self.data.n_train:

@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
+from . import device as devices
 from .config import Config
 from .data import Splits, load_data
 from .data.base import SPLIT_NAMES, as_float
@@ -85,7 +86,17 @@ def unflatten_state(flat: dict[str, torch.Tensor]) -> State:
 
 
 def save_state(state: State, path: Path) -> None:
-    save_file(flatten_state(state), str(path))
+    """Checkpoints are written from CPU copies, so a run opens on any device."""
+    save_file({k: v.detach().cpu() for k, v in flatten_state(state).items()}, str(path))
+
+
+def to_device(tree: Any, device: torch.device) -> Any:
+    """A state (nested dicts of tensors) on ``device``."""
+    if isinstance(tree, dict):
+        return {k: to_device(v, device) for k, v in tree.items()}
+    if isinstance(tree, tuple):
+        return tuple(to_device(v, device) for v in tree)
+    return tree.to(device)
 
 
 def parse_tensors(data: bytes, label: str) -> dict[str, torch.Tensor]:
@@ -263,14 +274,18 @@ class Run:
     cfg: Config
     meta: dict[str, Any]
     extractor: str | None = None  # a TorchScript file the user named explicitly (it runs code)
+    device: torch.device = torch.device("cpu")  # where replays, influence and metrics compute
 
     @classmethod
-    def open(cls, path: str | Path, models: GANModules | None = None, extractor: str | Path | None = None) -> "Run":
+    def open(cls, path: str | Path, models: GANModules | None = None, extractor: str | Path | None = None,
+             device: str | None = None) -> "Run":
         """Open a finished run; ``models`` are required for runs trained with user modules.
 
         ``extractor``: the TorchScript feature extractor for is/fid/kid. Loading one runs
         code, so it is never taken from the run directory's stored config: a run whose
         config names one needs it named here (the CLI's ``--extractor``).
+        ``device``: where to compute (default: the config's ``train.device``); a device of
+        another kind than the recorded one works, with a warning (not bitwise).
         """
         path = Path(path)
         if not path.is_dir():
@@ -284,20 +299,24 @@ class Run:
         except (ValueError, UnicodeDecodeError) as e:
             raise RunDirError(f"{path / 'config.toml'}: unreadable ({e})") from None
         check_meta_against_config(meta, cfg, str(path / "run.json"))
-        run = cls(path, cfg, meta, None if extractor is None else str(extractor))
+        chosen = devices.use(devices.resolve(device or cfg.train.device))
+        devices.warn_if_other_kind(str(meta.get("device", "cpu")), chosen, path)
+        run = cls(path, cfg, meta, None if extractor is None else str(extractor), chosen)
         if models is not None:
-            run.__dict__["models"] = models  # fills the cached property
+            run.__dict__["models"] = models.to(chosen)  # fills the cached property
         return run
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle what reopens the run in another process (caches are rebuilt there)."""
-        state = {"path": self.path, "cfg": self.cfg, "meta": self.meta, "extractor": self.extractor}
+        state = {"path": self.path, "cfg": self.cfg, "meta": self.meta, "extractor": self.extractor,
+                 "device": self.device}
         if self.cfg.model.arch == "custom":
             state["models"] = self.models
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        devices.use(self.device)
 
     @property
     def id(self) -> str:
@@ -349,7 +368,7 @@ class Run:
         if self.cfg.model.arch == "custom":
             raise RunDirError(f"{self.path} was trained with user-supplied modules: open it with "
                               "gancleanse.Run.open(path, models=GANModules(generator, discriminator, z_dim))")
-        return build_models(self.cfg, self.splits.sample_shape)
+        return build_models(self.cfg, self.splits.sample_shape).to(self.device)
 
     @cached_property
     def dynamics(self) -> Dynamics:
@@ -357,8 +376,18 @@ class Run:
 
     @cached_property
     def x_train(self) -> torch.Tensor:
-        """The whole training split as model values (AID's operator); steps decode per batch."""
-        return as_float(self.splits.train, self.dtype)
+        """The whole training split as model values on the device (AID's operator)."""
+        return as_float(self._train_stored, self.dtype)
+
+    @cached_property
+    def _train_stored(self) -> torch.Tensor:
+        """The training split as stored (uint8 for images), moved to the device once: steps
+        gather and decode their minibatch there."""
+        return self.splits.train.to(self.device)
+
+    def real(self, split: str) -> torch.Tensor:
+        """A whole split as float64 model values on the device (what metrics compare with)."""
+        return as_float(self.splits.split_stored(split).to(self.device), torch.float64)
 
     @cached_property
     def train_keys(self) -> list[str]:
@@ -438,19 +467,24 @@ class Run:
     def batch(self, step: int) -> StepBatch:
         self._check_step(step)
         if step < self.window_start:
-            z_d, z_g = self.schedule.latents(step)
+            z_d, z_g = (z.to(self.device, self.dtype) for z in self.schedule.latents(step))
         else:
             i = step - self.window_start
-            z_d = self._schedule["z_d"][i]
-            z_g = self._schedule["z_g"][i] if "z_g" in self._schedule else z_d
-        x = as_float(self.splits.train[self.indices(step)], self.dtype)
-        return StepBatch(x, z_d.to(self.dtype), z_g.to(self.dtype), step)
+            z_d = self._window_latents["z_d"][i]
+            z_g = self._window_latents["z_g"][i] if "z_g" in self._window_latents else z_d
+        x = as_float(self._train_stored[self.indices(step).to(self.device)], self.dtype)
+        return StepBatch(x, z_d, z_g, step)
+
+    @cached_property
+    def _window_latents(self) -> dict[str, torch.Tensor]:
+        """The recorded window's latents in the model's dtype, on the device (moved once)."""
+        return {k: v.to(self.device, self.dtype) for k, v in self._schedule.items() if k != "indices"}
 
     def load_state(self, step: int) -> State:
         """The verified checkpoint at ``step`` (finite, as training wrote it)."""
         if step not in self.checkpoint_steps:
             raise RunDirError(f"no checkpoint at step {step} in {self.path}")
-        return unflatten_state(self.read_tensors(f"checkpoints/{checkpoint_name(step)}"))
+        return to_device(unflatten_state(self.read_tensors(f"checkpoints/{checkpoint_name(step)}")), self.device)
 
     def final_state(self) -> State:
         return self.load_state(self.final_step)
@@ -465,7 +499,7 @@ class Run:
         return z
 
     def eval_latents(self, split: str) -> torch.Tensor:
-        return self._eval_latents[split].to(self.dtype)
+        return self._eval_latents[split].to(self.device, self.dtype)
 
 
 def write_eval_latents(cfg: Config, stage: Path) -> None:

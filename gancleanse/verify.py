@@ -70,6 +70,11 @@ def verify_run(run: Run, *, replay: bool = True, report: Callable[[str], None] =
     if run.cfg.model.arch == "custom" and "models" not in run.__dict__:
         ok("replay: skipped (user modules: open the run with Run.open(path, models=...) to replay it)")
         return lines
+    recorded = str(meta.get("device", "cpu"))
+    if run.device.type != recorded:
+        ok(f"replay: skipped (trained on {recorded}, opened on {run.device.type}: replays are bitwise only on "
+           f"the device kind that trained; verify it with --device {recorded})")
+        return lines
     n = _replay_matches(run, progress)
     ok(f"replay: steps {run.window_start}..{run.final_step} from checkpoint {run.window_start} reproduce "
        f"{n} checkpoint(s) bitwise (device {meta.get('device', 'cpu')}, {run.threads} thread(s))")
@@ -94,7 +99,7 @@ def _replay_matches(run: Run, progress: bool) -> int:
     from .training.recorder import check_finite
 
     dyn = run.dynamics
-    ones = torch.ones(run.cfg.train.batch_size, dtype=run.dtype)
+    ones = torch.ones(run.cfg.train.batch_size, dtype=run.dtype, device=run.device)
     checked = 0
     with torch_threads(run.threads), torch.no_grad():
         state = run.load_state(run.window_start)
@@ -113,6 +118,14 @@ def _replay_matches(run: Run, progress: bool) -> int:
     return checked
 
 
+def open_for_replay(path: Path, device: str | None = None) -> Run:
+    """Open a run on ``device``, by default on the kind of device that trained it (where present)."""
+    from . import device as devices
+    from .run import read_meta
+
+    return Run.open(path, device=device or devices.recorded_kind(str(read_meta(Path(path)).get("device", "cpu"))))
+
+
 def verify_study(path: Path, *, replay: bool = True, report: Callable[[str], None] = print,
                  progress: bool = False) -> list[str]:
     """Verify every replicate's run of a study and that its stored scores and retrains name them."""
@@ -125,7 +138,7 @@ def verify_study(path: Path, *, replay: bool = True, report: Callable[[str], Non
     run_dirs = sorted(path.glob("seeds/seed_*/run")) + sorted(path.glob("export/run"))
     for run_dir in run_dirs:
         label = run_dir.relative_to(path).as_posix()
-        run = Run.open(run_dir)
+        run = open_for_replay(run_dir)
         verify_run(run, replay=replay, report=lambda line, label=label: report(f"{label}: {line}"), progress=progress)
         run_ids[run.id] = label
         check = run_dir.parent / CHECK_FILE

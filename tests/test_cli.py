@@ -148,7 +148,7 @@ def test_itd_memory_budget_option(trained, capsys):
     assert main(["influence", str(trained / "run"), "--out", str(whole), "--check", "0", "-q"]) == 0
     per_step = json.loads(whole.with_suffix(".json").read_text())["graph_gb_per_step"]
     assert main(["influence", str(trained / "run"), "--out", str(split), "--check", "0", "-q",
-                 "--memory-gb", str(1.5 * per_step)]) == 0
+                 "--memory-gb", str(0.5 * per_step)]) == 0
     assert json.loads(split.with_suffix(".json").read_text())["steps_per_stretch"] == 1
     np.testing.assert_array_equal(read_scores(split)[1], read_scores(whole)[1])
     assert main(["influence", str(trained / "run"), "--method", "aid", "--memory-gb", "1",

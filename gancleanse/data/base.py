@@ -57,6 +57,12 @@ class Splits:
             raise ValueError(f"unknown split {name!r}")
         return as_float(getattr(self, name), dtype)
 
+    def split_stored(self, name: str) -> torch.Tensor:
+        """The split ``name`` as stored (uint8 pixels for image files)."""
+        if name not in SPLIT_NAMES:
+            raise ValueError(f"unknown split {name!r}")
+        return getattr(self, name)
+
     def key_list(self, name: str) -> list[str]:
         """Stable names of the split's instances (``#j`` by position when the data has none)."""
         if self.keys is not None:

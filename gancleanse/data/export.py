@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from ..config import Config
-from ..errors import GancleanseError, RunDirError
+from ..errors import GancleanseError
 from ..run import staged_directory, write_json_atomic
 
 if TYPE_CHECKING:

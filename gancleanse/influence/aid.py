@@ -105,7 +105,7 @@ def unflatten(vec: torch.Tensor, like: Tree) -> Tree:
 # ------------------------------------------------------------------------ the game
 def game_gradient(dyn: Dynamics, params: Tree, x: torch.Tensor, z: torch.Tensor) -> Tree:
     """F(theta) on real ``x`` and latents ``z`` (same count): both players' loss gradients, weights 1."""
-    ones = torch.ones(x.shape[0], dtype=x.dtype)
+    ones = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
     return {"d": grad(dyn.loss_d)(params["d"], params["g"], x, z, ones),
             "g": grad(dyn.loss_g)(params["g"], params["d"], z)}
 
@@ -166,11 +166,12 @@ def metric_target(metric: Metric, state: State) -> Tree:
 
 
 # ------------------------------------------------------------------------ solvers
-def _scipy_operator(n: int, fn: Callable[[torch.Tensor], torch.Tensor]):
+def _scipy_operator(n: int, fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device):
+    """SciPy's Krylov solvers keep their vectors on the host; the products run on ``device``."""
     from scipy.sparse.linalg import LinearOperator
 
     def apply(v: np.ndarray) -> np.ndarray:
-        return fn(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64).reshape(-1))).numpy()
+        return fn(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64).reshape(-1)).to(device)).cpu().numpy()
 
     return LinearOperator((n, n), matvec=apply, dtype=np.float64)
 
@@ -180,9 +181,9 @@ def solve_gmres(op: GameOperator, g: torch.Tensor, iterations: int, tol: float,
     """GMRES without restarts: at most ``iterations`` Krylov vectors are kept."""
     from scipy.sparse.linalg import gmres
 
-    v, _ = gmres(_scipy_operator(g.numel(), op.rmatvec), g.numpy(), rtol=tol, atol=0.0, restart=iterations,
-                 maxiter=1, callback=lambda _: tick(), callback_type="pr_norm")
-    return torch.from_numpy(v)
+    v, _ = gmres(_scipy_operator(g.numel(), op.rmatvec, g.device), g.cpu().numpy(), rtol=tol, atol=0.0,
+                 restart=iterations, maxiter=1, callback=lambda _: tick(), callback_type="pr_norm")
+    return torch.from_numpy(v).to(g.device)
 
 
 def solve_cg(op: GameOperator, g: torch.Tensor, iterations: int, tol: float,
@@ -190,14 +191,14 @@ def solve_cg(op: GameOperator, g: torch.Tensor, iterations: int, tol: float,
     """CG on A^T A y = A^T g: symmetric positive definite when A is invertible."""
     from scipy.sparse.linalg import cg
 
-    A = _scipy_operator(g.numel(), lambda u: op.matvec(op.rmatvec(u)))
-    v, _ = cg(A, op.matvec(g).numpy(), rtol=tol, atol=0.0, maxiter=iterations, callback=lambda _: tick())
-    return torch.from_numpy(v)
+    A = _scipy_operator(g.numel(), lambda u: op.matvec(op.rmatvec(u)), g.device)
+    v, _ = cg(A, op.matvec(g).cpu().numpy(), rtol=tol, atol=0.0, maxiter=iterations, callback=lambda _: tick())
+    return torch.from_numpy(v).to(g.device)
 
 
 def spectral_norm(op: GameOperator, n: int, iterations: int = 20, seed: int = 0) -> float:
     """Largest singular value of A, by power iteration on A^T A."""
-    u = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    u = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(op.x.device)
     u /= u.norm()
     sigma = 0.0
     for _ in range(iterations):
@@ -270,7 +271,8 @@ def aid_influence(run: Run, metric: Metric, *, solver: str = "gmres", iterations
 
         def operator_on(counter: int, n: int) -> GameOperator:
             idx, z = solver_draw(seed, counter, n_train, n, z_dim)
-            return GameOperator(run.dynamics, params, x_all[idx], z.to(run.dtype), lam, scale)
+            return GameOperator(run.dynamics, params, x_all[idx.to(run.device)], z.to(run.device, run.dtype),
+                                lam, scale)
 
         metric_value = metric.value(state)
         target = flatten(metric_target(metric, state)).to(torch.float64)
@@ -370,7 +372,7 @@ def score(run: Run, metric: str, *, seed: int = 0, progress: bool = True, **solv
     """AID influence on ``metric`` (validation split); ``solver_options`` as ``aid_influence``."""
     res = aid_influence(run, make_metric(metric, run, "valid"), seed=seed, progress=progress, **solver_options)
     return Scores.from_influence(
-        metric, "aid", res.influence.numpy(),
+        metric, "aid", res.influence.cpu().numpy(),
         info={"metric_value": res.metric_value, "seconds": res.seconds, "solver": res.solver,
               "residual": res.residual, "iterations": res.iterations, "converged": res.converged,
               **res.options})

@@ -25,9 +25,9 @@ def discriminator_logits(run: Run) -> torch.Tensor:
     out = []
     with torch_threads(run.threads):
         for lo in range(0, run.n_train, CHUNK):
-            x = as_float(run.splits.train[lo:lo + CHUNK], run.dtype)
+            x = as_float(run.splits.train[lo:lo + CHUNK].to(run.device), run.dtype)
             out.append(run.models.discriminate(params, x).to(torch.float64))
-    return torch.cat(out)
+    return torch.cat(out).cpu()
 
 
 def score(run: Run, metric: str, *, seed: int = 0, progress: bool = True, **options: Any) -> Scores:

@@ -14,7 +14,7 @@ def instance_features(run: Run, features: str) -> np.ndarray:
     if features == "raw":
         # Pixels as float32 (exact for 8-bit values, half the memory); float data as it is.
         dtype = torch.float32 if run.splits.train.dtype == torch.uint8 else torch.float64
-        x = run.splits.split("train", dtype).reshape(run.n_train, -1).numpy()
+        x = run.splits.split("train", dtype).reshape(run.n_train, -1).numpy()  # data on the host: sklearn
     elif features == "classifier":
         from ..metrics.classifier import training_features
 

@@ -69,12 +69,12 @@ def itd_influence(run: Run, metric: Metric, *, memory_gb: float | None = None,
     dyn = run.dynamics
     spe = run.steps_per_epoch
     final_epoch = run.final_step // spe
-    influence = torch.zeros(run.n_train, dtype=torch.float64)
+    device = run.device
+    influence = torch.zeros(run.n_train, dtype=torch.float64, device=device)
     horizons: dict[int, torch.Tensor] = {}
     ckpts = [s for s in run.checkpoint_steps if s >= run.window_start]
     segments = list(zip(ckpts[:-1], ckpts[1:]))
-    ones = torch.ones(run.cfg.train.batch_size, dtype=run.dtype)
-    device = torch.device("cpu")
+    ones = torch.ones(run.cfg.train.batch_size, dtype=run.dtype, device=device)
 
     def forward(state: State, step: int):  # noqa: ANN202  (next state, its VJP closure)
         batch = run.batch(step)
@@ -106,13 +106,13 @@ def itd_influence(run: Run, metric: Metric, *, memory_gb: float | None = None,
                     closures.append(vjp_fn)
                 for step in range(begin + len(closures) - 1, begin - 1, -1):
                     u, g_w = closures.pop()(u)
-                    influence.index_add_(0, run.indices(step), -g_w.to(torch.float64))
+                    influence.index_add_(0, run.indices(step).to(device), -g_w.to(torch.float64))
                     if step % spe == 0:
                         horizons[final_epoch - step // spe] = influence.clone()
                     bar.update()
         bar.close()
-    return ITDResult(influence, metric_value, horizons, time.perf_counter() - started,
-                     run.final_step - run.window_start, stretch, per_step)
+    return ITDResult(influence.cpu(), metric_value, {k: v.cpu() for k, v in horizons.items()},
+                     time.perf_counter() - started, run.final_step - run.window_start, stretch, per_step)
 
 
 def score(run: Run, metric: str, *, seed: int = 0, progress: bool = True,

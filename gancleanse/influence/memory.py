@@ -9,6 +9,7 @@ fixed step count.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from contextlib import contextmanager
@@ -54,8 +55,13 @@ def graph_bytes(build: Callable[[], object], device: torch.device) -> tuple[int,
         return max(0, torch.cuda.memory_allocated(device) - before), out
     from torch.autograd.profiler import profile
 
-    with _silenced_stderr(), profile(profile_memory=True, use_kineto=False) as prof:
-        out = build()
+    gc.collect()  # frees during the probe (of garbage from before it) would count as negative
+    gc.disable()
+    try:
+        with _silenced_stderr(), profile(profile_memory=True, use_kineto=False) as prof:
+            out = build()
+    finally:
+        gc.enable()
     return max(0, int(sum(e.self_cpu_memory_usage for e in prof.function_events))), out
 
 
@@ -68,18 +74,18 @@ def steps_within(budget: int | None, per_step: int, longest: int) -> int:
 
 @contextmanager
 def _silenced_stderr() -> Iterator[None]:
-    """The profiler's native layer announces its start and stop on file descriptor 2."""
+    """The profiler's native layer announces its start and stop on file descriptor 2 (the C
+    stderr, whatever ``sys.stderr`` has been replaced with)."""
     try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # stderr replaced by something without a descriptor
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (AttributeError, OSError, ValueError):  # no descriptor 2 to redirect
         yield
         return
-    sys.stderr.flush()
-    saved = os.dup(fd)
     try:
         with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), fd)
+            os.dup2(null.fileno(), 2)
             yield
     finally:
-        os.dup2(saved, fd)
+        os.dup2(saved, 2)
         os.close(saved)

@@ -52,7 +52,7 @@ def make_metric(name: str, run: "Run", split: str = "valid") -> Metric:
     """The metric ``name`` on ``split`` ("valid" or "test") of ``run``'s data."""
     if name not in METRICS:
         raise ConfigError(f"unknown metric {name!r} (known: {', '.join(METRICS)})")
-    real = run.splits.split(split)
+    real = run.real(split)
     z = run.eval_latents(split)
     dyn = run.dynamics
     if name == "all":
@@ -113,7 +113,7 @@ def _classifier_metric(name: str, run: "Run", split: str, real: torch.Tensor, z:
                               f"generated samples ({z.shape[0]})")
         return Metric(name, split, lambda state: score(model.logits(generate(state)), splits))
 
-    base = (str(run.path.resolve()), run.meta.get("data_fingerprint"), split, model.key)
+    base = (str(run.path.resolve()), run.meta.get("data_fingerprint"), split, model.key, str(run.device))
 
     def real_features() -> torch.Tensor:
         return model.evaluate(real)[0]

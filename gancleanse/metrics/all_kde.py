@@ -19,7 +19,7 @@ def average_log_likelihood(real: torch.Tensor, generated: torch.Tensor, bandwidt
     g = generated.reshape(generated.shape[0], -1).to(torch.float64)
     n, d = g.shape
     g_sq = (g * g).sum(1)
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
     for start in range(0, x.shape[0], chunk):
         xc = x[start:start + chunk]
         d2 = ((xc * xc).sum(1, keepdim=True) + g_sq[None, :] - 2.0 * xc @ g.T).clamp_min(0.0)

@@ -39,6 +39,7 @@ gradients reach the generated images but never the classifier.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -122,6 +123,10 @@ class FeatureModel:
         out = self.module(as_float(x, self.dtype))
         features, logits = out if isinstance(out, (tuple, list)) else (out, out)
         return features.to(torch.float64), logits.to(torch.float64)
+
+    def to(self, device: torch.device) -> "FeatureModel":
+        """The same frozen model on ``device`` (it is trained and cached on the CPU)."""
+        return dataclasses.replace(self, module=self.module.to(device))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self(x)[0]
@@ -363,8 +368,8 @@ def load_feature_model(run: "Run") -> FeatureModel:
     """The explicitly named extractor, else the run's own trained classifier."""
     extractor = extractor_file(run)
     if extractor:
-        return load_extractor(extractor, run.splits.sample_shape)
-    return load_or_train_classifier(run)
+        return load_extractor(extractor, run.splits.sample_shape).to(run.device)
+    return load_or_train_classifier(run).to(run.device)
 
 
 
@@ -377,4 +382,4 @@ def training_features(run: "Run") -> np.ndarray:
         raise ConfigError(f"classifier features need image data (N, C, H, W); data.name = "
                           f"{run.cfg.data.name!r} has samples of shape {run.splits.sample_shape}: "
                           "use --features raw")
-    return load_feature_model(run).evaluate(run.splits.train)[0].numpy()
+    return load_feature_model(run).evaluate(run.splits.train.to(run.device))[0].cpu().numpy()

@@ -90,7 +90,7 @@ def fid_reference(real: torch.Tensor, ridge: float = 1e-6, n_generated: int | No
                 or bool(lam[0] <= _floor(lam)))
     used = float(ridge) if singular else 0.0
     if used:
-        cov = cov + used * torch.eye(d, dtype=cov.dtype)
+        cov = cov + used * torch.eye(d, dtype=cov.dtype, device=cov.device)
     return FIDReference(mu, sqrt_psd(cov), torch.trace(cov), used)
 
 
@@ -102,7 +102,7 @@ def frechet_distance(ref: FIDReference, generated: torch.Tensor) -> torch.Tensor
                         f"generated {generated.shape[1]}")
     mu, cov = covariance(generated)
     if ref.ridge:
-        cov = cov + ref.ridge * torch.eye(cov.shape[0], dtype=cov.dtype)
+        cov = cov + ref.ridge * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
     diff = ref.mean - mu
     cross = trace_sqrt_psd(ref.sqrt_cov @ cov @ ref.sqrt_cov)
     value = diff @ diff + ref.trace_cov + torch.trace(cov) - 2.0 * cross

@@ -46,6 +46,13 @@ class GANModules:
         check_no_batchnorm(self.discriminator, "discriminator")
         check_no_batchnorm(self.generator, "generator")
 
+    def to(self, device: torch.device) -> "GANModules":
+        """Move both modules' templates to ``device`` (in place), for modules that make tensors
+        like their parameters."""
+        self.generator.to(device)
+        self.discriminator.to(device)
+        return self
+
     def generate(self, params_g: Params, z: torch.Tensor) -> torch.Tensor:
         return functional_call(self.generator, params_g, (z,))
 

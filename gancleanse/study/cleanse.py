@@ -37,6 +37,7 @@ from scipy.stats import ttest_1samp
 
 from ..config import HIGHER_IS_BETTER, Config
 from ..data import Splits
+from ..device import local_workers
 from ..errors import ConfigError, GancleanseError, GancleanseWarning
 from ..influence import spec, variant_arguments, variants
 from ..models import GANModules
@@ -198,7 +199,7 @@ def retrain_and_evaluate(run: Run, removed: list[int], retrain: str, metrics: li
         dyn = run.dynamics
         with torch.no_grad():
             x = dyn.models.generate(dyn.eval_generator(state), run.eval_latents("test")[:SAMPLE_COUNT])
-        save_file({"samples": x.contiguous()}, samples_path)
+        save_file({"samples": x.detach().cpu().contiguous()}, samples_path)
     return out
 
 
@@ -299,6 +300,7 @@ def _run_study(cfg: Config, out: Path, *, models: GANModules | None, data: Split
         data is not None and data.train.ndim >= 3 and data.y_train is not None)
     scorers = scorers_for(cfg, image_data)
     seeds = list(cfg.cleanse.seeds)
+    workers = local_workers(cfg.train.device, workers, executor)
 
     # 1. one job per replicate: train + score
     seed_jobs = []

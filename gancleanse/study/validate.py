@@ -154,8 +154,10 @@ def retrain_all(run: "Run", jobs: list[tuple[int, int | None]], metric: str, par
     of an earlier training at the same path, are never reused: they are recomputed and
     overwritten. A stored retrain that is not what this code writes is an error naming it.
     """
+    from ..device import local_workers
     from ..locks import DirectoryLock
 
+    workers = local_workers(run.device, workers, executor)
     parts.mkdir(parents=True, exist_ok=True)
     with DirectoryLock(parts, "validation"):
         done: dict[tuple[int, int | None], float] = {}

@@ -18,22 +18,27 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .. import __version__
+from .. import device as devices
 from ..config import Config, check_threads
 from ..data import Splits, load_data
 from ..data.base import SPLIT_NAMES, as_float
 from ..errors import TrainingDivergedError
 from ..models import GANModules, build_models
 from ..integrity import file_hashes, sealed
-from ..run import (DTYPES, FORMAT_VERSION, Run, checkpoint_name, save_state, staged_directory,
+from ..run import (DTYPES, FORMAT_VERSION, Run, checkpoint_name, save_state, staged_directory, to_device,
                    torch_threads, window_checkpoints, write_eval_latents, write_json_atomic)
 from .dynamics import Dynamics, State, StepBatch
 from .schedule import Schedule
 
 
 def check_finite(state: State, stats: dict[str, torch.Tensor], step: int, steps_per_epoch: int) -> None:
-    bad = [k for k, v in stats.items() if not torch.isfinite(v).all()]
+    """Raise if a loss or a parameter is NaN or infinite (one host sync when all is well)."""
+    named = {**stats, **{f"{p}/{k}": v for p in ("d", "g") for k, v in state[p].items()}}
+    if bool(torch.stack([torch.isfinite(v).all() for v in named.values()]).all()):
+        return
+    bad = [k for k in stats if not torch.isfinite(stats[k]).all()]
     if not bad:
-        bad = [f"{p}/{k}" for p in ("d", "g") for k, v in state[p].items() if not torch.isfinite(v).all()]
+        bad = [k for k, v in named.items() if not torch.isfinite(v).all()]
     if bad:
         epoch = step // steps_per_epoch
         values = ", ".join(f"{k} = {float(v):.4g}" for k, v in stats.items())
@@ -76,15 +81,19 @@ def data_summary(splits: Splits) -> dict:
 
 
 def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, data: Splits | None = None,
-          force: bool = False, progress: bool = True) -> Run:
+          force: bool = False, progress: bool = True, device: str | None = None) -> Run:
     """Train the GAN the config describes and record a run directory at ``out``.
 
     ``models`` / ``data`` replace the config's architecture / dataset with the user's own
-    modules (initialized as given) and tensors (saved in the run directory).
+    modules (initialized as given) and tensors (saved in the run directory). ``device``
+    overrides ``train.device`` (and is what the config records).
     """
+    if device is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
     cfg = with_user_inputs(cfg, models, data).resolved()
     t = cfg.train
     check_threads(t.threads)
+    on = devices.use(devices.resolve(t.device))
     with torch_threads(t.threads):
         threads = torch.get_num_threads()
         dtype = DTYPES[cfg.model.dtype]
@@ -95,6 +104,9 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
             initial = models.initial_params(t.seed, dtype)
         else:
             initial = models.module_params(dtype)
+        models.to(on)
+        initial = to_device(initial, on)
+        train_stored = splits.train.to(on)  # uint8 for images: a quarter of float32
         dyn = Dynamics.from_config(cfg, models)
         schedule = Schedule(cfg.data.n_train, t.batch_size, cfg.model.z_dim, t.seed,
                             shared_latents=t.update == "simultaneous")
@@ -102,7 +114,7 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
         total = t.epochs * spe
         window_start = t.record_from_epoch * spe
         ckpts = window_checkpoints(window_start, total, t.checkpoint_every, spe)
-        ones = torch.ones(t.batch_size, dtype=dtype)
+        ones = torch.ones(t.batch_size, dtype=dtype, device=on)
 
         with staged_directory(Path(out), force=force) as stage:
             (stage / "checkpoints").mkdir()
@@ -124,7 +136,8 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
                     idx = schedule.indices(step)
                     z_d, z_g = schedule.latents(step)
                     tic = time.perf_counter()
-                    batch = StepBatch(as_float(splits.train[idx], dtype), z_d.to(dtype), z_g.to(dtype), step)
+                    batch = StepBatch(as_float(train_stored[idx.to(on)], dtype), z_d.to(on, dtype),
+                                      z_g.to(on, dtype), step)
                     state, stats = dyn.step(state, batch, ones)
                     if step >= window_start:
                         window_seconds += time.perf_counter() - tic
@@ -155,7 +168,7 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
                 "torch": torch.__version__,
                 "python": platform.python_version(),
                 "threads": threads,
-                "device": "cpu",
+                **devices.describe(on),
                 "n_train": cfg.data.n_train,
                 "steps_per_epoch": spe,
                 "total_steps": total,
@@ -169,4 +182,5 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
                 "files": file_hashes(stage, files),
             }))
     # The config came from the caller, so its extractor is explicitly theirs to load.
-    return Run.open(out, models=models if cfg.model.arch == "custom" else None, extractor=cfg.metric.extractor)
+    return Run.open(out, models=models if cfg.model.arch == "custom" else None, extractor=cfg.metric.extractor,
+                    device=str(on))

@@ -19,8 +19,7 @@ def replay(run: Run, start: int, end: int | None = None, weights: torch.Tensor |
            state: State | None = None, progress: bool = False) -> State:
     """State at ``end`` (default: the final step) after replaying from the checkpoint at ``start``."""
     end = run.final_step if end is None else end
-    if weights is None:
-        weights = torch.ones(run.n_train, dtype=run.dtype)
+    weights = (torch.ones(run.n_train, dtype=run.dtype) if weights is None else weights).to(run.device)
     dyn = run.dynamics
     with torch_threads(run.threads), torch.no_grad():
         state = run.load_state(start) if state is None else state

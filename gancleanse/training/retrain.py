@@ -64,7 +64,8 @@ def retrain_many(run: Run, weights: torch.Tensor, start: int, *, vmap_steps: boo
     first = first_use_steps(run, weights != 1, start)
     dyn = run.dynamics
     results: list[State | None] = [None] * weights.shape[0]
-    ones = torch.ones(run.cfg.train.batch_size, dtype=run.dtype)
+    ones = torch.ones(run.cfg.train.batch_size, dtype=run.dtype, device=run.device)
+    weights = weights.to(run.device)
     begin = checkpoint_before(run, int(first.min()), start)
     with torch_threads(run.threads), torch.no_grad():
         state = run.load_state(begin)
