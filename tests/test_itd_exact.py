@@ -24,10 +24,11 @@ def unrolled_dV_dw(run, metric_name: str, start: int | None = None) -> torch.Ten
             state, _ = dyn.step(state, run.batch(step), w[run.indices(step)])
         return metric(state)
 
-    return grad(final_metric)(torch.ones(run.n_train, dtype=torch.float64))
+    return grad(final_metric)(torch.ones(run.n_train, dtype=torch.float64, device=run.device)).cpu()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.cpu(), b.cpu()
     return float((a - b).abs().max() / b.abs().max())
 
 
