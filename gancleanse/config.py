@@ -92,6 +92,10 @@ class TrainConfig:
     loss: str = _opt("modified_minmax", choices=("modified_minmax", "minmax", "wasserstein", "hinge", "ls"))
     weight_decay_d: float = _opt(0.0, lo=0.0)
     weight_decay_g: float = _opt(0.0, lo=0.0)
+    r1_gamma: float = _opt(0.0, lo=0.0, doc="R1 penalty (gamma/2) mean_i w_i ||grad_x D(x_i)||^2 on real "
+                           "instances, each weighted like its loss term (0 = off)")
+    r2_gamma: float = _opt(0.0, lo=0.0, doc="R2: the same penalty on generated samples (0 = off)")
+    r1_every: int = _opt(1, lo=1, doc="lazy regularization: both penalties every k steps, scaled by k")
     ema_beta: float = _opt(0.0, lo=0.0, hi=1, hi_open=True, doc="0 = no generator averaging "
                            "(1 would freeze the average at the initial generator)")
     seed: int = _opt(0, lo=0)

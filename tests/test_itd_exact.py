@@ -41,6 +41,12 @@ CASES = [
     ("alternating", "adam", {"lr_d": 0.01, "lr_g": 0.01}),
     ("alternating", "adam", {"lr_d": 0.01, "lr_g": 0.01, "ema_beta": 0.9}),
     ("simultaneous", "sgd", {"weight_decay_d": 0.1, "weight_decay_g": 0.05, "lr_g": 0.02}),
+    # gradient penalties: the step holds a gradient with respect to the inputs
+    ("simultaneous", "sgd", {"r1_gamma": 2.0}),
+    ("alternating", "sgd", {"r1_gamma": 1.0, "r2_gamma": 0.5}),
+    ("simultaneous", "adam", {"lr_d": 0.01, "lr_g": 0.01, "r1_gamma": 1.0, "r1_every": 3, "ema_beta": 0.9}),
+    ("alternating", "adam", {"lr_d": 0.01, "lr_g": 0.01, "r1_gamma": 1.0, "r2_gamma": 1.0, "r1_every": 2,
+                             "betas": [0.0, 0.99], "ema_beta": 0.9}),
 ]
 
 
@@ -62,8 +68,9 @@ def test_itd_exact_for_every_loss(run_factory, loss):
     assert rel_err(got, expected) < 1e-8
 
 
-def test_itd_matches_finite_differences_of_instance_weights(run_factory):
-    run = run_factory(train={"update": "alternating", "optimizer": "adam", "lr_d": 0.01, "lr_g": 0.01})
+@pytest.mark.parametrize("penalty", [{}, {"r1_gamma": 1.0, "r1_every": 2, "r2_gamma": 0.5}])
+def test_itd_matches_finite_differences_of_instance_weights(run_factory, penalty):
+    run = run_factory(train={"update": "alternating", "optimizer": "adam", "lr_d": 0.01, "lr_g": 0.01, **penalty})
     metric = make_metric("all", run)
     est = itd_influence(run, metric, progress=False).influence
     eps = 1e-5

@@ -97,8 +97,9 @@ def test_zero_weight_is_dropping_the_instance_with_fixed_denominator():
 
 
 @pytest.mark.parametrize("arch", ["mlp", "dcgan"])
-@pytest.mark.parametrize("loss", ["modified_minmax", "hinge"])
-def test_shared_forward_gradients_equal_separate_ones_bitwise(arch, loss):
+@pytest.mark.parametrize("loss,penalty", [("modified_minmax", {}), ("hinge", {}),
+                                          ("modified_minmax", {"r1_gamma": 1.0, "r2_gamma": 0.5})])
+def test_shared_forward_gradients_equal_separate_ones_bitwise(arch, loss, penalty):
     """The simultaneous step's one-forward gradients are the two losses' own gradients, bit for
     bit, so runs recorded with either implementation replay identically."""
     from torch.func import grad_and_value
@@ -106,7 +107,8 @@ def test_shared_forward_gradients_equal_separate_ones_bitwise(arch, loss):
     model = {"mlp": {"activation": "relu", "z_dim": 3, "g_hidden": 6, "d_hidden": 7},
              "dcgan": {"arch": "dcgan", "z_dim": 8, "g_hidden": 4, "d_hidden": 4, "norm": "layer",
                        "activation": "sigmoid", "dtype": "float32"}}[arch]
-    cfg = Config.from_dict({"model": model, "train": {"loss": loss, "weight_decay_d": 0.01, "weight_decay_g": 0.02}})
+    cfg = Config.from_dict({"model": model, "train": {"loss": loss, "weight_decay_d": 0.01, "weight_decay_g": 0.02,
+                                                      **penalty}})
     shape = (2,) if arch == "mlp" else (1, 28, 28)
     models = build_models(cfg, shape)
     dyn = Dynamics.from_config(cfg, models)
@@ -117,10 +119,66 @@ def test_shared_forward_gradients_equal_separate_ones_bitwise(arch, loss):
     z = torch.randn(6, cfg.model.z_dim, generator=gen).to(dtype)
     w = torch.rand(6, generator=gen).to(dtype)
     (gd, ld), (gg, lg) = dyn.simultaneous_gradients(pd, pg, StepBatch(x, z, z, 0), w)
-    ref_gd, ref_ld = grad_and_value(dyn.loss_d)(pd, pg, x, z, w)
+    ref_gd, ref_ld = grad_and_value(dyn.loss_d)(pd, pg, x, z, w, 0)
     ref_gg, ref_lg = grad_and_value(dyn.loss_g)(pg, pd, z)
     assert torch.equal(ld, ref_ld) and torch.equal(lg, ref_lg)
     for got, ref in ((gd, ref_gd), (gg, ref_gg)):
         assert got.keys() == ref.keys()
         for name in ref:
             assert torch.equal(got[name], ref[name]), name
+
+
+@pytest.mark.parametrize("update", ["simultaneous", "alternating"])
+def test_gradient_penalties_match_plain_autograd(update):
+    """R1 (weighted per real instance), R2 and lazy regularization against a textbook
+    double-backward implementation on nn.Modules."""
+    gamma1, gamma2, every, lr, B = 2.0, 0.5, 2, 0.05, 8
+    cfg = Config.from_dict({"model": {"activation": "softplus", "z_dim": 4, "g_hidden": 6, "d_hidden": 7, "bias": True},
+                            "train": {"update": update, "lr_d": lr, "lr_g": lr, "r1_gamma": gamma1,
+                                      "r2_gamma": gamma2, "r1_every": every}})
+    models = build_models(cfg, (2,))
+    dyn = Dynamics.from_config(cfg, models)
+    pd, pg = models.initial_params(2, torch.float64)
+    gen = torch.Generator().manual_seed(5)
+    steps = [(torch.randn(B, 2, generator=gen, dtype=torch.float64), torch.randn(B, 4, generator=gen, dtype=torch.float64),
+              torch.rand(B, generator=gen, dtype=torch.float64)) for _ in range(4)]
+    state = dyn.init_state(pd, pg)
+    for t, (x, z, w) in enumerate(steps):
+        state, _ = dyn.step(state, StepBatch(x, z, z, t), w)
+
+    G, D = copy.deepcopy(models.generator).double(), copy.deepcopy(models.discriminator).double()
+    with torch.no_grad():
+        for n, p in D.named_parameters():
+            p.copy_(pd[n])
+        for n, p in G.named_parameters():
+            p.copy_(pg[n])
+
+    def penalty(inputs, weights):
+        inputs = inputs.detach().requires_grad_()
+        (g,) = torch.autograd.grad(D(inputs).sum(), inputs, create_graph=True)
+        return (weights * g.pow(2).sum(1)).sum() / B
+
+    def d_loss(x, z, w, t):
+        fake = G(z).detach()
+        value = ((w * F.softplus(-D(x).reshape(-1))).sum() + F.softplus(D(fake).reshape(-1)).sum()) / B
+        if t % every == 0:
+            value = value + 0.5 * gamma1 * every * penalty(x, w) + 0.5 * gamma2 * every * penalty(fake, torch.ones(B))
+        return value
+
+    for t, (x, z, w) in enumerate(steps):
+        gd = torch.autograd.grad(d_loss(x, z, w, t), list(D.parameters()))
+        if update == "alternating":
+            with torch.no_grad():
+                for p, g in zip(D.parameters(), gd):
+                    p -= lr * g
+        gg = torch.autograd.grad(F.softplus(-D(G(z)).reshape(-1)).mean(), list(G.parameters()))
+        with torch.no_grad():
+            if update == "simultaneous":
+                for p, g in zip(D.parameters(), gd):
+                    p -= lr * g
+            for p, g in zip(G.parameters(), gg):
+                p -= lr * g
+    for n, p in D.named_parameters():
+        torch.testing.assert_close(state["d"][n], p.detach(), rtol=1e-10, atol=1e-12)
+    for n, p in G.named_parameters():
+        torch.testing.assert_close(state["g"][n], p.detach(), rtol=1e-10, atol=1e-12)

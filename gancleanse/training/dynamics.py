@@ -7,7 +7,10 @@ Instance weights enter only the discriminator's real term with the fixed denomin
     L_D = (1/B) [ sum_i w_i l_real(D(x_i)) + sum_z l_fake(D(G(z))) ] + (lambda_D / 2) ||W_D||^2
 
 so ``w_j = 0`` is exactly "x_j dropped from its minibatch", and d(state')/dw is what ITD
-needs. Because the step is a function of tensors only, ``torch.func.vjp`` of it yields in
+needs. The R1 penalty on real instances, (gamma/2B) sum_i w_i ||grad_x D(x_i)||^2, carries the
+same weights (removing an instance removes its penalty too); R2 is the same penalty on the
+generated samples. With lazy regularization (``r1_every`` = k) both apply every k-th step,
+scaled by k, as in StyleGAN2. Because the step is a function of tensors only, ``torch.func.vjp`` of it yields in
 one call both the adjoint of the previous state and every per-instance term of the batch.
 """
 
@@ -16,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.func import grad_and_value, vjp
+from torch.func import grad, grad_and_value, vjp
 
 from ..config import Config
 from ..models.base import GANModules, Params
@@ -57,23 +60,48 @@ class Dynamics:
     weight_decay_d: float = 0.0
     weight_decay_g: float = 0.0
     ema_beta: float = 0.0
+    r1_gamma: float = 0.0
+    r2_gamma: float = 0.0
+    r1_every: int = 1
 
     @classmethod
     def from_config(cls, cfg: Config, models: GANModules) -> "Dynamics":
         t = cfg.train
         return cls(models, t.loss, t.update, make_optimizer(t, t.lr_d), make_optimizer(t, t.lr_g),
-                   t.weight_decay_d, t.weight_decay_g, t.ema_beta)
+                   t.weight_decay_d, t.weight_decay_g, t.ema_beta, t.r1_gamma, t.r2_gamma, t.r1_every)
 
     # ----------------------------------------------------------------- losses
     def loss_d(self, pd: Params, pg: Params, x: torch.Tensor, z: torch.Tensor,
-               w: torch.Tensor) -> torch.Tensor:
-        """Discriminator loss with per-instance real weights and the fixed denominator."""
+               w: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """Discriminator loss with per-instance real weights and the fixed denominator.
+
+        ``count``: the step, for lazy penalties; None applies them at their average strength
+        (the stationary game that AID solves).
+        """
+        fake_x = self.models.generate(pg, z)
         real = d_real_term(self.loss, self.models.discriminate(pd, x))
-        fake = d_fake_term(self.loss, self.models.discriminate(pd, self.models.generate(pg, z)))
+        fake = d_fake_term(self.loss, self.models.discriminate(pd, fake_x))
         value = ((w * real).sum() + fake.sum()) / x.shape[0]
         if self.weight_decay_d:
             value = value + self.weight_decay_d * l2_penalty(pd)
-        return value
+        return value + self.gradient_penalties(pd, x, fake_x, w, count)
+
+    def gradient_penalties(self, pd: Params, x: torch.Tensor, fake: torch.Tensor, w: torch.Tensor,
+                           count: int | None) -> torch.Tensor | float:
+        """R1 on the real batch (weighted per instance) and R2 on the generated one, both over B."""
+        total: torch.Tensor | float = 0.0
+        lazy = 1.0 if count is None else (float(self.r1_every) if count % self.r1_every == 0 else 0.0)
+        if self.r1_gamma and lazy:
+            total = total + 0.5 * self.r1_gamma * lazy * (w * self.input_gradient_norms(pd, x)).sum() / x.shape[0]
+        if self.r2_gamma and lazy:
+            total = total + 0.5 * self.r2_gamma * lazy * self.input_gradient_norms(pd, fake).sum() / x.shape[0]
+        return total
+
+    def input_gradient_norms(self, pd: Params, x: torch.Tensor) -> torch.Tensor:
+        """||grad_x D(x_i)||^2 per sample: one gradient of the summed logits, since each logit
+        depends on its own sample only (no batch statistics in D)."""
+        gx = grad(lambda xx: self.models.discriminate(pd, xx).sum())(x)
+        return gx.pow(2).reshape(x.shape[0], -1).sum(1)
 
     def loss_g(self, pg: Params, pd: Params, z: torch.Tensor) -> torch.Tensor:
         value = g_term(self.loss, self.models.discriminate(pd, self.models.generate(pg, z))).mean()
@@ -98,6 +126,7 @@ class Dynamics:
             ld = ((w * real).sum() + d_fake_term(self.loss, logits_fake).sum()) / batch.x.shape[0]
             if self.weight_decay_d:
                 ld = ld + self.weight_decay_d * l2_penalty(pd)
+            ld = ld + self.gradient_penalties(pd, batch.x, fake, w, batch.count)
             return ld, g_term(self.loss, logits_fake).mean()
 
         (ld, lg), pull_d = vjp(losses, pd, fake)
@@ -132,7 +161,7 @@ class Dynamics:
             (gd, ld), (gg, lg) = self.simultaneous_gradients(pd, pg, batch, weights)
             new_d, new_opt_d = self.opt_d.update(gd, state["opt_d"], pd, batch.count)
         else:  # G's gradient against the updated D
-            gd, ld = grad_and_value(self.loss_d)(pd, pg, batch.x, batch.z_d, weights)
+            gd, ld = grad_and_value(self.loss_d)(pd, pg, batch.x, batch.z_d, weights, batch.count)
             new_d, new_opt_d = self.opt_d.update(gd, state["opt_d"], pd, batch.count)
             gg, lg = grad_and_value(self.loss_g)(pg, new_d, batch.z_g)
         new_g, new_opt_g = self.opt_g.update(gg, state["opt_g"], pg, batch.count)
