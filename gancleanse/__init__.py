@@ -16,10 +16,11 @@ __version__ = "0.1.0"
 from .api import Scores, cleanse, counterfactual, counterfactuals, export, influence, lds, train, validate  # noqa: E402
 from .data import Splits  # noqa: E402
 from .models import GANModules  # noqa: E402
+from .models.lora import lora  # noqa: E402
 from .config import Config, load_config  # noqa: E402
 from .errors import GancleanseError  # noqa: E402
 from .run import Run  # noqa: E402
 
 __all__ = ["Config", "GANModules", "GancleanseError", "Run", "Scores", "Splits", "cleanse", "counterfactual", "counterfactuals",
-           "export", "influence", "lds",
+           "export", "influence", "lds", "lora",
            "load_config", "train", "validate", "__version__"]

@@ -76,6 +76,13 @@ class ModelConfig:
     norm: str = _opt("none", choices=("none", "layer"))
     bias: bool = _opt(False)
     dtype: str = _opt("float64", choices=("float32", "float64"))
+    train_only: list[str] | None = _opt(None, doc="globs of the parameters that train, named d/<name> and "
+                                        "g/<name> (default: all; only the adapters of a module with LoRA)")
+    frozen: list[str] = _opt([], doc="globs of parameters kept constant (after train_only)")
+    init: str | None = _opt(None, doc="safetensors file of starting weights: generator.<name> and "
+                            "discriminator.<name>")
+    init_g: str | None = _opt(None, doc="safetensors state dict of the generator's starting weights")
+    init_d: str | None = _opt(None, doc="safetensors state dict of the discriminator's starting weights")
 
 
 @dataclass
@@ -180,6 +187,9 @@ class Config:
         if t.record_from_epoch is not None and t.record_from_epoch >= t.epochs:
             raise ConfigError(f"{source}: train.record_from_epoch = {t.record_from_epoch} must be "
                               f"smaller than train.epochs = {t.epochs}")
+        m = self.model
+        if m.init and (m.init_g or m.init_d):
+            raise ConfigError(f"{source}: model.init names both players' weights: drop model.init_g / model.init_d")
         if not DEVICE_PATTERN.fullmatch(t.device):
             raise ConfigError(f"{source}: train.device = {t.device!r} is not one of auto, cpu, cuda, cuda:N")
         if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):

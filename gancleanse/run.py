@@ -198,6 +198,9 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         raise
 
 
+FROZEN_FILE = "frozen.safetensors"  # parameters that do not train: constants, saved once
+
+
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}.safetensors"
 
@@ -303,7 +306,7 @@ class Run:
         devices.warn_if_other_kind(str(meta.get("device", "cpu")), chosen, path)
         run = cls(path, cfg, meta, None if extractor is None else str(extractor), chosen)
         if models is not None:
-            run.__dict__["models"] = models.to(chosen)  # fills the cached property
+            run.__dict__["models"] = run.with_constants(models).to(chosen)  # fills the cached property
         return run
 
     def __getstate__(self) -> dict[str, Any]:
@@ -368,7 +371,16 @@ class Run:
         if self.cfg.model.arch == "custom":
             raise RunDirError(f"{self.path} was trained with user-supplied modules: open it with "
                               "gancleanse.Run.open(path, models=GANModules(generator, discriminator, z_dim))")
-        return build_models(self.cfg, self.splits.sample_shape).to(self.device)
+        return self.with_constants(build_models(self.cfg, self.splits.sample_shape)).to(self.device)
+
+    def with_constants(self, models: GANModules) -> GANModules:
+        """``models`` with the run's frozen parameters put in (a run without any: unchanged)."""
+        if FROZEN_FILE in self.meta["files"]:
+            from .models.trainable import freeze
+
+            flat = self.read_tensors(FROZEN_FILE)
+            freeze(models, {p: {k[2:]: v for k, v in flat.items() if k.startswith(p + "/")} for p in ("d", "g")})
+        return models
 
     @cached_property
     def dynamics(self) -> Dynamics:

@@ -41,6 +41,8 @@ class GANModules:
     generator: nn.Module
     discriminator: nn.Module
     z_dim: int
+    train_only: tuple[str, ...] | None = None  # globs on d/<name>, g/<name>; the config's take precedence
+    frozen: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_no_batchnorm(self.discriminator, "discriminator")

@@ -24,8 +24,9 @@ from ..data import Splits, load_data
 from ..data.base import SPLIT_NAMES, as_float
 from ..errors import TrainingDivergedError
 from ..models import GANModules, build_models
+from ..models.trainable import freeze, read_init, select_trainable, split_trainable
 from ..integrity import file_hashes, sealed
-from ..run import (DTYPES, FORMAT_VERSION, Run, checkpoint_name, save_state, staged_directory, to_device,
+from ..run import (DTYPES, FORMAT_VERSION, FROZEN_FILE, Run, checkpoint_name, save_state, staged_directory, to_device,
                    torch_threads, window_checkpoints, write_eval_latents, write_json_atomic)
 from .dynamics import Dynamics, State, StepBatch
 from .schedule import Schedule
@@ -80,6 +81,21 @@ def data_summary(splits: Splits) -> dict:
     return out
 
 
+def start_parameters(cfg: Config, models: GANModules, initial: tuple[dict, dict]
+                     ) -> tuple[tuple[dict, dict], dict, dict[str, torch.Tensor]]:
+    """The starting (trainable D, trainable G), what run.json records of the init files, and
+    the frozen constants (flat ``d/<name>`` / ``g/<name>``), which go into the modules."""
+    params = {"d": initial[0], "g": initial[1]}
+    m = cfg.model
+    params, init_files = read_init(m, params)
+    train_only = m.train_only if (m.train_only is not None or m.frozen) else models.train_only
+    frozen = m.frozen if (m.train_only is not None or m.frozen) else models.frozen
+    trainable, const = split_trainable(params, select_trainable(params, train_only, frozen))
+    freeze(models, const)
+    flat = {f"{p}/{k}": v for p in ("d", "g") for k, v in const[p].items()}
+    return (trainable["d"], trainable["g"]), init_files, flat
+
+
 def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, data: Splits | None = None,
           force: bool = False, progress: bool = True, device: str | None = None) -> Run:
     """Train the GAN the config describes and record a run directory at ``out``.
@@ -105,7 +121,7 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
         else:
             initial = models.module_params(dtype)
         models.to(on)
-        initial = to_device(initial, on)
+        initial, init_files, constants = start_parameters(cfg, models, to_device(initial, on))
         train_stored = splits.train.to(on)  # uint8 for images: a quarter of float32
         dyn = Dynamics.from_config(cfg, models)
         schedule = Schedule(cfg.data.n_train, t.batch_size, cfg.model.z_dim, t.seed,
@@ -122,6 +138,9 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
             write_eval_latents(cfg, stage)
             if data is not None:
                 save_file(data.tensors(), str(stage / "data.safetensors"))
+            if constants:
+                save_file({k: v.detach().cpu().contiguous() for k, v in constants.items()},
+                          str(stage / FROZEN_FILE))
             write_json_atomic(stage / "splits.json", {
                 "source": splits.source, **{name: splits.key_list(name) for name in SPLIT_NAMES}})
             state = dyn.init_state(*initial)
@@ -161,6 +180,8 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
                      "losses.jsonl", *(f"checkpoints/{checkpoint_name(c)}" for c in ckpts)]
             if data is not None:
                 files.append("data.safetensors")
+            if constants:
+                files.append(FROZEN_FILE)
             write_json_atomic(stage / "run.json", sealed({
                 "format": FORMAT_VERSION,
                 "status": "complete",
@@ -177,6 +198,10 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
                 "checkpoints": ckpts,
                 "data_fingerprint": splits.fingerprint(),
                 "data": data_summary(splits),
+                "parameters": {p: {"trainable": sum(v.numel() for v in initial[i].values()),
+                                   "frozen": sum(v.numel() for k, v in constants.items() if k.startswith(p + "/"))}
+                               for i, p in enumerate(("d", "g"))},
+                "init": init_files,
                 "seconds": {"train": time.perf_counter() - started, "window_steps": window_seconds},
                 "final_losses": {k: float(v) for k, v in stats.items()},
                 "files": file_hashes(stage, files),
