@@ -79,6 +79,9 @@ class ModelConfig:
     train_only: list[str] | None = _opt(None, doc="globs of the parameters that train, named d/<name> and "
                                         "g/<name> (default: all; only the adapters of a module with LoRA)")
     frozen: list[str] = _opt([], doc="globs of parameters kept constant (after train_only)")
+    lora_rank: int = _opt(0, lo=0, doc="low-rank adapters of this rank on the built-in mlp/dcgan's linear and "
+                          "conv layers (0 = off); only the adapters train unless train_only says otherwise")
+    lora_targets: list[str] | None = _opt(None, doc="globs of the layer names to adapt (default: all)")
     init: str | None = _opt(None, doc="safetensors file of starting weights: generator.<name> and "
                             "discriminator.<name>")
     init_g: str | None = _opt(None, doc="safetensors state dict of the generator's starting weights")

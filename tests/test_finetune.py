@@ -194,3 +194,46 @@ def test_pretrained_start_from_safetensors(tmp_path):
     with pytest.raises(ConfigError, match="model.init names both"):
         tiny_config(model={"init": str(path), "init_g": str(g_only)})
     assert json.loads((tmp_path / "second" / "run.json").read_text())["init"]["discriminator"]["sha256"] == digest
+
+
+def test_config_lora_on_a_pretrained_start_trains_adapters_only_and_itd_is_exact(tmp_path):
+    """[model] lora_rank on the built-in net, started from a plain pretrained file: the
+    pretrained weights land under the adapters (as constants), which alone train."""
+    first = make_run(tmp_path, "first")
+    final = first.final_state()
+    path = tmp_path / "pretrained.safetensors"
+    save_file({**{f"generator.{k}": v for k, v in final["g"].items()},
+               **{f"discriminator.{k}": v for k, v in final["d"].items()}}, str(path))
+    run = make_run(tmp_path, "ft", model={"init": str(path), "lora_rank": 2, "lora_targets": ["net.0", "net.2"]},
+                   train={"update": "simultaneous", **ADAM_R1, "r1_every": 2})
+    start = run.load_state(0)
+    assert sorted(start["g"]) == ["net.0.lora_a", "net.0.lora_b", "net.2.lora_a", "net.2.lora_b"]
+    assert all(not v.any() for k, v in start["g"].items() if k.endswith("lora_b"))
+    frozen = run.read_tensors("frozen.safetensors")
+    assert torch.equal(frozen["g/net.0.base.weight"], final["g"]["net.0.weight"])
+    assert torch.equal(frozen["g/net.4.weight"], final["g"]["net.4.weight"])  # not a target: frozen as it was
+    # at the start the adapted generator is the pretrained one
+    z = run.eval_latents("valid")
+    pre = first.models.generate(final["g"], z)
+    assert torch.allclose(run.models.generate(start["g"], z), pre, rtol=1e-12, atol=1e-12)
+    expected = -unrolled_dV_dw(run, "all")
+    got = itd_influence(run, make_metric("all", run), progress=False).influence
+    assert expected.abs().max() > 0 and rel_err(got, expected) < 1e-8
+
+
+def test_journal_protocol_example_prepares_a_config_that_fine_tunes_adapters(tmp_path):
+    from gancleanse.examples.finetune_digits import prepare
+
+    config = prepare(tmp_path / "ft", size=8, pretrain_epochs=1, finetune_epochs=1, progress=False)
+    cfg = gc.load_config(config)
+    assert cfg.model.lora_rank == 4 and cfg.train.r1_gamma == 10.0 and cfg.train.betas == [0.0, 0.99]
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, g_hidden=4, d_hidden=4))
+    with pytest.raises(ConfigError, match="has shape"):  # the pretrained weights fit the config's widths only
+        gc.train(cfg, tmp_path / "narrow", progress=False)
+    run = gc.train(gc.load_config(config), tmp_path / "run", progress=False)
+    params = run.meta["parameters"]
+    assert 0 < params["g"]["trainable"] < params["g"]["frozen"] and 0 < params["d"]["trainable"] < params["d"]["frozen"]
+    digest = hashlib.sha256((tmp_path / "ft" / "pretrained.safetensors").read_bytes()).hexdigest()
+    assert run.meta["init"]["generator"]["sha256"] == digest
+    planted = (tmp_path / "ft" / "finetune" / "planted.csv").read_text().splitlines()[1:]
+    assert planted and all(int(line.split("/")[0]) >= 5 for line in planted)  # fine-tuned on the digits 5-9

@@ -20,6 +20,7 @@ import io
 import json
 import zipfile
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -64,12 +65,13 @@ def corrupt(kind: str, clean: np.ndarray, rng: np.random.Generator) -> np.ndarra
 
 
 def write_digit_folder(out: str | Path, *, size: int = 32, n: int | None = None, corrupt_fraction: float = 0.06,
-                       reference: int = 500, as_zip: bool = False, seed: int = 0) -> tuple[Path, list[tuple[str, str]]]:
+                       reference: int = 500, as_zip: bool = False, seed: int = 0,
+                       classes: Sequence[int] | None = None) -> tuple[Path, list[tuple[str, str]]]:
     """Write the dataset; returns (the folder or zip to use as ``data.path``, planted (key, kind)).
 
     The first ``reference`` digits of a seeded permutation go to ``OUT/reference/`` (clean),
     the next ``n`` (default: the rest) to the training images, of which a fraction
-    ``corrupt_fraction`` is replaced by planted corruptions.
+    ``corrupt_fraction`` is replaced by planted corruptions. ``classes``: only these digits.
     """
     from PIL import Image
 
@@ -77,6 +79,9 @@ def write_digit_folder(out: str | Path, *, size: int = 32, n: int | None = None,
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     images, labels = render_digits(size)
+    if classes is not None:
+        keep = np.isin(labels, list(classes))
+        images, labels = images[keep], labels[keep]
     perm = rng.permutation(len(images))
     if reference >= len(perm):
         raise ValueError(f"reference = {reference} leaves no training digits of {len(perm)}")

@@ -75,8 +75,12 @@ class GANModules:
 
 def _init(module: nn.Module, gen: torch.Generator, dtype: torch.dtype) -> Params:
     out: Params = {}
+    from .lora import is_adapter
+
     for name, p in module.named_parameters():
-        if p.ndim >= 2:
+        if is_adapter(name):  # B = 0 (the adapted layer starts as it was), A as lora() drew it
+            t = p.detach().to(torch.float64).clone()
+        elif p.ndim >= 2:
             fan_out, fan_in = p.shape[0], p[0].numel()
             if isinstance(_owner(module, name), nn.ConvTranspose2d):
                 fan_in, fan_out = p.shape[0] * p[0, 0].numel(), p.shape[1] * p[0, 0].numel()
@@ -97,6 +101,17 @@ def _owner(module: nn.Module, param_name: str) -> nn.Module:
     return module.get_submodule(path) if path else module
 
 
+def _adapted(models: GANModules, cfg: Config) -> GANModules:
+    """The built-in modules with ``[model] lora_rank`` adapters (seeded: the same in every run)."""
+    m = cfg.model
+    if m.lora_rank:
+        from .lora import lora
+
+        lora(models.discriminator, m.lora_rank, targets=m.lora_targets, seed=1)
+        lora(models.generator, m.lora_rank, targets=m.lora_targets, seed=2)
+    return models
+
+
 def build_models(cfg: Config, sample_shape: tuple[int, ...]) -> GANModules:
     """The built-in architecture the config names, shaped for the data."""
     m = cfg.model
@@ -106,13 +121,13 @@ def build_models(cfg: Config, sample_shape: tuple[int, ...]) -> GANModules:
         dim = math.prod(sample_shape)
         g = MLPGenerator(m.z_dim, sample_shape, m.g_hidden, m.layers, m.activation, m.norm, m.bias)
         d = MLPDiscriminator(dim, m.d_hidden, m.layers, m.activation, m.norm, m.bias)
-        return GANModules(g, d, m.z_dim)
+        return _adapted(GANModules(g, d, m.z_dim), cfg)
     if m.arch == "dcgan":
         from .dcgan import DCGANDiscriminator, DCGANGenerator
 
         g = DCGANGenerator(m.z_dim, sample_shape, m.g_hidden, m.activation, m.norm, m.bias)
         d = DCGANDiscriminator(sample_shape, m.d_hidden, m.activation, m.norm, m.bias)
-        return GANModules(g, d, m.z_dim)
+        return _adapted(GANModules(g, d, m.z_dim), cfg)
     if m.arch == "custom":
         raise ConfigError("model.arch = 'custom' stands for modules given to the Python API: train with "
                           "gancleanse.train(cfg, out, models=GANModules(G, D, z_dim)) and reopen with "

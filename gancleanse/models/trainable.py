@@ -95,7 +95,9 @@ def read_init(cfg_model, sample: dict[str, "Params"]) -> tuple[dict[str, "Params
         except (SafetensorError, OSError, ValueError) as e:
             raise ConfigError(f"model.{key}: {file} is not a readable safetensors file ({e})") from None
         mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        missing = [n for n in sample[p] if n not in mine]
+        mine = {wrapped_name(n, sample[p]): v for n, v in mine.items()}
+        # adapters added for fine-tuning keep their own start (B = 0) unless the file has them
+        missing = [n for n in sample[p] if n not in mine and not is_adapter(n)]
         if missing:
             raise ConfigError(f"model.{key}: {file} has no {prefix}{missing[0]} (the {ROLES[p]} needs "
                               f"{len(sample[p])} parameters; {len(missing)} missing)")
@@ -111,6 +113,16 @@ def read_init(cfg_model, sample: dict[str, "Params"]) -> tuple[dict[str, "Params
             out[p][n] = v.to(sample[p][n].device, sample[p][n].dtype)
         record[ROLES[p]] = {"path": str(file), "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
     return out, record
+
+
+def wrapped_name(name: str, params: "Params") -> str:
+    """A pretrained weight's name in a module whose layer now carries adapters: ``a.weight``
+    became ``a.base.weight``."""
+    if name in params:
+        return name
+    owner, _, leaf = name.rpartition(".")
+    wrapped = f"{owner}.base.{leaf}" if owner else f"base.{leaf}"
+    return wrapped if wrapped in params else name
 
 
 def freeze(models: "GANModules", constants: dict[str, "Params"]) -> None:
