@@ -1,38 +1,61 @@
-"""ITD speed and memory, as ratios measured in one run.
+"""ITD speed and memory, as ratios measured in one run, every side at the same CPU thread count.
 
-For each model (the paper's 2D GAN on 10k instances, batch 100; a small conv GAN on digits):
+For each model (the paper's 2D GAN on 10k instances, batch 100; a small conv GAN on digits;
+the same conv GAN fine-tuned through rank-8 adapters, ``dcgan-digits-lora8``, whose state,
+adjoint and graphs hold the adapters alone):
   (a) reverse pass (ITD over the recorded window) / training the same window (replay), median of repeats;
   (b) the reference approach (adjoint by double backprop plus one backward pass per instance per
-      step) / ours, per reverse step, on a sample of steps;
-  (c) peak resident memory of the reverse pass, in a fresh process, against replay alone, for two
-      checkpoint intervals (memory follows the segment length, not the window length);
+      step) / ours, per reverse step, median over consecutive steps of the window: raw, and
+      charged with the plain training step the reference needs to recover each step's state
+      (it goes backwards in time, so it must replay the training to get there);
+  (c) peak resident memory (the process's own high-water mark, VmHWM) of the reverse pass, in
+      a fresh process, against replay alone, for two checkpoint intervals (memory follows the
+      segment length, not the window length);
   (d) for the conv GAN: seconds per training epoch, and the time of each metric's gradient
-      with respect to the state (the start of every reverse pass), also in training steps.
+      with respect to the state (the start of every reverse pass), also in training steps;
+  (e) for the conv GAN, checkpoints every 10 steps: ITD with the default budget (memory_gb=None,
+      which holds whole segments here; the stretch is printed) against a budget of about two
+      steps' graphs, each in a fresh process: time and peak-memory ratios, and whether the two
+      influence vectors are bitwise equal.
 
-Usage: .venv/bin/python bench/itd_speed.py [--quick]
+With --mnist, also an MNIST-sized timing: 50,000 random 28x28 images given to the Python API,
+the DCGAN of examples/digits.toml at batch 100, one recorded epoch: seconds of the training
+epoch, of ITD over it, and of validating by retraining without each of K single instances
+(gc.counterfactuals; K = 200 by default). Try it small first: --mnist-n 2000 --mnist-validate 4.
+
+Usage: .venv/bin/python bench/itd_speed.py [--quick] [--threads T] [--device cpu|cuda] [--setups NAME ...]
+           [--mnist | --mnist-only] [--mnist-n N] [--mnist-validate K] [--mnist-metric fid|loss_d]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 import gancleanse as gc
-from gancleanse.config import Config
+from gancleanse.config import Config, check_threads
+from gancleanse.data import Splits
 from gancleanse.influence.itd import itd_influence, metric_gradient
-from gancleanse.metrics import make_metric
+from gancleanse.metrics import Metric, make_metric
+from gancleanse.training.dynamics import State, StepBatch
 from gancleanse.training.losses import d_real_term
 from gancleanse.training.replay import replay
 
-SETUPS = {
+DIGITS_MODEL = {"arch": "dcgan", "z_dim": 32, "g_hidden": 32, "d_hidden": 32, "activation": "sigmoid",
+                "norm": "layer", "bias": True, "dtype": "float32"}  # examples/digits.toml
+
+# Config sections per setup; the bench's own keys are taken out by ``split_spec``.
+SETUPS: dict[str, dict[str, Any]] = {
     "mlp-2d": {
         "data": {"name": "gaussian2d", "n_train": 10000, "n_valid": 1000, "n_test": 1000},
         "train": {"epochs": 2, "batch_size": 100, "lr_d": 1e-3, "lr_g": 1e-3},
@@ -40,25 +63,124 @@ SETUPS = {
     },
     "dcgan-digits": {
         "data": {"name": "digits", "n_train": 1000, "n_valid": 300, "n_test": 297, "image_size": 28},
-        "model": {"arch": "dcgan", "z_dim": 32, "g_hidden": 32, "d_hidden": 32, "activation": "sigmoid",
-                  "norm": "layer", "bias": True, "dtype": "float32"},
+        "model": DIGITS_MODEL,
         "train": {"epochs": 2, "batch_size": 100, "lr_d": 1e-3, "lr_g": 1e-3,
                   "weight_decay_d": 1e-3, "weight_decay_g": 1e-3, "checkpoint_every": 2},
         "metric": {"n_samples": 300},
         "metric_name": "fid",
         "gradient_metrics": ["is", "log_is", "fid", "kid", "loss_d"],
+        "budget_line": True,
     },
 }
+# the same DCGAN fine-tuned through rank-8 adapters (the weights under them frozen): issue of
+# scale for ITD's state, adjoint and graphs
+SETUPS["dcgan-digits-lora8"] = {**SETUPS["dcgan-digits"], "model": {**DIGITS_MODEL, "lora_rank": 8},
+                                "gradient_metrics": [], "budget_line": False}
+BENCH_KEYS = ("metric_name", "gradient_metrics", "budget_line")
+MEMORY_EVERY = (10, 50)  # checkpoint intervals of (c)
+BUDGET_EVERY = 10  # checkpoint interval of (e): segments long enough for a budget to split them
+BUDGET_STEPS = 2.5  # (e)'s budget, in steps' graphs: two fit
+
+MNIST_SPEC: dict[str, Any] = {
+    "model": DIGITS_MODEL,
+    "train": {"epochs": 1, "record_from_epoch": 0, "batch_size": 100, "optimizer": "adam",
+              "lr_d": 2e-4, "lr_g": 2e-4, "betas": [0.5, 0.999], "weight_decay_d": 1e-3,
+              "weight_decay_g": 1e-3},
+}
+MNIST_EVAL = 1000  # validation and test images; also the generated samples per metric evaluation
 
 
-def reference_reverse_step(run, step, u, metric_influence):
+def config_dict(spec: dict[str, Any], threads: int, device: str = "cpu", **train: Any) -> dict[str, Any]:
+    """A setup's Config dict at the bench's thread count and device: the one place where the
+    compute device is set (every side of a ratio runs on it, at equal threads)."""
+    out = {k: dict(v) for k, v in spec.items() if k not in BENCH_KEYS}
+    out["train"] = {**out.get("train", {}), "threads": threads, "device": device, **train}
+    return out
+
+
+def split_spec(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config sections, the bench's own options) of a SETUPS entry."""
+    return ({k: v for k, v in spec.items() if k not in BENCH_KEYS},
+            {k: v for k, v in spec.items() if k in BENCH_KEYS})
+
+
+# --- peak memory, measured in a fresh process -------------------------------------------------
+
+def peak_memory() -> dict[str, Any]:
+    """This process's peak resident memory in MB: VmHWM, its own high-water mark. Where /proc is
+    absent, ru_maxrss, which a child may inherit from the process it was forked from."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return {"peak_mb": int(line.split()[1]) / 1024.0, "peak_source": "VmHWM"}
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_mb": rss / (1024.0 ** 2 if sys.platform == "darwin" else 1024.0), "peak_source": "ru_maxrss"}
+
+
+def device_peak() -> dict[str, Any]:
+    """CUDA's allocator peak of this process in MB (where CUDA was used)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20}
+    return {}
+
+
+def child_main(job: dict[str, Any]) -> None:
+    """Run one measured job (ITD or replay of a run directory) and print its numbers as JSON."""
+    torch.set_num_threads(job["threads"])
+    run = gc.Run.open(job["run"], device=job.get("device"))
+    metric = make_metric(job["metric"], run)
+    warm_up(run, job["mode"])
+    out: dict[str, Any] = {}
+    seconds = []
+    for _ in range(job["repeats"]):
+        if job["mode"] == "itd":
+            res = itd_influence(run, metric, memory_gb=job.get("memory_gb"), progress=False)
+            seconds.append(res.seconds)
+            out.update(stretch=res.stretch, graph_bytes_per_step=res.graph_bytes_per_step)
+            if job.get("save"):
+                torch.save(res.influence, job["save"])
+        else:
+            seconds.append(_timed(lambda: replay(run, run.window_start)))
+    out.update(seconds=statistics.median(seconds), **peak_memory(), **device_peak())
+    print(json.dumps(out))
+
+
+def warm_up(run: gc.Run, mode: str) -> None:
+    """One step as the job takes it, so that a timing does not carry first-call costs (torch.func's
+    is about a second): a VJP for ITD (one step's graph stays below any reverse pass's peak), a
+    step without graph for replay (a graph would raise replay's peak)."""
+    from torch.func import vjp
+
+    dyn = run.dynamics
+    ones = torch.ones(run.cfg.train.batch_size, dtype=run.dtype, device=run.device)
+    state, batch = run.load_state(run.window_start), run.batch(run.window_start)
+    if mode == "itd":
+        vjp(lambda s, w: dyn.step(s, batch, w), state, ones, has_aux=True)
+    else:
+        with torch.no_grad():
+            dyn.step(state, batch, ones)
+
+
+def in_child(**job: Any) -> dict[str, Any]:
+    """``child_main`` in a fresh interpreter, so that its peak memory is the job's alone."""
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"measuring process failed ({job['mode']} of {job['run']}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- the reference approach ---------------------------------------------------------------------
+
+def reference_reverse_step(run: gc.Run, state: State, b: StepBatch, u: State, metric_influence: float
+                           ) -> tuple:
     """The reference code's reverse step: HVP blocks by double backprop, then one backward per instance."""
     dyn = run.dynamics
-    state = run.load_state(step)  # callers pick checkpointed steps
-    b = run.batch(step)
     pd = {k: v.detach().requires_grad_() for k, v in state["d"].items()}
     pg = {k: v.detach().requires_grad_() for k, v in state["g"].items()}
-    w = torch.ones(b.x.shape[0], dtype=run.dtype)
+    w = torch.ones(b.x.shape[0], dtype=run.dtype, device=b.x.device)
     # per-instance terms: one backward pass per instance of the batch
     for i in range(b.x.shape[0]):
         li = d_real_term(dyn.loss, dyn.models.discriminate(pd, b.x[i:i + 1])).sum()
@@ -76,103 +198,280 @@ def reference_reverse_step(run, step, u, metric_influence):
     return hd, hg
 
 
-def time_reference(run, metric, n_steps: int) -> float:
-    """Seconds per reverse step of the reference approach (measured on checkpointed steps)."""
+def time_reference(run: gc.Run, metric: Metric, n_steps: int) -> dict[str, float]:
+    """Median seconds per reverse step of the reference, raw and charged with the plain training
+    step (no graph) that recovers its state, over consecutive steps from the window start (the
+    first one is a warm-up). States come from that replay, not from checkpoint files."""
+    dyn = run.dynamics
     u = metric_gradient(metric, run.final_state())
-    steps = [s for s in run.checkpoint_steps if run.window_start <= s < run.final_step][:n_steps + 1]
-    reference_reverse_step(run, steps[0], u, 0.0)  # warm-up
-    times = []
-    for s in steps[1:]:
+    ones = torch.ones(run.cfg.train.batch_size, dtype=run.dtype, device=run.device)
+    end = min(run.final_step, run.window_start + n_steps + 1)
+    state = run.load_state(run.window_start)
+    raw, plain, charged = [], [], []
+    for i, step in enumerate(range(run.window_start, end)):
+        b = run.batch(step)
         tic = time.perf_counter()
-        reference_reverse_step(run, s, u, 0.0)
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times)
+        with torch.no_grad():
+            nxt = dyn.step(state, b, ones)[0]
+        t_step = time.perf_counter() - tic
+        t_ref = _timed(lambda: reference_reverse_step(run, state, b, u, 0.0))
+        if i > 0:
+            raw.append(t_ref)
+            plain.append(t_step)
+            charged.append(t_ref + t_step)
+        state = nxt
+    return {"raw_s": statistics.median(raw), "replay_step_s": statistics.median(plain),
+            "charged_s": statistics.median(charged), "steps": len(raw)}
 
 
-def peak_rss_mb(run_dir: Path, metric_name: str, mode: str) -> float:
-    code = (
-        "import resource, sys, torch; import gancleanse as gc;"
-        "from gancleanse.metrics import make_metric; from gancleanse.influence.itd import itd_influence;"
-        "from gancleanse.training.replay import replay;"
-        f"run = gc.Run.open({str(run_dir)!r}); m = make_metric({metric_name!r}, run);"
-        f"(itd_influence(run, m, progress=False) if {mode!r} == 'itd' else replay(run, run.window_start));"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 1024.0
+# --- one setup ----------------------------------------------------------------------------------
 
-
-def bench(name: str, spec: dict, workdir: Path, repeats: int, ref_steps: int) -> dict:
-    spec = dict(spec)
-    metric_name = spec.pop("metric_name")
-    gradient_metrics = spec.pop("gradient_metrics", [])
-    cfg = Config.from_dict(spec)
+def bench(name: str, spec: dict[str, Any], workdir: Path, threads: int, repeats: int, ref_steps: int,
+          device: str = "cpu") -> dict[str, Any]:
+    sections, opts = split_spec(spec)
+    metric_name = opts["metric_name"]
+    cfg = Config.from_dict(config_dict(sections, threads, device))
     run = gc.train(cfg, workdir / name, force=True, progress=False)
+    if run.threads != threads:
+        raise RuntimeError(f"{name}: the run recorded {run.threads} threads, not {threads}")
     metric = make_metric(metric_name, run)
     window = run.final_step - run.window_start
     replay(run, run.window_start)  # warm-up (the first torch.func call costs about a second)
     itd_influence(run, metric, progress=False)
     t_train = statistics.median(_timed(lambda: replay(run, run.window_start)) for _ in range(repeats))
     t_itd = statistics.median(_timed(lambda: itd_influence(run, metric, progress=False)) for _ in range(repeats))
-    t_ref_step = time_reference(run, metric, ref_steps)
+    ref = time_reference(run, metric, ref_steps)
     final = run.final_state()
     grad_s = {}
-    for name_m in gradient_metrics:
+    for name_m in opts.get("gradient_metrics", []):
         m = make_metric(name_m, run)
         metric_gradient(m, final)  # warm-up (and the classifier's real-feature cache)
         grad_s[name_m] = statistics.median(_timed(lambda: metric_gradient(m, final)) for _ in range(repeats))
-    rss = {}
-    for every in (10, 50):
-        cfg_mem = Config.from_dict({**spec, "train": {**spec["train"], "checkpoint_every": every}})
-        mem_run = gc.train(cfg_mem, workdir / f"{name}-mem{every}", force=True, progress=False)
-        rss[every] = {"itd_mb": peak_rss_mb(mem_run.path, metric_name, "itd"),
-                      "replay_mb": peak_rss_mb(mem_run.path, metric_name, "replay")}
+
+    peak: dict[int, dict[str, Any]] = {}
+    mem_runs: dict[int, gc.Run] = {}
+    for every in MEMORY_EVERY:
+        mem_run = gc.train(Config.from_dict(config_dict(sections, threads, device, checkpoint_every=every)),
+                           workdir / f"{name}-mem{every}", force=True, progress=False)
+        make_metric(metric_name, mem_run)  # a classifier metric trains and caches its classifier here
+        mem_runs[every] = mem_run
+        job = {"run": str(mem_run.path), "metric": metric_name, "threads": threads, "repeats": repeats,
+               "device": device}
+        save = str(workdir / f"{name}-mem{every}-influence.pt") if every == BUDGET_EVERY else None
+        peak[every] = {"itd": in_child(mode="itd", save=save, **job), "replay": in_child(mode="replay", **job)}
+
+    budget = None
+    if opts.get("budget_line"):
+        whole = peak[BUDGET_EVERY]["itd"]
+        memory_gb = BUDGET_STEPS * whole["graph_bytes_per_step"] / 1e9
+        save = workdir / f"{name}-budget-influence.pt"
+        limited = in_child(mode="itd", run=str(mem_runs[BUDGET_EVERY].path), metric=metric_name,
+                           threads=threads, repeats=repeats, memory_gb=memory_gb, save=str(save), device=device)
+        a = torch.load(workdir / f"{name}-mem{BUDGET_EVERY}-influence.pt")
+        b = torch.load(save)
+        budget = {"every": BUDGET_EVERY, "memory_gb": memory_gb, "whole": whole, "limited": limited,
+                  "bitwise": bool(torch.equal(a, b)), "max_abs_diff": float((a - b).abs().max())}
+
     return {
         "setup": name, "n_train": run.n_train, "batch": run.cfg.train.batch_size, "window_steps": window,
+        "metric": metric_name, "threads": threads,
         "train_window_s": t_train, "itd_s": t_itd, "ratio_itd_over_train": t_itd / t_train,
-        "reference_step_s": t_ref_step, "ours_step_s": t_itd / window,
-        "ratio_reference_over_ours": t_ref_step / (t_itd / window),
-        "peak_rss": rss, "epoch_s": t_train * run.steps_per_epoch / window,
+        "reference": ref, "ours_step_s": t_itd / window,
+        "ratio_reference_over_ours": ref["raw_s"] / (t_itd / window),
+        "ratio_charged_reference_over_ours": ref["charged_s"] / (t_itd / window),
+        "peak": peak, "budget": budget, "epoch_s": t_train * run.steps_per_epoch / window,
         "metric_gradient_s": grad_s,
     }
 
 
-def _timed(fn) -> float:
+def print_setup(r: dict[str, Any]) -> None:
+    """One table for one setup."""
+    ref = r["reference"]
+    rows: list[tuple[str, str]] = [
+        ("ITD over the window, s", f"{r['itd_s']:.2f}"),
+        ("training the window (replay), s", f"{r['train_window_s']:.2f}"),
+        ("ITD / training", f"{r['ratio_itd_over_train']:.2f}"),
+        ("ours per reverse step, ms", f"{1e3 * r['ours_step_s']:.1f}"),
+        (f"reference per reverse step, ms (median of {ref['steps']})", f"{1e3 * ref['raw_s']:.1f}"),
+        ("  + plain training step to recover its state, ms", f"{1e3 * ref['replay_step_s']:.1f}"),
+        ("  = reference charged with its replay, ms", f"{1e3 * ref['charged_s']:.1f}"),
+        ("reference / ours, raw", f"{r['ratio_reference_over_ours']:.1f}"),
+        ("reference / ours, charged with replay", f"{r['ratio_charged_reference_over_ours']:.1f}"),
+    ]
+    for every, p in r["peak"].items():
+        rows.append((f"peak MB, checkpoint every {every}: ITD | replay (ITD stretch)",
+                     f"{p['itd']['peak_mb']:.0f} | {p['replay']['peak_mb']:.0f} ({p['itd']['stretch']} steps)"))
+        if "cuda_peak_mb" in p["itd"]:
+            rows.append((f"  CUDA allocator peak MB, checkpoint every {every}: ITD | replay",
+                         f"{p['itd']['cuda_peak_mb']:.0f} | {p['replay'].get('cuda_peak_mb', 0):.0f}"))
+    b = r["budget"]
+    if b is not None:
+        w, lim = b["whole"], b["limited"]
+        rows += [
+            (f"ITD, checkpoint every {b['every']}, memory_gb=None: s | peak MB (stretch)",
+             f"{w['seconds']:.2f} | {w['peak_mb']:.0f} ({w['stretch']} steps)"),
+            (f"ITD, memory_gb={b['memory_gb']:.3f} ({BUDGET_STEPS} steps' graphs): s | peak MB (stretch)",
+             f"{lim['seconds']:.2f} | {lim['peak_mb']:.0f} ({lim['stretch']} steps)"),
+            ("  budget / whole: time | peak memory",
+             f"{lim['seconds'] / w['seconds']:.2f} | {lim['peak_mb'] / w['peak_mb']:.2f}"),
+            ("  influence, budget vs whole",
+             "bitwise" if b["bitwise"] else f"max |difference| {b['max_abs_diff']:.3g}"),
+        ]
+    if r["metric_gradient_s"]:
+        step_s = r["train_window_s"] / r["window_steps"]
+        rows.append(("one training epoch, s", f"{r['epoch_s']:.2f}"))
+        for name_m, sec in r["metric_gradient_s"].items():
+            rows.append((f"gradient of {name_m}, s | training steps", f"{sec:.3f} | {sec / step_s:.1f}"))
+    print(f"\n{r['setup']}: n_train {r['n_train']}, batch {r['batch']}, window {r['window_steps']} steps, "
+          f"metric {r['metric']}, {r['threads']} thread(s)")
+    _table(rows)
+
+
+# --- MNIST-sized timing ---------------------------------------------------------------------
+
+def mnist_splits(n_train: int, seed: int = 0) -> Splits:
+    """Random 28x28 uint8 images with random labels 0..9: MNIST's size and shape (the timing
+    does not depend on the pixels); the labels let the classifier metrics be built."""
+    g = torch.Generator().manual_seed(seed)
+
+    def images(n: int) -> torch.Tensor:
+        return torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
+
+    def labels(n: int) -> torch.Tensor:
+        return torch.randint(0, 10, (n,), generator=g)
+
+    x = [images(n) for n in (n_train, MNIST_EVAL, MNIST_EVAL)]
+    y = [labels(n) for n in (n_train, MNIST_EVAL, MNIST_EVAL)]
+    return Splits(x[0], x[1], x[2], y[0], y[1], y[2])
+
+
+def bench_mnist(workdir: Path, threads: int, n_train: int, n_validate: int, metric_name: str,
+                device: str = "cpu") -> dict[str, Any]:
+    """One recorded epoch of the digits DCGAN on MNIST-sized data: training, ITD, and validation
+    by retraining without each of ``n_validate`` single instances (gc.counterfactuals)."""
+    from scipy.stats import kendalltau
+
+    spec = dict(MNIST_SPEC)
+    if metric_name != "loss_d":
+        spec["metric"] = {"n_samples": MNIST_EVAL, "classifier_epochs": 1}
+    cfg = Config.from_dict(config_dict(spec, threads, device))
+    data = mnist_splits(n_train)
+    _note(f"mnist: training one epoch on {n_train} images")
+    wall = time.perf_counter()
+    run = gc.train(cfg, workdir / "mnist", data=data, force=True, progress=False)
+    wall = time.perf_counter() - wall
+    epoch_s = float(run.meta["seconds"]["window_steps"])
+    _note(f"mnist: building the {metric_name} metric")
+    metric_s = time.perf_counter()
+    metric = make_metric(metric_name, run)
+    metric_s = time.perf_counter() - metric_s
+    _note("mnist: ITD over the epoch")
+    res = itd_influence(run, metric, progress=False)
+    chosen = torch.randperm(run.n_train, generator=torch.Generator().manual_seed(1))[:n_validate].tolist()
+    _note(f"mnist: validating by {len(chosen)} retrains")
+    tic = time.perf_counter()
+    changes = gc.counterfactuals(run, [[j] for j in chosen], metric_name)
+    validate_s = time.perf_counter() - tic
+    est = [float(res.influence[j]) for j in chosen]
+    act = [c["delta"] for c in changes]
+    tau = float(kendalltau(est, act).statistic) if len(chosen) >= 2 else float("nan")
+    return {"n_train": run.n_train, "batch": run.cfg.train.batch_size, "steps": res.steps, "threads": threads,
+            "metric": metric_name, "metric_options": spec.get("metric", {}), "metric_setup_s": metric_s,
+            "train_call_s": wall, "epoch_s": epoch_s, "itd_s": res.seconds, "stretch": res.stretch,
+            "graph_gb_per_step": res.graph_bytes_per_step / 1e9, "ratio_itd_over_train": res.seconds / epoch_s,
+            "n_validate": len(chosen), "validate_s": validate_s, "kendall_tau": tau}
+
+
+def print_mnist(r: dict[str, Any]) -> None:
+    opts = ", ".join(f"{k} {v}" for k, v in r["metric_options"].items())
+    n = r["n_validate"]
+    print(f"\nmnist-sized ({r['n_train']} random 28x28 images, labels 0..9), DCGAN of examples/digits.toml, "
+          f"batch {r['batch']}, one recorded epoch ({r['steps']} steps), metric {r['metric']}"
+          f"{f' ({opts})' if opts else ''}, {r['threads']} thread(s)")
+    _table([
+        ("training epoch (step time), s", f"{r['epoch_s']:.2f}"),
+        ("  whole gc.train call (with recording), s", f"{r['train_call_s']:.2f}"),
+        ("metric setup (classifier, real features), s", f"{r['metric_setup_s']:.2f}"),
+        (f"ITD over the epoch, s (stretch {r['stretch']} steps, {r['graph_gb_per_step']:.3f} GB/step)",
+         f"{r['itd_s']:.2f}"),
+        ("ITD / training the same window", f"{r['ratio_itd_over_train']:.2f}"),
+        (f"validation: {n} single-instance retrains (gc.counterfactuals), s", f"{r['validate_s']:.2f}"),
+        ("  per retrain, s", f"{r['validate_s'] / max(1, n):.2f}"),
+        ("  validation / ITD", f"{r['validate_s'] / r['itd_s']:.1f}"),
+        (f"  Kendall tau, ITD vs retraining ({n} instances)", f"{r['kendall_tau']:.3f}"),
+    ])
+
+
+# --- helpers and entry point --------------------------------------------------------------------
+
+def _timed(fn: Callable[[], object]) -> float:
+    """Wall seconds of ``fn``, with CUDA's queued work finished on both sides."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
+    sync()
     tic = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - tic
 
 
+def _table(rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+
+
+def _note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        child_main(json.loads(sys.argv[2]))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer repeats")
-    ap.add_argument("--setups", nargs="*", default=list(SETUPS))
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and reference steps")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads for every timing: training, replay, ITD, reference, metric gradients")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: every timing runs there")
+    ap.add_argument("--setups", nargs="*", default=list(SETUPS), choices=list(SETUPS))
+    ap.add_argument("--mnist", action="store_true", help="also the MNIST-sized timing")
+    ap.add_argument("--mnist-only", action="store_true", help="only the MNIST-sized timing")
+    ap.add_argument("--mnist-n", type=int, default=50000, help="training images of the MNIST-sized timing")
+    ap.add_argument("--mnist-validate", type=int, default=200, help="single-instance removals retrained")
+    ap.add_argument("--mnist-metric", default="fid", choices=("fid", "loss_d"),
+                    help="fid: classifier trained 1 epoch, 1000 samples; loss_d: no classifier")
     args = ap.parse_args()
+    try:
+        check_threads(args.threads, "--threads")
+    except gc.GancleanseError as e:
+        ap.error(str(e))
+    torch.set_num_threads(args.threads)
     repeats, ref_steps = (1, 3) if args.quick else (3, 8)
-    results = []
+    setups = [] if args.mnist_only else args.setups
+    results: list[dict[str, Any]] = []
+    mnist: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.setups:
+        for name in setups:
+            _note(f"{name}: measuring")
             try:
-                results.append(bench(name, SETUPS[name], Path(tmp), repeats, ref_steps))
+                results.append(bench(name, SETUPS[name], Path(tmp), args.threads, repeats, ref_steps,
+                                     args.device))
             except gc.GancleanseError as e:
                 print(f"{name}: skipped ({e})", file=sys.stderr)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'setup':<14}{'window':>7}{'train s':>9}{'ITD s':>8}{'ITD/train':>10}"
-          f"{'ref/step ms':>12}{'ours/step ms':>13}{'ref/ours':>9}   peak RSS MB (ITD | replay), K=10 / K=50")
+        if args.mnist or args.mnist_only:
+            mnist = bench_mnist(Path(tmp), args.threads, args.mnist_n, args.mnist_validate, args.mnist_metric,
+                                args.device)
+    sources = {p[side]["peak_source"] for r in results for p in r["peak"].values() for side in ("itd", "replay")}
+    where = args.device if args.device == "cpu" else f"{args.device} ({torch.cuda.get_device_name(args.device)})"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) for every timing, device {where}")
+    if sources:
+        print("peak memory: " + ("VmHWM (each measuring process's own high-water mark)" if sources == {"VmHWM"}
+                                 else "ru_maxrss where /proc is absent (a child may inherit its parent's peak)"))
     for r in results:
-        m = r["peak_rss"]
-        print(f"{r['setup']:<14}{r['window_steps']:>7}{r['train_window_s']:>9.2f}{r['itd_s']:>8.2f}"
-              f"{r['ratio_itd_over_train']:>10.2f}{1e3 * r['reference_step_s']:>12.1f}"
-              f"{1e3 * r['ours_step_s']:>13.1f}{r['ratio_reference_over_ours']:>9.1f}   "
-              f"{m[10]['itd_mb']:.0f} | {m[10]['replay_mb']:.0f}  /  {m[50]['itd_mb']:.0f} | {m[50]['replay_mb']:.0f}")
-    for r in results:
-        if r["metric_gradient_s"]:
-            step_s = r["train_window_s"] / r["window_steps"]
-            print(f"{r['setup']}: one training epoch {r['epoch_s']:.2f} s; metric gradient "
-                  f"(n_samples generated images), seconds and training steps:")
-            for name_m, sec in r["metric_gradient_s"].items():
-                print(f"  {name_m:<7}{sec:>8.3f} s {sec / step_s:>7.1f} steps")
-    print(json.dumps(results, indent=1), file=sys.stderr)
+        print_setup(r)
+    if mnist is not None:
+        print_mnist(mnist)
+    print(json.dumps({"setups": results, "mnist": mnist}, indent=1), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ SGD), the last epoch recorded; N one-instance removals (seeded), each retrained 
 epoch and evaluated (ALL on the validation split). All sides run in this process at one
 thread and are checked equal: the forked path bitwise, the vmapped one to rounding.
 
-    python bench/retrain_speed.py [--n 200] [--epochs 5] [--chunk 64]
+    python bench/retrain_speed.py [--n 200] [--epochs 5] [--chunk 64] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=5, help="training epochs (the last one is retrained)")
     p.add_argument("--chunk", type=int, default=64, help="retrains per vmapped batch")
     p.add_argument("--out", default="/tmp/retrain_bench")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (every path runs there)")
     args = p.parse_args()
     torch.set_num_threads(1)
 
     raw = embedded_config("gaussian2d").to_dict()
-    raw["train"].update(epochs=args.epochs, record_from_epoch=args.epochs - 1)
+    raw["train"].update(epochs=args.epochs, record_from_epoch=args.epochs - 1, device=args.device)
     cfg = gc.Config.from_dict({k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in raw.items()})
     run = gc.train(cfg, Path(args.out) / "run", force=True, progress=False)
     chosen = np.random.default_rng(0).choice(run.n_train, size=args.n, replace=False).tolist()
