@@ -276,7 +276,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     summary = api.cleanse(cfg, out, workers=args.workers, progress=not args.quiet)
     seed_dir = out / "seeds" / f"seed_{c.seeds[0]}"
     scores_path = seed_dir / "scores" / "itd-all.csv"
-    run = Run.open(seed_dir / "run")
+    run = Run.open(seed_dir / "run", device="cpu")
     from .study.cleanse import read_scores
 
     harm = read_scores(scores_path)

@@ -120,7 +120,7 @@ class RunData:
     def read(cls, path: str | Path) -> "RunData":
         from ..run import Run
 
-        return cls(Run.open(path))
+        return cls(Run.open(path, device="cpu"))  # reads data only: no device to start
 
     @property
     def path(self) -> Path:

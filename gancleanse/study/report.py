@@ -194,7 +194,7 @@ def _training_data(run_dir: Path) -> np.ndarray:
     """The replicate's training split, verified, read without building its models."""
     from ..run import Run
 
-    return Run.open(run_dir).splits.split("train").numpy()
+    return Run.open(run_dir, device="cpu").splits.split("train").numpy()
 
 
 def _load_samples(path: Path) -> np.ndarray:
