@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from gancleanse.cli import main
