@@ -86,6 +86,9 @@ class ModelConfig:
                             "discriminator.<name>")
     init_g: str | None = _opt(None, doc="safetensors state dict of the generator's starting weights")
     init_d: str | None = _opt(None, doc="safetensors state dict of the discriminator's starting weights")
+    conditional: bool = _opt(False, doc="class-conditional G(z, y) and D(x, y) on the data's labels: the "
+                             "built-in nets embed y into G's input and project it in D; generated labels "
+                             "follow the training labels' frequencies")
 
 
 @dataclass
@@ -201,6 +204,16 @@ class Config:
             raise ConfigError(f"{source}: train.batch_size = {t.batch_size} exceeds "
                               f"data.n_train = {self.data.n_train}")
         self._check_cleanse(source)
+
+    def check_inputs(self) -> None:
+        """What the data the config names must offer its model; checked once the data source is
+        known (a config given to the Python API may get its data there)."""
+        if not self.model.conditional:
+            return
+        if self.data.name == "gaussian2d":
+            raise ConfigError("model.conditional = true needs labelled data, but data.name = 'gaussian2d' has no labels")
+        if self.data.name == "images" and self.data.labels == "none":
+            raise ConfigError("model.conditional = true needs labelled data, but data.labels = 'none'")
 
     def _check_cleanse(self, source: str) -> None:
         """Each study list non-empty, naming known metrics and methods, and without repeats (a

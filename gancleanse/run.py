@@ -5,8 +5,9 @@ Layout (all tensors in safetensors)::
     RUN/
       config.toml               the resolved config (every default explicit)
       run.json                  status, sizes, the recorded window, checkpoint steps, versions
-      schedule.safetensors      instance indices and latents of every step in the window
-      eval_latents.safetensors  fixed latents for metrics on the valid and test splits
+      schedule.safetensors      instance indices and latents (and a conditional GAN's generated
+                                labels) of every step in the window
+      eval_latents.safetensors  fixed latents (and labels) for metrics on the valid and test splits
       checkpoints/step_*.safetensors   full state (params + optimizer [+ average]) at steps
       losses.jsonl              one line per training step
       splits.json               the instance keys of each split and where the data came from
@@ -38,11 +39,11 @@ from . import device as devices
 from .config import Config
 from .data import Splits, load_data
 from .data.base import SPLIT_NAMES, as_float
-from .errors import RunDirError
+from .errors import ConfigError, RunDirError
 from .integrity import read_verified, seal_of
 from .models import GANModules, build_models
 from .training.dynamics import Dynamics, State, StepBatch
-from .training.schedule import Schedule, eval_latents
+from .training.schedule import Schedule, eval_labels, eval_latents
 
 FORMAT_VERSION = 2  # 2: content hashes and seal in run.json
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -306,6 +307,10 @@ class Run:
         devices.warn_if_other_kind(str(meta.get("device", "cpu")), chosen, path)
         run = cls(path, cfg, meta, None if extractor is None else str(extractor), chosen)
         if models is not None:
+            if models.conditional != cfg.model.conditional:
+                raise ConfigError(f"{path} was trained with {'' if cfg.model.conditional else 'un'}conditional "
+                                  f"modules; these are {'' if models.conditional else 'un'}conditional "
+                                  "(GANModules(..., conditional=...))")
             run.__dict__["models"] = run.with_constants(models).to(chosen)  # fills the cached property
         return run
 
@@ -371,7 +376,8 @@ class Run:
         if self.cfg.model.arch == "custom":
             raise RunDirError(f"{self.path} was trained with user-supplied modules: open it with "
                               "gancleanse.Run.open(path, models=GANModules(generator, discriminator, z_dim))")
-        return self.with_constants(build_models(self.cfg, self.splits.sample_shape)).to(self.device)
+        return self.with_constants(build_models(self.cfg, self.splits.sample_shape,
+                                                self.splits.n_classes)).to(self.device)
 
     def with_constants(self, models: GANModules) -> GANModules:
         """``models`` with the run's frozen parameters put in (a run without any: unchanged)."""
@@ -397,6 +403,24 @@ class Run:
         gather and decode their minibatch there."""
         return self.splits.train.to(self.device)
 
+    @property
+    def conditional(self) -> bool:
+        return self.cfg.model.conditional
+
+    @cached_property
+    def label_frequencies(self) -> torch.Tensor | None:
+        """The training labels' class frequencies, which generated labels follow (conditional runs)."""
+        return self.splits.label_frequencies() if self.conditional else None
+
+    @cached_property
+    def y_train(self) -> torch.Tensor | None:
+        """The training labels on the device (conditional runs; None otherwise)."""
+        return self.splits.y_train.to(self.device) if self.conditional else None
+
+    def labels(self, split: str) -> torch.Tensor | None:
+        """A split's labels on the device, as the conditional discriminator sees them (else None)."""
+        return self.splits.labels(split).to(self.device) if self.conditional else None
+
     def real(self, split: str) -> torch.Tensor:
         """A whole split as float64 model values on the device (what metrics compare with)."""
         return as_float(self.splits.split_stored(split).to(self.device), torch.float64)
@@ -415,6 +439,10 @@ class Run:
         shapes = {"indices": (steps, b), "z_d": (steps, b, z_dim)}
         if self.cfg.train.update != "simultaneous":
             shapes["z_g"] = (steps, b, z_dim)
+        if self.conditional:
+            shapes["c_d"] = (steps, b)
+            if self.cfg.train.update != "simultaneous":
+                shapes["c_g"] = (steps, b)
         for key, shape in shapes.items():
             if key not in sched:
                 raise RunDirError(f"{label}: no {key!r} tensor")
@@ -423,6 +451,8 @@ class Run:
         idx = sched["indices"]
         if idx.dtype != torch.int64 or (idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < self.n_train)):
             raise RunDirError(f"{label}: instance indices must be int64 in 0..{self.n_train - 1}")
+        if self.conditional:
+            check_label_tensors(sched, ("c_d", "c_g"), self.splits.n_classes, label)
         return sched
 
     # --- window ----------------------------------------------------------------
@@ -463,7 +493,7 @@ class Run:
         """The generator of every step's indices and latents (the window is also recorded)."""
         t = self.cfg.train
         return Schedule(self.n_train, t.batch_size, self.cfg.model.z_dim, t.seed,
-                        shared_latents=t.update == "simultaneous")
+                        shared_latents=t.update == "simultaneous", label_frequencies=self.label_frequencies)
 
     def _check_step(self, step: int) -> None:
         if not 0 <= step < self.final_step:
@@ -480,17 +510,24 @@ class Run:
         self._check_step(step)
         if step < self.window_start:
             z_d, z_g = (z.to(self.device, self.dtype) for z in self.schedule.latents(step))
+            c_d, c_g = (None if c is None else c.to(self.device) for c in self.schedule.labels(step))
         else:
             i = step - self.window_start
-            z_d = self._window_latents["z_d"][i]
-            z_g = self._window_latents["z_g"][i] if "z_g" in self._window_latents else z_d
-        x = as_float(self._train_stored[self.indices(step).to(self.device)], self.dtype)
-        return StepBatch(x, z_d, z_g, step)
+            rec = self._window_latents
+            z_d = rec["z_d"][i]
+            z_g = rec["z_g"][i] if "z_g" in rec else z_d
+            c_d = rec["c_d"][i] if "c_d" in rec else None
+            c_g = rec["c_g"][i] if "c_g" in rec else c_d
+        idx = self.indices(step).to(self.device)
+        x = as_float(self._train_stored[idx], self.dtype)
+        return StepBatch(x, z_d, z_g, step, None if self.y_train is None else self.y_train[idx], c_d, c_g)
 
     @cached_property
     def _window_latents(self) -> dict[str, torch.Tensor]:
-        """The recorded window's latents in the model's dtype, on the device (moved once)."""
-        return {k: v.to(self.device, self.dtype) for k, v in self._schedule.items() if k != "indices"}
+        """The recorded window's latents in the model's dtype (and generated labels), on the
+        device (moved once)."""
+        return {k: v.to(self.device) if k.startswith("c_") else v.to(self.device, self.dtype)
+                for k, v in self._schedule.items() if k != "indices"}
 
     def load_state(self, step: int) -> State:
         """The verified checkpoint at ``step`` (finite, as training wrote it)."""
@@ -504,18 +541,42 @@ class Run:
     @cached_property
     def _eval_latents(self) -> dict[str, torch.Tensor]:
         z = self.read_tensors("eval_latents.safetensors")
-        shape = (self.cfg.metric.n_samples, self.cfg.model.z_dim)
+        label = f"eval_latents.safetensors in {self.path}"
+        n = self.cfg.metric.n_samples
+        shape = (n, self.cfg.model.z_dim)
         for split in ("valid", "test"):
             if split not in z or tuple(z[split].shape) != shape:
-                raise RunDirError(f"eval_latents.safetensors in {self.path}: {split!r} must have shape {shape}")
+                raise RunDirError(f"{label}: {split!r} must have shape {shape}")
+            if self.conditional and (f"{split}_labels" not in z or tuple(z[f"{split}_labels"].shape) != (n,)):
+                raise RunDirError(f"{label}: {split + '_labels'!r} must have shape ({n},)")
+        if self.conditional:
+            check_label_tensors(z, ("valid_labels", "test_labels"), self.splits.n_classes, label)
         return z
 
     def eval_latents(self, split: str) -> torch.Tensor:
         return self._eval_latents[split].to(self.device, self.dtype)
 
+    def eval_labels(self, split: str) -> torch.Tensor | None:
+        """The fixed labels of the evaluation samples on ``split`` (conditional runs; else None)."""
+        return self._eval_latents[f"{split}_labels"].to(self.device) if self.conditional else None
 
-def write_eval_latents(cfg: Config, stage: Path) -> None:
+
+def check_label_tensors(tensors: dict[str, torch.Tensor], names: tuple[str, ...], n_classes: int | None,
+                        label: str) -> None:
+    """Stored generated labels must be int64 classes of the data."""
+    for name in names:
+        c = tensors.get(name)
+        if c is not None and (c.dtype != torch.int64 or (c.numel() and not (0 <= int(c.min()) and
+                                                                             int(c.max()) < (n_classes or 0)))):
+            raise RunDirError(f"{label}: {name} must hold int64 labels in 0..{(n_classes or 0) - 1}")
+
+
+def write_eval_latents(cfg: Config, stage: Path, label_frequencies: torch.Tensor | None = None) -> None:
+    """The fixed evaluation latents of both splits, and generated labels for a conditional GAN."""
     cfg = cfg.resolved()
-    z = {split: eval_latents(cfg.metric.seed, split, cfg.metric.n_samples, cfg.model.z_dim)
-         for split in ("valid", "test")}
+    m = cfg.metric
+    z = {split: eval_latents(m.seed, split, m.n_samples, cfg.model.z_dim) for split in ("valid", "test")}
+    if label_frequencies is not None:
+        z.update({f"{split}_labels": eval_labels(m.seed, split, m.n_samples, label_frequencies)
+                  for split in ("valid", "test")})
     save_file(z, str(stage / "eval_latents.safetensors"))

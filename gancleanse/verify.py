@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .data.base import SPLIT_NAMES
 from .errors import RunDirError
 from .run import Run, checkpoint_name, flatten_state, torch_threads
-from .training.schedule import eval_latents
+from .training.schedule import eval_labels, eval_latents
 
 
 def verify_run(run: Run, *, replay: bool = True, report: Callable[[str], None] = print,
@@ -58,7 +58,12 @@ def verify_run(run: Run, *, replay: bool = True, report: Callable[[str], None] =
         if not torch.equal(run._eval_latents[split], eval_latents(m.seed, split, m.n_samples, run.cfg.model.z_dim)):
             raise RunDirError(f"eval_latents.safetensors in {run.path}: the {split} latents are not the ones "
                               f"metric.seed = {m.seed} gives")
-    ok(f"eval_latents.safetensors: equal to the latents metric.seed = {m.seed} regenerates")
+        if run.conditional and not torch.equal(run._eval_latents[f"{split}_labels"],
+                                               eval_labels(m.seed, split, m.n_samples, run.label_frequencies)):
+            raise RunDirError(f"eval_latents.safetensors in {run.path}: the {split} labels are not the ones "
+                              f"metric.seed = {m.seed} draws from the training labels' frequencies")
+    ok(f"eval_latents.safetensors: equal to the latents{' and labels' if run.conditional else ''} "
+       f"metric.seed = {m.seed} regenerates")
 
     for step in run.checkpoint_steps:
         run.load_state(step)
@@ -89,6 +94,10 @@ def _check_schedule(run: Run) -> None:
         same = torch.equal(sched["indices"][i], regenerated.indices(step)) and torch.equal(sched["z_d"][i], z_d)
         if "z_g" in sched:
             same = same and torch.equal(sched["z_g"][i], z_g)
+        c_d, c_g = regenerated.labels(step)
+        for key, c in (("c_d", c_d), ("c_g", c_g)):
+            if key in sched:
+                same = same and torch.equal(sched[key][i], c)
         if not same:
             raise RunDirError(f"schedule.safetensors in {run.path}: step {step} differs from the minibatch and "
                               f"latents train.seed = {run.cfg.train.seed} gives")

@@ -57,6 +57,38 @@ class Splits:
             raise ValueError(f"unknown split {name!r}")
         return as_float(getattr(self, name), dtype)
 
+    def labels(self, name: str) -> torch.Tensor | None:
+        """The split's class labels (int64), or None for unlabelled data."""
+        if name not in SPLIT_NAMES:
+            raise ValueError(f"unknown split {name!r}")
+        return getattr(self, f"y_{name}")
+
+    @property
+    def n_classes(self) -> int | None:
+        """1 + the largest label of any split; None without training labels."""
+        if self.y_train is None:
+            return None
+        return 1 + max(int(y.max()) for y in (self.y_train, self.y_valid, self.y_test) if y is not None and y.numel())
+
+    def label_frequencies(self) -> torch.Tensor:
+        """How often each class occurs in the training split (float64, sums to 1): the
+        distribution a conditional GAN's generated labels are drawn from."""
+        counts = torch.bincount(self.y_train, minlength=self.n_classes).to(torch.float64)
+        return counts / counts.sum()
+
+    def check_conditional(self) -> None:
+        """A conditional GAN needs non-negative integer labels on every split."""
+        missing = [name for name in SPLIT_NAMES if self.labels(name) is None]
+        if missing:
+            raise DataError(f"model.conditional = true needs labels on every split; the {', '.join(missing)} "
+                            f"split{'s have' if len(missing) > 1 else ' has'} none (image files: labels from "
+                            "class subfolders with data.labels = 'folders' or a dataset.json; arrays: y)")
+        for name in SPLIT_NAMES:
+            y = self.labels(name)
+            if y.numel() and int(y.min()) < 0:
+                raise DataError(f"model.conditional = true needs class labels 0, 1, ...; the {name} split has "
+                                f"label {int(y.min())}")
+
     def split_stored(self, name: str) -> torch.Tensor:
         """The split ``name`` as stored (uint8 pixels for image files)."""
         if name not in SPLIT_NAMES:

@@ -103,11 +103,13 @@ def unflatten(vec: torch.Tensor, like: Tree) -> Tree:
 
 
 # ------------------------------------------------------------------------ the game
-def game_gradient(dyn: Dynamics, params: Tree, x: torch.Tensor, z: torch.Tensor) -> Tree:
-    """F(theta) on real ``x`` and latents ``z`` (same count): both players' loss gradients, weights 1."""
+def game_gradient(dyn: Dynamics, params: Tree, x: torch.Tensor, z: torch.Tensor,
+                  y: torch.Tensor | None = None, c: torch.Tensor | None = None) -> Tree:
+    """F(theta) on real ``x`` and latents ``z`` (same count): both players' loss gradients, weights 1.
+    ``y`` / ``c``: labels of the reals / fakes of a conditional GAN."""
     ones = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
-    return {"d": grad(dyn.loss_d)(params["d"], params["g"], x, z, ones),
-            "g": grad(dyn.loss_g)(params["g"], params["d"], z)}
+    return {"d": grad(dyn.loss_d)(params["d"], params["g"], x, z, ones, None, y, c),
+            "g": grad(dyn.loss_g)(params["g"], params["d"], z, c)}
 
 
 @dataclass
@@ -126,19 +128,23 @@ class GameOperator:
     z: torch.Tensor
     damping: float = 0.0
     scale: torch.Tensor | None = None
+    y: torch.Tensor | None = None  # conditional GANs: labels of x, and of the fakes from z
+    c: torch.Tensor | None = None
 
     def _chunks(self):
         n = self.x.shape[0]
         for lo in range(0, n, CHUNK):
-            yield self.x[lo:lo + CHUNK], self.z[lo:lo + CHUNK], min(CHUNK, n - lo) / n
+            part = slice(lo, lo + CHUNK)
+            labels = tuple(None if t is None else t[part] for t in (self.y, self.c))
+            yield (self.x[part], self.z[part], *labels), min(CHUNK, n - lo) / n
 
     def rmatvec(self, y: torch.Tensor) -> torch.Tensor:
         """A y = J^T (P y) + lambda y, for a float64 vector y."""
         v = y if self.scale is None else self.scale * y
         tv = unflatten(v.to(self.x.dtype), self.params)
         out = self.damping * y
-        for xc, zc, share in self._chunks():
-            _, pullback = vjp(lambda p, xc=xc, zc=zc: game_gradient(self.dyn, p, xc, zc), self.params)
+        for chunk, share in self._chunks():
+            _, pullback = vjp(lambda p, chunk=chunk: game_gradient(self.dyn, p, *chunk), self.params)
             out = out + share * flatten(pullback(tv)[0]).to(torch.float64)
         return out
 
@@ -146,8 +152,8 @@ class GameOperator:
         """A^T u = P (J u) + lambda u, for a float64 vector u."""
         tu = unflatten(u.to(self.x.dtype), self.params)
         ju = torch.zeros_like(u)
-        for xc, zc, share in self._chunks():
-            _, tangent = jvp(lambda p, xc=xc, zc=zc: game_gradient(self.dyn, p, xc, zc), (self.params,), (tu,))
+        for chunk, share in self._chunks():
+            _, tangent = jvp(lambda p, chunk=chunk: game_gradient(self.dyn, p, *chunk), (self.params,), (tu,))
             ju = ju + share * flatten(tangent).to(torch.float64)
         return (ju if self.scale is None else self.scale * ju) + self.damping * u
 
@@ -270,9 +276,11 @@ def aid_influence(run: Run, metric: Metric, *, solver: str = "gmres", iterations
         options.update(tol=tol, operator_size=size, seed=seed)
 
         def operator_on(counter: int, n: int) -> GameOperator:
-            idx, z = solver_draw(seed, counter, n_train, n, z_dim)
-            return GameOperator(run.dynamics, params, x_all[idx.to(run.device)], z.to(run.device, run.dtype),
-                                lam, scale)
+            idx, z, c = solver_draw(seed, counter, n_train, n, z_dim, run.label_frequencies)
+            idx = idx.to(run.device)
+            return GameOperator(run.dynamics, params, x_all[idx], z.to(run.device, run.dtype), lam, scale,
+                                None if run.y_train is None else run.y_train[idx],
+                                None if c is None else c.to(run.device))
 
         metric_value = metric.value(state)
         target = flatten(metric_target(metric, state)).to(torch.float64)
@@ -300,7 +308,7 @@ def aid_influence(run: Run, metric: Metric, *, solver: str = "gmres", iterations
         bar.close()
         residual = float((op.rmatvec(y) - target).norm() / target.norm()) if target.norm() > 0 else 0.0
         v = y if scale is None else scale * y
-        influence = instance_terms(run.dynamics, params, unflatten(v, params)["d"], x_all)
+        influence = instance_terms(run.dynamics, params, unflatten(v, params)["d"], x_all, run.y_train)
 
     converged = residual <= tol
     if not converged:
@@ -311,17 +319,19 @@ def aid_influence(run: Run, metric: Metric, *, solver: str = "gmres", iterations
                      time.perf_counter() - started, options)
 
 
-def instance_terms(dyn: Dynamics, params: Tree, v_d: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """(1/N) v_D^T grad_D l_real(D(x_j)) for every j: one JVP of the per-sample real losses."""
+def instance_terms(dyn: Dynamics, params: Tree, v_d: dict[str, torch.Tensor], x: torch.Tensor,
+                   y: torch.Tensor | None = None) -> torch.Tensor:
+    """(1/N) v_D^T grad_D l_real(D(x_j)) for every j: one JVP of the per-sample real losses
+    (``y``: the instances' labels for a conditional GAN)."""
     n = x.shape[0]
 
-    def real_losses(pd: dict[str, torch.Tensor], xc: torch.Tensor) -> torch.Tensor:
-        return d_real_term(dyn.loss, dyn.models.discriminate(pd, xc))
+    def real_losses(pd: dict[str, torch.Tensor], xc: torch.Tensor, yc: torch.Tensor | None) -> torch.Tensor:
+        return d_real_term(dyn.loss, dyn.models.discriminate(pd, xc, yc))
 
     out = []
     for lo in range(0, n, CHUNK):
-        xc = x[lo:lo + CHUNK]
-        _, tangent = jvp(lambda pd: real_losses(pd, xc), (params["d"],),
+        xc, yc = x[lo:lo + CHUNK], None if y is None else y[lo:lo + CHUNK]
+        _, tangent = jvp(lambda pd: real_losses(pd, xc, yc), (params["d"],),
                          ({k: t.to(x.dtype) for k, t in v_d.items()},))
         out.append(tangent.detach() / n)
     return torch.cat(out).to(torch.float64)

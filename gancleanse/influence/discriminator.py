@@ -26,7 +26,8 @@ def discriminator_logits(run: Run) -> torch.Tensor:
     with torch_threads(run.threads):
         for lo in range(0, run.n_train, CHUNK):
             x = as_float(run.splits.train[lo:lo + CHUNK].to(run.device), run.dtype)
-            out.append(run.models.discriminate(params, x).to(torch.float64))
+            y = None if run.y_train is None else run.y_train[lo:lo + CHUNK]
+            out.append(run.models.discriminate(params, x, y).to(torch.float64))
     return torch.cat(out).cpu()
 
 

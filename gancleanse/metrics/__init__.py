@@ -53,26 +53,26 @@ def make_metric(name: str, run: "Run", split: str = "valid") -> Metric:
     if name not in METRICS:
         raise ConfigError(f"unknown metric {name!r} (known: {', '.join(METRICS)})")
     real = run.real(split)
-    z = run.eval_latents(split)
+    z, c = run.eval_latents(split), run.eval_labels(split)
     dyn = run.dynamics
     if name == "all":
         bandwidth = run.cfg.metric.bandwidth
 
         def fn(state: "State") -> torch.Tensor:
-            return average_log_likelihood(real, dyn.models.generate(dyn.eval_generator(state), z), bandwidth)
+            return average_log_likelihood(real, dyn.models.generate(dyn.eval_generator(state), z, c), bandwidth)
 
         return Metric(name, split, fn)
     if name == "loss_d":
         from .loss_d import discriminator_loss
 
-        x = real.to(run.dtype)
-        return Metric(name, split, lambda state: discriminator_loss(dyn, state, x, z))
+        x, y = real.to(run.dtype), run.labels(split)
+        return Metric(name, split, lambda state: discriminator_loss(dyn, state, x, z, y, c))
     from .classifier import extractor_file
 
     if extractor_file(run) is None and (real.ndim != 4 or run.splits.y_train is None):
         raise ConfigError(f"metric {name!r} needs labelled image data (or metric.extractor), not "
                           f"available for data.name = {run.cfg.data.name!r}")
-    return _classifier_metric(name, run, split, real, z)
+    return _classifier_metric(name, run, split, real, z, c)
 
 
 # Real-split quantities of the classifier metrics, computed once per (run data, split, model).
@@ -88,7 +88,8 @@ def _cached(key: tuple, compute: Callable[[], object]) -> object:
     return _REAL_CACHE[key]
 
 
-def _classifier_metric(name: str, run: "Run", split: str, real: torch.Tensor, z: torch.Tensor) -> Metric:
+def _classifier_metric(name: str, run: "Run", split: str, real: torch.Tensor, z: torch.Tensor,
+                       c: torch.Tensor | None) -> Metric:
     """IS / log IS / FID / KID of generated images through the frozen classifier.
 
     The generated images go through the classifier in one full batch (memory grows with
@@ -101,7 +102,7 @@ def _classifier_metric(name: str, run: "Run", split: str, real: torch.Tensor, z:
     model = load_feature_model(run)
 
     def generate(state: "State") -> torch.Tensor:
-        return dyn.models.generate(dyn.eval_generator(state), z)
+        return dyn.models.generate(dyn.eval_generator(state), z, c)
 
     if name in ("is", "log_is"):
         from .inception_score import inception_score, log_inception_score

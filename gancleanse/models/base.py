@@ -43,6 +43,7 @@ class GANModules:
     z_dim: int
     train_only: tuple[str, ...] | None = None  # globs on d/<name>, g/<name>; the config's take precedence
     frozen: tuple[str, ...] = ()
+    conditional: bool = False  # called G(z, y) and D(x, y), y the class labels (int64) of the samples
 
     def __post_init__(self) -> None:
         check_no_batchnorm(self.discriminator, "discriminator")
@@ -55,12 +56,20 @@ class GANModules:
         self.discriminator.to(device)
         return self
 
-    def generate(self, params_g: Params, z: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.generator, params_g, (z,))
+    def generate(self, params_g: Params, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """G(z), or G(z, labels) for a conditional pair."""
+        return functional_call(self.generator, params_g, self._inputs(z, labels))
 
-    def discriminate(self, params_d: Params, x: torch.Tensor) -> torch.Tensor:
-        """Logits of shape (batch,)."""
-        return functional_call(self.discriminator, params_d, (x,)).reshape(x.shape[0])
+    def discriminate(self, params_d: Params, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of shape (batch,): D(x), or D(x, labels) for a conditional pair."""
+        return functional_call(self.discriminator, params_d, self._inputs(x, labels)).reshape(x.shape[0])
+
+    def _inputs(self, samples: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        if not self.conditional:
+            return (samples,)
+        if labels is None:
+            raise ValueError("conditional GANModules need the labels of every sample")
+        return samples, labels
 
     def module_params(self, dtype: torch.dtype) -> tuple[Params, Params]:
         """The modules' own parameters (user modules keep the initialization they came with)."""
@@ -112,22 +121,28 @@ def _adapted(models: GANModules, cfg: Config) -> GANModules:
     return models
 
 
-def build_models(cfg: Config, sample_shape: tuple[int, ...]) -> GANModules:
-    """The built-in architecture the config names, shaped for the data."""
+def build_models(cfg: Config, sample_shape: tuple[int, ...], n_classes: int | None = None) -> GANModules:
+    """The built-in architecture the config names, shaped for the data (and its ``n_classes``
+    when ``model.conditional``)."""
     m = cfg.model
+    classes = 0
+    if m.conditional:
+        if not n_classes:
+            raise ConfigError("model.conditional = true needs labelled data (the number of classes)")
+        classes = n_classes
     if m.arch == "mlp":
         from .mlp import MLPDiscriminator, MLPGenerator
 
         dim = math.prod(sample_shape)
-        g = MLPGenerator(m.z_dim, sample_shape, m.g_hidden, m.layers, m.activation, m.norm, m.bias)
-        d = MLPDiscriminator(dim, m.d_hidden, m.layers, m.activation, m.norm, m.bias)
-        return _adapted(GANModules(g, d, m.z_dim), cfg)
+        g = MLPGenerator(m.z_dim, sample_shape, m.g_hidden, m.layers, m.activation, m.norm, m.bias, classes)
+        d = MLPDiscriminator(dim, m.d_hidden, m.layers, m.activation, m.norm, m.bias, classes)
+        return _adapted(GANModules(g, d, m.z_dim, conditional=m.conditional), cfg)
     if m.arch == "dcgan":
         from .dcgan import DCGANDiscriminator, DCGANGenerator
 
-        g = DCGANGenerator(m.z_dim, sample_shape, m.g_hidden, m.activation, m.norm, m.bias)
-        d = DCGANDiscriminator(sample_shape, m.d_hidden, m.activation, m.norm, m.bias)
-        return _adapted(GANModules(g, d, m.z_dim), cfg)
+        g = DCGANGenerator(m.z_dim, sample_shape, m.g_hidden, m.activation, m.norm, m.bias, classes)
+        d = DCGANDiscriminator(sample_shape, m.d_hidden, m.activation, m.norm, m.bias, classes)
+        return _adapted(GANModules(g, d, m.z_dim, conditional=m.conditional), cfg)
     if m.arch == "custom":
         raise ConfigError("model.arch = 'custom' stands for modules given to the Python API: train with "
                           "gancleanse.train(cfg, out, models=GANModules(G, D, z_dim)) and reopen with "

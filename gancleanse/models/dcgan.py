@@ -26,6 +26,9 @@ a kernel-2 last layer, 64x64 adding one stride-2 layer in front of 32x32's tail.
 Every convolution is followed by the activation and, with ``norm = "layer"``, by a
 per-instance LayerNorm over (C, H, W): it never mixes instances, so an instance weight of
 0 still means "this instance was not seen", which BatchNorm would break.
+
+With ``n_classes`` both are class-conditional as the MLP's are: a z_dim-wide class embedding
+beside z at G's input, a projection term on D's final (hidden-wide) features.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DataError
-from .mlp import ACTIVATIONS
+from .mlp import ACTIVATIONS, projection_logit, with_label_embedding
 
 # image side -> discriminator (kernels, strides); the generator uses both reversed.
 SPECS: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -99,7 +102,7 @@ class DCGANDiscriminator(nn.Module):
     """Image (B, C, H, W) -> logit (B,)."""
 
     def __init__(self, in_shape: tuple[int, ...], hidden: int = 32, activation: str = "sigmoid",
-                 norm: str = "layer", bias: bool = False) -> None:
+                 norm: str = "layer", bias: bool = False, n_classes: int = 0) -> None:
         super().__init__()
         c, _, kernels, strides = image_spec(tuple(in_shape))
         layers: list[nn.Module] = []
@@ -108,23 +111,28 @@ class DCGANDiscriminator(nn.Module):
             layers += _block(conv, hidden, activation, norm, bias)
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(hidden, 1, bias=bias)
+        self.embed = nn.Embedding(n_classes, hidden) if n_classes else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).flatten(1)).reshape(-1)
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.features(x).flatten(1)
+        return projection_logit(self.head(h), h, self.embed, y)
 
 
 class DCGANGenerator(nn.Module):
     """Latent (B, z_dim) -> image (B, C, H, W) in [-1, 1]."""
 
     def __init__(self, z_dim: int, out_shape: tuple[int, ...], hidden: int = 32,
-                 activation: str = "sigmoid", norm: str = "layer", bias: bool = False) -> None:
+                 activation: str = "sigmoid", norm: str = "layer", bias: bool = False, n_classes: int = 0) -> None:
         super().__init__()
         c, _, kernels, strides = image_spec(tuple(out_shape))
+        self.embed = nn.Embedding(n_classes, z_dim) if n_classes else None
+        width = z_dim * (2 if n_classes else 1)
         layers: list[nn.Module] = []
         for i, (k, s) in enumerate(zip(reversed(kernels), reversed(strides))):
-            conv = nn.ConvTranspose2d(z_dim if i == 0 else hidden, hidden, k, s, padding=0, bias=bias)
+            conv = nn.ConvTranspose2d(width if i == 0 else hidden, hidden, k, s, padding=0, bias=bias)
             layers += _block(conv, hidden, activation, norm, bias)
         self.net = nn.Sequential(*layers, nn.Conv2d(hidden, c, 1, bias=bias), nn.Tanh())
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        z = with_label_embedding(z.reshape(z.shape[0], -1), self.embed, y)
         return self.net(z.reshape(z.shape[0], -1, 1, 1))

@@ -1,4 +1,9 @@
-"""Fully connected GAN (the paper's 2D model: G z-32-32-2, D 2-64-64-1, no biases)."""
+"""Fully connected GAN (the paper's 2D model: G z-32-32-2, D 2-64-64-1, no biases).
+
+With ``n_classes`` the pair is class-conditional: G takes a learned class embedding beside
+z (``embed``, z_dim wide), and D adds the projection term <embed(y), phi(x)> of its last
+hidden features phi to the unconditional logit (Miyato & Koyama's projection discriminator).
+"""
 
 from __future__ import annotations
 
@@ -26,25 +31,51 @@ def _stack(sizes: list[int], activation: str, norm: str, bias: bool) -> list[nn.
     return layers
 
 
+def with_label_embedding(z: torch.Tensor, embed: nn.Embedding | None, y: torch.Tensor | None) -> torch.Tensor:
+    """[z, embed(y)] for a conditional generator; z itself for an unconditional one."""
+    if embed is None:
+        return z
+    if y is None:
+        raise ValueError("a class-conditional generator needs the labels of its samples")
+    return torch.cat([z.reshape(z.shape[0], -1), embed(y)], dim=1)
+
+
+def projection_logit(logit: torch.Tensor, features: torch.Tensor, embed: nn.Embedding | None,
+                     y: torch.Tensor | None) -> torch.Tensor:
+    """psi(phi(x)) + <embed(y), phi(x)>: the projection discriminator's logit, shape (B,)."""
+    logit = logit.reshape(-1)
+    if embed is None:
+        return logit
+    if y is None:
+        raise ValueError("a class-conditional discriminator needs the labels of its samples")
+    return logit + (embed(y) * features).sum(dim=1)
+
+
 class MLPGenerator(nn.Module):
     def __init__(self, z_dim: int, out_shape: tuple[int, ...], hidden: int, layers: int,
-                 activation: str = "relu", norm: str = "none", bias: bool = False) -> None:
+                 activation: str = "relu", norm: str = "none", bias: bool = False, n_classes: int = 0) -> None:
         super().__init__()
         self.out_shape = tuple(out_shape)
-        sizes = [z_dim] + [hidden] * layers
+        self.embed = nn.Embedding(n_classes, z_dim) if n_classes else None
+        sizes = [z_dim * (2 if n_classes else 1)] + [hidden] * layers
         self.net = nn.Sequential(*_stack(sizes, activation, norm, bias),
                                  nn.Linear(hidden, math.prod(out_shape), bias=bias))
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z).reshape(z.shape[0], *self.out_shape)
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(with_label_embedding(z, self.embed, y)).reshape(z.shape[0], *self.out_shape)
 
 
 class MLPDiscriminator(nn.Module):
     def __init__(self, in_dim: int, hidden: int, layers: int, activation: str = "relu",
-                 norm: str = "none", bias: bool = False) -> None:
+                 norm: str = "none", bias: bool = False, n_classes: int = 0) -> None:
         super().__init__()
         sizes = [in_dim] + [hidden] * layers
         self.net = nn.Sequential(*_stack(sizes, activation, norm, bias), nn.Linear(hidden, 1, bias=bias))
+        self.embed = nn.Embedding(n_classes, hidden) if n_classes else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.reshape(x.shape[0], -1)).reshape(-1)
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        *body, head = self.net
+        h = x.reshape(x.shape[0], -1)
+        for layer in body:
+            h = layer(h)
+        return projection_logit(head(h), h, self.embed, y)

@@ -198,7 +198,9 @@ def retrain_and_evaluate(run: Run, removed: list[int], retrain: str, metrics: li
     if samples_path:
         dyn = run.dynamics
         with torch.no_grad():
-            x = dyn.models.generate(dyn.eval_generator(state), run.eval_latents("test")[:SAMPLE_COUNT])
+            c = run.eval_labels("test")
+            x = dyn.models.generate(dyn.eval_generator(state), run.eval_latents("test")[:SAMPLE_COUNT],
+                                    None if c is None else c[:SAMPLE_COUNT])
         save_file({"samples": x.detach().cpu().contiguous()}, samples_path)
     return out
 

@@ -10,7 +10,9 @@ so ``w_j = 0`` is exactly "x_j dropped from its minibatch", and d(state')/dw is 
 needs. The R1 penalty on real instances, (gamma/2B) sum_i w_i ||grad_x D(x_i)||^2, carries the
 same weights (removing an instance removes its penalty too); R2 is the same penalty on the
 generated samples. With lazy regularization (``r1_every`` = k) both apply every k-th step,
-scaled by k, as in StyleGAN2. Because the step is a function of tensors only, ``torch.func.vjp`` of it yields in
+scaled by k, as in StyleGAN2. A conditional GAN's instance is the pair (x_i, y_i): its label
+goes with it into D's real term and its R1 term, so the same weight removes both; generated
+samples carry their own recorded labels. Because the step is a function of tensors only, ``torch.func.vjp`` of it yields in
 one call both the adjoint of the previous state and every per-instance term of the batch.
 """
 
@@ -31,12 +33,16 @@ State = dict[str, dict]  # {"d", "g", "opt_d", "opt_g"[, "ema_g"]} -> tensor tre
 
 @dataclass(frozen=True)
 class StepBatch:
-    """What one step consumes: real samples, latents for each player, and the step count."""
+    """What one step consumes: real samples, latents for each player, and the step count;
+    for a conditional GAN also the real samples' labels and those of each player's fakes."""
 
     x: torch.Tensor
     z_d: torch.Tensor
     z_g: torch.Tensor
     count: int  # optimizer steps taken before this one (Adam's bias correction)
+    y: torch.Tensor | None = None
+    c_d: torch.Tensor | None = None
+    c_g: torch.Tensor | None = None
 
 
 def l2_penalty(params: Params) -> torch.Tensor:
@@ -72,39 +78,42 @@ class Dynamics:
 
     # ----------------------------------------------------------------- losses
     def loss_d(self, pd: Params, pg: Params, x: torch.Tensor, z: torch.Tensor,
-               w: torch.Tensor, count: int | None = None) -> torch.Tensor:
+               w: torch.Tensor, count: int | None = None, y: torch.Tensor | None = None,
+               c: torch.Tensor | None = None) -> torch.Tensor:
         """Discriminator loss with per-instance real weights and the fixed denominator.
 
         ``count``: the step, for lazy penalties; None applies them at their average strength
-        (the stationary game that AID solves).
+        (the stationary game that AID solves). ``y`` / ``c``: labels of the reals / fakes
+        (conditional GANs).
         """
-        fake_x = self.models.generate(pg, z)
-        real = d_real_term(self.loss, self.models.discriminate(pd, x))
-        fake = d_fake_term(self.loss, self.models.discriminate(pd, fake_x))
+        fake_x = self.models.generate(pg, z, c)
+        real = d_real_term(self.loss, self.models.discriminate(pd, x, y))
+        fake = d_fake_term(self.loss, self.models.discriminate(pd, fake_x, c))
         value = ((w * real).sum() + fake.sum()) / x.shape[0]
         if self.weight_decay_d:
             value = value + self.weight_decay_d * l2_penalty(pd)
-        return value + self.gradient_penalties(pd, x, fake_x, w, count)
+        return value + self.gradient_penalties(pd, x, fake_x, w, count, y, c)
 
     def gradient_penalties(self, pd: Params, x: torch.Tensor, fake: torch.Tensor, w: torch.Tensor,
-                           count: int | None) -> torch.Tensor | float:
+                           count: int | None, y: torch.Tensor | None = None,
+                           c: torch.Tensor | None = None) -> torch.Tensor | float:
         """R1 on the real batch (weighted per instance) and R2 on the generated one, both over B."""
         total: torch.Tensor | float = 0.0
         lazy = 1.0 if count is None else (float(self.r1_every) if count % self.r1_every == 0 else 0.0)
         if self.r1_gamma and lazy:
-            total = total + 0.5 * self.r1_gamma * lazy * (w * self.input_gradient_norms(pd, x)).sum() / x.shape[0]
+            total = total + 0.5 * self.r1_gamma * lazy * (w * self.input_gradient_norms(pd, x, y)).sum() / x.shape[0]
         if self.r2_gamma and lazy:
-            total = total + 0.5 * self.r2_gamma * lazy * self.input_gradient_norms(pd, fake).sum() / x.shape[0]
+            total = total + 0.5 * self.r2_gamma * lazy * self.input_gradient_norms(pd, fake, c).sum() / x.shape[0]
         return total
 
-    def input_gradient_norms(self, pd: Params, x: torch.Tensor) -> torch.Tensor:
+    def input_gradient_norms(self, pd: Params, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """||grad_x D(x_i)||^2 per sample: one gradient of the summed logits, since each logit
         depends on its own sample only (no batch statistics in D)."""
-        gx = grad(lambda xx: self.models.discriminate(pd, xx).sum())(x)
+        gx = grad(lambda xx: self.models.discriminate(pd, xx, labels).sum())(x)
         return gx.pow(2).reshape(x.shape[0], -1).sum(1)
 
-    def loss_g(self, pg: Params, pd: Params, z: torch.Tensor) -> torch.Tensor:
-        value = g_term(self.loss, self.models.discriminate(pd, self.models.generate(pg, z))).mean()
+    def loss_g(self, pg: Params, pd: Params, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        value = g_term(self.loss, self.models.discriminate(pd, self.models.generate(pg, z, c), c)).mean()
         if self.weight_decay_g:
             value = value + self.weight_decay_g * l2_penalty(pg)
         return value
@@ -118,15 +127,15 @@ class Dynamics:
         on CPU (tested): the zero cotangent of the other loss adds exact zeros. Saves a
         forward of G and of D on the fakes, which is 1.4x to 2.2x on a training step.
         """
-        fake, pull_g = vjp(lambda p: self.models.generate(p, batch.z_d), pg)
+        fake, pull_g = vjp(lambda p: self.models.generate(p, batch.z_d, batch.c_d), pg)
 
         def losses(pd: Params, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            real = d_real_term(self.loss, self.models.discriminate(pd, batch.x))
-            logits_fake = self.models.discriminate(pd, fake)
+            real = d_real_term(self.loss, self.models.discriminate(pd, batch.x, batch.y))
+            logits_fake = self.models.discriminate(pd, fake, batch.c_d)
             ld = ((w * real).sum() + d_fake_term(self.loss, logits_fake).sum()) / batch.x.shape[0]
             if self.weight_decay_d:
                 ld = ld + self.weight_decay_d * l2_penalty(pd)
-            ld = ld + self.gradient_penalties(pd, batch.x, fake, w, batch.count)
+            ld = ld + self.gradient_penalties(pd, batch.x, fake, w, batch.count, batch.y, batch.c_d)
             return ld, g_term(self.loss, logits_fake).mean()
 
         (ld, lg), pull_d = vjp(losses, pd, fake)
@@ -161,9 +170,10 @@ class Dynamics:
             (gd, ld), (gg, lg) = self.simultaneous_gradients(pd, pg, batch, weights)
             new_d, new_opt_d = self.opt_d.update(gd, state["opt_d"], pd, batch.count)
         else:  # G's gradient against the updated D
-            gd, ld = grad_and_value(self.loss_d)(pd, pg, batch.x, batch.z_d, weights, batch.count)
+            gd, ld = grad_and_value(self.loss_d)(pd, pg, batch.x, batch.z_d, weights, batch.count,
+                                                 batch.y, batch.c_d)
             new_d, new_opt_d = self.opt_d.update(gd, state["opt_d"], pd, batch.count)
-            gg, lg = grad_and_value(self.loss_g)(pg, new_d, batch.z_g)
+            gg, lg = grad_and_value(self.loss_g)(pg, new_d, batch.z_g, batch.c_g)
         new_g, new_opt_g = self.opt_g.update(gg, state["opt_g"], pg, batch.count)
         new: State = {"d": new_d, "g": new_g, "opt_d": new_opt_d, "opt_g": new_opt_g}
         if "ema_g" in state:

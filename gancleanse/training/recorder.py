@@ -22,7 +22,7 @@ from .. import device as devices
 from ..config import Config, check_threads
 from ..data import Splits, load_data
 from ..data.base import SPLIT_NAMES, as_float
-from ..errors import TrainingDivergedError
+from ..errors import ConfigError, TrainingDivergedError
 from ..models import GANModules, build_models
 from ..models.trainable import freeze, read_init, select_trainable, split_trainable
 from ..integrity import file_hashes, sealed
@@ -55,8 +55,13 @@ def with_user_inputs(cfg: Config, models: GANModules | None, data: Splits | None
             cfg.data, name="custom", path=None, n_train=data.train.shape[0], n_valid=data.valid.shape[0],
             n_test=data.test.shape[0]))
     if models is not None:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch="custom", z_dim=models.z_dim))
+        if cfg.model.conditional and not models.conditional:
+            raise ConfigError("model.conditional = true, but the modules are not: pass "
+                              "GANModules(G, D, z_dim, conditional=True) for G(z, y) and D(x, y)")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch="custom", z_dim=models.z_dim,
+                                                                 conditional=models.conditional))
     cfg._check_cross("the training options")
+    cfg.check_inputs()
     return cfg
 
 
@@ -115,17 +120,22 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
         dtype = DTYPES[cfg.model.dtype]
         splits = data if data is not None else load_data(cfg)
         cfg = with_split_sizes(cfg, splits)
+        frequencies = None
+        if cfg.model.conditional:
+            splits.check_conditional()
+            frequencies = splits.label_frequencies()
         if models is None:
-            models = build_models(cfg, splits.sample_shape)
+            models = build_models(cfg, splits.sample_shape, splits.n_classes)
             initial = models.initial_params(t.seed, dtype)
         else:
             initial = models.module_params(dtype)
         models.to(on)
         initial, init_files, constants = start_parameters(cfg, models, to_device(initial, on))
         train_stored = splits.train.to(on)  # uint8 for images: a quarter of float32
+        train_labels = splits.y_train.to(on) if frequencies is not None else None
         dyn = Dynamics.from_config(cfg, models)
         schedule = Schedule(cfg.data.n_train, t.batch_size, cfg.model.z_dim, t.seed,
-                            shared_latents=t.update == "simultaneous")
+                            shared_latents=t.update == "simultaneous", label_frequencies=frequencies)
         spe = schedule.steps_per_epoch
         total = t.epochs * spe
         window_start = t.record_from_epoch * spe
@@ -135,7 +145,7 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
         with staged_directory(Path(out), force=force) as stage:
             (stage / "checkpoints").mkdir()
             (stage / "config.toml").write_text(cfg.to_toml())
-            write_eval_latents(cfg, stage)
+            write_eval_latents(cfg, stage, frequencies)
             if data is not None:
                 save_file(data.tensors(), str(stage / "data.safetensors"))
             if constants:
@@ -144,7 +154,7 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
             write_json_atomic(stage / "splits.json", {
                 "source": splits.source, **{name: splits.key_list(name) for name in SPLIT_NAMES}})
             state = dyn.init_state(*initial)
-            rec_idx, rec_zd, rec_zg = [], [], []
+            rec_idx, rec_zd, rec_zg, rec_cd, rec_cg = [], [], [], [], []
             started = time.perf_counter()
             window_seconds = 0.0
             bar = tqdm(total=total, desc="train", unit="step", disable=not progress, leave=False)
@@ -154,15 +164,20 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
                         save_state(state, stage / "checkpoints" / checkpoint_name(step))
                     idx = schedule.indices(step)
                     z_d, z_g = schedule.latents(step)
+                    c_d, c_g = schedule.labels(step)
                     tic = time.perf_counter()
-                    batch = StepBatch(as_float(train_stored[idx.to(on)], dtype), z_d.to(on, dtype),
-                                      z_g.to(on, dtype), step)
+                    on_idx = idx.to(on)
+                    batch = StepBatch(as_float(train_stored[on_idx], dtype), z_d.to(on, dtype), z_g.to(on, dtype),
+                                      step, None if train_labels is None else train_labels[on_idx],
+                                      None if c_d is None else c_d.to(on), None if c_g is None else c_g.to(on))
                     state, stats = dyn.step(state, batch, ones)
                     if step >= window_start:
                         window_seconds += time.perf_counter() - tic
                         rec_idx.append(idx)
                         rec_zd.append(z_d)
                         rec_zg.append(z_g)
+                        rec_cd.append(c_d)
+                        rec_cg.append(c_g)
                     check_finite(state, stats, step, spe)
                     log.write(json.dumps({"step": step, "epoch": step // spe,
                                           **{k: float(v) for k, v in stats.items()}}) + "\n")
@@ -175,6 +190,10 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
             sched = {"indices": torch.stack(rec_idx), "z_d": torch.stack(rec_zd)}
             if not schedule.shared_latents:
                 sched["z_g"] = torch.stack(rec_zg)
+            if frequencies is not None:
+                sched["c_d"] = torch.stack(rec_cd)
+                if not schedule.shared_latents:
+                    sched["c_g"] = torch.stack(rec_cg)
             save_file(sched, str(stage / "schedule.safetensors"))
             files = ["config.toml", "eval_latents.safetensors", "splits.json", "schedule.safetensors",
                      "losses.jsonl", *(f"checkpoints/{checkpoint_name(c)}" for c in ckpts)]
@@ -198,6 +217,8 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
                 "checkpoints": ckpts,
                 "data_fingerprint": splits.fingerprint(),
                 "data": data_summary(splits),
+                **({} if frequencies is None else
+                   {"labels": {"classes": splits.n_classes, "frequencies": frequencies.tolist()}}),
                 "parameters": {p: {"trainable": sum(v.numel() for v in initial[i].values()),
                                    "frozen": sum(v.numel() for k, v in constants.items() if k.startswith(p + "/"))}
                                for i, p in enumerate(("d", "g"))},

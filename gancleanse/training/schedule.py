@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-_PERMUTATION, _LATENT_D, _LATENT_G, _EVAL, _SOLVER = 0, 1, 2, 3, 4
+_PERMUTATION, _LATENT_D, _LATENT_G, _EVAL, _SOLVER, _LABEL_D, _LABEL_G, _EVAL_LABEL = range(8)
 
 
 def _generator(*words: int) -> torch.Generator:
@@ -27,25 +27,40 @@ def eval_latents(seed: int, split: str, n: int, z_dim: int) -> torch.Tensor:
     return torch.randn(n, z_dim, generator=_generator(seed, _EVAL, split_id), dtype=torch.float64)
 
 
-def solver_draw(seed: int, counter: int, n_train: int, size: int, z_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Instance indices (without replacement) and latents (float64) for AID's Jacobian products.
+def draw_labels(frequencies: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` class labels (int64) drawn with replacement from the class ``frequencies``."""
+    return torch.multinomial(frequencies, n, replacement=True, generator=gen)
+
+
+def eval_labels(seed: int, split: str, n: int, frequencies: torch.Tensor) -> torch.Tensor:
+    """Fixed labels of a conditional GAN's evaluation samples on one split (beside its latents)."""
+    split_id = {"valid": 0, "test": 1}[split]
+    return draw_labels(frequencies, n, _generator(seed, _EVAL_LABEL, split_id))
+
+
+def solver_draw(seed: int, counter: int, n_train: int, size: int, z_dim: int,
+                frequencies: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Instance indices (without replacement), latents (float64) and, for a conditional GAN,
+    generated labels, for AID's Jacobian products.
 
     A stream of its own, so that estimating influence never shifts the training's draws.
     """
     gen = _generator(seed, _SOLVER, counter)
     indices = torch.randperm(n_train, generator=gen)[:size]
-    return indices, torch.randn(size, z_dim, generator=gen, dtype=torch.float64)
+    z = torch.randn(size, z_dim, generator=gen, dtype=torch.float64)
+    return indices, z, None if frequencies is None else draw_labels(frequencies, size, gen)
 
 
 @dataclass
 class Schedule:
-    """Step -> (instance indices, discriminator latents, generator latents)."""
+    """Step -> (instance indices, discriminator latents, generator latents[, generated labels])."""
 
     n_train: int
     batch_size: int
     z_dim: int
     seed: int
     shared_latents: bool  # simultaneous updates use one latent batch for both players
+    label_frequencies: torch.Tensor | None = None  # conditional GANs: the training labels' distribution
     _perm_cache: tuple[int, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -67,3 +82,15 @@ class Schedule:
             return z_d, z_d
         z_g = torch.randn(shape, generator=_generator(self.seed, _LATENT_G, step), dtype=torch.float64)
         return z_d, z_g
+
+    def labels(self, step: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Labels of each player's generated samples (None, None when unconditional).
+
+        Drawn from the training labels' frequencies and then fixed, like the latents: a
+        counterfactual retrain keeps them although the removed instance had a label."""
+        if self.label_frequencies is None:
+            return None, None
+        c_d = draw_labels(self.label_frequencies, self.batch_size, _generator(self.seed, _LABEL_D, step))
+        if self.shared_latents:
+            return c_d, c_d
+        return c_d, draw_labels(self.label_frequencies, self.batch_size, _generator(self.seed, _LABEL_G, step))
