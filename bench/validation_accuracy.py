@@ -46,11 +46,13 @@ from gancleanse.influence.surrogate import smoothed_relu
 from gancleanse.metrics import make_metric
 from gancleanse.study.validate import accuracy, choose_instances, random_jaccard, retrain_all
 
-PAPER = {  # DESIGN.md section 3: ICLR 2021, 10 seeds, 200 instances
-    "2d": {"metric": "all", "tau": {1: 0.87, 5: 0.84, 10: 0.85, 20: 0.84, 50: 0.67},
-           "jaccard": {1: 0.57, 5: 0.46, 10: 0.53, 20: 0.43, 50: 0.29}},
-    "digits": {"metric": "fid", "tau": {1: 0.95, 5: 0.87, 10: 0.73, 20: 0.44, 50: 0.23},
-               "jaccard": {1: 0.82, 5: 0.70, 10: 0.50, 20: 0.27, 50: 0.18}},
+PAPER = {  # DESIGN.md section 3: ICLR 2021, 10 seeds, 200 instances; setup -> metric -> row
+    "2d": {"all": {"tau": {1: 0.87, 5: 0.84, 10: 0.85, 20: 0.84, 50: 0.67},
+                   "jaccard": {1: 0.57, 5: 0.46, 10: 0.53, 20: 0.43, 50: 0.29}}},
+    "digits": {"fid": {"tau": {1: 0.95, 5: 0.87, 10: 0.73, 20: 0.44, 50: 0.23},
+                       "jaccard": {1: 0.82, 5: 0.70, 10: 0.50, 20: 0.27, 50: 0.18}},
+               "log_is": {"tau": {1: 0.92, 5: 0.80, 10: 0.68, 20: 0.35, 50: 0.07},
+                          "jaccard": {1: 0.78, 5: 0.63, 10: 0.42, 20: 0.23, 50: 0.16}}},
 }
 
 SETUPS = {
@@ -136,9 +138,15 @@ def mean_std(values: list[float | None]) -> str:
     return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
 
 
+def variant_name(estimator: str, metric: str, metrics: list[str]) -> str:
+    """``ITD``, or ``ITD [log_is]`` for the metrics after the first."""
+    return estimator if metric == metrics[0] else f"{estimator} [{metric}]"
+
+
 def one_seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
     started = time.perf_counter()
-    metric = PAPER[args.setup]["metric"]
+    metrics = args.metrics
+    metric = metrics[0]
     spec = json.loads(json.dumps(SETUPS[args.setup]))
     spec.setdefault("train", {})["seed"] = seed
     spec.setdefault("data", {})["seed"] = seed
@@ -153,21 +161,27 @@ def one_seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
     final_epoch = run.final_step // run.steps_per_epoch
     horizons = [k for k in args.horizons if 1 <= k <= final_epoch - run.window_start // run.steps_per_epoch]
 
-    itd, itd_s = itd_horizons(run, metric, horizons, work / f"{tag}.itd.npz", tag)
-    chosen = choose_instances(itd[horizons[-1]], args.instances, seed, extremes=False)
-    variants: dict[str, dict[int, np.ndarray]] = {"ITD": itd}
-    seconds = {"ITD": itd_s}
+    variants: dict[str, dict[int, np.ndarray]] = {}
+    variant_metric: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    for m in metrics:
+        name = variant_name("ITD", m, metrics)
+        cache = work / (f"{tag}.itd.npz" if m == metric else f"{tag}.itd-{m}.npz")
+        variants[name], seconds[name] = itd_horizons(run, m, horizons, cache, tag)
+        variant_metric[name] = m
+    chosen = choose_instances(variants["ITD"][horizons[-1]], args.instances, seed, extremes=False)
     for t in args.surrogate:
         name = f"ITD~T={fmt_t(t)}"
         variants[name], seconds[name] = itd_horizons(run, metric, horizons, work / f"{tag}.itd-T{fmt_t(t)}.npz",
                                                      tag, temperature=t)
+        variant_metric[name] = metric
 
     jobs = [(j, final_epoch - k) for k in horizons for j in chosen]
     parts = work / f"{tag}.parts"
     before = len(list(parts.glob(f"{metric}_i*_e*.json"))) if parts.is_dir() else 0
     tic = time.perf_counter()
-    actual = retrain_all(run, jobs, metric, parts, executor="local", workers=args.workers,
-                         progress=args.progress, batched=True)
+    actual = retrain_all(run, jobs, metrics, parts, executor="local", workers=args.workers,
+                         progress=args.progress, batched=True)  # each retrain evaluated on every metric
     retrain_s = time.perf_counter() - tic
 
     if args.aid != "none":
@@ -180,15 +194,17 @@ def one_seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
                                **{n: v for n, v in options.items() if v is not None})
             variants.setdefault("AID", {})[k] = np.asarray(est.influence)
             seconds["AID"] = seconds.get("AID", 0.0) + float(est.info["seconds"])
+            variant_metric["AID"] = metric
 
     acc: dict[str, dict[int, dict[str, float | None]]] = {}
     for name, est in variants.items():
         acc[name] = {}
         for k in horizons:
-            a = [actual[(j, final_epoch - k)] for j in chosen]
+            a = [actual[variant_metric[name]][(j, final_epoch - k)] for j in chosen]
             acc[name][k] = accuracy([float(est[k][j]) for j in chosen], a)
     result = {
         "seed": seed, "run_id": run.id, "horizons": horizons, "instances": len(chosen),
+        "metrics": variant_metric,
         "accuracy": {n: {str(k): v for k, v in a.items()} for n, a in acc.items()},
         "estimate_seconds": seconds, "retrain_seconds": retrain_s, "retrains_resumed": before,
         "retrain_steps": sum(k * run.steps_per_epoch for k in horizons) * len(chosen),
@@ -219,21 +235,24 @@ def print_seed(r: dict[str, Any]) -> None:
 
 
 def print_summary(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
-    paper = PAPER[args.setup]
     names = list(results[0]["accuracy"])
+    of_metric = results[0]["metrics"]
     horizons = results[0]["horizons"]
     n_inst = results[0]["instances"]
     print(f"\n{args.setup}, activation {args.activation or SETUPS[args.setup].get('model', {}).get('activation')}, "
-          f"metric {paper['metric']}: {len(results)} seed(s) "
+          f"metrics {', '.join(args.metrics)}: {len(results)} seed(s) "
           f"({', '.join(str(r['seed']) for r in results)}), K = {n_inst} instances; mean ± std over seeds")
-    print(f"{'k':>4} | {'estimator':<14} | {'Kendall tau':>12} | {'Jaccard':>12}")
+    print(f"{'k':>4} | {'estimator':<16} | {'Kendall tau':>12} | {'Jaccard':>12}")
     for k in horizons:
-        for n in names:
-            rows = [r["accuracy"][n][str(k)] for r in results]
-            print(f"{k:>4} | {n:<14} | {mean_std([a['kendall_tau'] for a in rows]):>12} | "
-                  f"{mean_std([a['jaccard'] for a in rows]):>12}")
-        print(f"{k:>4} | {'paper (ITD)':<14} | {paper['tau'].get(k, math.nan):>12.2f} | "
-              f"{paper['jaccard'].get(k, math.nan):>12.2f}")
+        for m in args.metrics:
+            for n in (n for n in names if of_metric[n] == m):
+                rows = [r["accuracy"][n][str(k)] for r in results]
+                print(f"{k:>4} | {n:<16} | {mean_std([a['kendall_tau'] for a in rows]):>12} | "
+                      f"{mean_std([a['jaccard'] for a in rows]):>12}")
+            paper = PAPER[args.setup].get(m)
+            if paper:
+                print(f"{k:>4} | {variant_name('paper (ITD)', m, args.metrics):<16} | "
+                      f"{paper['tau'].get(k, math.nan):>12.2f} | {paper['jaccard'].get(k, math.nan):>12.2f}")
     print(f"random: tau 0, Jaccard {random_jaccard(n_inst):.3f}")
     if len(names) > 1:
         print("\nper-seed Kendall tau (k: estimator: seeds in order)")
@@ -244,7 +263,7 @@ def print_summary(args: argparse.Namespace, results: list[dict[str, Any]]) -> No
         print("\nmean change of tau against ITD (std over seeds; seeds where it rises)")
         for k in horizons:
             base = [r["accuracy"]["ITD"][str(k)]["kendall_tau"] for r in results]
-            for n in names[1:]:
+            for n in (n for n in names[1:] if of_metric[n] == of_metric["ITD"]):
                 d = np.array([r["accuracy"][n][str(k)]["kendall_tau"] - b for r, b in zip(results, base)])
                 print(f"{k:>4} | {n:<14} | {d.mean():+.3f} ({d.std(ddof=1) if len(d) > 1 else 0.0:.3f}); "
                       f"{int((d > 0).sum())}/{len(d)} up")
@@ -278,6 +297,9 @@ def main() -> None:
                     help="the model's activation (default: relu on 2d, the setup's own on digits)")
     ap.add_argument("--instances", type=int, default=200)
     ap.add_argument("--horizons", type=int, nargs="+", default=[1, 5, 10])
+    ap.add_argument("--metrics", nargs="+", default=None,
+                    help="metrics to estimate and retrain for (default: all on 2d, fid on digits; the "
+                         "paper's digits rows: fid log_is); the first one picks the instances")
     ap.add_argument("--surrogate", type=float, nargs="*", default=[],
                     help="temperatures of kink-smoothed ReLU ITD, scored against the same retrains")
     ap.add_argument("--workers", type=int, default=1)
@@ -291,6 +313,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.horizons = sorted(set(args.horizons))
+    args.metrics = list(dict.fromkeys(args.metrics or [next(iter(PAPER[args.setup]))]))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="gancleanse-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"{' '.join(sys.argv)}\nworkdir {work}", flush=True)

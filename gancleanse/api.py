@@ -189,8 +189,8 @@ def validate(run: Run | str | Path, metric: str = "all", method: str = "itd", in
     jobs = [(j, final_epoch - k) for k in ks for j in chosen]
     with tempfile.TemporaryDirectory() as tmp:
         parts = Path(out).with_suffix(".parts") if out else Path(tmp)
-        actual = val.retrain_all(run, jobs, metric, parts, executor=executor,
-                                 workers=workers, progress=progress, batched=batched)
+        actual = val.retrain_all(run, jobs, [metric], parts, executor=executor,
+                                 workers=workers, progress=progress, batched=batched)[metric]
 
     def panel(k: int) -> dict[str, Any]:
         est = scores.horizons[k] if k in scores.horizons else scores.influence

@@ -86,14 +86,14 @@ def choose_instances(estimate: np.ndarray, k: int, seed: int, extremes: bool) ->
 RETRAIN_CHUNK = 64  # retrains advanced together by one vmapped step
 
 
-def counterfactual_deltas(run: "Run", indices: list[int], metric: str, from_epoch: int | None,
-                          batched: bool) -> list[float]:
-    """Retrains without each one instance, forked off one shared replay (a top-level function
-    so that process pools can pickle it)."""
-    from ..api import counterfactuals
-
-    return [float(r["delta"]) for r in counterfactuals(run, [[j] for j in indices], metric, from_epoch=from_epoch,
-                                                        batched=batched)]
+def counterfactual_deltas(run: "Run", indices: list[int], metrics: Sequence[str], from_epoch: int | None,
+                          batched: bool) -> dict[str, list[float]]:
+    """Per metric, the change after retraining without each one instance, forked off one shared
+    replay and each retrained state evaluated on every metric (a top-level function so that
+    process pools can pickle it)."""
+    start = run.window_start if from_epoch is None else run.epoch_start_step(from_epoch)
+    before, after = retrained_values(run, [[j] for j in indices], metrics, start=start, batched=batched)
+    return {m: [a - before[m] for a in values] for m, values in after.items()}
 
 
 def retrained_values(run: "Run", removals: Sequence[Sequence[int]], metrics: Sequence[str], *,
@@ -145,10 +145,11 @@ def chunks(jobs: list[tuple[int, int | None]], workers: int) -> list[tuple[int |
     return out
 
 
-def retrain_all(run: "Run", jobs: list[tuple[int, int | None]], metric: str, parts: Path, *,
+def retrain_all(run: "Run", jobs: list[tuple[int, int | None]], metrics: Sequence[str], parts: Path, *,
                 executor: str, workers: int, progress: bool, batched: bool = False
-                ) -> dict[tuple[int, int | None], float]:
-    """Actual deltas for (instance, from_epoch) pairs, reusing those already stored in ``parts``.
+                ) -> dict[str, dict[tuple[int, int | None], float]]:
+    """Per metric, the actual deltas for (instance, from_epoch) pairs, reusing those already
+    stored in ``parts`` (one file per retrain and metric; a retrain serves every metric).
 
     Each stored retrain names the run it came from (its seal); retrains of another run, or
     of an earlier training at the same path, are never reused: they are recomputed and
@@ -157,24 +158,27 @@ def retrain_all(run: "Run", jobs: list[tuple[int, int | None]], metric: str, par
     from ..device import local_workers
     from ..locks import DirectoryLock
 
+    metrics = list(dict.fromkeys(metrics))
     workers = local_workers(run.device, workers, executor)
     parts.mkdir(parents=True, exist_ok=True)
     with DirectoryLock(parts, "validation"):
-        done: dict[tuple[int, int | None], float] = {}
-        for f in sorted(parts.glob(f"{metric}_i*_e*.json")):
-            rec = read_part(f)
-            if rec["run_id"] == run.id and rec["metric"] == metric:
-                done[(rec["index"], rec["from_epoch"])] = rec["delta"]
-        todo = chunks([(j, e) for j, e in jobs if (j, e) not in done], workers)
-        tasks = [((e, tuple(js)), (run, js, metric, e, batched)) for e, js in todo]
+        done: dict[str, dict[tuple[int, int | None], float]] = {m: {} for m in metrics}
+        for m in metrics:
+            for f in sorted(parts.glob(f"{m}_i*_e*.json")):
+                rec = read_part(f)
+                if rec["run_id"] == run.id and rec["metric"] == m:
+                    done[m][(rec["index"], rec["from_epoch"])] = rec["delta"]
+        todo = chunks([(j, e) for j, e in jobs if any((j, e) not in done[m] for m in metrics)], workers)
+        tasks = [((e, tuple(js)), (run, js, metrics, e, batched)) for e, js in todo]
         for (e, js), deltas in run_tasks(counterfactual_deltas, tasks, executor=executor, workers=workers,
                                          progress=progress, desc="retrain"):
-            for j, delta in zip(js, deltas):
-                done[(j, e)] = delta
-                write_json_atomic(parts / f"{metric}_i{j}_e{'window' if e is None else e}.json",
-                                  {"index": j, "from_epoch": e, "metric": metric, "delta": delta,
-                                   "run_id": run.id, "run": str(run.path.resolve())})
-    return {key: done[key] for key in jobs}
+            for m in metrics:
+                for j, delta in zip(js, deltas[m]):
+                    done[m][(j, e)] = delta
+                    write_json_atomic(parts / f"{m}_i{j}_e{'window' if e is None else e}.json",
+                                      {"index": j, "from_epoch": e, "metric": m, "delta": delta,
+                                       "run_id": run.id, "run": str(run.path.resolve())})
+    return {m: {key: done[m][key] for key in jobs} for m in metrics}
 
 
 def read_part(path: Path) -> dict[str, Any]:
