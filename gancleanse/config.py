@@ -147,6 +147,8 @@ class CleanseConfig:
                           "training size; 0: off), Kendall tau and Pearson against the actual changes")
     itd_memory_gb: float | None = _opt(None, lo=0.0, lo_open=True, doc="memory for ITD's reverse-pass graphs "
                                        "(default: half of what is available); the result does not depend on it")
+    itd_relu_smoothing: float | None = _opt(None, lo=0.0, lo_open=True, doc="ITD differentiates ReLU kinks as if "
+                                            "smoothed over this width (influence --relu-smoothing; off by default)")
     aid_solver: str = _opt("gmres", choices=("gmres", "cg", "neumann"), doc="adjoint solver of method aid")
     aid_iterations: int | None = _opt(None, lo=1, doc="default: the solver's (gmres 100, cg 200, neumann 1000)")
     aid_operator_size: int | None = _opt(None, lo=1, doc="instances in AID's Jacobian products (default all, "
@@ -196,6 +198,10 @@ class Config:
         m = self.model
         if m.init and (m.init_g or m.init_d):
             raise ConfigError(f"{source}: model.init names both players' weights: drop model.init_g / model.init_d")
+        if (self.cleanse.itd_relu_smoothing is not None and m.arch != "custom"
+                and m.activation not in ("relu", "leaky_relu")):
+            raise ConfigError(f"{source}: cleanse.itd_relu_smoothing smooths ReLU kinks, but model.activation = "
+                              f"{m.activation!r}")
         if not DEVICE_PATTERN.fullmatch(t.device):
             raise ConfigError(f"{source}: train.device = {t.device!r} is not one of auto, cpu, cuda, cuda:N")
         if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):

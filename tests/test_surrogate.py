@@ -137,3 +137,27 @@ def test_itd_option_and_cli_flag_use_the_surrogate_and_refuse_misuse(tmp_path, r
     assert main(["influence", str(relu.path), "--method", "aid", "--relu-smoothing", "0.05", "--out",
                  str(tmp_path / "a.csv"), "-q"]) == 2
     assert "--relu-smoothing applies to --method itd" in capsys.readouterr().err
+
+
+def test_a_study_scores_with_the_configured_smoothing(tmp_path):
+    import json
+
+    import numpy as np
+
+    import gancleanse as gc
+    from gancleanse.errors import ConfigError
+
+    from conftest import tiny_config
+
+    cleanse = {"metrics": ["all"], "methods": ["itd", "random"], "removal_rates": [0.0, 0.1], "seeds": [0],
+               "check": 0, "itd_relu_smoothing": 0.05}
+    cfg = tiny_config(model={"activation": "relu"}, cleanse=cleanse)
+    gc.cleanse(cfg, tmp_path / "study", report=False, progress=False)
+    seed_dir = tmp_path / "study" / "seeds" / "seed_0"
+    assert json.loads((seed_dir / "scores" / "itd-all.json").read_text())["relu_smoothing"] == 0.05
+    run = gc.Run.open(seed_dir / "run")
+    expected = gc.influence(run, "all", "itd", relu_smoothing=0.05, progress=False).harmfulness
+    stored = np.loadtxt(seed_dir / "scores" / "itd-all.csv", delimiter=",", skiprows=1, usecols=2)
+    assert np.allclose(stored, expected, rtol=1e-12, atol=0)
+    with pytest.raises(ConfigError, match="itd_relu_smoothing smooths ReLU kinks, but model.activation = 'softplus'"):
+        tiny_config(cleanse=cleanse)

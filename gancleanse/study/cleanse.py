@@ -69,9 +69,11 @@ def scorers_for(cfg: Config, image_data: bool) -> list[Scorer]:
 
 
 def scorer_options(method: str, cleanse: dict[str, Any]) -> dict[str, Any]:
-    """The study config's options for ``method`` (ITD's memory budget, AID's solver settings)."""
+    """The study config's options for ``method`` (ITD's memory budget and ReLU smoothing, AID's
+    solver settings)."""
     if method == "itd":
-        return {} if cleanse["itd_memory_gb"] is None else {"memory_gb": cleanse["itd_memory_gb"]}
+        options = {"memory_gb": cleanse["itd_memory_gb"], "relu_smoothing": cleanse["itd_relu_smoothing"]}
+        return {k: v for k, v in options.items() if v is not None}
     if method != "aid":
         return {}
     options = {"solver": cleanse["aid_solver"], "iterations": cleanse["aid_iterations"],
