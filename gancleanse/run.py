@@ -561,14 +561,15 @@ class Run:
         return self._eval_latents[f"{split}_labels"].to(self.device) if self.conditional else None
 
 
-def check_label_tensors(tensors: dict[str, torch.Tensor], names: tuple[str, ...], n_classes: int | None,
+def check_label_tensors(tensors: dict[str, torch.Tensor], names: tuple[str, ...], n_classes: int,
                         label: str) -> None:
-    """Stored generated labels must be int64 classes of the data."""
+    """Stored generated labels (those of ``names`` present) must be int64 classes of the data."""
     for name in names:
         c = tensors.get(name)
-        if c is not None and (c.dtype != torch.int64 or (c.numel() and not (0 <= int(c.min()) and
-                                                                             int(c.max()) < (n_classes or 0)))):
-            raise RunDirError(f"{label}: {name} must hold int64 labels in 0..{(n_classes or 0) - 1}")
+        if c is None:
+            continue
+        if c.dtype != torch.int64 or (c.numel() and not (0 <= int(c.min()) and int(c.max()) < n_classes)):
+            raise RunDirError(f"{label}: {name} must hold int64 labels in 0..{n_classes - 1}")
 
 
 def write_eval_latents(cfg: Config, stage: Path, label_frequencies: torch.Tensor | None = None) -> None:

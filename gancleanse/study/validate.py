@@ -87,7 +87,7 @@ RETRAIN_CHUNK = 64  # retrains advanced together by one vmapped step
 
 
 def counterfactual_deltas(run: "Run", indices: list[int], metrics: Sequence[str], from_epoch: int | None,
-                          batched: bool) -> dict[str, list[float]]:
+                          batched: bool | None) -> dict[str, list[float]]:
     """Per metric, the change after retraining without each one instance, forked off one shared
     replay and each retrained state evaluated on every metric (a top-level function so that
     process pools can pickle it)."""
@@ -146,7 +146,7 @@ def chunks(jobs: list[tuple[int, int | None]], workers: int) -> list[tuple[int |
 
 
 def retrain_all(run: "Run", jobs: list[tuple[int, int | None]], metrics: Sequence[str], parts: Path, *,
-                executor: str, workers: int, progress: bool, batched: bool = False
+                executor: str, workers: int, progress: bool, batched: bool | None = False
                 ) -> dict[str, dict[tuple[int, int | None], float]]:
     """Per metric, the actual deltas for (instance, from_epoch) pairs, reusing those already
     stored in ``parts`` (one file per retrain and metric; a retrain serves every metric).
