@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 _PERMUTATION, _LATENT_D, _LATENT_G, _EVAL, _SOLVER, _LABEL_D, _LABEL_G, _EVAL_LABEL = range(8)
+_EVAL_SPLITS = {"valid": 0, "test": 1}
 
 
 def _generator(*words: int) -> torch.Generator:
@@ -23,7 +24,7 @@ def _generator(*words: int) -> torch.Generator:
 
 def eval_latents(seed: int, split: str, n: int, z_dim: int) -> torch.Tensor:
     """Fixed latents for evaluating a metric on one split (float64)."""
-    split_id = {"valid": 0, "test": 1}[split]
+    split_id = _EVAL_SPLITS[split]
     return torch.randn(n, z_dim, generator=_generator(seed, _EVAL, split_id), dtype=torch.float64)
 
 
@@ -34,7 +35,7 @@ def draw_labels(frequencies: torch.Tensor, n: int, gen: torch.Generator) -> torc
 
 def eval_labels(seed: int, split: str, n: int, frequencies: torch.Tensor) -> torch.Tensor:
     """Fixed labels of a conditional GAN's evaluation samples on one split (beside its latents)."""
-    split_id = {"valid": 0, "test": 1}[split]
+    split_id = _EVAL_SPLITS[split]
     return draw_labels(frequencies, n, _generator(seed, _EVAL_LABEL, split_id))
 
 
