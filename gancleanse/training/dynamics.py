@@ -120,28 +120,30 @@ class Dynamics:
 
     def simultaneous_gradients(self, pd: Params, pg: Params, batch: StepBatch, w: torch.Tensor
                                ) -> tuple[tuple[Params, torch.Tensor], tuple[Params, torch.Tensor]]:
-        """(dL_D/dtheta_D, L_D), (dL_G/dtheta_G, L_G) at the same point, with G(z) and D(G(z))
-        computed once (the players share their latents here).
+        """(dL_D/dtheta_D, L_D), (dL_G/dtheta_G, L_G) at the same point, with G(z) computed
+        once (the players share their latents here).
 
         The same values as ``grad_and_value`` of ``loss_d`` and ``loss_g`` separately, bitwise
-        on CPU (tested): the zero cotangent of the other loss adds exact zeros. Saves a
-        forward of G and of D on the fakes, which is 1.4x to 2.2x on a training step.
+        on CPU (tested). G's backward needs only the input gradient of D on the fakes, so it
+        gets a backward of its own through D's fake branch: one more forward of D on the
+        fakes, but no weight gradients and no real branch in that pass (a joint backward
+        of both losses would compute both twice).
         """
         fake, pull_g = vjp(lambda p: self.models.generate(p, batch.z_d, batch.c_d), pg)
 
-        def losses(pd: Params, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def loss_d(pd: Params) -> torch.Tensor:  # the fakes enter as values here
             real = d_real_term(self.loss, self.models.discriminate(pd, batch.x, batch.y))
             logits_fake = self.models.discriminate(pd, fake, batch.c_d)
             ld = ((w * real).sum() + d_fake_term(self.loss, logits_fake).sum()) / batch.x.shape[0]
             if self.weight_decay_d:
                 ld = ld + self.weight_decay_d * l2_penalty(pd)
-            ld = ld + self.gradient_penalties(pd, batch.x, fake, w, batch.count, batch.y, batch.c_d)
-            return ld, g_term(self.loss, logits_fake).mean()
+            return ld + self.gradient_penalties(pd, batch.x, fake, w, batch.count, batch.y, batch.c_d)
 
-        (ld, lg), pull_d = vjp(losses, pd, fake)
-        one, zero = torch.ones_like(ld), torch.zeros_like(ld)
-        gd, _ = pull_d((one, zero))
-        _, g_fake = pull_d((zero, one))
+        def loss_g_of_fakes(fake: torch.Tensor) -> torch.Tensor:
+            return g_term(self.loss, self.models.discriminate(pd, fake, batch.c_d)).mean()
+
+        gd, ld = grad_and_value(loss_d)(pd)
+        g_fake, lg = grad_and_value(loss_g_of_fakes)(fake)
         (gg,) = pull_g(g_fake)
         if self.weight_decay_g:
             decay = grad_and_value(l2_penalty)(pg)
