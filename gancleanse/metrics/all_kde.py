@@ -22,7 +22,10 @@ def average_log_likelihood(real: torch.Tensor, generated: torch.Tensor, bandwidt
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     for start in range(0, x.shape[0], chunk):
         xc = x[start:start + chunk]
-        d2 = ((xc * xc).sum(1, keepdim=True) + g_sq[None, :] - 2.0 * xc @ g.T).clamp_min(0.0)
-        total = total + torch.logsumexp(-d2 / (2.0 * bandwidth**2), dim=1).sum()
+        # |x|^2 + |g|^2 - 2 x.g, clamped and scaled in place: the same operations in the same
+        # order as the out-of-place expression (bitwise), without four temporaries of M x n
+        d2 = torch.add((xc * xc).sum(1, keepdim=True), g_sq[None, :])
+        d2.add_((xc @ g.T).mul_(-2.0)).clamp_min_(0.0).div_(-2.0 * bandwidth**2)
+        total = total + torch.logsumexp(d2, dim=1).sum()
     log_norm = math.log(n) + 0.5 * d * math.log(2.0 * math.pi * bandwidth**2)
     return total / x.shape[0] - log_norm
