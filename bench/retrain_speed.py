@@ -2,10 +2,11 @@
 
 The paper's 2D setting (examples/gaussian2d.toml: 10,000 instances, batch 100, ReLU MLP,
 SGD), the last epoch recorded; N one-instance removals (seeded), each retrained over that
-epoch and evaluated (ALL on the validation split). All sides run in this process at one
-thread and are checked equal: the forked path bitwise, the vmapped one to rounding.
+epoch and evaluated (ALL on the validation split). All sides run in this process at the
+same thread count (``--threads``, also the run's ``[train] threads``) and are checked equal:
+the forked path bitwise, the vmapped one to rounding.
 
-    python bench/retrain_speed.py [--n 200] [--epochs 5] [--chunk 64] [--device cpu|cuda]
+    python bench/retrain_speed.py [--n 200] [--epochs 5] [--chunk 64] [--threads 1] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -27,19 +28,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=200, help="retrains (one instance removed each)")
     p.add_argument("--epochs", type=int, default=5, help="training epochs (the last one is retrained)")
-    p.add_argument("--chunk", type=int, default=64, help="retrains per vmapped batch")
+    p.add_argument("--chunk", type=int, default=64, help="retrains per call in the chunked line")
     p.add_argument("--out", default="/tmp/retrain_bench")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (every path runs there)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for every side")
     args = p.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
 
     raw = embedded_config("gaussian2d").to_dict()
-    raw["train"].update(epochs=args.epochs, record_from_epoch=args.epochs - 1, device=args.device)
+    raw["train"].update(epochs=args.epochs, record_from_epoch=args.epochs - 1, device=args.device,
+                        threads=args.threads)
     cfg = gc.Config.from_dict({k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in raw.items()})
     run = gc.train(cfg, Path(args.out) / "run", force=True, progress=False)
     chosen = np.random.default_rng(0).choice(run.n_train, size=args.n, replace=False).tolist()
     print(f"{run.n_train} instances, {run.steps_per_epoch} steps per epoch, checkpoint every "
-          f"{cfg.train.checkpoint_every} steps; {args.n} one-epoch retrains, 1 thread")
+          f"{cfg.train.checkpoint_every} steps; {args.n} one-epoch retrains, {args.threads} thread(s)")
 
     metric = make_metric("all", run, "valid")
     before = metric.value(run.final_state())
@@ -61,8 +64,8 @@ def main() -> None:
 
     sides = {"sequential, whole window each": sequential,
              "forked late starts (bitwise)": lambda: forked(False, args.n),
-             f"forked + vmap, batches of {args.chunk}": lambda: forked(True, args.chunk),
-             f"forked + vmap, one batch of {args.n}": lambda: forked(True, args.n)}
+             f"forked + vmap, {args.chunk} per call": lambda: forked(True, args.chunk),
+             f"forked + vmap, all {args.n} in one call": lambda: forked(True, args.n)}
     results, seconds = {}, {}
     for name, fn in sides.items():
         tic = time.perf_counter()

@@ -73,3 +73,44 @@ def test_counterfactuals_equal_one_at_a_time(run):
     assert gc.counterfactuals(run, removals, "all", batched=False) == single
     for a, b in zip(gc.counterfactuals(run, removals, "all", batched=True), single):
         assert a["delta"] == pytest.approx(b["delta"], rel=1e-9, abs=1e-14)
+
+
+@pytest.mark.parametrize("vmap_steps", [False, True])
+def test_groups_share_one_replay_of_the_trajectory_and_change_nothing(run, monkeypatch, vmap_steps):
+    """Retrains in small groups (sorted by fork step) give the same states as one group, and the
+    unperturbed trajectory is stepped once in all: from the checkpoint before the first fork
+    to the last fork."""
+    import gancleanse.training.retrain as retrain
+
+    w = removal_weights(run)
+    whole = [flatten_state(s) for s in retrain_many(run, w, run.window_start, vmap_steps=vmap_steps)]
+    base_steps = []
+    real_check = retrain.check_finite
+
+    def counting_check(state, stats, step, steps_per_epoch):
+        base_steps.append(step)
+        real_check(state, stats, step, steps_per_epoch)
+
+    monkeypatch.setattr(retrain, "check_finite", counting_check)
+    grouped = [flatten_state(s) for s in retrain_many(run, w, run.window_start, vmap_steps=vmap_steps, group=2)]
+    for a, b in zip(whole, grouped):
+        for n in a:
+            if vmap_steps:  # other groupings batch other rows together: equal to rounding
+                assert torch.allclose(a[n], b[n], rtol=1e-10, atol=1e-12), n
+            else:
+                assert torch.equal(a[n], b[n]), n
+    first = first_use_steps(run, w != 1, run.window_start)
+    forks = first[first < run.final_step]
+    begin = retrain.checkpoint_before(run, int(forks.min()), run.window_start)
+    if vmap_steps:  # only the trajectory's own steps are checked one at a time
+        assert base_steps == list(range(begin, int(forks.max())))
+
+
+def test_group_size_follows_the_memory_budget(run):
+    from gancleanse.training.retrain import MAX_GROUP, group_size, retrain_bytes
+
+    per = retrain_bytes(run, True)
+    assert per > retrain_bytes(run, False) > 0
+    assert group_size(run, True, budget=10 * per) == 10
+    assert group_size(run, True, budget=per // 2) == 1
+    assert group_size(run, True, budget=10**15) == MAX_GROUP

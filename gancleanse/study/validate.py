@@ -83,7 +83,7 @@ def choose_instances(estimate: np.ndarray, k: int, seed: int, extremes: bool) ->
     return sorted(int(i) for i in chosen)
 
 
-RETRAIN_CHUNK = 64  # retrains advanced together by one vmapped step
+RETRAIN_CHUNK = 64  # retrains per part handed to a worker (and kept when a validation is resumable)
 
 
 def counterfactual_deltas(run: "Run", indices: list[int], metrics: Sequence[str], from_epoch: int | None,
@@ -101,28 +101,27 @@ def retrained_values(run: "Run", removals: Sequence[Sequence[int]], metrics: Seq
                      progress: bool = False) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Each metric on ``split`` before (the recorded final state) and after retraining without
     each removal set, from ``start`` (default: the window start). The retrains fork off one
-    shared replay, ``RETRAIN_CHUNK`` at a time (``batched``: advanced by one vmapped step;
-    None: where that pays, see ``retrain.vmap_pays``), and
-    each retrained state is evaluated on every metric."""
+    shared replay in groups that fit in memory (``retrain.retrain_groups``; ``batched``: each
+    group advanced by one vmapped step; None: where that pays, see ``retrain.vmap_pays``), and
+    each group's states are evaluated on every metric as soon as it finishes."""
     import torch
 
     from ..metrics import make_metric
-    from ..training.retrain import retrain_many
+    from ..training.retrain import retrain_groups
 
     evaluators = {m: make_metric(m, run, split) for m in dict.fromkeys(metrics)}
     final = run.final_state()
     before = {m: ev.value(final) for m, ev in evaluators.items()}
-    after: dict[str, list[float]] = {m: [] for m in evaluators}
-    for lo in range(0, len(removals), RETRAIN_CHUNK):
-        chunk = removals[lo:lo + RETRAIN_CHUNK]
-        weights = torch.ones(len(chunk), run.n_train, dtype=run.dtype)
-        for k, removed in enumerate(chunk):
-            weights[k, list(removed)] = 0.0
-        states = retrain_many(run, weights, run.window_start if start is None else start, vmap_steps=batched,
-                              progress=progress)
-        for state in states:
+    weights = torch.ones(len(removals), run.n_train, dtype=run.dtype)
+    for k, removed in enumerate(removals):
+        weights[k, list(removed)] = 0.0
+    values: dict[str, list[float | None]] = {m: [None] * len(removals) for m in evaluators}
+    for rows, states in retrain_groups(run, weights, run.window_start if start is None else start,
+                                       vmap_steps=batched, progress=progress):
+        for k, state in zip(rows, states):
             for m, ev in evaluators.items():
-                after[m].append(ev.value(state))
+                values[m][k] = ev.value(state)
+    after: dict[str, list[float]] = values  # type: ignore[assignment]
     return before, after
 
 

@@ -14,11 +14,14 @@ retrain costs only the steps after that point, and the forked retrains advance t
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch.func import vmap
 from tqdm.auto import tqdm
 
 from ..errors import TrainingDivergedError
+from ..influence.memory import budget_bytes
 from ..run import Run, torch_threads
 from .dynamics import State
 from .recorder import check_finite
@@ -52,57 +55,118 @@ def vmap_pays(run: Run) -> bool:
     return run.cfg.model.arch == "mlp"
 
 
-def retrain_many(run: Run, weights: torch.Tensor, start: int, *, vmap_steps: bool | None = None,
-                 progress: bool = False) -> list[State]:
-    """Final states of K retrains from ``start`` with instance weights ``weights`` (K, n_train).
+def retrain_bytes(run: Run, vmap_steps: bool) -> int:
+    """A retrain's memory while it is in flight, an estimate that errs high.
 
-    ``vmap_steps``: advance the forked retrains by one vmapped step (None: where that pays).
+    A forked retrain holds its state. A vmapped one also holds its share of the batched
+    step's activations: a built-in MLP's layer outputs, ReLU masks and their gradients
+    (4 tensors per layer) for D on the reals and twice on the fakes and for G, which is
+    what dominates on small nets.
+    """
+    state = sum(v.numel() * v.element_size() for tree in run.load_state(run.window_start).values()
+                for v in _leaves(tree))
+    if not vmap_steps:
+        return state
+    pd, pg = run.dynamics.models.initial_params(0, run.dtype)
+    width = lambda params: sum(p.shape[0] for p in params.values() if p.ndim == 2)  # noqa: E731
+    activations = 4 * run.cfg.train.batch_size * (3 * width(pd) + width(pg)) * torch.finfo(run.dtype).bits // 8
+    return 4 * state + activations
+
+
+def group_size(run: Run, vmap_steps: bool, budget: int | None = None) -> int:
+    """How many retrains run together: as many as fit in ``budget`` bytes (default: half
+    the memory available now), at most ``MAX_GROUP``."""
+    if budget is None:
+        budget = budget_bytes(None, run.device)
+    if budget is None:
+        return MAX_GROUP
+    return max(1, min(MAX_GROUP, budget // retrain_bytes(run, vmap_steps)))
+
+
+MAX_GROUP = 1024  # a bound on one vmapped step's size, whatever the memory
+
+
+def retrain_groups(run: Run, weights: torch.Tensor, start: int, *, vmap_steps: bool | None = None,
+                   group: int | None = None, progress: bool = False) -> Iterator[tuple[list[int], list[State]]]:
+    """Final states of K retrains from ``start`` with instance weights ``weights`` (K, n_train),
+    yielded a group at a time as (row indices, states).
+
+    Retrains are grouped in the order of their fork steps (``group`` per group; None: as
+    many as memory allows), and the unperturbed trajectory is replayed once for all groups:
+    each group forks off it and then runs to the window's end, and the next group resumes the
+    trajectory where the previous one's last fork left it. So every group runs at nearly
+    its full size, and no step of the recorded trajectory is replayed twice.
+    ``vmap_steps``: advance each group by one vmapped step (None: where that pays).
     """
     if vmap_steps is None:
         vmap_steps = vmap_pays(run)
     end = run.final_step
     first = first_use_steps(run, weights != 1, start)
+    untouched = [k for k in range(weights.shape[0]) if int(first[k]) == end]
+    if untouched:  # no changed instance was used: the recorded final state
+        final = run.final_state()
+        yield untouched, [final for _ in untouched]
+    forking = sorted((k for k in range(weights.shape[0]) if int(first[k]) < end), key=lambda k: int(first[k]))
+    if not forking:
+        return
+    size = group or group_size(run, vmap_steps)
     dyn = run.dynamics
-    results: list[State | None] = [None] * weights.shape[0]
     ones = torch.ones(run.cfg.train.batch_size, dtype=run.dtype, device=run.device)
     weights = weights.to(run.device)
-    begin = checkpoint_before(run, int(first.min()), start)
+    stepper = vmap(lambda s, w, b: dyn.step(s, b, w)[0], in_dims=(0, 0, None))
     with torch_threads(run.threads), torch.no_grad():
-        state = run.load_state(begin)
-        active: list[int] = []
-        batched: State | None = None
-        stepper = vmap(lambda s, w, b: dyn.step(s, b, w)[0], in_dims=(0, 0, None))
-        last_fork = int(first[first < end].max()) if bool((first < end).any()) else begin
-        for step in tqdm(range(begin, end), desc="retrain", unit="step", disable=not progress, leave=False):
-            forks = torch.nonzero(first == step).flatten().tolist()
-            if forks:
-                active += forks
-                if vmap_steps:
-                    fresh = _tile(state, len(forks))
-                    batched = fresh if batched is None else _cat(batched, fresh)
-                else:
-                    for k in forks:
-                        results[k] = state
-            batch = run.batch(step)
-            idx = run.indices(step)
-            if active:
-                if vmap_steps:
-                    batched = stepper(batched, weights[active][:, idx], batch)
-                else:
-                    for k in active:
-                        results[k], stats = dyn.step(results[k], batch, weights[k, idx])
-                        check_finite(results[k], stats, step, run.steps_per_epoch)
-            if step < last_fork:  # the unperturbed trajectory is needed until the last fork
-                state, stats = dyn.step(state, batch, ones)
-                check_finite(state, stats, step, run.steps_per_epoch)
-        if vmap_steps and batched is not None:
-            for pos, k in enumerate(active):
-                results[k] = _index(batched, pos)
-        for k in range(weights.shape[0]):
-            if results[k] is None:  # no changed instance was used: the recorded final state
-                results[k] = run.final_state()
-            elif vmap_steps:
-                _check_finite_state(results[k], k)
+        at = checkpoint_before(run, int(first[forking[0]]), start)  # the trajectory's position
+        state = run.load_state(at)
+        bar = tqdm(total=sum(end - int(first[k]) for k in forking), desc="retrain", unit="retrain-step",
+                   disable=not progress, leave=False)
+        for lo in range(0, len(forking), size):
+            members = forking[lo:lo + size]
+            last_fork = int(first[members[-1]])
+            active: list[int] = []
+            forked: dict[int, State] = {}
+            batched: State | None = None
+            for step in range(at, end):
+                forks = [k for k in members if int(first[k]) == step]
+                if forks:
+                    active += forks
+                    if vmap_steps:
+                        fresh = _tile(state, len(forks))
+                        batched = fresh if batched is None else _cat(batched, fresh)
+                    else:
+                        forked.update({k: state for k in forks})
+                if active:
+                    batch, idx = run.batch(step), run.indices(step)
+                    if vmap_steps:
+                        batched = stepper(batched, weights[:, idx][active], batch)
+                    else:
+                        for k in active:
+                            forked[k], stats = dyn.step(forked[k], batch, weights[k, idx])
+                            check_finite(forked[k], stats, step, run.steps_per_epoch)
+                    bar.update(len(active))
+                if step == last_fork:
+                    at = step  # the next group resumes the trajectory here
+                    continue
+                if step < last_fork:
+                    state, stats = dyn.step(state, run.batch(step), ones)
+                    check_finite(state, stats, step, run.steps_per_epoch)
+            if vmap_steps:
+                states = [_index(batched, pos) for pos in range(len(active))]
+                for k, st in zip(active, states):
+                    _check_finite_state(st, k)
+            else:
+                states = [forked[k] for k in active]
+            yield active, states
+        bar.close()
+
+
+def retrain_many(run: Run, weights: torch.Tensor, start: int, *, vmap_steps: bool | None = None,
+                 group: int | None = None, progress: bool = False) -> list[State]:
+    """``retrain_groups``' final states, in the rows' order."""
+    results: list[State | None] = [None] * weights.shape[0]
+    for rows, states in retrain_groups(run, weights, start, vmap_steps=vmap_steps, group=group,
+                                       progress=progress):
+        for k, st in zip(rows, states):
+            results[k] = st
     return results  # type: ignore[return-value]
 
 
@@ -116,6 +180,11 @@ def _cat(a: State, b: State) -> State:
 
 def _index(state: State, i: int) -> State:
     return _tree_map(lambda t: t[i].clone(), state)
+
+
+def _leaves(tree):  # noqa: ANN001, ANN202
+    for v in tree.values():
+        yield from _leaves(v) if isinstance(v, dict) else (v,)
 
 
 def _tree_map(fn, tree):  # noqa: ANN001, ANN202
