@@ -221,13 +221,15 @@ def validate(run: Run | str | Path, metric: str = "all", method: str = "itd", in
 
 def lds(run: Run | str | Path, metric: str = "all", methods: Sequence[str] = ("itd", "random"), *,
         subsets: int = 50, fraction: float = 0.1, seed: int = 0, out: str | Path | None = None,
-        progress: bool = True, solver_options: dict[str, Any] | None = None) -> dict[str, Any]:
+        progress: bool = True, solver_options: dict[str, Any] | None = None,
+        itd_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Linear datamodeling score of each method on ``metric``: Spearman correlation between the
     summed scores of ``subsets`` random subsets (each ``fraction`` of the training split) and
     the actual change of retraining the window without them (``gancleanse.study.lds``).
 
     Feature scorers are scored on raw data, and also on the classifier's features for images.
-    With ``out`` (a .json path), the result is written there.
+    ``solver_options`` go to AID, ``itd_options`` (``relu_smoothing``, ``memory_gb``) to ITD;
+    both are recorded in the result. With ``out`` (a .json path), the result is written there.
     """
     from .influence import variant_arguments, variants
     from .study.lds import lds as _lds
@@ -241,11 +243,12 @@ def lds(run: Run | str | Path, metric: str = "all", methods: Sequence[str] = ("i
     rankings = []
     for method in dict.fromkeys(methods):
         for v in variants(method, [metric], image_data):
-            options = (solver_options or {}) if method == "aid" else {}
+            options = {"aid": solver_options or {}, "itd": itd_options or {}}.get(method, {})
             rankings.append(influence(run, method=method, seed=seed, progress=progress,
                                       **variant_arguments(method, v), **options))
     result = _lds(run, rankings, metric, subsets=subsets, fraction=fraction, seed=seed, progress=progress)
     result["scorer_seconds"] = {k: s.info.get("seconds") for k, s in zip(result["scorers"], rankings)}
+    result["options"] = {m: dict(o) for m, o in (("aid", solver_options), ("itd", itd_options)) if o}
     if out is not None:
         write_json_atomic(Path(out), result)
     return result

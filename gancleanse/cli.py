@@ -95,6 +95,15 @@ def _cmd_influence(args: argparse.Namespace) -> int:
     return 0
 
 
+def _itd_options(args: argparse.Namespace, methods: list[str]) -> dict:
+    """ITD's options given on the command line of a command that compares several scorers."""
+    itd = {k: getattr(args, k) for k in ("relu_smoothing", "memory_gb") if getattr(args, k) is not None}
+    if itd and "itd" not in methods:
+        flag = "--" + next(iter(itd)).replace("_", "-")
+        raise GancleanseError(f"{flag} applies to ITD, which --methods does not include")
+    return itd
+
+
 def _solver_options(args: argparse.Namespace) -> dict:
     """The scorer's options given on the command line (only those set)."""
     itd = {k: getattr(args, k, None) for k in ("relu_smoothing", "memory_gb")}
@@ -151,7 +160,7 @@ def _cmd_lds(args: argparse.Namespace) -> int:
                               f"(known: {', '.join(METHODS)})")
     res = api.lds(Run.open(args.run, extractor=args.extractor, device=args.device), args.metric, methods, subsets=args.subsets,
                   fraction=args.fraction, seed=args.seed, out=args.out, progress=not args.quiet,
-                  solver_options=_aid_options(args))
+                  solver_options=_aid_options(args), itd_options=_itd_options(args, methods))
     cost = "" if res["retrain_cost_epochs"] is None else f", {res['retrain_cost_epochs']:.1f} training epochs"
     print(f"LDS on {res['metric']}: {res['subsets']} subsets of {res['n_removed']} instances "
           f"({res['fraction']:g} of the training split) retrained in {res['retrain_seconds']:.1f} s{cost}")
@@ -423,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0, help="seed of the subsets (and of seeded scorers)")
     sp.add_argument("--out", default=None, help="LDS.json to write (per scorer: lds, interval, predicted; actual)")
     sp.add_argument("--force", action="store_true", help="replace an existing LDS.json")
+    _itd_arguments(sp)
     _aid_arguments(sp)
     device(sp)
     common(sp)

@@ -76,3 +76,22 @@ def test_cli_prints_a_table_and_writes_json(tmp_path, run_factory, capsys):
         target = tmp_path / "bad.json"
         assert main(["lds", str(run.path), *bad, "--out", str(target), "-q"]) == 2
         assert not target.exists()
+
+
+def test_cli_passes_itd_options_and_records_them(tmp_path, run_factory):
+    """`lds --relu-smoothing T` scores ITD with the smoothed reverse pass (not the plain one)."""
+    run = run_factory(model={"activation": "relu"})
+    out = tmp_path / "lds.json"
+    assert main(["lds", str(run.path), "--methods", "itd,random", "--subsets", "5", "--fraction", "0.2",
+                 "--relu-smoothing", "0.3", "--out", str(out), "-q"]) == 0
+    res = json.loads(out.read_text())
+    assert res["options"] == {"itd": {"relu_smoothing": 0.3}}
+    smoothed = gc.influence(run, "all", "itd", relu_smoothing=0.3, progress=False).harmfulness
+    plain = gc.influence(run, "all", "itd", progress=False).harmfulness
+    expected = [float(smoothed[s].sum()) for s in res["removed"]]
+    assert res["scorers"]["itd"]["predicted"] == pytest.approx(expected, rel=1e-12)
+    assert not np.allclose(expected, [float(plain[s].sum()) for s in res["removed"]], rtol=1e-6)
+    target = tmp_path / "bad.json"
+    assert main(["lds", str(run.path), "--methods", "random", "--relu-smoothing", "0.3",
+                 "--out", str(target), "-q"]) == 2
+    assert not target.exists()
