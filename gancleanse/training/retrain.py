@@ -1,15 +1,16 @@
 """Many counterfactual retrains of the recorded window, each started where it first differs.
 
 A retrain that down-weights some instances follows the recorded trajectory exactly until
-the first step whose minibatch holds one of them. ``retrain_many`` therefore replays the
+the first step whose minibatch holds one of them. ``retrain_groups`` therefore replays the
 unperturbed trajectory once and forks each retrain off it at its own first-use step, so a
-retrain costs only the steps after that point, and the forked retrains advance together:
+retrain costs only the steps after that point. Retrains run in groups, in the order of
+their fork steps and as many as fit in memory, and those of a group advance together:
 
-- ``vmap=False``: one ``Dynamics.step`` per active retrain. Bitwise equal to replaying each
-  retrain from the window start (the same operations on the same values, on CPU).
-- ``vmap=True``: one ``torch.func.vmap``-ed step over all active retrains; equal to the
-  sequential path to rounding (batched kernels sum in another order), and much faster on
-  small networks, whose steps are dominated by per-call overhead.
+- ``vmap_steps=False``: one ``Dynamics.step`` per active retrain. Bitwise equal to replaying
+  each retrain from the window start (the same operations on the same values, on CPU).
+- ``vmap_steps=True``: one ``torch.func.vmap``-ed step over the group's active retrains;
+  equal to the sequential path to rounding (batched kernels sum in another order), and much
+  faster on small networks, whose steps are dominated by per-call overhead.
 """
 
 from __future__ import annotations
