@@ -64,14 +64,13 @@ def retrain_bytes(run: Run, vmap_steps: bool) -> int:
     (4 tensors per layer) for D on the reals and twice on the fakes and for G, which is
     what dominates on small nets.
     """
-    state = sum(v.numel() * v.element_size() for tree in run.load_state(run.window_start).values()
-                for v in _leaves(tree))
+    tree = run.load_state(run.window_start)
+    state = sum(v.numel() * v.element_size() for v in _leaves(tree))
     if not vmap_steps:
         return state
-    pd, pg = run.dynamics.models.initial_params(0, run.dtype)
     width = lambda params: sum(p.shape[0] for p in params.values() if p.ndim == 2)  # noqa: E731
-    activations = 4 * run.cfg.train.batch_size * (3 * width(pd) + width(pg)) * torch.finfo(run.dtype).bits // 8
-    return 4 * state + activations
+    activations = 4 * run.cfg.train.batch_size * (3 * width(tree["d"]) + width(tree["g"]))
+    return 4 * state + activations * torch.finfo(run.dtype).bits // 8
 
 
 def group_size(run: Run, vmap_steps: bool, budget: int | None = None) -> int:
