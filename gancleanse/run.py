@@ -266,6 +266,20 @@ def check_meta_against_config(meta: dict[str, Any], cfg: Config, label: str) -> 
             raise RunDirError(f"{label}: no sha256 recorded for {name}")
 
 
+def gather_batch(stored: torch.Tensor, labels: torch.Tensor | None, idx: torch.Tensor, step: int,
+                 latents: tuple[torch.Tensor, torch.Tensor],
+                 gen_labels: tuple[torch.Tensor | None, torch.Tensor | None],
+                 device: torch.device, dtype: torch.dtype) -> StepBatch:
+    """Step ``step``'s batch: minibatch ``idx`` of the stored training split (and its labels),
+    gathered on ``device`` and made floats there, with the step's latents and generated
+    labels. The one assembly that training and every replay share."""
+    on = idx.to(device)
+    (z_d, z_g), (c_d, c_g) = latents, gen_labels
+    return StepBatch(as_float(stored[on], dtype), z_d.to(device, dtype), z_g.to(device, dtype), step,
+                     None if labels is None else labels[on],
+                     None if c_d is None else c_d.to(device), None if c_g is None else c_g.to(device))
+
+
 @dataclass
 class Run:
     """A finished run directory, opened for reading.
@@ -509,18 +523,16 @@ class Run:
     def batch(self, step: int) -> StepBatch:
         self._check_step(step)
         if step < self.window_start:
-            z_d, z_g = (z.to(self.device, self.dtype) for z in self.schedule.latents(step))
-            c_d, c_g = (None if c is None else c.to(self.device) for c in self.schedule.labels(step))
-        else:
+            latents, labels = self.schedule.latents(step), self.schedule.labels(step)
+        else:  # recorded, already on the device
             i = step - self.window_start
             rec = self._window_latents
             z_d = rec["z_d"][i]
-            z_g = rec["z_g"][i] if "z_g" in rec else z_d
             c_d = rec["c_d"][i] if "c_d" in rec else None
-            c_g = rec["c_g"][i] if "c_g" in rec else c_d
-        idx = self.indices(step).to(self.device)
-        x = as_float(self._train_stored[idx], self.dtype)
-        return StepBatch(x, z_d, z_g, step, None if self.y_train is None else self.y_train[idx], c_d, c_g)
+            latents = (z_d, rec["z_g"][i] if "z_g" in rec else z_d)
+            labels = (c_d, rec["c_g"][i] if "c_g" in rec else c_d)
+        return gather_batch(self._train_stored, self.y_train, self.indices(step), step, latents, labels,
+                            self.device, self.dtype)
 
     @cached_property
     def _window_latents(self) -> dict[str, torch.Tensor]:

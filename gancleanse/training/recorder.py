@@ -21,14 +21,15 @@ from .. import __version__
 from .. import device as devices
 from ..config import Config, check_threads
 from ..data import Splits, load_data
-from ..data.base import SPLIT_NAMES, as_float
+from ..data.base import SPLIT_NAMES
 from ..errors import ConfigError, TrainingDivergedError
 from ..models import GANModules, build_models
 from ..models.trainable import freeze, read_init, select_trainable, split_trainable
 from ..integrity import file_hashes, sealed
-from ..run import (DTYPES, FORMAT_VERSION, FROZEN_FILE, Run, checkpoint_name, save_state, staged_directory, to_device,
-                   torch_threads, window_checkpoints, write_eval_latents, write_json_atomic)
-from .dynamics import Dynamics, State, StepBatch
+from ..run import (DTYPES, FORMAT_VERSION, FROZEN_FILE, Run, checkpoint_name, gather_batch, save_state,
+                   staged_directory, to_device, torch_threads, window_checkpoints, write_eval_latents,
+                   write_json_atomic)
+from .dynamics import Dynamics, State
 from .schedule import Schedule
 
 
@@ -163,13 +164,9 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
                     if step in ckpts:
                         save_state(state, stage / "checkpoints" / checkpoint_name(step))
                     idx = schedule.indices(step)
-                    z_d, z_g = schedule.latents(step)
-                    c_d, c_g = schedule.labels(step)
+                    (z_d, z_g), (c_d, c_g) = schedule.latents(step), schedule.labels(step)
                     tic = time.perf_counter()
-                    on_idx = idx.to(on)
-                    batch = StepBatch(as_float(train_stored[on_idx], dtype), z_d.to(on, dtype), z_g.to(on, dtype),
-                                      step, None if train_labels is None else train_labels[on_idx],
-                                      None if c_d is None else c_d.to(on), None if c_g is None else c_g.to(on))
+                    batch = gather_batch(train_stored, train_labels, idx, step, (z_d, z_g), (c_d, c_g), on, dtype)
                     state, stats = dyn.step(state, batch, ones)
                     if step >= window_start:
                         window_seconds += time.perf_counter() - tic
