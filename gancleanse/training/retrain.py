@@ -102,11 +102,12 @@ def retrain_groups(run: Run, weights: torch.Tensor, start: int, *, vmap_steps: b
         vmap_steps = vmap_pays(run)
     end = run.final_step
     first = first_use_steps(run, weights != 1, start)
-    untouched = [k for k in range(weights.shape[0]) if int(first[k]) == end]
+    fork_step = first.tolist()
+    untouched = [k for k, f in enumerate(fork_step) if f == end]
     if untouched:  # no changed instance was used: the recorded final state
         final = run.final_state()
         yield untouched, [final for _ in untouched]
-    forking = sorted((k for k in range(weights.shape[0]) if int(first[k]) < end), key=lambda k: int(first[k]))
+    forking = sorted((k for k, f in enumerate(fork_step) if f < end), key=fork_step.__getitem__)
     if not forking:
         return
     size = group or group_size(run, vmap_steps)
@@ -115,18 +116,21 @@ def retrain_groups(run: Run, weights: torch.Tensor, start: int, *, vmap_steps: b
     weights = weights.to(run.device)
     stepper = vmap(lambda s, w, b: dyn.step(s, b, w)[0], in_dims=(0, 0, None))
     with torch_threads(run.threads), torch.no_grad():
-        at = checkpoint_before(run, int(first[forking[0]]), start)  # the trajectory's position
+        at = checkpoint_before(run, fork_step[forking[0]], start)  # the trajectory's position
         state = run.load_state(at)
-        bar = tqdm(total=sum(end - int(first[k]) for k in forking), desc="retrain", unit="retrain-step",
+        bar = tqdm(total=sum(end - fork_step[k] for k in forking), desc="retrain", unit="retrain-step",
                    disable=not progress, leave=False)
         for lo in range(0, len(forking), size):
             members = forking[lo:lo + size]
-            last_fork = int(first[members[-1]])
+            last_fork = fork_step[members[-1]]
+            forks_at: dict[int, list[int]] = {}
+            for k in members:
+                forks_at.setdefault(fork_step[k], []).append(k)
             active: list[int] = []
             forked: dict[int, State] = {}
             batched: State | None = None
             for step in range(at, end):
-                forks = [k for k in members if int(first[k]) == step]
+                forks = forks_at.get(step, [])
                 if forks:
                     active += forks
                     if vmap_steps:
@@ -134,8 +138,9 @@ def retrain_groups(run: Run, weights: torch.Tensor, start: int, *, vmap_steps: b
                         batched = fresh if batched is None else _cat(batched, fresh)
                     else:
                         forked.update({k: state for k in forks})
+                batch = run.batch(step)
                 if active:
-                    batch, idx = run.batch(step), run.indices(step)
+                    idx = run.indices(step)
                     if vmap_steps:
                         batched = stepper(batched, weights[:, idx][active], batch)
                     else:
@@ -143,12 +148,10 @@ def retrain_groups(run: Run, weights: torch.Tensor, start: int, *, vmap_steps: b
                             forked[k], stats = dyn.step(forked[k], batch, weights[k, idx])
                             check_finite(forked[k], stats, step, run.steps_per_epoch)
                     bar.update(len(active))
-                if step == last_fork:
-                    at = step  # the next group resumes the trajectory here
-                    continue
-                if step < last_fork:
-                    state, stats = dyn.step(state, run.batch(step), ones)
+                if step < last_fork:  # the trajectory is needed up to the group's last fork
+                    state, stats = dyn.step(state, batch, ones)
                     check_finite(state, stats, step, run.steps_per_epoch)
+            at = last_fork  # where the next group resumes the trajectory
             if vmap_steps:
                 states = [_index(batched, pos) for pos in range(len(active))]
                 for k, st in zip(active, states):
