@@ -109,8 +109,9 @@ def test_groups_share_one_replay_of_the_trajectory_and_change_nothing(run, monke
 def test_group_size_follows_the_memory_budget(run):
     from gancleanse.training.retrain import MAX_GROUP, group_size, retrain_bytes
 
-    per = retrain_bytes(run, True)
-    assert per > retrain_bytes(run, False) > 0
-    assert group_size(run, True, budget=10 * per) == 10
-    assert group_size(run, True, budget=per // 2) == 1
-    assert group_size(run, True, budget=10**15) == MAX_GROUP
+    state = run.final_state()
+    per = retrain_bytes(run, state, True)
+    assert per > retrain_bytes(run, state, False) > 0
+    assert group_size(run, state, True, budget=10 * per) == 10
+    assert group_size(run, state, True, budget=per // 2) == 1
+    assert group_size(run, state, True, budget=10**15) == MAX_GROUP

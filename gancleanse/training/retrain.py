@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..errors import TrainingDivergedError
 from ..influence.memory import budget_bytes
-from ..run import Run, torch_threads
+from ..run import Run, flatten_state, torch_threads
 from .dynamics import State
 from .recorder import check_finite
 
@@ -56,31 +56,31 @@ def vmap_pays(run: Run) -> bool:
     return run.cfg.model.arch == "mlp"
 
 
-def retrain_bytes(run: Run, vmap_steps: bool) -> int:
-    """A retrain's memory while it is in flight, an estimate that errs high.
+def retrain_bytes(run: Run, state: State, vmap_steps: bool) -> int:
+    """Memory of one retrain of ``run`` (starting from ``state``) while it is in flight, an
+    estimate that errs high.
 
     A forked retrain holds its state. A vmapped one also holds its share of the batched
     step's activations: a built-in MLP's layer outputs, ReLU masks and their gradients
     (4 tensors per layer) for D on the reals and twice on the fakes and for G, which is
     what dominates on small nets.
     """
-    tree = run.load_state(run.window_start)
-    state = sum(v.numel() * v.element_size() for v in _leaves(tree))
+    held = sum(v.numel() * v.element_size() for v in flatten_state(state).values())
     if not vmap_steps:
-        return state
+        return held
     width = lambda params: sum(p.shape[0] for p in params.values() if p.ndim == 2)  # noqa: E731
-    activations = 4 * run.cfg.train.batch_size * (3 * width(tree["d"]) + width(tree["g"]))
-    return 4 * state + activations * torch.finfo(run.dtype).bits // 8
+    activations = 4 * run.cfg.train.batch_size * (3 * width(state["d"]) + width(state["g"]))
+    return 4 * held + activations * torch.finfo(run.dtype).bits // 8
 
 
-def group_size(run: Run, vmap_steps: bool, budget: int | None = None) -> int:
+def group_size(run: Run, state: State, vmap_steps: bool, budget: int | None = None) -> int:
     """How many retrains run together: as many as fit in ``budget`` bytes (default: half
     the memory available now), at most ``MAX_GROUP``."""
     if budget is None:
         budget = budget_bytes(None, run.device)
     if budget is None:
         return MAX_GROUP
-    return max(1, min(MAX_GROUP, budget // retrain_bytes(run, vmap_steps)))
+    return max(1, min(MAX_GROUP, budget // retrain_bytes(run, state, vmap_steps)))
 
 
 MAX_GROUP = 1024  # a bound on one vmapped step's size, whatever the memory
@@ -110,7 +110,6 @@ def retrain_groups(run: Run, weights: torch.Tensor, start: int, *, vmap_steps: b
     forking = sorted((k for k, f in enumerate(fork_step) if f < end), key=fork_step.__getitem__)
     if not forking:
         return
-    size = group or group_size(run, vmap_steps)
     dyn = run.dynamics
     ones = torch.ones(run.cfg.train.batch_size, dtype=run.dtype, device=run.device)
     weights = weights.to(run.device)
@@ -118,6 +117,7 @@ def retrain_groups(run: Run, weights: torch.Tensor, start: int, *, vmap_steps: b
     with torch_threads(run.threads), torch.no_grad():
         at = checkpoint_before(run, fork_step[forking[0]], start)  # the trajectory's position
         state = run.load_state(at)
+        size = group or group_size(run, state, vmap_steps)
         bar = tqdm(total=sum(end - fork_step[k] for k in forking), desc="retrain", unit="retrain-step",
                    disable=not progress, leave=False)
         for lo in range(0, len(forking), size):
@@ -183,11 +183,6 @@ def _cat(a: State, b: State) -> State:
 
 def _index(state: State, i: int) -> State:
     return _tree_map(lambda t: t[i].clone(), state)
-
-
-def _leaves(tree):  # noqa: ANN001, ANN202
-    for v in tree.values():
-        yield from _leaves(v) if isinstance(v, dict) else (v,)
 
 
 def _tree_map(fn, tree):  # noqa: ANN001, ANN202
