@@ -95,9 +95,14 @@ def _cmd_influence(args: argparse.Namespace) -> int:
     return 0
 
 
+def _itd_flags(args: argparse.Namespace) -> dict:
+    """ITD's options given on the command line (only those set)."""
+    return {k: v for k in ("relu_smoothing", "memory_gb") if (v := getattr(args, k, None)) is not None}
+
+
 def _itd_options(args: argparse.Namespace, methods: list[str]) -> dict:
     """ITD's options given on the command line of a command that compares several scorers."""
-    itd = {k: getattr(args, k) for k in ("relu_smoothing", "memory_gb") if getattr(args, k) is not None}
+    itd = _itd_flags(args)
     if itd and "itd" not in methods:
         flag = "--" + next(iter(itd)).replace("_", "-")
         raise GancleanseError(f"{flag} applies to ITD, which --methods does not include")
@@ -106,8 +111,7 @@ def _itd_options(args: argparse.Namespace, methods: list[str]) -> dict:
 
 def _solver_options(args: argparse.Namespace) -> dict:
     """The scorer's options given on the command line (only those set)."""
-    itd = {k: getattr(args, k, None) for k in ("relu_smoothing", "memory_gb")}
-    itd = {k: v for k, v in itd.items() if v is not None}
+    itd = _itd_flags(args)
     if itd:
         if args.method != "itd":
             flag = "--" + next(iter(itd)).replace("_", "-")
