@@ -11,7 +11,7 @@ The Python API mirrors the command line::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 from .api import Scores, cleanse, counterfactual, counterfactuals, export, influence, lds, train, validate  # noqa: E402
 from .data import Splits  # noqa: E402

@@ -14,7 +14,8 @@ from .errors import ConfigError, GancleanseError, NonFiniteError
 # function below, not the subpackage of the same name bound on its first import.
 from .influence import score
 from .models import GANModules
-from .run import Run, write_json_atomic
+from .files import write_json_atomic
+from .run import Run
 from .scores import Scores
 from .training import recorder
 
@@ -26,10 +27,10 @@ def export(scores: "Scores | str | Path", out: str | Path, *, rate: float | None
 
     ``scores``: a SCORES.csv path (its SCORES.json names the run) or ``Scores`` with ``run``.
     Remove the top ``floor(N * rate)`` or ``count`` (only those with harmfulness >=
-    ``min_harmfulness``). See ``gancleanse.data.export`` for what is written.
+    ``min_harmfulness``). See ``gancleanse.export`` for what is written.
     """
-    from .data.export import ScoreTable
-    from .data.export import export as _export
+    from .export import ScoreTable
+    from .export import export as _export
 
     if isinstance(scores, Scores):
         if run is None:

@@ -15,12 +15,14 @@ import warnings
 from importlib import resources
 from pathlib import Path
 
-from . import __version__, api
+from . import api
 from .config import DEFAULT_CHECK, METRICS, Config, load_config
 from .errors import GancleanseError
 from .influence import METHODS
 from .study.trust import describe as describe_check
-from .run import Run, write_json_atomic
+from .files import write_json_atomic
+from .run import Run
+from .version import __version__
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -187,7 +189,7 @@ def _cmd_cleanse(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _print_recommendation(summary, args.config, out, cfg.cleanse.metrics[0])
     if "export" in summary:
-        from .data.export import summary_line
+        from .export import summary_line
 
         print(summary_line(summary["export"]))
     print(f"\nresults: {out / 'results.csv'}, {out / 'summary.csv'}"
@@ -235,7 +237,7 @@ def _on_device(cfg: Config, device: str | None) -> Config:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .data.export import summary_line
+    from .export import summary_line
 
     info = api.export(args.scores, args.out, rate=args.rate, count=args.count,
                       min_harmfulness=args.min_harmfulness, run=args.run, link=args.link,

@@ -22,8 +22,6 @@ numbers of ``run.json`` must agree with the config they derive from.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tomllib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -142,61 +140,6 @@ def is_run_dir(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(meta, dict) and "format" in meta and "status" in meta and "n_train" in meta
-
-
-STAGE_MARKER = ".gancleanse-stage"  # inside OUT.partial: the stage is ours to remove
-
-
-@contextmanager
-def staged_directory(out: Path, force: bool = False, *, is_ours=is_run_dir, what: str = "run") -> Iterator[Path]:
-    """Yield a staging directory ``OUT.partial`` that becomes ``out`` only if the block finishes.
-
-    A lock beside ``out`` (``.OUT.lock``, held through the final rename) keeps a second writer
-    out; a stage left by a writer that died is removed only if it carries our marker.
-    ``force`` replaces an existing ``out`` only when ``is_ours(out)`` (a gancleanse run
-    directory): never a user's file or directory. On any error the stage is removed, so
-    nothing half-written remains.
-    """
-    from .locks import DirectoryLock
-
-    out = Path(out)
-    stage = out.with_name(out.name + ".partial")
-    with DirectoryLock(out.parent, what, lock_name=f".{out.name}.lock"):
-        if out.exists() or out.is_symlink():
-            if not out.is_dir() or out.is_symlink():
-                raise RunDirError(f"{out} exists and is not a directory; choose another output path")
-            if not force:
-                raise RunDirError(f"output directory already exists: {out} (use --force to replace it)")
-            if not is_ours(out):
-                raise RunDirError(f"{out} exists and is not a gancleanse {what} directory: --force replaces "
-                                  "only those; choose another output path")
-        if stage.exists() or stage.is_symlink():
-            if stage.is_symlink() or not stage.is_dir() or not (stage / STAGE_MARKER).is_file():
-                raise RunDirError(f"{stage} exists and was not left by gancleanse; remove or rename it")
-            shutil.rmtree(stage)  # a writer that died left it (a live one would hold the lock)
-        stage.mkdir(parents=True)
-        (stage / STAGE_MARKER).write_text(f"{os.getpid()}\n")
-        try:
-            yield stage
-            (stage / STAGE_MARKER).unlink()
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(stage, out)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary name and rename it: readers see the old file or the new one."""
-    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 FROZEN_FILE = "frozen.safetensors"  # parameters that do not train: constants, saved once

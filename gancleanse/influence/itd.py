@@ -33,7 +33,7 @@ from ..metrics import Metric, make_metric
 from ..run import Run, torch_threads
 from ..scores import Scores
 from ..training.dynamics import State
-from .memory import GB, budget_bytes, graph_bytes, steps_within
+from ..memory import GB, budget_bytes, graph_bytes, steps_within
 
 
 @dataclass

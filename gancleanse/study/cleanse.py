@@ -41,7 +41,8 @@ from ..device import local_workers
 from ..errors import ConfigError, GancleanseError, GancleanseWarning
 from ..influence import spec, variant_arguments, variants
 from ..models import GANModules
-from ..run import Run, write_json_atomic
+from ..files import write_json_atomic
+from ..run import Run
 from .executor import run_tasks
 from .trust import flagged
 
@@ -554,7 +555,7 @@ def export_recommended(cfg: Config, out: Path, export_dir: Path, summary: dict[s
     The scores come from a run trained on the full training split: the study's seed-0
     replicate when that is the same training, else one more run in ``out/export/``.
     """
-    from ..data.export import export
+    from ..export import export
 
     cfg = cfg.resolved()
     metric = cfg.cleanse.metrics[0]

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..config import HIGHER_IS_BETTER, Config, load_config
-from ..data.export import ScoreTable
+from ..export import ScoreTable
 from ..errors import GancleanseError
 from .cleanse import read_results, read_scores, retrain_key, summarize
 from .trust import TRUST_THRESHOLD, flagged

@@ -18,7 +18,7 @@ import numpy as np
 from scipy.stats import kendalltau, pearsonr
 
 from ..errors import GancleanseError
-from ..run import write_json_atomic
+from ..files import write_json_atomic
 from .executor import run_tasks
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .. import __version__
+from ..version import __version__
 from .. import device as devices
 from ..config import Config, check_threads
 from ..data import Splits, load_data
@@ -26,9 +26,9 @@ from ..errors import ConfigError, TrainingDivergedError
 from ..models import GANModules, build_models
 from ..models.trainable import freeze, read_init, select_trainable, split_trainable
 from ..integrity import file_hashes, sealed
-from ..run import (DTYPES, FORMAT_VERSION, FROZEN_FILE, Run, checkpoint_name, gather_batch, save_state,
-                   staged_directory, to_device, torch_threads, window_checkpoints, write_eval_latents,
-                   write_json_atomic)
+from ..files import staged_directory, write_json_atomic
+from ..run import (DTYPES, FORMAT_VERSION, FROZEN_FILE, Run, checkpoint_name, gather_batch, is_run_dir,
+                   save_state, to_device, torch_threads, window_checkpoints, write_eval_latents)
 from .dynamics import Dynamics, State
 from .schedule import Schedule
 
@@ -143,7 +143,7 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
         ckpts = window_checkpoints(window_start, total, t.checkpoint_every, spe)
         ones = torch.ones(t.batch_size, dtype=dtype, device=on)
 
-        with staged_directory(Path(out), force=force) as stage:
+        with staged_directory(Path(out), force=force, is_ours=is_run_dir) as stage:
             (stage / "checkpoints").mkdir()
             (stage / "config.toml").write_text(cfg.to_toml())
             write_eval_latents(cfg, stage, frequencies)

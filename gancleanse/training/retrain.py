@@ -22,7 +22,7 @@ from torch.func import vmap
 from tqdm.auto import tqdm
 
 from ..errors import TrainingDivergedError
-from ..influence.memory import budget_bytes
+from ..memory import budget_bytes
 from ..run import Run, flatten_state, torch_threads
 from .dynamics import State
 from .recorder import check_finite

@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from ..config import Config
-from ..errors import GancleanseError
-from ..run import staged_directory, write_json_atomic
+from .config import Config
+from .errors import GancleanseError
+from .files import staged_directory, write_json_atomic
 
 if TYPE_CHECKING:
-    from ..run import Run
+    from .run import Run
 
 GRID_MAX = 64  # removed images drawn in removed.png
 MARKER = "export.json"
@@ -118,7 +118,7 @@ class RunData:
 
     @classmethod
     def read(cls, path: str | Path) -> "RunData":
-        from ..run import Run
+        from .run import Run
 
         return cls(Run.open(path, device="cpu"))  # reads data only: no device to start
 
@@ -239,7 +239,7 @@ def removed_picture(path: Path, images: np.ndarray | None, points: np.ndarray | 
 def _removed_images(run: RunData, removed: list[int]) -> np.ndarray | None:
     """The removed instances as model values, decoded the way training read them."""
     if run.source is not None and run.source.get("format") in ("folder", "zip"):
-        from .image_files import Converter, open_listing
+        from .data.image_files import Converter, open_listing
 
         convert = Converter(run.cfg.data)
         listing = open_listing(Path(run.source["path"]))
@@ -323,8 +323,8 @@ def export(scores: str | Path | ScoreTable, out: str | Path, *, rate: float | No
 
 def _array_rows(written: Path, rd: RunData, keys: list[str], src: dict | None) -> np.ndarray:
     """Removed rows of the source array, converted the way training converted them."""
-    from .base import as_float
-    from .image_files import channels_first, convert_array, read_array_file
+    from .data.base import as_float
+    from .data.image_files import channels_first, convert_array, read_array_file
 
     path = Path(src["path"]) if src else Path(rd.cfg.data.path).expanduser()
     raw, _, name = read_array_file(path)

@@ -1,0 +1,105 @@
+"""Writing files so that no reader ever sees half of one, and no failure leaves a stray file.
+
+``atomic_write`` is the one way gancleanse writes an output file: a temporary file with a
+unique name beside the target, created exclusively (never a user's file of the same name),
+renamed over the target only when the block finishes, and removed on any failure (a full
+disk included). ``staged_directory`` does the same for a whole directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import secrets
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, Callable, Iterable, Iterator, Sequence
+
+from .errors import RunDirError
+from .locks import DirectoryLock
+
+STAGE_MARKER = ".gancleanse-stage"  # inside OUT.partial: the stage is ours to remove
+
+
+@contextmanager
+def atomic_write(path: str | Path, *, binary: bool = False) -> Iterator[IO[Any]]:
+    """Yield a file to write ``path``'s new content into; readers see the old file or the new one."""
+    path = Path(path)
+    fd, tmp = _exclusive_temp(path)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": "", "encoding": "utf-8"})) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _exclusive_temp(path: Path) -> tuple[int, str]:
+    """A new file ``.NAME.<random>.tmp`` beside ``path``, created with O_EXCL (mode 0666 less the umask)."""
+    while True:
+        tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp"))
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_write(path) as f:
+        f.write(text)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """JSON (no NaN or infinity: they are not JSON), indented, through ``atomic_write``."""
+    write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def write_csv_atomic(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A CSV table: floats written with ``repr`` (shortest round-trip form), the rest as ``str``."""
+    with atomic_write(path) as f:
+        w = csv.writer(f, lineterminator="\r\n")
+        w.writerow(header)
+        for row in rows:
+            w.writerow([repr(float(v)) if isinstance(v, float) else v for v in row])
+
+
+@contextmanager
+def staged_directory(out: Path, force: bool = False, *, is_ours: Callable[[Path], bool],
+                     what: str = "run") -> Iterator[Path]:
+    """Yield a staging directory ``OUT.partial`` that becomes ``out`` only if the block finishes.
+
+    A lock beside ``out`` (``.OUT.lock``, held through the final rename) keeps a second writer
+    out; a stage left by a writer that died is removed only if it carries our marker.
+    ``force`` replaces an existing ``out`` only when ``is_ours(out)`` (a directory gancleanse
+    wrote): never a user's file or directory. On any error the stage is removed, so nothing
+    half-written remains.
+    """
+    out = Path(out)
+    stage = out.with_name(out.name + ".partial")
+    with DirectoryLock(out.parent, what, lock_name=f".{out.name}.lock"):
+        if out.exists() or out.is_symlink():
+            if not out.is_dir() or out.is_symlink():
+                raise RunDirError(f"{out} exists and is not a directory; choose another output path")
+            if not force:
+                raise RunDirError(f"output directory already exists: {out} (use --force to replace it)")
+            if not is_ours(out):
+                raise RunDirError(f"{out} exists and is not a gancleanse {what} directory: --force replaces "
+                                  "only those; choose another output path")
+        if stage.exists() or stage.is_symlink():
+            if stage.is_symlink() or not stage.is_dir() or not (stage / STAGE_MARKER).is_file():
+                raise RunDirError(f"{stage} exists and was not left by gancleanse; remove or rename it")
+            shutil.rmtree(stage)  # a writer that died left it (a live one would hold the lock)
+        stage.mkdir(parents=True)
+        (stage / STAGE_MARKER).write_text(f"{os.getpid()}\n")
+        try:
+            yield stage
+            (stage / STAGE_MARKER).unlink()
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(stage, out)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
