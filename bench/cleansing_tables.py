@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import gancleanse as gc
-from gancleanse.config import HIGHER_IS_BETTER
+from gancleanse.specs import HIGHER_IS_BETTER
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "gancleanse" / "examples"
 STUDIES = {"2d": EXAMPLES / "gaussian2d.toml", "digits": EXAMPLES / "digits.toml"}

@@ -58,7 +58,7 @@ def main() -> None:
     for _ in range(args.repeats):
         hashing.append(0.0)
         tic = time.perf_counter()
-        gc.influence(gc.Run.open(run.path), "fid", "itd", progress=False)
+        gc.influence(gc.Run.open(run.path), "fid", "itd", check=0, progress=False)
         influence.append(time.perf_counter() - tic)
         hashed.append(hashing[-1])
     run_module.read_verified = real_read

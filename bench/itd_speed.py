@@ -43,7 +43,8 @@ from typing import Any, Callable
 import torch
 
 import gancleanse as gc
-from gancleanse.config import Config, check_threads
+from gancleanse.config import Config
+from gancleanse.device import check_threads
 from gancleanse.data import Splits
 from gancleanse.influence.itd import itd_influence, metric_gradient
 from gancleanse.metrics import Metric, make_metric

@@ -14,7 +14,6 @@ and a table per scorer; costs in seconds and in training epochs of the run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -25,9 +24,9 @@ from scipy.stats import kendalltau
 
 import gancleanse as gc
 from gancleanse.cli import embedded_config
-from gancleanse.config import HIGHER_IS_BETTER
+from gancleanse.specs import HIGHER_IS_BETTER
 from gancleanse.influence import variant_arguments, variants
-from gancleanse.study.cleanse import replicate_config, scorer_options
+from gancleanse.study.cleanse import replicate_config
 from gancleanse.study.lds import lds
 from gancleanse.study.trust import check_instances, seconds_per_epoch, trust_checks
 from gancleanse.study.validate import removal_changes
@@ -56,7 +55,7 @@ def main() -> None:
         run_dir = Path(args.workdir) / f"{args.setup}-seed{seed}"
         run = gc.Run.open(run_dir) if (run_dir / "run.json").is_file() else gc.train(cfg, run_dir, progress=False)
         epoch = seconds_per_epoch(run)
-        image = run.splits.train.ndim == 4
+        image = run.has_classifier_features
         names, rankings = score_all(run, metric, image, cfg, seed)
         tic = time.perf_counter()
         checks = trust_checks(run, rankings, [metric] * len(rankings), args.check, seed=seed)
@@ -105,14 +104,14 @@ def score_all(run: gc.Run, metric: str, image: bool, cfg: gc.Config, seed: int) 
     names, out = [], []
     for method in METHODS:
         for v in variants(method, [metric], image):
-            options = scorer_options(method, dataclasses.asdict(cfg.cleanse))
-            out.append(gc.influence(run, method=method, seed=seed, progress=False, **variant_arguments(method, v),
+            options = cfg.cleanse.scorer_options(method)
+            out.append(gc.influence(run, method=method, seed=seed, check=0, progress=False, **variant_arguments(method, v),
                                     **options))
             names.append(method if v in ("none", metric) else f"{method}-{v}")
             if method == "aid" and "damping" in options:
                 names[-1] = f"aid (damping {options['damping']:g})"
                 window = {k: val for k, val in options.items() if k != "damping"}
-                out.append(gc.influence(run, metric, "aid", seed=seed, progress=False, **window))
+                out.append(gc.influence(run, metric, "aid", seed=seed, check=0, progress=False, **window))
                 names.append("aid (window, preconditioned)")
     return names, out
 

@@ -11,16 +11,19 @@ The Python API mirrors the command line::
 
 from __future__ import annotations
 
-from .version import __version__  # noqa: E402
+# The subpackage gancleanse.influence is imported first: importing a subpackage binds it as an
+# attribute of the package, so the function gc.influence must be bound after it, not before.
+from . import influence as _influence_package  # noqa: F401
+from .api import Scores, cleanse, counterfactual, counterfactuals, export, influence, lds, train, validate
+from .config import Config, load_config
+from .data import Splits
+from .errors import GancleanseError
+from .models import GANModules
+from .models.lora import lora
+from .options import AIDOptions, IsolationForestOptions, ITDOptions, KNNOptions
+from .run import Run
+from .version import __version__
 
-from .api import Scores, cleanse, counterfactual, counterfactuals, export, influence, lds, train, validate  # noqa: E402
-from .data import Splits  # noqa: E402
-from .models import GANModules  # noqa: E402
-from .models.lora import lora  # noqa: E402
-from .config import Config, load_config  # noqa: E402
-from .errors import GancleanseError  # noqa: E402
-from .run import Run  # noqa: E402
-
-__all__ = ["Config", "GANModules", "GancleanseError", "Run", "Scores", "Splits", "cleanse", "counterfactual", "counterfactuals",
-           "export", "influence", "lds", "lora",
-           "load_config", "train", "validate", "__version__"]
+__all__ = ["AIDOptions", "Config", "GANModules", "GancleanseError", "ITDOptions", "IsolationForestOptions",
+           "KNNOptions", "Run", "Scores", "Splits", "cleanse", "counterfactual", "counterfactuals", "export",
+           "influence", "lds", "lora", "load_config", "train", "validate", "__version__"]

@@ -10,26 +10,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .influence import METHODS
+from .errors import ConfigError, GancleanseWarning
+from .options import AIDOptions, IsolationForestOptions, ITDOptions, KNNOptions, ScorerOptions
+from .specs import DEFAULT_CHECK, METHODS, METRICS
+from .toml_writer import dump_toml
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 GAUSSIAN2D_N_TRAIN = 10000  # the paper's accuracy setting
-METRICS = ("all", "is", "log_is", "fid", "kid", "loss_d")
-HIGHER_IS_BETTER = {"all": True, "is": True, "log_is": True, "fid": False, "kid": False, "loss_d": False}
 INT64 = 2**63  # TOML integers are 64-bit; tomllib reads bigger ones, which torch then cannot hold
 REPLICATE_SEEDS = 2**32  # cleanse.seeds are added to the 64-bit base seeds; this keeps every sum
 # below 2**64, the range torch.Generator.manual_seed accepts (np.random.SeedSequence takes any)
-DEFAULT_CHECK = 32  # trust-check retrains per scoring (the CLI's and the study's default)
-MAX_THREADS = 1024  # a static sanity bound (torch.set_num_threads(100000) crashes); see check_threads
+MAX_THREADS = 1024  # a static sanity bound (torch.set_num_threads(100000) crashes); see device.check_threads
 
 
 def _opt(default: Any, *, choices: tuple | None = None, lo: float | None = None,
@@ -145,15 +144,46 @@ class CleanseConfig:
     check: int = _opt(DEFAULT_CHECK, lo=0, hi=INT64, hi_open=True,
                       doc="trust check per seed and scorer: retrains without this many instances (at most the "
                           "training size; 0: off), Kendall tau and Pearson against the actual changes")
-    itd_memory_gb: float | None = _opt(None, lo=0.0, lo_open=True, doc="memory for ITD's reverse-pass graphs "
-                                       "(default: half of what is available); the result does not depend on it")
-    itd_relu_smoothing: float | None = _opt(None, lo=0.0, lo_open=True, doc="ITD differentiates ReLU kinks as if "
-                                            "smoothed over this width (influence --relu-smoothing; off by default)")
-    aid_solver: str = _opt("gmres", choices=("gmres", "cg", "neumann"), doc="adjoint solver of method aid")
-    aid_iterations: int | None = _opt(None, lo=1, doc="default: the solver's (gmres 100, cg 200, neumann 1000)")
-    aid_operator_size: int | None = _opt(None, lo=1, doc="instances in AID's Jacobian products (default all, "
-                                         "up to 2048); each iteration costs a double backward over them")
-    aid_damping: float | None = _opt(None, lo=0.0, doc="default: 1 / (step size x window steps); 0: equilibrium")
+    # One table per scorer with options: [cleanse.itd], [cleanse.aid], ... (gancleanse.options)
+    itd: ITDOptions = field(default_factory=ITDOptions)
+    aid: AIDOptions = field(default_factory=AIDOptions)
+    isolation_forest: IsolationForestOptions = field(default_factory=IsolationForestOptions)
+    knn_density: KNNOptions = field(default_factory=KNNOptions)
+
+    def scorer_options(self, method: str) -> dict[str, Any]:
+        """The study's options of ``method`` that differ from the scorer's defaults."""
+        options = getattr(self, method, None)
+        return options.given() if isinstance(options, ScorerOptions) else {}
+
+
+class ConfigDeprecationWarning(GancleanseWarning, DeprecationWarning):
+    """A config key that is still read but will not be in a later release."""
+
+
+# Flat [cleanse] keys of earlier releases -> (scorer table, option): still read, with a warning.
+LEGACY_CLEANSE_KEYS = {
+    "itd_memory_gb": ("itd", "memory_gb"), "itd_relu_smoothing": ("itd", "relu_smoothing"),
+    "aid_solver": ("aid", "solver"), "aid_iterations": ("aid", "iterations"),
+    "aid_operator_size": ("aid", "operator_size"), "aid_damping": ("aid", "damping"),
+}
+
+
+def _move_legacy_keys(raw: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str]]:
+    """``raw`` with the flat legacy [cleanse] keys moved into their scorer tables, and those keys."""
+    cleanse = raw.get("cleanse")
+    if not isinstance(cleanse, dict) or not LEGACY_CLEANSE_KEYS.keys() & cleanse.keys():
+        return raw, []
+    cleanse = dict(cleanse)
+    used = [k for k in LEGACY_CLEANSE_KEYS if k in cleanse]
+    for key in used:
+        table, name = LEGACY_CLEANSE_KEYS[key]
+        sub = cleanse.get(table, {})
+        if not isinstance(sub, dict):
+            raise ConfigError(f"{source}: [cleanse.{table}] must be a table, got {type(sub).__name__}")
+        if name in sub:
+            raise ConfigError(f"{source}: cleanse.{key} and cleanse.{table}.{name} both given; keep the second")
+        cleanse[table] = {**sub, name: cleanse.pop(key)}
+    return {**raw, "cleanse": cleanse}, used
 
 
 SECTIONS: dict[str, type] = {
@@ -175,9 +205,14 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "<config>") -> "Config":
-        """Validate a nested dict (as read from TOML); raise ConfigError naming the key."""
+        """Validate a nested dict (as read from TOML); raise ConfigError naming the key.
+
+        Legacy flat keys (``LEGACY_CLEANSE_KEYS``) are read into their tables; ``load_config``
+        warns about them, a run directory's stored config is read silently.
+        """
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: a config must be a table of sections")
+        raw, legacy = _move_legacy_keys(raw, source)
         sections = {}
         for name, value in raw.items():
             if name not in SECTIONS:
@@ -187,10 +222,24 @@ class Config:
                 raise ConfigError(f"{source}: [{name}] must be a table, got {type(value).__name__}")
             sections[name] = _build_section(SECTIONS[name], value, name, source)
         cfg = cls(**sections)
-        cfg._check_cross(source)
+        cfg._check_cross(source, legacy)
         return cfg
 
-    def _check_cross(self, source: str) -> None:
+    def validate(self, source: str = "<config>") -> "Config":
+        """Check every field and every rule between fields (a config built or changed in Python
+        gets the same checks as one read from TOML); returns the config."""
+        for name, section_cls in SECTIONS.items():
+            section = getattr(self, name)
+            if not isinstance(section, section_cls):
+                raise ConfigError(f"{source}: [{name}] must be a {section_cls.__name__}")
+            for f in dataclasses.fields(section_cls):
+                value = getattr(section, f.name)
+                if not isinstance(value, ScorerOptions):
+                    _check_value(f, value, f"{name}.{f.name}", source)
+        self._check_cross(source, [])
+        return self
+
+    def _check_cross(self, source: str, legacy: list[str] | tuple[str, ...] = ()) -> None:
         t = self.train
         if t.record_from_epoch is not None and t.record_from_epoch >= t.epochs:
             raise ConfigError(f"{source}: train.record_from_epoch = {t.record_from_epoch} must be "
@@ -198,9 +247,10 @@ class Config:
         m = self.model
         if m.init and (m.init_g or m.init_d):
             raise ConfigError(f"{source}: model.init names both players' weights: drop model.init_g / model.init_d")
-        if (self.cleanse.itd_relu_smoothing is not None and m.arch != "custom"
+        if (self.cleanse.itd.relu_smoothing is not None and m.arch != "custom"
                 and m.activation not in ("relu", "leaky_relu")):
-            raise ConfigError(f"{source}: cleanse.itd_relu_smoothing smooths ReLU kinks, but model.activation = "
+            key = "itd_relu_smoothing" if "itd_relu_smoothing" in legacy else "itd.relu_smoothing"
+            raise ConfigError(f"{source}: cleanse.{key} smooths ReLU kinks, but model.activation = "
                               f"{m.activation!r}")
         if not DEVICE_PATTERN.fullmatch(t.device):
             raise ConfigError(f"{source}: train.device = {t.device!r} is not one of auto, cpu, cuda, cuda:N")
@@ -273,8 +323,23 @@ def _build_section(cls: type, values: dict[str, Any], section: str, source: str)
         if key not in fields:
             raise ConfigError(f"{source}: unknown key {section}.{key} "
                               f"(known in [{section}]: {', '.join(fields)})")
-        kwargs[key] = _check_value(fields[key], value, f"{section}.{key}", source)
+        options = _options_class(fields[key])
+        if options is None:
+            kwargs[key] = _check_value(fields[key], value, f"{section}.{key}", source)
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: [{section}.{key}] must be a table, got {type(value).__name__}")
+        try:
+            kwargs[key] = options.from_mapping(value)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: [{section}.{key}]: {e}") from None
     return cls(**kwargs)
+
+
+def _options_class(f: dataclasses.Field) -> type[ScorerOptions] | None:
+    """The options dataclass of a scorer-table field (None for a plain key)."""
+    factory = f.default_factory
+    return factory if isinstance(factory, type) and issubclass(factory, ScorerOptions) else None
 
 
 def _check_value(f: dataclasses.Field, value: Any, key: str, source: str) -> Any:
@@ -359,50 +424,19 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     except RecursionError:  # tomllib parses nested arrays and inline tables recursively
         raise ConfigError(f"{path}: not valid TOML: arrays or inline tables nested too deeply") from None
-    return Config.from_dict(raw, source=str(path))
+    cfg = Config.from_dict(raw, source=str(path))
+    cleanse = raw.get("cleanse") if isinstance(raw.get("cleanse"), dict) else {}
+    moves = [f"{key} as {name} in [cleanse.{table}]" for key, (table, name) in LEGACY_CLEANSE_KEYS.items()
+             if key in cleanse]
+    if moves:
+        warnings.warn(f"{path}: these [cleanse] keys are deprecated and will not be read in a later release; "
+                      f"write {'; '.join(moves)}", ConfigDeprecationWarning, stacklevel=2)
+    return cfg
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on: its affinity mask where the OS has one (containers, taskset)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+def embedded_config(name: str) -> Config:
+    """A config shipped inside the package (``gancleanse/examples/NAME.toml``)."""
+    from importlib import resources
 
-
-def check_threads(n: int, key: str = "train.threads") -> None:
-    """Refuse more torch threads than this process has cores.
-
-    Called by training code, not by config loading: a run directory recorded on a bigger
-    machine must still load (and be inspected) here.
-    """
-    if n < 1:
-        raise ConfigError(f"{key} = {n} is out of range (must be >= 1)")
-    cores = available_cores()
-    if n > cores:
-        raise ConfigError(f"{key} = {n} exceeds the {cores} CPU core{'s' if cores != 1 else ''} "
-                          "available to this process; lower it")
-
-
-def dump_toml(sections: dict[str, dict[str, Any]]) -> str:
-    """Write the flat two-level dicts that configs use as TOML (None values are omitted)."""
-    lines: list[str] = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        for key, value in values.items():
-            if value is not None:
-                lines.append(f"{key} = {_toml_value(value)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+    text = resources.files("gancleanse").joinpath(f"examples/{name}.toml").read_text()
+    return Config.from_dict(tomllib.loads(text), source=f"embedded {name}.toml")

@@ -81,3 +81,25 @@ def warn_if_other_kind(recorded: str, device: torch.device, path: object) -> Non
     if recorded != device.type:
         warnings.warn(f"{path} was trained on {recorded} and is replayed on {device.type}: counterfactual "
                       f"retrains are not bitwise comparable with the recorded run", GancleanseWarning, stacklevel=3)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on: its affinity mask where the OS has one (containers, taskset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_threads(n: int, key: str = "train.threads") -> None:
+    """Refuse more torch threads than this process has cores.
+
+    Called by training code, not by config loading: a run directory recorded on a bigger
+    machine must still load (and be inspected) here.
+    """
+    if n < 1:
+        raise ConfigError(f"{key} = {n} is out of range (must be >= 1)")
+    cores = available_cores()
+    if n > cores:
+        raise ConfigError(f"{key} = {n} exceeds the {cores} CPU core{'s' if cores != 1 else ''} "
+                          "available to this process; lower it")

@@ -33,57 +33,13 @@ import numpy as np
 from .config import Config
 from .errors import GancleanseError
 from .files import staged_directory, write_json_atomic
+from .scores import Scores, harmful_first
 
 if TYPE_CHECKING:
     from .run import Run
 
 GRID_MAX = 64  # removed images drawn in removed.png
 MARKER = "export.json"
-
-
-@dataclass
-class ScoreTable:
-    """A SCORES.csv read back: one row per training instance, by index."""
-
-    influence: np.ndarray
-    harmfulness: np.ndarray
-    keys: list[str]
-    path: Path | None = None
-    info: dict[str, Any] | None = None
-    has_keys: bool = True  # False for a file written before instance keys existed
-
-    @classmethod
-    def read(cls, path: str | Path) -> "ScoreTable":
-        path = Path(path)
-        if not path.is_file():
-            raise GancleanseError(f"scores file not found: {path}")
-        try:
-            with open(path, newline="") as f:
-                rows = list(csv.reader(f))
-        except (OSError, UnicodeDecodeError) as e:
-            raise GancleanseError(f"{path}: cannot read the scores ({e})") from None
-        if not rows or rows[0][:3] != ["index", "influence", "harmfulness"]:
-            raise GancleanseError(f"{path}: not a SCORES.csv (header must start with index,influence,harmfulness)")
-        has_key = len(rows[0]) > 3 and rows[0][3] == "key"
-        body = rows[1:]
-        try:
-            index = [int(r[0]) for r in body]
-            influence = np.array([float(r[1]) for r in body])
-            harm = np.array([float(r[2]) for r in body])
-        except (ValueError, IndexError) as e:
-            raise GancleanseError(f"{path}: malformed row ({e})") from None
-        if index != list(range(len(body))):
-            raise GancleanseError(f"{path}: rows must be indices 0..N-1 in order")
-        if not (np.isfinite(influence).all() and np.isfinite(harm).all()):
-            raise GancleanseError(f"{path}: non-finite scores")
-        keys = [r[3] for r in body] if has_key else [f"#{i}" for i in index]
-        info_path = path.with_suffix(".json")
-        info = json.loads(info_path.read_text()) if info_path.is_file() else None
-        return cls(influence, harm, keys, path, info, has_key)
-
-    def ranking(self) -> np.ndarray:
-        """Indices, most harmful first (ties by index, as everywhere in gancleanse)."""
-        return np.argsort(-self.harmfulness, kind="stable")
 
 
 def select(harmfulness: np.ndarray, *, rate: float | None = None, count: int | None = None,
@@ -102,7 +58,7 @@ def select(harmfulness: np.ndarray, *, rate: float | None = None, count: int | N
     if min_harmfulness is not None and not math.isfinite(min_harmfulness):
         raise GancleanseError(f"--min-harmfulness must be finite, got {min_harmfulness}")
     k = math.floor(n * rate) if rate is not None else count if count is not None else n
-    top = [int(i) for i in np.argsort(-harmfulness, kind="stable")[:k]]
+    top = [int(i) for i in harmful_first(harmfulness)[:k]]
     if min_harmfulness is not None:
         top = [i for i in top if harmfulness[i] >= min_harmfulness]
     return top
@@ -139,10 +95,10 @@ class RunData:
         return self.run.recorded_splits.get("source")
 
 
-def _run_of(table: ScoreTable, run: str | Path | None) -> Path:
+def _run_of(table: Scores, run: str | Path | None) -> Path:
     if run is not None:
         return Path(run)
-    if table.info and table.info.get("run"):
+    if table.info.get("run"):
         return Path(table.info["run"])
     raise GancleanseError(f"{table.path}: no SCORES.json beside it names the run; pass --run RUN_DIR")
 
@@ -239,7 +195,8 @@ def removed_picture(path: Path, images: np.ndarray | None, points: np.ndarray | 
 def _removed_images(run: RunData, removed: list[int]) -> np.ndarray | None:
     """The removed instances as model values, decoded the way training read them."""
     if run.source is not None and run.source.get("format") in ("folder", "zip"):
-        from .data.image_files import Converter, open_listing
+        from .data.image_convert import Converter
+        from .data.image_listing import open_listing
 
         convert = Converter(run.cfg.data)
         listing = open_listing(Path(run.source["path"]))
@@ -254,33 +211,34 @@ def _removed_images(run: RunData, removed: list[int]) -> np.ndarray | None:
 
 
 # ------------------------------------------------------------------------------- main
-def export(scores: str | Path | ScoreTable, out: str | Path, *, rate: float | None = None,
+def export(scores: str | Path | Scores, out: str | Path, *, rate: float | None = None,
            count: int | None = None, min_harmfulness: float | None = None, run: str | Path | None = None,
            link: bool = False, all_splits: bool = False, force: bool = False) -> dict[str, Any]:
     """Write the cleaned training split of ``scores``' run to ``out``; returns what export.json says."""
-    table = scores if isinstance(scores, ScoreTable) else ScoreTable.read(scores)
-    rd = RunData.read(_run_of(table, run))
-    train_keys = rd.keys["train"]
-    if len(train_keys) != len(table.keys) or (table.has_keys and table.keys != train_keys):
-        raise GancleanseError(f"{table.path or 'the scores'} do not belong to run {rd.path}: "
-                              f"{len(table.keys)} scored instances, the run's training split has {len(train_keys)}"
-                              + ("" if len(train_keys) != len(table.keys) else " with other keys"))
-    scored_on = (table.info or {}).get("run_id")
-    if scored_on is not None and scored_on != rd.run.id:
+    table = scores if isinstance(scores, Scores) else Scores.load(scores)
+    run_data = RunData.read(_run_of(table, run))
+    train_keys = run_data.keys["train"]
+    n_scored = len(table.harmfulness)
+    if len(train_keys) != n_scored or (table.keys is not None and table.keys != train_keys):
+        raise GancleanseError(f"{table.path or 'the scores'} do not belong to run {run_data.path}: "
+                              f"{n_scored} scored instances, the run's training split has {len(train_keys)}"
+                              + ("" if len(train_keys) != n_scored else " with other keys"))
+    scored_on = table.info.get("run_id")
+    if scored_on is not None and scored_on != run_data.run.id:
         raise GancleanseError(f"{table.path or 'the scores'} were computed on another training than the run now at "
-                              f"{rd.path} (SCORES.json names run {scored_on[:12]}..., the run is {rd.run.id[:12]}...)")
+                              f"{run_data.path} (SCORES.json names run {scored_on[:12]}..., the run is {run_data.run.id[:12]}...)")
     removed = select(table.harmfulness, rate=rate, count=count, min_harmfulness=min_harmfulness)
     gone = set(removed)
     kept_keys = [k for i, k in enumerate(train_keys) if i not in gone]
     out = Path(out)
-    src = rd.source
-    fmt = src["format"] if src else ("npz" if rd.cfg.data.name == "npz" else "tensors")
+    src = run_data.source
+    fmt = src["format"] if src else ("npz" if run_data.cfg.data.name == "npz" else "tensors")
     extra: list[str] = []
     if all_splits:
         if src is not None and "reference" in src:
             raise GancleanseError("--all-splits: the validation and test splits came from data.reference_path, "
                                   "a different dataset; export the training split alone")
-        extra = rd.keys["valid"] + rd.keys["test"]
+        extra = run_data.keys["valid"] + run_data.keys["test"]
     points = None  # the training points of 2D data, for removed.png
     with staged_directory(out, force=force, is_ours=lambda p: (p / MARKER).is_file(), what="export") as stage:
         if fmt == "folder":
@@ -294,15 +252,15 @@ def export(scores: str | Path | ScoreTable, out: str | Path, *, rate: float | No
             target = stage / Path(src["path"]).name
             _copy_zip(Path(src["path"]), target, kept_keys + extra)
         elif fmt in ("npy", "npz"):
-            path = Path(src["path"]) if src else Path(rd.cfg.data.path).expanduser()
+            path = Path(src["path"]) if src else Path(run_data.cfg.data.path).expanduser()
             target = stage / path.name
             _copy_arrays(path, target, kept_keys + extra, src.get("array") if src else "x")
         else:
             target = stage / "train.npz"
-            points = _write_tensors(rd, target, [i for i in range(len(train_keys)) if i not in gone])
-        images = _removed_images(rd, removed)
+            points = _write_tensors(run_data, target, [i for i in range(len(train_keys)) if i not in gone])
+        images = _removed_images(run_data, removed)
         if images is None and fmt in ("npy", "npz"):
-            images = _array_rows(target, rd, [train_keys[i] for i in removed[:GRID_MAX]], src) if removed else None
+            images = _array_rows(target, run_data, [train_keys[i] for i in removed[:GRID_MAX]], src) if removed else None
         with open(stage / "removed.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["rank", "key", "index", "harmfulness", "influence"])
@@ -311,8 +269,8 @@ def export(scores: str | Path | ScoreTable, out: str | Path, *, rate: float | No
         drew = bool(removed) and removed_picture(stage / "removed.png", images, points, removed, train_keys,
                                                  table.harmfulness)
         info = {"format": fmt, "output": target.name, "scores": str(table.path) if table.path else None,
-                "run": str(rd.path), "rule": {"rate": rate, "count": count, "min_harmfulness": min_harmfulness},
-                "metric": (table.info or {}).get("metric"), "method": (table.info or {}).get("method"),
+                "run": str(run_data.path), "rule": {"rate": rate, "count": count, "min_harmfulness": min_harmfulness},
+                "metric": table.info.get("metric"), "method": table.info.get("method"),
                 "n_train": len(train_keys), "n_removed": len(removed), "n_exported": len(kept_keys) + len(extra),
                 "all_splits": all_splits, "link": link, "removed_png": drew,
                 "source": None if src is None else {k: src[k] for k in ("path", "digest") if k in src}}
@@ -321,26 +279,27 @@ def export(scores: str | Path | ScoreTable, out: str | Path, *, rate: float | No
     return info
 
 
-def _array_rows(written: Path, rd: RunData, keys: list[str], src: dict | None) -> np.ndarray:
+def _array_rows(written: Path, run_data: RunData, keys: list[str], src: dict | None) -> np.ndarray:
     """Removed rows of the source array, converted the way training converted them."""
     from .data.base import as_float
-    from .data.image_files import channels_first, convert_array, read_array_file
+    from .data.image_convert import channels_first, convert_array
+    from .data.image_sources import read_array_file
 
-    path = Path(src["path"]) if src else Path(rd.cfg.data.path).expanduser()
+    path = Path(src["path"]) if src else Path(run_data.cfg.data.path).expanduser()
     raw, _, name = read_array_file(path)
     x = channels_first(raw, str(path))[_rows(keys)]
     import torch
 
-    return as_float(torch.from_numpy(convert_array(np.ascontiguousarray(x), rd.cfg.data, str(path)))).numpy()
+    return as_float(torch.from_numpy(convert_array(np.ascontiguousarray(x), run_data.cfg.data, str(path)))).numpy()
 
 
-def _training_split(rd: RunData):  # noqa: ANN202 - Splits, imported lazily
-    return rd.run.splits
+def _training_split(run_data: RunData):  # noqa: ANN202 - Splits, imported lazily
+    return run_data.run.splits
 
 
-def _write_tensors(rd: RunData, target: Path, kept: list[int]) -> np.ndarray:
+def _write_tensors(run_data: RunData, target: Path, kept: list[int]) -> np.ndarray:
     """train.npz of the kept instances as the model saw them; returns the whole training split."""
-    splits = _training_split(rd)
+    splits = _training_split(run_data)
     x = splits.split("train").numpy()
     arrays = {"x": x[kept]}
     if splits.y_train is not None:
@@ -354,4 +313,4 @@ def summary_line(info: dict[str, Any]) -> str:
             f"({info['n_removed']} removed) to {info['path']}")
 
 
-__all__ = ["ScoreTable", "export", "select", "summary_line"]
+__all__ = ["export", "select", "summary_line"]

@@ -17,6 +17,9 @@ complete, and ``run.json`` carries ``"status": "complete"``, so an interrupted r
 taken for a finished one. ``run.json`` records the sha256 of every other file and is sealed
 (``gancleanse.integrity``); every read below verifies the bytes it parses, and the derived
 numbers of ``run.json`` must agree with the config they derive from.
+
+The format's facts and checks live in ``gancleanse.run_format``, the (de)serialization of
+states in ``gancleanse.state_files``; this module opens a run and serves what it recorded.
 """
 
 from __future__ import annotations
@@ -30,94 +33,19 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
 
 from . import device as devices
 from .config import Config
 from .data import Splits, load_data
 from .data.base import SPLIT_NAMES, as_float
 from .errors import ConfigError, RunDirError
-from .integrity import read_verified, seal_of
+from .integrity import read_verified
 from .models import GANModules, build_models
-from .training.dynamics import Dynamics, State, StepBatch
-from .training.schedule import Schedule, eval_labels, eval_latents
-
-FORMAT_VERSION = 2  # 2: content hashes and seal in run.json
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-# ------------------------------------------------------------------ state <-> flat dict
-def flatten_state(state: State) -> dict[str, torch.Tensor]:
-    """Nested dicts of tensors -> {"d/net.0.weight": ..., "opt_d/m/net.0.weight": ...}."""
-    flat: dict[str, torch.Tensor] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}/{k}" if prefix else k, v)
-        else:
-            flat[prefix] = node.detach().contiguous()
-
-    walk("", state)
-    return flat
-
-
-STATE_KEYS = ("d", "g", "opt_d", "opt_g", "ema_g")
-
-
-def unflatten_state(flat: dict[str, torch.Tensor]) -> State:
-    """Inverse of ``flatten_state``, in the canonical key order that ``Dynamics.step`` emits.
-
-    ``torch.func`` matches trees by structure including key order, so every state that is
-    loaded must order its keys alike: top level as in STATE_KEYS, leaves sorted by name.
-    """
-    nested: dict = {}
-    for key in sorted(flat):
-        parts = key.split("/")
-        node = nested
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = flat[key]
-    nested.setdefault("opt_d", {})
-    nested.setdefault("opt_g", {})
-    return {k: nested[k] for k in STATE_KEYS if k in nested}
-
-
-def save_state(state: State, path: Path) -> None:
-    """Checkpoints are written from CPU copies, so a run opens on any device."""
-    save_file({k: v.detach().cpu() for k, v in flatten_state(state).items()}, str(path))
-
-
-def to_device(tree: Any, device: torch.device) -> Any:
-    """A state (nested dicts of tensors) on ``device``."""
-    if isinstance(tree, dict):
-        return {k: to_device(v, device) for k, v in tree.items()}
-    if isinstance(tree, tuple):
-        return tuple(to_device(v, device) for v in tree)
-    return tree.to(device)
-
-
-def parse_tensors(data: bytes, label: str) -> dict[str, torch.Tensor]:
-    """safetensors bytes -> tensors, with a parse failure named by ``label``."""
-    try:
-        return load_safetensors(data)
-    except Exception as e:  # safetensors raises its own error types
-        raise RunDirError(f"{label}: not a readable safetensors file ({e})") from None
-
-
-def check_finite_tensors(tensors: dict[str, torch.Tensor], label: str) -> None:
-    for key, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise RunDirError(f"{label}: non-finite values in {key}")
-
-
-def window_checkpoints(window_start: int, total: int, every: int, steps_per_epoch: int) -> list[int]:
-    """Checkpoint steps: the window start, every ``every`` steps, every epoch start, the end."""
-    steps = set(range(window_start, total, every))
-    steps |= {s for s in range(window_start, total) if s % steps_per_epoch == 0}
-    steps |= {0, window_start, total}
-    return sorted(steps)
+from .run_format import (DTYPES, EVAL_SPLITS, FROZEN_FILE, check_label_tensors, check_meta_against_config,
+                         checkpoint_name, read_meta)
+from .state_files import check_finite_tensors, parse_tensors, to_device, unflatten_state
+from .training.dynamics import Dynamics, State, StepBatch, gather_batch
+from .training.schedule import Schedule
 
 
 @contextmanager
@@ -131,96 +59,6 @@ def torch_threads(n: int | None) -> Iterator[None]:
     finally:
         if torch.get_num_threads() != old:
             torch.set_num_threads(old)
-
-
-def is_run_dir(path: Path) -> bool:
-    """Whether ``path`` holds a gancleanse run (its run.json says so), whatever its state."""
-    try:
-        meta = json.loads((path / "run.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and "format" in meta and "status" in meta and "n_train" in meta
-
-
-FROZEN_FILE = "frozen.safetensors"  # parameters that do not train: constants, saved once
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}.safetensors"
-
-
-# ---------------------------------------------------------------------------- reader
-META_FIELDS: dict[str, type] = {
-    "format": int, "status": str, "threads": int, "n_train": int, "steps_per_epoch": int,
-    "total_steps": int, "window": dict, "checkpoints": list, "data_fingerprint": str, "files": dict,
-    "seal": str,
-}
-
-
-def read_meta(path: Path) -> dict[str, Any]:
-    """run.json of ``path``: parsed, complete, of this format, sealed, with well-typed fields."""
-    meta_path = path / "run.json"
-    if not meta_path.is_file():
-        raise RunDirError(f"{path} is not a gancleanse run directory (no run.json)")
-    try:
-        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
-    except OSError as e:
-        raise RunDirError(f"{meta_path}: cannot read it ({e.strerror or e})") from None
-    except ValueError as e:
-        raise RunDirError(f"{meta_path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise RunDirError(f"{meta_path}: not a JSON object")
-    if meta.get("status") != "complete":
-        raise RunDirError(f"run {path} is not complete (run.json status {meta.get('status')!r})")
-    if meta.get("format") != FORMAT_VERSION:
-        raise RunDirError(f"{meta_path}: format {meta.get('format')!r}, this gancleanse reads format "
-                          f"{FORMAT_VERSION} (runs without content hashes cannot be trusted: retrain it)")
-    for key, kind in META_FIELDS.items():
-        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
-            raise RunDirError(f"{meta_path}: field {key!r} is missing or not a {kind.__name__}")
-    try:
-        seal = seal_of(meta)
-    except ValueError as e:  # NaN or infinity in run.json
-        raise RunDirError(f"{meta_path}: {e}") from None
-    if seal != meta["seal"]:
-        raise RunDirError(f"{meta_path} was edited after training (its seal does not match its content)")
-    return meta
-
-
-def check_meta_against_config(meta: dict[str, Any], cfg: Config, label: str) -> None:
-    """The numbers run.json derives from the config must be the ones the config gives."""
-    t = cfg.train
-    n = cfg.data.n_train
-    spe = n // t.batch_size if n else 0
-    expected = {
-        "n_train": n, "steps_per_epoch": spe, "total_steps": t.epochs * spe, "threads": t.threads,
-        "window": {"start_epoch": t.record_from_epoch, "start_step": (t.record_from_epoch or 0) * spe,
-                   "end_step": t.epochs * spe},
-    }
-    for key, value in expected.items():
-        if meta[key] != value:
-            raise RunDirError(f"{label}: {key} = {meta[key]!r} disagrees with config.toml ({value!r})")
-    ckpts = window_checkpoints(expected["window"]["start_step"], expected["total_steps"], t.checkpoint_every, spe)
-    if meta["checkpoints"] != ckpts:
-        raise RunDirError(f"{label}: the checkpoint steps disagree with config.toml")
-    for name in ["config.toml", "schedule.safetensors", "eval_latents.safetensors", "splits.json",
-                 *(f"checkpoints/{checkpoint_name(c)}" for c in ckpts)]:
-        if not isinstance(meta["files"].get(name), str):
-            raise RunDirError(f"{label}: no sha256 recorded for {name}")
-
-
-def gather_batch(stored: torch.Tensor, labels: torch.Tensor | None, idx: torch.Tensor, step: int,
-                 latents: tuple[torch.Tensor, torch.Tensor],
-                 gen_labels: tuple[torch.Tensor | None, torch.Tensor | None],
-                 device: torch.device, dtype: torch.dtype) -> StepBatch:
-    """Step ``step``'s batch: minibatch ``idx`` of the stored training split (and its labels),
-    gathered on ``device`` and made floats there, with the step's latents and generated
-    labels. The one assembly that training and every replay share."""
-    on = idx.to(device)
-    (z_d, z_g), (c_d, c_g) = latents, gen_labels
-    return StepBatch(as_float(stored[on], dtype), z_d.to(device, dtype), z_g.to(device, dtype), step,
-                     None if labels is None else labels[on],
-                     None if c_d is None else c_d.to(device), None if c_g is None else c_g.to(device))
 
 
 @dataclass
@@ -293,6 +131,7 @@ class Run:
         return read_verified(self.path, name, self.meta["files"].get(name))
 
     def read_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The run's safetensors file ``name``: verified, parsed and finite."""
         tensors = parse_tensors(self.read(name), f"{name} in {self.path}")
         check_finite_tensors(tensors, f"{name} in {self.path}")
         return tensors
@@ -307,15 +146,16 @@ class Run:
         """splits.json: the data source and every split's instance keys."""
         label = f"splits.json in {self.path}"
         try:
-            rec = json.loads(self.read("splits.json").decode("utf-8"))
+            record = json.loads(self.read("splits.json").decode("utf-8"))
         except ValueError as e:
             raise RunDirError(f"{label}: not valid JSON ({e})") from None
-        if not isinstance(rec, dict) or not all(isinstance(rec.get(k), list) for k in SPLIT_NAMES):
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), list) for k in SPLIT_NAMES):
             raise RunDirError(f"{label}: no key list for every split")
-        return rec
+        return record
 
     @cached_property
     def splits(self) -> Splits:
+        """The run's data: stored in the run for user data, else reloaded and checked unchanged."""
         if self.cfg.data.name == "custom":
             keys = {k: self.recorded_splits[k] for k in SPLIT_NAMES}
             try:
@@ -330,6 +170,7 @@ class Run:
 
     @cached_property
     def models(self) -> GANModules:
+        """The built-in architecture the config names (user modules must be given to ``open``)."""
         if self.cfg.model.arch == "custom":
             raise RunDirError(f"{self.path} was trained with user-supplied modules: open it with "
                               "gancleanse.Run.open(path, models=GANModules(generator, discriminator, z_dim))")
@@ -342,7 +183,8 @@ class Run:
             from .models.trainable import freeze
 
             flat = self.read_tensors(FROZEN_FILE)
-            freeze(models, {p: {k[2:]: v for k, v in flat.items() if k.startswith(p + "/")} for p in ("d", "g")})
+            freeze(models, {player: {k[2:]: v for k, v in flat.items() if k.startswith(player + "/")}
+                            for player in ("d", "g")})
         return models
 
     @cached_property
@@ -387,30 +229,47 @@ class Run:
         """Each training instance's stable key (relative path, or ``#i``), by index."""
         return self.splits.key_list("train")
 
+    @property
+    def has_classifier_features(self) -> bool:
+        """Whether the metrics' classifier features exist for this run: is/fid/kid and
+        ``--features classifier`` work exactly then.
+
+        With an extractor named at ``open`` they always do; one the config names but that was
+        not named again is never loaded; else the run's own classifier needs labelled images
+        (N, C, H, W) of at least 4x4 (its two 2x pools).
+        """
+        if self.extractor:
+            return True
+        if self.cfg.metric.extractor:
+            return False
+        splits = self.splits
+        return splits.train.ndim == 4 and splits.y_train is not None and min(splits.sample_shape[1:]) >= 4
+
     @cached_property
     def _schedule(self) -> dict[str, torch.Tensor]:
         """The recorded window's indices and latents, checked against the window's shape."""
-        sched = self.read_tensors("schedule.safetensors")
+        recorded = self.read_tensors("schedule.safetensors")
         label = f"schedule.safetensors in {self.path}"
-        steps, b, z_dim = self.final_step - self.window_start, self.cfg.train.batch_size, self.cfg.model.z_dim
-        shapes = {"indices": (steps, b), "z_d": (steps, b, z_dim)}
-        if self.cfg.train.update != "simultaneous":
-            shapes["z_g"] = (steps, b, z_dim)
+        steps, batch_size, z_dim = self.final_step - self.window_start, self.cfg.train.batch_size, self.cfg.model.z_dim
+        separate_latents = self.cfg.train.update != "simultaneous"
+        shapes = {"indices": (steps, batch_size), "z_d": (steps, batch_size, z_dim)}
+        if separate_latents:
+            shapes["z_g"] = (steps, batch_size, z_dim)
         if self.conditional:
-            shapes["c_d"] = (steps, b)
-            if self.cfg.train.update != "simultaneous":
-                shapes["c_g"] = (steps, b)
+            shapes["c_d"] = (steps, batch_size)
+            if separate_latents:
+                shapes["c_g"] = (steps, batch_size)
         for key, shape in shapes.items():
-            if key not in sched:
+            if key not in recorded:
                 raise RunDirError(f"{label}: no {key!r} tensor")
-            if tuple(sched[key].shape) != shape:
-                raise RunDirError(f"{label}: {key} has shape {tuple(sched[key].shape)}, the window needs {shape}")
-        idx = sched["indices"]
+            if tuple(recorded[key].shape) != shape:
+                raise RunDirError(f"{label}: {key} has shape {tuple(recorded[key].shape)}, the window needs {shape}")
+        idx = recorded["indices"]
         if idx.dtype != torch.int64 or (idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < self.n_train)):
             raise RunDirError(f"{label}: instance indices must be int64 in 0..{self.n_train - 1}")
         if self.conditional:
-            check_label_tensors(sched, ("c_d", "c_g"), self.splits.n_classes, label)
-        return sched
+            check_label_tensors(recorded, ("c_d", "c_g"), self.splits.n_classes, label)
+        return recorded
 
     # --- window ----------------------------------------------------------------
     @property
@@ -438,6 +297,7 @@ class Run:
         return int(self.meta["threads"])
 
     def epoch_start_step(self, epoch: int) -> int:
+        """The first step of ``epoch``, which must lie in the recorded window."""
         step = epoch * self.steps_per_epoch
         if not self.window_start <= step < self.final_step:
             first = self.window_start // self.steps_per_epoch
@@ -448,9 +308,9 @@ class Run:
     @cached_property
     def schedule(self) -> Schedule:
         """The generator of every step's indices and latents (the window is also recorded)."""
-        t = self.cfg.train
-        return Schedule(self.n_train, t.batch_size, self.cfg.model.z_dim, t.seed,
-                        shared_latents=t.update == "simultaneous", label_frequencies=self.label_frequencies)
+        train = self.cfg.train
+        return Schedule(self.n_train, train.batch_size, self.cfg.model.z_dim, train.seed,
+                        shared_latents=train.update == "simultaneous", label_frequencies=self.label_frequencies)
 
     def _check_step(self, step: int) -> None:
         if not 0 <= step < self.final_step:
@@ -464,16 +324,17 @@ class Run:
         return self._schedule["indices"][step - self.window_start]
 
     def batch(self, step: int) -> StepBatch:
+        """Everything step ``step`` consumes, on the device (recorded in the window, else regenerated)."""
         self._check_step(step)
         if step < self.window_start:
             latents, labels = self.schedule.latents(step), self.schedule.labels(step)
         else:  # recorded, already on the device
             i = step - self.window_start
-            rec = self._window_latents
-            z_d = rec["z_d"][i]
-            c_d = rec["c_d"][i] if "c_d" in rec else None
-            latents = (z_d, rec["z_g"][i] if "z_g" in rec else z_d)
-            labels = (c_d, rec["c_g"][i] if "c_g" in rec else c_d)
+            window = self._window_latents
+            z_d = window["z_d"][i]
+            c_d = window["c_d"][i] if "c_d" in window else None
+            latents = (z_d, window["z_g"][i] if "z_g" in window else z_d)
+            labels = (c_d, window["c_g"][i] if "c_g" in window else c_d)
         return gather_batch(self._train_stored, self.y_train, self.indices(step), step, latents, labels,
                             self.device, self.dtype)
 
@@ -491,48 +352,32 @@ class Run:
         return to_device(unflatten_state(self.read_tensors(f"checkpoints/{checkpoint_name(step)}")), self.device)
 
     def final_state(self) -> State:
+        """The state training ended with."""
         return self.load_state(self.final_step)
 
     @cached_property
     def _eval_latents(self) -> dict[str, torch.Tensor]:
-        z = self.read_tensors("eval_latents.safetensors")
+        """eval_latents.safetensors, checked against the metric's sample count and z_dim."""
+        stored = self.read_tensors("eval_latents.safetensors")
         label = f"eval_latents.safetensors in {self.path}"
-        n = self.cfg.metric.n_samples
-        shape = (n, self.cfg.model.z_dim)
-        for split in ("valid", "test"):
-            if split not in z or tuple(z[split].shape) != shape:
+        n_samples = self.cfg.metric.n_samples
+        shape = (n_samples, self.cfg.model.z_dim)
+        for split in EVAL_SPLITS:
+            if split not in stored or tuple(stored[split].shape) != shape:
                 raise RunDirError(f"{label}: {split!r} must have shape {shape}")
-            if self.conditional and (f"{split}_labels" not in z or tuple(z[f"{split}_labels"].shape) != (n,)):
-                raise RunDirError(f"{label}: {split + '_labels'!r} must have shape ({n},)")
+            labels = stored.get(f"{split}_labels")
+            if self.conditional and (labels is None or tuple(labels.shape) != (n_samples,)):
+                raise RunDirError(f"{label}: {split + '_labels'!r} must have shape ({n_samples},)")
         if self.conditional:
-            check_label_tensors(z, ("valid_labels", "test_labels"), self.splits.n_classes, label)
-        return z
+            check_label_tensors(stored, tuple(f"{split}_labels" for split in EVAL_SPLITS), self.splits.n_classes,
+                                label)
+        return stored
 
     def eval_latents(self, split: str) -> torch.Tensor:
+        """The fixed evaluation latents of ``split`` in the model's dtype, on the device."""
         return self._eval_latents[split].to(self.device, self.dtype)
 
     def eval_labels(self, split: str) -> torch.Tensor | None:
         """The fixed labels of the evaluation samples on ``split`` (conditional runs; else None)."""
         return self._eval_latents[f"{split}_labels"].to(self.device) if self.conditional else None
 
-
-def check_label_tensors(tensors: dict[str, torch.Tensor], names: tuple[str, ...], n_classes: int,
-                        label: str) -> None:
-    """Stored generated labels (those of ``names`` present) must be int64 classes of the data."""
-    for name in names:
-        c = tensors.get(name)
-        if c is None:
-            continue
-        if c.dtype != torch.int64 or (c.numel() and not (0 <= int(c.min()) and int(c.max()) < n_classes)):
-            raise RunDirError(f"{label}: {name} must hold int64 labels in 0..{n_classes - 1}")
-
-
-def write_eval_latents(cfg: Config, stage: Path, label_frequencies: torch.Tensor | None = None) -> None:
-    """The fixed evaluation latents of both splits, and generated labels for a conditional GAN."""
-    cfg = cfg.resolved()
-    m = cfg.metric
-    z = {split: eval_latents(m.seed, split, m.n_samples, cfg.model.z_dim) for split in ("valid", "test")}
-    if label_frequencies is not None:
-        z.update({f"{split}_labels": eval_labels(m.seed, split, m.n_samples, label_frequencies)
-                  for split in ("valid", "test")})
-    save_file(z, str(stage / "eval_latents.safetensors"))

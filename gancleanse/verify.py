@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 
 from .data.base import SPLIT_NAMES
 from .errors import RunDirError
-from .run import Run, checkpoint_name, flatten_state, torch_threads
+from .run import Run, torch_threads
+from .run_format import EVAL_SPLITS, checkpoint_name, read_meta
+from .state_files import flatten_state
 from .training.schedule import eval_labels, eval_latents
 
 
@@ -40,11 +42,12 @@ def verify_run(run: Run, *, replay: bool = True, report: Callable[[str], None] =
     ok(f"{len(meta['files'])} files match the sha256 recorded in run.json ({size / 1e6:.1f} MB)")
 
     splits = run.splits
-    rec = run.recorded_splits
+    recorded = run.recorded_splits
     for name in SPLIT_NAMES:
-        n = int(getattr(splits, name).shape[0])
-        if len(rec[name]) != n:
-            raise RunDirError(f"splits.json in {run.path}: {len(rec[name])} {name} keys for {n} instances")
+        n_instances = int(getattr(splits, name).shape[0])
+        if len(recorded[name]) != n_instances:
+            raise RunDirError(f"splits.json in {run.path}: {len(recorded[name])} {name} keys for {n_instances} "
+                              "instances")
     if splits.train.shape[0] != run.n_train:
         raise RunDirError(f"run.json of {run.path}: n_train {run.n_train}, the data has {splits.train.shape[0]}")
     source = "data.safetensors" if run.cfg.data.name == "custom" else f"fingerprint {meta['data_fingerprint']}"
@@ -53,17 +56,19 @@ def verify_run(run: Run, *, replay: bool = True, report: Callable[[str], None] =
     _check_schedule(run)
     ok(f"schedule.safetensors: {run.final_step - run.window_start} steps of indices and latents equal the "
        f"ones train.seed = {run.cfg.train.seed} regenerates")
-    m = run.cfg.metric
-    for split in ("valid", "test"):
-        if not torch.equal(run._eval_latents[split], eval_latents(m.seed, split, m.n_samples, run.cfg.model.z_dim)):
+    metric = run.cfg.metric
+    for split in EVAL_SPLITS:
+        if not torch.equal(run._eval_latents[split],
+                           eval_latents(metric.seed, split, metric.n_samples, run.cfg.model.z_dim)):
             raise RunDirError(f"eval_latents.safetensors in {run.path}: the {split} latents are not the ones "
-                              f"metric.seed = {m.seed} gives")
+                              f"metric.seed = {metric.seed} gives")
         if run.conditional and not torch.equal(run._eval_latents[f"{split}_labels"],
-                                               eval_labels(m.seed, split, m.n_samples, run.label_frequencies)):
+                                               eval_labels(metric.seed, split, metric.n_samples,
+                                                           run.label_frequencies)):
             raise RunDirError(f"eval_latents.safetensors in {run.path}: the {split} labels are not the ones "
-                              f"metric.seed = {m.seed} draws from the training labels' frequencies")
+                              f"metric.seed = {metric.seed} draws from the training labels' frequencies")
     ok(f"eval_latents.safetensors: equal to the latents{' and labels' if run.conditional else ''} "
-       f"metric.seed = {m.seed} regenerates")
+       f"metric.seed = {metric.seed} regenerates")
 
     for step in run.checkpoint_steps:
         run.load_state(step)
@@ -80,24 +85,25 @@ def verify_run(run: Run, *, replay: bool = True, report: Callable[[str], None] =
         ok(f"replay: skipped (trained on {recorded}, opened on {run.device.type}: replays are bitwise only on "
            f"the device kind that trained; verify it with --device {recorded})")
         return lines
-    n = _replay_matches(run, progress)
+    n_checked = _replay_matches(run, progress)
     ok(f"replay: steps {run.window_start}..{run.final_step} from checkpoint {run.window_start} reproduce "
-       f"{n} checkpoint(s) bitwise (device {meta.get('device', 'cpu')}, {run.threads} thread(s))")
+       f"{n_checked} checkpoint(s) bitwise (device {meta.get('device', 'cpu')}, {run.threads} thread(s))")
     return lines
 
 
 def _check_schedule(run: Run) -> None:
-    sched = run._schedule  # shape and index range are checked as it loads
+    """The recorded window must be exactly what the training seed regenerates."""
+    recorded = run._schedule  # shape and index range are checked as it loads
     regenerated = run.schedule
     for i, step in enumerate(range(run.window_start, run.final_step)):
         z_d, z_g = regenerated.latents(step)
-        same = torch.equal(sched["indices"][i], regenerated.indices(step)) and torch.equal(sched["z_d"][i], z_d)
-        if "z_g" in sched:
-            same = same and torch.equal(sched["z_g"][i], z_g)
+        same = torch.equal(recorded["indices"][i], regenerated.indices(step)) and torch.equal(recorded["z_d"][i], z_d)
+        if "z_g" in recorded:
+            same = same and torch.equal(recorded["z_g"][i], z_g)
         c_d, c_g = regenerated.labels(step)
-        for key, c in (("c_d", c_d), ("c_g", c_g)):
-            if key in sched:
-                same = same and torch.equal(sched[key][i], c)
+        for key, labels in (("c_d", c_d), ("c_g", c_g)):
+            if key in recorded:
+                same = same and torch.equal(recorded[key][i], labels)
         if not same:
             raise RunDirError(f"schedule.safetensors in {run.path}: step {step} differs from the minibatch and "
                               f"latents train.seed = {run.cfg.train.seed} gives")
@@ -130,7 +136,6 @@ def _replay_matches(run: Run, progress: bool) -> int:
 def open_for_replay(path: Path, device: str | None = None) -> Run:
     """Open a run on ``device``, by default on the kind of device that trained it (where present)."""
     from . import device as devices
-    from .run import read_meta
 
     return Run.open(path, device=device or devices.recorded_kind(str(read_meta(Path(path)).get("device", "cpu"))))
 
@@ -138,7 +143,7 @@ def open_for_replay(path: Path, device: str | None = None) -> Run:
 def verify_study(path: Path, *, replay: bool = True, report: Callable[[str], None] = print,
                  progress: bool = False) -> list[str]:
     """Verify every replicate's run of a study and that its stored scores and retrains name them."""
-    from .study.cleanse import CHECK_FILE, STUDY_MARKER, is_study_dir, stored_run_id
+    from .study.layout import CHECK_FILE, STUDY_MARKER, is_study_dir, stored_run_id
 
     if not is_study_dir(path):
         raise RunDirError(f"{path} is neither a run directory (run.json) nor a study directory ({STUDY_MARKER})")

@@ -29,20 +29,20 @@ def _planted_run(tmp_path):
 
 def test_isolation_forest_ranks_planted_outliers_first(tmp_path):
     run, outliers = _planted_run(tmp_path)
-    s = gc.influence(run, "all", "isolation_forest", features="raw", progress=False)
+    s = gc.influence(run, "all", "isolation_forest", features="raw", check=0, progress=False)
     assert sorted(s.most_harmful(4)) == outliers
     assert np.array_equal(s.harmfulness, -s.influence)  # influence column = score_samples
-    again = gc.influence(run, "all", "isolation_forest", features="raw", progress=False)
+    again = gc.influence(run, "all", "isolation_forest", features="raw", check=0, progress=False)
     assert np.array_equal(again.harmfulness, s.harmfulness)
     with pytest.raises(ConfigError, match="use --features raw"):
-        gc.influence(run, "all", "isolation_forest", features="classifier", progress=False)
+        gc.influence(run, "all", "isolation_forest", features="classifier", check=0, progress=False)
 
 
 def test_random_scores_are_seeded_and_written_like_influence(tmp_path, run_factory):
     run = run_factory()
-    a = gc.influence(run, "all", "random", seed=3, progress=False)
-    b = gc.influence(run, "all", "random", seed=3, progress=False)
-    c = gc.influence(run, "all", "random", seed=4, progress=False)
+    a = gc.influence(run, "all", "random", seed=3, check=0, progress=False)
+    b = gc.influence(run, "all", "random", seed=3, check=0, progress=False)
+    c = gc.influence(run, "all", "random", seed=4, check=0, progress=False)
     assert np.array_equal(a.harmfulness, b.harmfulness) and not np.array_equal(a.harmfulness, c.harmfulness)
     out = tmp_path / "random.csv"
     assert main(["influence", str(run.path), "--method", "random", "--seed", "3", "--out", str(out), "-q"]) == 0
@@ -70,13 +70,13 @@ def test_isolation_forest_on_classifier_features(tmp_path):
     assert feats.shape == (200, 128)
     expected = -IsolationForest(random_state=0).fit(feats).score_samples(feats)
     assert np.allclose(harm, expected, rtol=0, atol=1e-12)
-    raw = gc.influence(run, "all", "isolation_forest", features="raw", progress=False).harmfulness
+    raw = gc.influence(run, "all", "isolation_forest", features="raw", check=0, progress=False).harmfulness
     assert not np.allclose(raw, harm)  # a different feature space gives a different ranking
 
 
 def test_knn_density_is_the_kth_other_neighbour_distance_and_ranks_outliers_first(tmp_path):
     run, outliers = _planted_run(tmp_path)
-    s = gc.influence(run, "all", "knn_density", neighbors=3, progress=False)
+    s = gc.influence(run, "all", "knn_density", neighbors=3, check=0, progress=False)
     x = run.splits.train.numpy()
     pairwise = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
     np.fill_diagonal(pairwise, np.inf)  # another instance, never itself
@@ -84,15 +84,15 @@ def test_knn_density_is_the_kth_other_neighbour_distance_and_ranks_outliers_firs
     assert np.allclose(s.harmfulness, expected, rtol=1e-12, atol=1e-12)
     assert sorted(s.most_harmful(4)) == outliers
     assert s.info["neighbors"] == 3 and s.info["features"] == "raw"
-    default = gc.influence(run, "all", "knn_density", progress=False)
+    default = gc.influence(run, "all", "knn_density", check=0, progress=False)
     assert default.info["neighbors"] == 5 and not np.allclose(default.harmfulness, s.harmfulness)
     with pytest.raises(ConfigError, match="neighbors = 300"):
-        gc.influence(run, "all", "knn_density", neighbors=300, progress=False)
+        gc.influence(run, "all", "knn_density", neighbors=300, check=0, progress=False)
 
 
 def test_discriminator_ranking_is_minus_the_final_discriminator_logit(tmp_path):
     run, _ = _planted_run(tmp_path)
-    s = gc.influence(run, "all", "discriminator", progress=False)
+    s = gc.influence(run, "all", "discriminator", check=0, progress=False)
     module = copy.deepcopy(run.models.discriminator).to(run.dtype)
     final = run.final_state()["d"]
     with torch.no_grad():
@@ -108,7 +108,8 @@ def test_registry_serves_config_cli_and_api_alike(tmp_path, run_factory):
     import importlib
 
     from gancleanse import config
-    from gancleanse.influence import METHODS, SCORERS, variants
+    from gancleanse.influence import variants
+    from gancleanse.specs import METHODS, SCORERS
 
     assert config.METHODS == METHODS == tuple(SCORERS)
     for spec in SCORERS.values():
@@ -118,11 +119,11 @@ def test_registry_serves_config_cli_and_api_alike(tmp_path, run_factory):
     assert variants("knn_density", ["fid"], False) == ["raw"] and variants("discriminator", ["fid"], True) == ["none"]
     run = run_factory()
     with pytest.raises(ConfigError, match="applies to isolation_forest and knn_density, not itd"):
-        gc.influence(run, "all", "itd", features="raw", progress=False)
+        gc.influence(run, "all", "itd", features="raw", check=0, progress=False)
     with pytest.raises(ConfigError, match="random takes no options"):
-        gc.influence(run, "all", "random", neighbors=3, progress=False)
+        gc.influence(run, "all", "random", neighbors=3, check=0, progress=False)
     with pytest.raises(ConfigError, match="unknown method 'lof'"):
-        gc.influence(run, "all", "lof", progress=False)
+        gc.influence(run, "all", "lof", check=0, progress=False)
     out = tmp_path / "s.csv"
     assert main(["influence", str(run.path), "--method", "itd", "--neighbors", "3", "--out", str(out), "-q"]) == 2
     assert not out.exists()
@@ -130,4 +131,4 @@ def test_registry_serves_config_cli_and_api_alike(tmp_path, run_factory):
                  "-q"]) == 0
     with open(out) as f:
         harm = [float(r[2]) for r in list(csv.reader(f))[1:]]
-    assert harm == gc.influence(run, "all", "knn_density", neighbors=3, progress=False).harmfulness.tolist()
+    assert harm == gc.influence(run, "all", "knn_density", neighbors=3, check=0, progress=False).harmfulness.tolist()

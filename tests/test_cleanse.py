@@ -12,7 +12,7 @@ import gancleanse as gc
 from gancleanse.api import Scores
 from gancleanse.config import Config
 from gancleanse.metrics import make_metric
-from gancleanse.study.cleanse import read_results, read_scores, removal_set, summarize
+from gancleanse.study.tables import read_results, summarize
 
 STUDY = {
     "data": {"n_train": 200, "n_valid": 100, "n_test": 100},
@@ -66,8 +66,8 @@ def test_tables_are_consistent(study):
 def test_removed_instances_are_the_most_harmful(study):
     out, _ = study
     run = gc.Run.open(out / "seeds" / "seed_1" / "run")
-    scores = gc.influence(run, "loss_d", "itd", progress=False)
-    removed = removal_set(scores.harmfulness, 0.1)
+    scores = gc.influence(run, "loss_d", "itd", check=0, progress=False)
+    removed = scores.removal(0.1)
     assert len(removed) == 20
     # loss_d is lower-is-better: the removed ones have the most negative predicted change
     assert set(removed) == set(np.argsort(scores.influence)[:20].tolist())
@@ -83,7 +83,7 @@ def test_harmful_first_follows_the_metric_direction(metric, higher):
     s = Scores.from_influence(metric, "itd", infl)
     first = s.most_harmful(2)
     assert first == ([2, 0] if higher else [1, 4])
-    assert removal_set(s.harmfulness, 0.4) == first
+    assert s.removal(0.4) == first
 
 
 def test_study_resumes_without_redoing_work(study):
@@ -127,7 +127,7 @@ def test_every_scorer_is_trust_checked_per_seed(study):
         assert rec["run_id"] == run.id and rec["k"] == 32
         for name, c in rec["checks"].items():
             method, variant = name.split("-", 1)
-            harm = read_scores(out / "seeds" / f"seed_{seed}" / "scores" / f"{name}.csv")
+            harm = Scores.load(out / "seeds" / f"seed_{seed}" / "scores" / f"{name}.csv").harmfulness
             assert c["harmfulness"] == [float(harm[j]) for j in c["instances"]]
             sign = 1.0 if c["metric"] in ("all", "is", "log_is") else -1.0
             tau = kendalltau(c["harmfulness"], [sign * a for a in c["actual"]]).statistic

@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from gancleanse.cli import main
-from gancleanse.config import HIGHER_IS_BETTER
+from gancleanse.specs import HIGHER_IS_BETTER
 from gancleanse.examples.digit_folder import write_digit_folder
 
 STUDY = """

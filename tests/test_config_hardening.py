@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from gancleanse.cli import main
-from gancleanse.config import check_threads, dump_toml, load_config
+from gancleanse.config import load_config
+from gancleanse.device import check_threads
+from gancleanse.toml_writer import dump_toml
 from gancleanse.errors import ConfigError
 
 # conftest.tiny_config's run, as TOML

@@ -8,7 +8,7 @@ from scipy.stats import kendalltau, pearsonr
 
 import gancleanse as gc
 from gancleanse.config import Config
-from gancleanse.run import flatten_state
+from gancleanse.state_files import flatten_state
 from gancleanse.training.replay import replay
 from gancleanse.training.schedule import Schedule
 
@@ -49,7 +49,7 @@ def test_itd_predicts_counterfactuals_smooth_2d(tmp_path):
         "train": {"epochs": 3, "record_from_epoch": 1, "lr_d": 0.01, "lr_g": 0.01, "seed": 5},
     })
     run = gc.train(cfg, tmp_path / "run", progress=False)
-    scores = gc.influence(run, "all", progress=False)
+    scores = gc.influence(run, "all", check=0, progress=False)
     idx = list(range(20))
     actual = _cf_deltas(run, idx)
     assert pearsonr(scores.influence[idx], actual).statistic >= 0.99
@@ -61,7 +61,7 @@ def test_itd_ranks_counterfactuals_paper_relu_setting(tmp_path):
         "train": {"epochs": 4, "seed": 11},  # ReLU, no biases, SGD 1e-3, batch 100; last epoch traced
     })
     run = gc.train(cfg, tmp_path / "run", progress=False)
-    scores = gc.influence(run, "all", progress=False)
+    scores = gc.influence(run, "all", check=0, progress=False)
     idx = list(range(20))
     actual = _cf_deltas(run, idx)
     assert kendalltau(scores.influence[idx], actual).statistic >= 0.8
@@ -69,7 +69,7 @@ def test_itd_ranks_counterfactuals_paper_relu_setting(tmp_path):
 
 def test_counterfactual_from_epoch_matches_horizon_estimate(run_factory):
     run = run_factory(train={"epochs": 3})
-    scores = gc.influence(run, "all", progress=False)
+    scores = gc.influence(run, "all", check=0, progress=False)
     idx = [0, 5, 9, 14, 22, 31, 40, 47]
     actual = [gc.counterfactual(run, [j], "all", from_epoch=2)["delta"] for j in idx]
     est = scores.horizons[1][idx]

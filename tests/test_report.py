@@ -19,7 +19,8 @@ from test_cleanse import STUDY
 
 import gancleanse as gc
 from gancleanse.cli import main
-from gancleanse.config import HIGHER_IS_BETTER, Config
+from gancleanse.config import Config
+from gancleanse.specs import HIGHER_IS_BETTER
 from gancleanse.study.report import write_report
 
 IMAGE_STUDY = {

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import gancleanse as gc
-from gancleanse.run import flatten_state
+from gancleanse.state_files import flatten_state
 from gancleanse.training.replay import replay
 from gancleanse.training.retrain import first_use_steps, late_start, retrain_many
 

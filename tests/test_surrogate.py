@@ -119,18 +119,18 @@ def test_itd_option_and_cli_flag_use_the_surrogate_and_refuse_misuse(tmp_path, r
     from gancleanse.errors import ConfigError
 
     relu = run_factory(model={"activation": "relu"})
-    plain = gc.influence(relu, "all", "itd", progress=False)
-    smooth = gc.influence(relu, "all", "itd", relu_smoothing=0.05, progress=False)
+    plain = gc.influence(relu, "all", "itd", check=0, progress=False)
+    smooth = gc.influence(relu, "all", "itd", relu_smoothing=0.05, check=0, progress=False)
     with smoothed_relu(relu.models, 0.05):
         expected = itd_influence(relu, make_metric("all", relu), progress=False).influence.numpy()
     assert np.array_equal(smooth.influence, expected) and not np.array_equal(smooth.influence, plain.influence)
     assert smooth.info["relu_smoothing"] == 0.05
     assert all(type(m) is not KinkSmoothedReLU for m in relu.models.discriminator.modules())  # restored
     with pytest.raises(ConfigError, match="must be a positive number"):
-        gc.influence(relu, "all", "itd", relu_smoothing=float("nan"), progress=False)
+        gc.influence(relu, "all", "itd", relu_smoothing=float("nan"), check=0, progress=False)
     soft = run_factory()  # softplus: nothing to smooth
     with pytest.raises(ConfigError, match="no ReLU"):
-        gc.influence(soft, "all", "itd", relu_smoothing=0.05, progress=False)
+        gc.influence(soft, "all", "itd", relu_smoothing=0.05, check=0, progress=False)
     out = tmp_path / "s.csv"
     assert main(["influence", str(relu.path), "--relu-smoothing", "0.05", "--check", "0", "--out", str(out), "-q"]) == 0
     assert json.loads(out.with_suffix(".json").read_text())["relu_smoothing"] == 0.05
@@ -156,7 +156,7 @@ def test_a_study_scores_with_the_configured_smoothing(tmp_path):
     seed_dir = tmp_path / "study" / "seeds" / "seed_0"
     assert json.loads((seed_dir / "scores" / "itd-all.json").read_text())["relu_smoothing"] == 0.05
     run = gc.Run.open(seed_dir / "run")
-    expected = gc.influence(run, "all", "itd", relu_smoothing=0.05, progress=False).harmfulness
+    expected = gc.influence(run, "all", "itd", relu_smoothing=0.05, check=0, progress=False).harmfulness
     stored = np.loadtxt(seed_dir / "scores" / "itd-all.csv", delimiter=",", skiprows=1, usecols=2)
     assert np.allclose(stored, expected, rtol=1e-12, atol=0)
     with pytest.raises(ConfigError, match="itd_relu_smoothing smooths ReLU kinks, but model.activation = 'softplus'"):

@@ -57,7 +57,7 @@ def test_validate_resumes_and_pool_gives_identical_numbers(run_factory, tmp_path
     parts = sorted((tmp_path / "v.parts").glob("*.json"))
     assert len(parts) == 6
     # extremes: the most negative and most positive estimates are among the chosen
-    scores = gc.influence(run, "loss_d", progress=False)
+    scores = gc.influence(run, "loss_d", check=0, progress=False)
     assert int(np.argmin(scores.influence)) in first["instances"]
     assert int(np.argmax(scores.influence)) in first["instances"]
     stamps = {p.name: p.stat().st_mtime_ns for p in parts}

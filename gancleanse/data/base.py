@@ -1,4 +1,8 @@
-"""The split container and the dispatcher from ``[data] name`` to a loader."""
+"""The split container and the helpers every loader shares; it imports no loader.
+
+Loaders build a ``Splits``; the run, the metrics and export read it. Keeping the type here,
+below every loader, lets ``gancleanse.data`` register the loaders without an import cycle.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,7 @@ from typing import Any
 
 import torch
 
-from ..config import Config
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -25,6 +28,11 @@ def as_float(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tenso
     if x.dtype == torch.uint8:
         return x.to(dtype) / 127.5 - 1.0
     return x.to(dtype)
+
+
+def permutation(n: int, seed: int) -> torch.Tensor:
+    """The split permutation: a function of ``data.seed`` alone, never the global RNG."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,7 @@ class Splits:
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one instance (what the models are built for)."""
         return tuple(self.train.shape[1:])
 
     def split(self, name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -107,15 +116,15 @@ class Splits:
         For image files it covers every file's bytes and the split of their keys; otherwise
         the split tensors' values.
         """
-        h = hashlib.sha256()
+        digest = hashlib.sha256()
         if self.source is not None and "digest" in self.source:
-            h.update(self.source["digest"].encode())
+            digest.update(self.source["digest"].encode())
             for name in SPLIT_NAMES:
-                h.update(("\n".join([name, *self.key_list(name)]) + "\n").encode())
-            return h.hexdigest()[:16]
-        for t in (self.train, self.valid, self.test):
-            h.update(t.detach().contiguous().to(torch.float64).numpy().tobytes())
-        return h.hexdigest()[:16]
+                digest.update(("\n".join([name, *self.key_list(name)]) + "\n").encode())
+            return digest.hexdigest()[:16]
+        for split in (self.train, self.valid, self.test):
+            digest.update(split.detach().contiguous().to(torch.float64).numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     @classmethod
     def from_tensors(cls, train: torch.Tensor, valid: torch.Tensor, test: torch.Tensor,
@@ -152,7 +161,7 @@ class Splits:
         n = x.shape[0]
         if n_valid + n_test >= n:
             raise DataError(f"n_valid + n_test = {n_valid + n_test} leaves no training data out of {n}")
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        perm = permutation(n, seed)
         parts = perm[n_valid + n_test:], perm[:n_valid], perm[n_valid:n_valid + n_test]
         ys = [None] * 3 if y is None else [torch.as_tensor(y)[p] for p in parts]
         splits = cls.from_tensors(*(x[p] for p in parts), *ys)
@@ -160,33 +169,6 @@ class Splits:
         return dataclasses.replace(splits, keys=keys)
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor field by name (samples, and labels where present): what a run saves."""
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
 
-
-def load_data(cfg: Config) -> Splits:
-    """Build the splits the config names. Deterministic in ``[data] seed``."""
-    name = cfg.data.name
-    if name == "gaussian2d":
-        from .gaussian2d import gaussian2d
-
-        return gaussian2d(cfg.data)
-    if name == "digits":
-        from .digits import digits
-
-        return digits(cfg.data)
-    if name == "mnist":
-        from .mnist import mnist
-
-        return mnist(cfg.data)
-    if name == "npz":
-        from .npz import npz
-
-        return npz(cfg.data)
-    if name == "images":
-        from .image_files import load_images
-
-        return load_images(cfg.data)
-    if name == "custom":
-        raise ConfigError("data.name = 'custom' stands for tensors given to the Python API "
-                          "(gancleanse.train(cfg, out, data=Splits(...))); a config file cannot load them")
-    raise ConfigError(f"data.name = {name!r} is not available in this build")

@@ -1,8 +1,8 @@
 """Shared steps of the image loaders: array checks, scaling to [-1, 1], resizing, seeded splits.
 
-Every image loader returns float64 tensors of shape (N, C, H, W) with pixel values in
-[-1, 1] (the range of the generator's tanh output), so the loaders differ only in how
-they read their files.
+The array loaders (digits, mnist, npz) return float64 tensors of shape (N, C, H, W) with
+pixel values in [-1, 1] (the range of the generator's tanh output), so they differ only in
+how they read their files; ``image_files`` shares the checks and counts but keeps uint8.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..config import DataConfig
 from ..errors import DataError, GancleanseWarning
-from .base import Splits
+from .base import SPLIT_NAMES, Splits, permutation
 
 
 def check_images(x: np.ndarray, source: str) -> np.ndarray:
@@ -85,11 +85,6 @@ def resize(x: torch.Tensor, size: int | None, clamp: bool = True) -> torch.Tenso
     return out.clamp(-1.0, 1.0) if clamp else out
 
 
-def permutation(n: int, seed: int) -> torch.Tensor:
-    """The split permutation: a function of ``data.seed`` alone, never the global RNG."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-
-
 def check_counts(cfg: DataConfig, keys: tuple[str, ...], available: int, what: str) -> None:
     """Raise a DataError naming the keys when they ask for more instances than exist."""
     wanted = sum(getattr(cfg, k) for k in keys)
@@ -120,8 +115,8 @@ def split_indices(cfg: DataConfig, n: int, what: str) -> tuple[torch.Tensor, tor
     """Train / valid / test indices into ``n`` images, cut from the ``data.seed`` permutation."""
     n_train, n_valid, n_test = split_counts(cfg, n, what)
     perm = permutation(n, cfg.seed)
-    a, b = n_train, n_train + n_valid
-    return perm[:a], perm[a:b], perm[b:b + n_test]
+    end_train, end_valid = n_train, n_train + n_valid
+    return perm[:end_train], perm[end_train:end_valid], perm[end_valid:end_valid + n_test]
 
 
 def seeded_split(cfg: DataConfig, x: np.ndarray, y: torch.Tensor | None, what: str) -> Splits:
@@ -134,4 +129,4 @@ def seeded_split(cfg: DataConfig, x: np.ndarray, y: torch.Tensor | None, what: s
 
 def row_keys(parts: tuple[torch.Tensor, ...]) -> dict[str, list[str]]:
     """Instance keys ``#i``: the row of each split's instances in the source array."""
-    return {name: [f"#{int(i)}" for i in idx] for name, idx in zip(("train", "valid", "test"), parts)}
+    return {name: [f"#{int(i)}" for i in idx] for name, idx in zip(SPLIT_NAMES, parts)}

@@ -19,8 +19,8 @@ import torch
 
 from ..config import DataConfig
 from ..errors import DataError
-from .base import Splits
-from .images import as_labels, check_counts, check_images, permutation, seeded_split, take
+from .base import Splits, permutation
+from .images import as_labels, check_counts, check_images, seeded_split, take
 from .npz import read_npz, require_path
 
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
@@ -31,7 +31,7 @@ FILES = {
     "test_x": "t10k-images-idx3-ubyte",
     "test_y": "t10k-labels-idx1-ubyte",
 }
-_GZIP = b"\x1f\x8b"
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 def find_idx(directory: Path, name: str) -> Path:
@@ -49,7 +49,7 @@ def _read_bytes(path: Path) -> bytes:
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read MNIST file ({e.strerror or e})") from None
-    if raw[:2] != _GZIP:
+    if raw[:2] != _GZIP_MAGIC:
         return raw
     try:
         return gzip.decompress(raw)
@@ -81,40 +81,46 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def _pair(directory: Path, which: str) -> tuple[np.ndarray, np.ndarray, str]:
-    xf, yf = find_idx(directory, FILES[f"{which}_x"]), find_idx(directory, FILES[f"{which}_y"])
-    x, y = read_idx(xf, IMAGES_MAGIC), read_idx(yf, LABELS_MAGIC)
+def _idx_pair(directory: Path, which: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """(checked images, labels, images file name) of the ``train`` or ``test`` IDX files."""
+    images_file = find_idx(directory, FILES[f"{which}_x"])
+    labels_file = find_idx(directory, FILES[f"{which}_y"])
+    x, y = read_idx(images_file, IMAGES_MAGIC), read_idx(labels_file, LABELS_MAGIC)
     if x.shape[0] != y.shape[0]:
-        raise DataError(f"{xf} holds {x.shape[0]} images but {yf} holds {y.shape[0]} labels")
-    return check_images(x, str(xf)), y, str(xf)
+        raise DataError(f"{images_file} holds {x.shape[0]} images but {labels_file} holds {y.shape[0]} labels")
+    return check_images(x, str(images_file)), y, str(images_file)
 
 
 def _paper_split(cfg: DataConfig, train: tuple[np.ndarray, np.ndarray, str],
                  test: tuple[np.ndarray, np.ndarray, str]) -> Splits:
     """Train + valid from the seeded permutation of the training images; test from the head of the test images."""
-    (x, y, x_name), (xt, yt, xt_name) = train, test
-    same = x.shape[1:] == xt.shape[1:] if cfg.image_size is None else x.shape[1] == xt.shape[1]
+    (train_x, train_y, train_name), (test_x, test_y, test_name) = train, test
+    same = (train_x.shape[1:] == test_x.shape[1:] if cfg.image_size is None
+            else train_x.shape[1] == test_x.shape[1])
     if not same:  # every split must fit the one model (image_size resizes height and width only)
-        raise DataError(f"{xt_name} holds images of shape {tuple(xt.shape[1:])} but {x_name} holds "
-                        f"{tuple(x.shape[1:])}; the training and test images must have the same shape")
-    n_train = cfg.n_train if cfg.n_train is not None else x.shape[0] - cfg.n_valid
-    check_counts(dataclasses.replace(cfg, n_train=max(n_train, 1)), ("n_train", "n_valid"), x.shape[0], x_name)
-    check_counts(cfg, ("n_test",), xt.shape[0], xt_name)
-    perm = permutation(x.shape[0], cfg.seed)
-    tr, va = perm[:n_train], perm[n_train:n_train + cfg.n_valid]
-    te = torch.arange(cfg.n_test)
-    y_t, yt_t = as_labels(y, x.shape[0], x_name), as_labels(yt, xt.shape[0], xt_name)
-    s = cfg.image_size
-    keys = {"train": [f"train#{int(i)}" for i in tr], "valid": [f"train#{int(i)}" for i in va],
-            "test": [f"test#{int(i)}" for i in te]}
-    return Splits(take(x, tr, s), take(x, va, s), take(xt, te, s), y_t[tr], y_t[va], yt_t[te], keys=keys)
+        raise DataError(f"{test_name} holds images of shape {tuple(test_x.shape[1:])} but {train_name} holds "
+                        f"{tuple(train_x.shape[1:])}; the training and test images must have the same shape")
+    n_train = cfg.n_train if cfg.n_train is not None else train_x.shape[0] - cfg.n_valid
+    check_counts(dataclasses.replace(cfg, n_train=max(n_train, 1)), ("n_train", "n_valid"),
+                 train_x.shape[0], train_name)
+    check_counts(cfg, ("n_test",), test_x.shape[0], test_name)
+    perm = permutation(train_x.shape[0], cfg.seed)
+    train_rows, valid_rows = perm[:n_train], perm[n_train:n_train + cfg.n_valid]
+    test_rows = torch.arange(cfg.n_test)
+    train_labels = as_labels(train_y, train_x.shape[0], train_name)
+    test_labels = as_labels(test_y, test_x.shape[0], test_name)
+    size = cfg.image_size
+    keys = {"train": [f"train#{int(i)}" for i in train_rows], "valid": [f"train#{int(i)}" for i in valid_rows],
+            "test": [f"test#{int(i)}" for i in test_rows]}
+    return Splits(take(train_x, train_rows, size), take(train_x, valid_rows, size), take(test_x, test_rows, size),
+                  train_labels[train_rows], train_labels[valid_rows], test_labels[test_rows], keys=keys)
 
 
 def mnist(cfg: DataConfig) -> Splits:
     """MNIST from ``data.path``: an IDX directory or an .npz file."""
     path = require_path(cfg)
     if path.is_dir():
-        return _paper_split(cfg, _pair(path, "train"), _pair(path, "test"))
+        return _paper_split(cfg, _idx_pair(path, "train"), _idx_pair(path, "test"))
     if not path.exists():
         raise DataError(f"data.path not found: {path} (expected the MNIST IDX directory or an .npz file)")
     arrays = read_npz(path)

@@ -29,9 +29,10 @@ stationary point and its J is often indefinite, so the undamped answer (lambda =
 equilibrium's shift) can rank instances poorly. (J + lambda I)^{-1} = int_0^inf e^{-lambda t}
 e^{-J t} dt weighs the linearized game's response over a time 1/lambda. By default AID damps
 on the time scale of the recorded window in the training's own step sizes
-(``window_dynamics``: (J^T P + I/T) y = g, v = P y, with P the per-coordinate steps and T the
-window's length; for SGD, lambda = 1 / (lr T)). On the paper's 2D GAN this lifts AID's
-Kendall tau against retraining of the last epoch from -0.15 (undamped) to 0.62 (ITD: 0.63).
+(``window_dynamics``: (J^T P + I/T) y = g, v = P y, with P the per-coordinate steps that the
+optimizer states (``step_sizes``) and T the window's length; for SGD, lambda = 1 / (lr T)).
+On the paper's 2D GAN this lifts AID's Kendall tau against retraining of the last epoch from
+-0.15 (undamped) to 0.62 (ITD: 0.63).
 
 What is held constant, and why: at a stationary point the update rule does not matter
 (sgd, momentum and Adam share the fixed points of F, and alternating and simultaneous
@@ -56,13 +57,13 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, GancleanseWarning
 from ..metrics import Metric, make_metric
+from ..options import AID_SOLVERS, AIDOptions
 from ..run import Run, torch_threads
 from ..scores import Scores
 from ..training.dynamics import Dynamics, State
 from ..training.losses import d_real_term
 from ..training.schedule import solver_draw
 
-SOLVERS = ("gmres", "cg", "neumann")
 DEFAULT_OPERATOR_SIZE = 2048
 CHUNK = 256  # instances per pass inside one Jacobian product (larger chunks of double backward scale badly)
 Tree = dict[str, dict[str, torch.Tensor]]  # {"d": params_D, "g": params_G}
@@ -141,19 +142,19 @@ class GameOperator:
     def rmatvec(self, y: torch.Tensor) -> torch.Tensor:
         """A y = J^T (P y) + lambda y, for a float64 vector y."""
         v = y if self.scale is None else self.scale * y
-        tv = unflatten(v.to(self.x.dtype), self.params)
+        v_tree = unflatten(v.to(self.x.dtype), self.params)
         out = self.damping * y
         for chunk, share in self._chunks():
             _, pullback = vjp(lambda p, chunk=chunk: game_gradient(self.dyn, p, *chunk), self.params)
-            out = out + share * flatten(pullback(tv)[0]).to(torch.float64)
+            out = out + share * flatten(pullback(v_tree)[0]).to(torch.float64)
         return out
 
     def matvec(self, u: torch.Tensor) -> torch.Tensor:
         """A^T u = P (J u) + lambda u, for a float64 vector u."""
-        tu = unflatten(u.to(self.x.dtype), self.params)
+        u_tree = unflatten(u.to(self.x.dtype), self.params)
         ju = torch.zeros_like(u)
         for chunk, share in self._chunks():
-            _, tangent = jvp(lambda p, chunk=chunk: game_gradient(self.dyn, p, *chunk), (self.params,), (tu,))
+            _, tangent = jvp(lambda p, chunk=chunk: game_gradient(self.dyn, p, *chunk), (self.params,), (u_tree,))
             ju = ju + share * flatten(tangent).to(torch.float64)
         return (ju if self.scale is None else self.scale * ju) + self.damping * u
 
@@ -240,83 +241,155 @@ def solve_neumann(op: GameOperator, g: torch.Tensor, iterations: int, tol: float
     return (v if fresh is None else tail / counted), iterations
 
 
-# ------------------------------------------------------------------------ entry point
+# ------------------------------------------------------------------------ solver table
+@dataclass
+class AdjointProblem:
+    """A y = g on the fixed operator, and what a solver may need besides."""
+
+    op: GameOperator
+    target: torch.Tensor  # g = grad V, float64
+    iterations: int
+    options: AIDOptions
+    seed: int
+    draw: Callable[[int, int], GameOperator]  # (draw counter, instances) -> operator on a fresh draw
+    n_train: int
+    tick: Callable[[], None]  # one call per iteration: progress and the iteration count
+
+
+@dataclass
+class Solution:
+    """y; the iterations used when the solver counts them itself (else the ticks); facts to record."""
+
+    y: torch.Tensor
+    iterations: int | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Solver:
+    """One adjoint solver: its name, its iteration budget when none is given, and how it runs."""
+
+    name: str
+    default_iterations: int
+    run: Callable[[AdjointProblem], Solution]
+
+
+def _run_gmres(problem: AdjointProblem) -> Solution:
+    return Solution(solve_gmres(problem.op, problem.target, problem.iterations, problem.options.tol, problem.tick))
+
+
+def _run_cg(problem: AdjointProblem) -> Solution:
+    return Solution(solve_cg(problem.op, problem.target, problem.iterations, problem.options.tol, problem.tick))
+
+
+def _run_neumann(problem: AdjointProblem) -> Solution:
+    """Step 1 / ||A|| unless given; fresh minibatch operators when ``batch_size`` is set."""
+    op, target, opts = problem.op, problem.target, problem.options
+    step = opts.step if opts.step is not None else 1.0 / max(spectral_norm(op, target.numel(), seed=problem.seed),
+                                                              1e-300)
+    fresh = None
+    if opts.batch_size is not None:
+        size = min(opts.batch_size, problem.n_train)
+        fresh = lambda k: problem.draw(k + 1, size)  # noqa: E731 - one-line factory
+    y, used = solve_neumann(op, target, problem.iterations, opts.tol, step, fresh, problem.tick)
+    return Solution(y, used, {"step": step, "batch_size": opts.batch_size})
+
+
+SOLVERS: dict[str, Solver] = {s.name: s for s in (
+    Solver("gmres", 100, _run_gmres), Solver("cg", 200, _run_cg), Solver("neumann", 1000, _run_neumann))}
+if tuple(SOLVERS) != AID_SOLVERS:  # AIDOptions validates solver names against its own list
+    raise RuntimeError(f"AID solvers {tuple(SOLVERS)} differ from gancleanse.options.AID_SOLVERS {AID_SOLVERS}")
+
+
+class IterationCounter:
+    """Counts the solver's iterations and advances the progress bar."""
+
+    def __init__(self, total: int, desc: str, progress: bool) -> None:
+        self.count = 0
+        self.bar = tqdm(total=total, desc=desc, unit="it", disable=not progress, leave=False)
+
+    def __call__(self) -> None:
+        self.count += 1
+        self.bar.update()
+
+
+# ------------------------------------------------------------------------ entry points
 def aid_influence(run: Run, metric: Metric, *, solver: str = "gmres", iterations: int | None = None,
                   tol: float = 1e-6, damping: float | None = None, step: float | None = None,
                   batch_size: int | None = None, operator_size: int | None = None, seed: int = 0,
                   state: State | None = None, progress: bool = True) -> AIDResult:
     """Influence of every training instance on ``metric`` at the run's final state (or ``state``).
 
-    ``iterations``: Krylov vectors (gmres), CG steps (cg) or series terms (neumann); default
-    100, 200 and 1000. ``tol``: relative residual to reach. ``damping``: lambda of
-    (J + lambda I)^T v = grad V; None (default) damps on the recorded window's time scale
-    (``window_dynamics``); 0 is the undamped equilibrium. ``step``: the Neumann step s
-    (default 1 / ||A||, by power iteration). ``batch_size``: Neumann on fresh minibatches of
-    that many instances and latents. ``operator_size``: instances of the fixed operator
-    (default all, up to 2048).
+    The keywords are ``AIDOptions``'s fields (validated there): ``iterations``: Krylov vectors
+    (gmres), CG steps (cg) or series terms (neumann); default 100, 200 and 1000. ``tol``:
+    relative residual to reach. ``damping``: lambda of (J + lambda I)^T v = grad V; None
+    (default) damps on the recorded window's time scale (``window_dynamics``); 0 is the
+    undamped equilibrium. ``step``: the Neumann step s (default 1 / ||A||, by power
+    iteration). ``batch_size``: Neumann on fresh minibatches of that many instances and
+    latents. ``operator_size``: instances of the fixed operator (default all, up to 2048).
     """
-    if solver not in SOLVERS:
-        raise ConfigError(f"unknown AID solver {solver!r} (available: {', '.join(SOLVERS)})")
-    iterations = iterations if iterations is not None else {"gmres": 100, "cg": 200, "neumann": 1000}[solver]
-    _check_options(iterations, tol, damping, step, batch_size, operator_size, solver)
+    options = AIDOptions(solver=solver, iterations=iterations, step=step, damping=damping, tol=tol,
+                         batch_size=batch_size, operator_size=operator_size)
+    return aid_solve(run, metric, options, seed=seed, state=state, progress=progress)
+
+
+def aid_solve(run: Run, metric: Metric, options: AIDOptions, *, seed: int = 0, state: State | None = None,
+              progress: bool = True) -> AIDResult:
+    """``aid_influence`` with its options as one validated ``AIDOptions``."""
+    solver = SOLVERS[options.solver]
+    iterations = options.iterations if options.iterations is not None else solver.default_iterations
     started = time.perf_counter()
-    n_train, z_dim = run.n_train, run.cfg.model.z_dim
-    size = min(operator_size or DEFAULT_OPERATOR_SIZE, n_train)
-    x_all = run.x_train
+    size = min(options.operator_size or DEFAULT_OPERATOR_SIZE, run.n_train)
 
     with torch_threads(run.threads):
         state = run.final_state() if state is None else state
         params = _detached({"d": state["d"], "g": state["g"]})
-        if damping is None:
-            scale, lam = window_dynamics(run, state)
-            options: dict[str, Any] = {"damping": "window", "window_steps": run.final_step - run.window_start}
-        else:
-            scale, lam = None, damping
-            options = {"damping": damping}
-        options.update(tol=tol, operator_size=size, seed=seed)
-
-        def operator_on(counter: int, n: int) -> GameOperator:
-            idx, z, c = solver_draw(seed, counter, n_train, n, z_dim, run.label_frequencies)
-            idx = idx.to(run.device)
-            return GameOperator(run.dynamics, params, x_all[idx], z.to(run.device, run.dtype), lam, scale,
-                                None if run.y_train is None else run.y_train[idx],
-                                None if c is None else c.to(run.device))
-
+        scale, damping, facts = damping_of(run, state, options.damping)
+        facts.update(tol=options.tol, operator_size=size, seed=seed)
+        draw = operator_draws(run, params, damping, scale, seed)
         metric_value = metric.value(state)
         target = flatten(metric_target(metric, state)).to(torch.float64)
-        op = operator_on(0, size)
-        bar = tqdm(total=iterations, desc=f"aid {solver}", unit="it", disable=not progress, leave=False)
-        used = 0
-
-        def tick() -> None:
-            nonlocal used
-            used += 1
-            bar.update()
-
-        if solver == "gmres":
-            y = solve_gmres(op, target, iterations, tol, tick)
-        elif solver == "cg":
-            y = solve_cg(op, target, iterations, tol, tick)
-        else:
-            step = step if step is not None else 1.0 / max(spectral_norm(op, target.numel(), seed=seed), 1e-300)
-            fresh = None
-            if batch_size is not None:
-                b = min(batch_size, n_train)
-                fresh = lambda k: operator_on(k + 1, b)  # noqa: E731 - one-line factory
-            y, used = solve_neumann(op, target, iterations, tol, step, fresh, tick)
-            options.update(step=step, batch_size=batch_size)
-        bar.close()
+        op = draw(0, size)
+        counter = IterationCounter(iterations, f"aid {solver.name}", progress)
+        solution = solver.run(AdjointProblem(op, target, iterations, options, seed, draw, run.n_train, counter))
+        counter.bar.close()
+        facts.update(solution.facts)
+        y = solution.y
         residual = float((op.rmatvec(y) - target).norm() / target.norm()) if target.norm() > 0 else 0.0
         v = y if scale is None else scale * y
-        influence = instance_terms(run.dynamics, params, unflatten(v, params)["d"], x_all, run.y_train)
+        influence = instance_terms(run.dynamics, params, unflatten(v, params)["d"], run.x_train, run.y_train)
 
-    converged = residual <= tol
+    used = counter.count if solution.iterations is None else solution.iterations
+    converged = residual <= options.tol
     if not converged:
-        warnings.warn(f"AID ({solver}) stopped at relative residual {residual:.2e} > tol {tol:.0e} after "
-                      f"{used} iterations: raise --aid-iterations or try another --aid-solver",
-                      AIDConvergenceWarning, stacklevel=2)
-    return AIDResult(influence, metric_value, solver, residual, used, converged,
-                     time.perf_counter() - started, options)
+        warnings.warn(f"AID ({solver.name}) stopped at relative residual {residual:.2e} > tol {options.tol:.0e} "
+                      f"after {used} iterations: raise aid.iterations ({AIDOptions.flag('iterations')}) or try "
+                      "another aid.solver", AIDConvergenceWarning, stacklevel=3)
+    return AIDResult(influence, metric_value, solver.name, residual, used, converged,
+                     time.perf_counter() - started, facts)
+
+
+def damping_of(run: Run, state: State, damping: float | None) -> tuple[torch.Tensor | None, float, dict[str, Any]]:
+    """(P, lambda, facts to record): the window's time scale when ``damping`` is None, else P = I."""
+    if damping is None:
+        scale, lam = window_dynamics(run, state)
+        return scale, lam, {"damping": "window", "window_steps": run.final_step - run.window_start}
+    return None, damping, {"damping": damping}
+
+
+def operator_draws(run: Run, params: Tree, damping: float, scale: torch.Tensor | None,
+                   seed: int) -> Callable[[int, int], GameOperator]:
+    """(counter, n) -> the operator on n training instances and latents of draw ``counter``
+    (draw 0 is the fixed operator; the stochastic Neumann series takes the next ones)."""
+
+    def draw(counter: int, n: int) -> GameOperator:
+        idx, z, c = solver_draw(seed, counter, run.n_train, n, run.cfg.model.z_dim, run.label_frequencies)
+        idx = idx.to(run.device)
+        return GameOperator(run.dynamics, params, run.x_train[idx], z.to(run.device, run.dtype), damping, scale,
+                            None if run.y_train is None else run.y_train[idx],
+                            None if c is None else c.to(run.device))
+
+    return draw
 
 
 def instance_terms(dyn: Dynamics, params: Tree, v_d: dict[str, torch.Tensor], x: torch.Tensor,
@@ -325,13 +398,14 @@ def instance_terms(dyn: Dynamics, params: Tree, v_d: dict[str, torch.Tensor], x:
     (``y``: the instances' labels for a conditional GAN)."""
     n = x.shape[0]
 
-    def real_losses(pd: dict[str, torch.Tensor], xc: torch.Tensor, yc: torch.Tensor | None) -> torch.Tensor:
-        return d_real_term(dyn.loss, dyn.models.discriminate(pd, xc, yc))
+    def real_losses(pd: dict[str, torch.Tensor], x_chunk: torch.Tensor,
+                    y_chunk: torch.Tensor | None) -> torch.Tensor:
+        return d_real_term(dyn.loss, dyn.models.discriminate(pd, x_chunk, y_chunk))
 
     out = []
     for lo in range(0, n, CHUNK):
-        xc, yc = x[lo:lo + CHUNK], None if y is None else y[lo:lo + CHUNK]
-        _, tangent = jvp(lambda pd: real_losses(pd, xc, yc), (params["d"],),
+        x_chunk, y_chunk = x[lo:lo + CHUNK], None if y is None else y[lo:lo + CHUNK]
+        _, tangent = jvp(lambda pd: real_losses(pd, x_chunk, y_chunk), (params["d"],),
                          ({k: t.to(x.dtype) for k, t in v_d.items()},))
         out.append(tangent.detach() / n)
     return torch.cat(out).to(torch.float64)
@@ -343,44 +417,29 @@ def window_dynamics(run: Run, state: State) -> tuple[torch.Tensor, float]:
     The linearized training map is theta <- theta - P F(theta); its response to a weight
     change, integrated with decay over about T steps, is (P J + I/T)^{-1} P dF/dw. So AID
     solves (J^T P + I/T) y = grad V and takes v = P y: for SGD that is (J + I/(lr T))^T v =
-    grad V. P is the learning rate (sgd), lr / (1 - momentum) (momentum), or Adam's
-    lr / (sqrt(v_hat) + eps) per coordinate in the final state.
+    grad V. Each player's optimizer states its P (``step_sizes``: the learning rate for sgd,
+    lr / (1 - momentum), or Adam's lr / (sqrt(v_hat) + eps) in the final state).
     """
-    t = run.cfg.train
+    dyn = run.dynamics
     blocks = []
-    for player, lr in (("d", t.lr_d), ("g", t.lr_g)):
-        for name, p in state[player].items():
-            if t.optimizer == "sgd":
-                step = torch.full_like(p, lr, dtype=torch.float64)
-            elif t.optimizer == "momentum":
-                step = torch.full_like(p, lr / max(1.0 - t.momentum, 1e-12), dtype=torch.float64)
-            else:
-                v_hat = state[f"opt_{player}"]["v"][name].to(torch.float64) / (1.0 - t.betas[1] ** run.final_step)
-                step = lr / (v_hat.sqrt() + t.eps)
-            blocks.append(step.reshape(-1))
+    for player, optimizer in (("d", dyn.opt_d), ("g", dyn.opt_g)):
+        if not hasattr(optimizer, "step_sizes"):
+            raise ConfigError(f"the {player.upper()} optimizer {type(optimizer).__name__} does not state its step "
+                              f"sizes (step_sizes), which the default damping needs: give aid.damping "
+                              f"({AIDOptions.flag('damping')})")
+        sizes = optimizer.step_sizes(state.get(f"opt_{player}", {}), state[player], run.final_step)
+        blocks.extend(sizes[name].reshape(-1) for name in state[player])
     return torch.cat(blocks), 1.0 / (run.final_step - run.window_start)
 
 
-def _check_options(iterations: int, tol: float, damping: float | None, step: float | None,
-                   batch_size: int | None, operator_size: int | None, solver: str) -> None:
-    if iterations < 1:
-        raise ConfigError(f"--aid-iterations must be at least 1, got {iterations}")
-    if not (math.isfinite(tol) and tol > 0):
-        raise ConfigError(f"--aid-tol must be a positive finite number, got {tol}")
-    if damping is not None and not (math.isfinite(damping) and damping >= 0):
-        raise ConfigError(f"--aid-damping must be a finite number >= 0, got {damping}")
-    if step is not None and not (math.isfinite(step) and step > 0):
-        raise ConfigError(f"--aid-step must be a positive finite number, got {step}")
-    for name, value in (("--aid-batch-size", batch_size), ("--aid-operator-size", operator_size)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{name} must be at least 1, got {value}")
-    if batch_size is not None and solver != "neumann":
-        raise ConfigError("--aid-batch-size (fresh minibatches) applies to --aid-solver neumann only")
-
-
-def score(run: Run, metric: str, *, seed: int = 0, progress: bool = True, **solver_options: Any) -> Scores:
-    """AID influence on ``metric`` (validation split); ``solver_options`` as ``aid_influence``."""
-    res = aid_influence(run, make_metric(metric, run, "valid"), seed=seed, progress=progress, **solver_options)
+def score(run: Run, metric: str, *, seed: int = 0, progress: bool = True, options: AIDOptions | None = None,
+          **legacy: Any) -> Scores:
+    """AID influence on ``metric`` (validation split) with ``options``; ``legacy``: the options as
+    separate keywords (``solver=``, ...), as callers passed them before ``AIDOptions``."""
+    if legacy and options is not None:
+        raise ConfigError(f"aid: give options or the separate keywords {', '.join(sorted(legacy))}, not both")
+    options = AIDOptions.from_mapping(legacy if legacy else options)
+    res = aid_solve(run, make_metric(metric, run, "valid"), options, seed=seed, progress=progress)
     return Scores.from_influence(
         metric, "aid", res.influence.cpu().numpy(),
         info={"metric_value": res.metric_value, "seconds": res.seconds, "solver": res.solver,

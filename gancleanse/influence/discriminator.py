@@ -7,11 +7,11 @@ of each training instance (higher = more real); harmfulness is minus the logit.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 
 from ..data.base import as_float
+from ..options import NoOptions
 from ..run import Run, torch_threads
 from ..scores import Scores
 
@@ -31,10 +31,7 @@ def discriminator_logits(run: Run) -> torch.Tensor:
     return torch.cat(out).cpu()
 
 
-def score(run: Run, metric: str, *, seed: int = 0, progress: bool = True, **options: Any) -> Scores:
-    from .random_order import _no_options
-
-    _no_options("discriminator", options)
+def score(run: Run, metric: str, *, seed: int = 0, progress: bool = True, options: NoOptions | None = None) -> Scores:
     started = time.perf_counter()
     logits = discriminator_logits(run).numpy()
     return Scores(metric, "discriminator", logits, -logits, info={"seconds": time.perf_counter() - started})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import numpy as np
 
+from ..options import IsolationForestOptions
 from ..run import Run
 from ..scores import Scores
 from .features import check_rows, instance_features
@@ -20,7 +21,8 @@ def isolation_forest_scores(features: np.ndarray, seed: int, n_estimators: int =
 
 
 def score(run: Run, metric: str, *, seed: int = 0, progress: bool = True, features: str = "raw",
-          estimators: int = 100) -> Scores:
+          options: IsolationForestOptions | None = None) -> Scores:
+    estimators = (options or IsolationForestOptions()).estimators
     started = time.perf_counter()
     harm = isolation_forest_scores(instance_features(run, features), seed, estimators)
     return Scores(metric, "isolation_forest", -harm, harm,

@@ -20,7 +20,6 @@ estimate for every horizon k (removal during the last k epochs only).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -28,6 +27,7 @@ import torch
 from torch.func import grad, vjp
 from tqdm.auto import tqdm
 
+from ..options import ITDOptions
 from ..errors import ConfigError
 from ..metrics import Metric, make_metric
 from ..run import Run, torch_threads
@@ -67,8 +67,8 @@ def itd_influence(run: Run, metric: Metric, *, memory_gb: float | None = None,
     """
     started = time.perf_counter()
     dyn = run.dynamics
-    spe = run.steps_per_epoch
-    final_epoch = run.final_step // spe
+    steps_per_epoch = run.steps_per_epoch
+    final_epoch = run.final_step // steps_per_epoch
     device = run.device
     influence = torch.zeros(run.n_train, dtype=torch.float64, device=device)
     horizons: dict[int, torch.Tensor] = {}
@@ -107,8 +107,8 @@ def itd_influence(run: Run, metric: Metric, *, memory_gb: float | None = None,
                 for step in range(begin + len(closures) - 1, begin - 1, -1):
                     u, g_w = closures.pop()(u)
                     influence.index_add_(0, run.indices(step).to(device), -g_w.to(torch.float64))
-                    if step % spe == 0:
-                        horizons[final_epoch - step // spe] = influence.clone()
+                    if step % steps_per_epoch == 0:
+                        horizons[final_epoch - step // steps_per_epoch] = influence.clone()
                     bar.update()
         bar.close()
     return ITDResult(influence.cpu(), metric_value, {k: v.cpu() for k, v in horizons.items()},
@@ -116,22 +116,20 @@ def itd_influence(run: Run, metric: Metric, *, memory_gb: float | None = None,
 
 
 def score(run: Run, metric: str, *, seed: int = 0, progress: bool = True,
-          relu_smoothing: float | None = None, memory_gb: float | None = None) -> Scores:
+          options: ITDOptions | None = None) -> Scores:
     """ITD influence on ``metric`` (validation split), with the estimate for every horizon.
 
-    ``relu_smoothing`` = T: differentiate ReLU kinks as if smoothed over a width T
+    ``options.relu_smoothing`` = T: differentiate ReLU kinks as if smoothed over a width T
     (``surrogate.smoothed_relu``; the trajectory is unchanged). On the paper's 2D ReLU GAN,
     T ~ 0.2 x the typical |pre-activation| raised Kendall tau against retraining by 0.07 with
-    5 or 10 epochs traced, and not with 1. ``memory_gb``: see ``itd_influence``.
+    5 or 10 epochs traced, and not with 1. ``options.memory_gb``: see ``itd_influence``.
     """
     from contextlib import nullcontext
 
     from .surrogate import smoothed_relu
 
-    if relu_smoothing is not None and not (math.isfinite(relu_smoothing) and relu_smoothing > 0):
-        raise ConfigError(f"relu_smoothing must be a positive number, got {relu_smoothing}")
-    if memory_gb is not None and not (math.isfinite(memory_gb) and memory_gb > 0):
-        raise ConfigError(f"memory_gb must be a positive number of gigabytes, got {memory_gb}")
+    options = options or ITDOptions()
+    relu_smoothing, memory_gb = options.relu_smoothing, options.memory_gb
     with smoothed_relu(run.models, relu_smoothing) if relu_smoothing else nullcontext(None) as swapped:
         if swapped == 0:
             raise ConfigError("relu_smoothing: the run's generator and discriminator have no ReLU or LeakyReLU")

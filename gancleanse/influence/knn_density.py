@@ -11,14 +11,14 @@ import time
 import numpy as np
 
 from ..errors import ConfigError
+from ..options import KNNOptions
 from ..run import Run
 from ..scores import Scores
 from .features import check_rows, instance_features
 
-DEFAULT_NEIGHBORS = 5
 
 
-def kth_neighbor_distance(features: np.ndarray, k: int = DEFAULT_NEIGHBORS) -> np.ndarray:
+def kth_neighbor_distance(features: np.ndarray, k: int = KNNOptions().neighbors) -> np.ndarray:
     """Euclidean distance from each row to its k-th nearest other row."""
     from sklearn.neighbors import NearestNeighbors
 
@@ -32,7 +32,8 @@ def kth_neighbor_distance(features: np.ndarray, k: int = DEFAULT_NEIGHBORS) -> n
 
 
 def score(run: Run, metric: str, *, seed: int = 0, progress: bool = True, features: str = "raw",
-          neighbors: int = DEFAULT_NEIGHBORS) -> Scores:
+          options: KNNOptions | None = None) -> Scores:
+    neighbors = (options or KNNOptions()).neighbors
     started = time.perf_counter()
     r = kth_neighbor_distance(instance_features(run, features), neighbors)
     return Scores(metric, "knn_density", r, r,

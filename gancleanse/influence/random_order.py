@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import time
-from typing import Any
-
 import numpy as np
 
+from ..options import NoOptions
 from ..run import Run
 from ..scores import Scores
 
@@ -16,15 +15,7 @@ def random_scores(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(n)
 
 
-def score(run: Run, metric: str, *, seed: int = 0, progress: bool = True, **options: Any) -> Scores:
-    _no_options("random", options)
+def score(run: Run, metric: str, *, seed: int = 0, progress: bool = True, options: NoOptions | None = None) -> Scores:
     started = time.perf_counter()
     harm = random_scores(run.n_train, seed)
     return Scores(metric, "random", harm, harm, info={"seed": seed, "seconds": time.perf_counter() - started})
-
-
-def _no_options(method: str, options: dict[str, Any]) -> None:
-    if options:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"{method} takes no options (got {', '.join(sorted(options))})")

@@ -1,7 +1,10 @@
 """GAN evaluation metrics, each a differentiable function of the training state.
 
 ``make_metric(name, run, split)`` binds a metric to a run's fixed evaluation latents and
-real split, returning a callable ``state -> scalar tensor`` that ITD differentiates.
+real split, returning a callable ``state -> scalar tensor`` that ITD differentiates. Each
+name has one builder in ``BUILDERS``; what a metric is (label, direction, what it needs)
+lives in ``gancleanse.specs``.
+
 ``is``, ``log_is``, ``fid`` and ``kid`` see generated images through a frozen classifier
 (``classifier.py``: trained on the run's labelled training split and cached in the run
 directory, or the TorchScript file ``metric.extractor``).
@@ -15,13 +18,14 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ..config import HIGHER_IS_BETTER, METRICS
 from ..errors import ConfigError, NonFiniteError
+from ..specs import HIGHER_IS_BETTER
 from .all_kde import average_log_likelihood
 
 if TYPE_CHECKING:
     from ..run import Run
-    from ..training.dynamics import State
+    from ..training.dynamics import Dynamics, State
+    from .classifier import FeatureModel
 
 
 @dataclass(frozen=True)
@@ -48,31 +52,46 @@ class Metric:
         return v
 
 
+@dataclass(frozen=True)
+class MetricInputs:
+    """What a metric is bound to: the run, the split's reals and the split's fixed latents and labels."""
+
+    name: str
+    run: "Run"
+    split: str
+    real: torch.Tensor
+    z: torch.Tensor
+    c: torch.Tensor | None
+    dynamics: "Dynamics"
+
+    def generate(self, state: "State") -> torch.Tensor:
+        """The generated samples the metric sees (the generator average when there is one)."""
+        return self.dynamics.models.generate(self.dynamics.eval_generator(state), self.z, self.c)
+
+    def metric(self, fn: Callable[["State"], torch.Tensor]) -> Metric:
+        return Metric(self.name, self.split, fn)
+
+
 def make_metric(name: str, run: "Run", split: str = "valid") -> Metric:
     """The metric ``name`` on ``split`` ("valid" or "test") of ``run``'s data."""
-    if name not in METRICS:
-        raise ConfigError(f"unknown metric {name!r} (known: {', '.join(METRICS)})")
-    real = run.real(split)
-    z, c = run.eval_latents(split), run.eval_labels(split)
-    dyn = run.dynamics
-    if name == "all":
-        bandwidth = run.cfg.metric.bandwidth
+    builder = BUILDERS.get(name)
+    if builder is None:
+        raise ConfigError(f"unknown metric {name!r} (known: {', '.join(BUILDERS)})")
+    inputs = MetricInputs(name, run, split, run.real(split), run.eval_latents(split), run.eval_labels(split),
+                          run.dynamics)
+    return builder(inputs)
 
-        def fn(state: "State") -> torch.Tensor:
-            return average_log_likelihood(real, dyn.models.generate(dyn.eval_generator(state), z, c), bandwidth)
 
-        return Metric(name, split, fn)
-    if name == "loss_d":
-        from .loss_d import discriminator_loss
+def _all(inputs: MetricInputs) -> Metric:
+    bandwidth = inputs.run.cfg.metric.bandwidth
+    return inputs.metric(lambda state: average_log_likelihood(inputs.real, inputs.generate(state), bandwidth))
 
-        x, y = real.to(run.dtype), run.labels(split)
-        return Metric(name, split, lambda state: discriminator_loss(dyn, state, x, z, y, c))
-    from .classifier import extractor_file
 
-    if extractor_file(run) is None and (real.ndim != 4 or run.splits.y_train is None):
-        raise ConfigError(f"metric {name!r} needs labelled image data (or metric.extractor), not "
-                          f"available for data.name = {run.cfg.data.name!r}")
-    return _classifier_metric(name, run, split, real, z, c)
+def _loss_d(inputs: MetricInputs) -> Metric:
+    from .loss_d import discriminator_loss
+
+    x, y = inputs.real.to(inputs.run.dtype), inputs.run.labels(inputs.split)
+    return inputs.metric(lambda state: discriminator_loss(inputs.dynamics, state, x, inputs.z, y, inputs.c))
 
 
 # Real-split quantities of the classifier metrics, computed once per (run data, split, model).
@@ -88,51 +107,65 @@ def _cached(key: tuple, compute: Callable[[], object]) -> object:
     return _REAL_CACHE[key]
 
 
-def _classifier_metric(name: str, run: "Run", split: str, real: torch.Tensor, z: torch.Tensor,
-                       c: torch.Tensor | None) -> Metric:
-    """IS / log IS / FID / KID of generated images through the frozen classifier.
+def _feature_model(inputs: MetricInputs) -> "FeatureModel":
+    """The frozen classifier of IS / log IS / FID / KID; it sees the generated images in one
+    full batch (memory grows with ``metric.n_samples``)."""
+    from .classifier import extractor_file, load_feature_model
 
-    The generated images go through the classifier in one full batch (memory grows with
-    ``metric.n_samples``); the real split is evaluated once, without a graph, and cached.
-    """
-    from .classifier import load_feature_model
+    run = inputs.run
+    if extractor_file(run) is None and (inputs.real.ndim != 4 or run.splits.y_train is None):
+        raise ConfigError(f"metric {inputs.name!r} needs labelled image data (or metric.extractor), not "
+                          f"available for data.name = {run.cfg.data.name!r}")
+    return load_feature_model(run)
 
-    dyn = run.dynamics
-    mc = run.cfg.metric
-    model = load_feature_model(run)
 
-    def generate(state: "State") -> torch.Tensor:
-        return dyn.models.generate(dyn.eval_generator(state), z, c)
+def _real_key(inputs: MetricInputs, model: "FeatureModel") -> tuple:
+    """The cache key of the split's real-side quantities under ``model``."""
+    run = inputs.run
+    return (str(run.path.resolve()), run.meta.get("data_fingerprint"), inputs.split, model.key, str(run.device))
 
-    if name in ("is", "log_is"):
-        from .inception_score import inception_score, log_inception_score
 
-        score = inception_score if name == "is" else log_inception_score
-        splits = mc.is_splits
-        if not 1 <= splits <= z.shape[0]:
-            raise ConfigError(f"metric.is_splits = {splits} must lie between 1 and the number of "
-                              f"generated samples ({z.shape[0]})")
-        return Metric(name, split, lambda state: score(model.logits(generate(state)), splits))
+def _real_features(inputs: MetricInputs, model: "FeatureModel") -> torch.Tensor:
+    """The real split's features, evaluated once without a graph and cached."""
+    features = _cached(_real_key(inputs, model) + ("features",), lambda: model.evaluate(inputs.real)[0])
+    assert isinstance(features, torch.Tensor)
+    return features
 
-    base = (str(run.path.resolve()), run.meta.get("data_fingerprint"), split, model.key, str(run.device))
 
-    def real_features() -> torch.Tensor:
-        return model.evaluate(real)[0]
+def _inception(inputs: MetricInputs) -> Metric:
+    from .inception_score import inception_score, log_inception_score
 
-    if name == "fid":
-        from .fid import FIDReference, fid_reference, frechet_distance
+    model = _feature_model(inputs)
+    score = inception_score if inputs.name == "is" else log_inception_score
+    splits, n = inputs.run.cfg.metric.is_splits, inputs.z.shape[0]
+    if not 1 <= splits <= n:
+        raise ConfigError(f"metric.is_splits = {splits} must lie between 1 and the number of "
+                          f"generated samples ({n})")
+    return inputs.metric(lambda state: score(model.logits(inputs.generate(state)), splits))
 
-        ridge = mc.fid_ridge
-        ref = _cached(base + ("fid", ridge, z.shape[0]),
-                      lambda: fid_reference(_cached(base + ("features",), real_features), ridge, z.shape[0]))
-        assert isinstance(ref, FIDReference)
-        return Metric(name, split, lambda state: frechet_distance(ref, model.features(generate(state))))
-    if name == "kid":
-        from .kid import kernel_inception_distance, real_kernel_mean
 
-        degree = mc.kid_degree
-        feats = _cached(base + ("features",), real_features)
-        rr = _cached(base + ("kid", degree), lambda: real_kernel_mean(feats, degree))
-        return Metric(name, split, lambda state: kernel_inception_distance(feats, model.features(generate(state)),
-                                                                           degree, rr))
-    raise ConfigError(f"unknown metric {name!r}")  # pragma: no cover - METRICS lists only these
+def _fid(inputs: MetricInputs) -> Metric:
+    from .fid import FIDReference, fid_reference, frechet_distance
+
+    model = _feature_model(inputs)
+    ridge, n = inputs.run.cfg.metric.fid_ridge, inputs.z.shape[0]
+    ref = _cached(_real_key(inputs, model) + ("fid", ridge, n),
+                  lambda: fid_reference(_real_features(inputs, model), ridge, n))
+    assert isinstance(ref, FIDReference)
+    return inputs.metric(lambda state: frechet_distance(ref, model.features(inputs.generate(state))))
+
+
+def _kid(inputs: MetricInputs) -> Metric:
+    from .kid import kernel_inception_distance, real_kernel_mean
+
+    model = _feature_model(inputs)
+    degree = inputs.run.cfg.metric.kid_degree
+    real = _real_features(inputs, model)
+    real_term = _cached(_real_key(inputs, model) + ("kid", degree), lambda: real_kernel_mean(real, degree))
+    return inputs.metric(lambda state: kernel_inception_distance(real, model.features(inputs.generate(state)),
+                                                                 degree, real_term))
+
+
+BUILDERS: dict[str, Callable[[MetricInputs], Metric]] = {
+    "all": _all, "is": _inception, "log_is": _inception, "fid": _fid, "kid": _kid, "loss_d": _loss_d,
+}

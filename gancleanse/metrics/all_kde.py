@@ -26,11 +26,11 @@ def average_log_likelihood(real: torch.Tensor, generated: torch.Tensor, bandwidt
     g_sq = (g * g).sum(1)
     rows = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
     for start in range(0, x.shape[0], chunk):
-        xc = x[start:start + chunk]
+        x_chunk = x[start:start + chunk]
         # |x|^2 + |g|^2 - 2 x.g, clamped and scaled in place: the same operations in the same
         # order as the out-of-place expression (bitwise), without four temporaries
-        d2 = torch.add((xc * xc).sum(1, keepdim=True), g_sq[None, :])
-        d2.add_((xc @ g.T).mul_(-2.0)).clamp_min_(0.0).div_(-2.0 * bandwidth**2)
+        d2 = torch.add((x_chunk * x_chunk).sum(1, keepdim=True), g_sq[None, :])
+        d2.add_((x_chunk @ g.T).mul_(-2.0)).clamp_min_(0.0).div_(-2.0 * bandwidth**2)
         rows[start:start + chunk] = torch.logsumexp(d2, dim=1)
     log_norm = math.log(n) + 0.5 * d * math.log(2.0 * math.pi * bandwidth**2)
     return rows.sum() / x.shape[0] - log_norm

@@ -53,9 +53,9 @@ def kernel_inception_distance(real: torch.Tensor, generated: torch.Tensor, degre
     g = _check(generated, "generated")
     if r.shape[1] != g.shape[1]:
         raise DataError(f"KID: real features have dimension {r.shape[1]}, generated {g.shape[1]}")
-    rr = off_diagonal_mean(r, degree) if real_term is None else real_term
-    k_gg = polynomial_kernel(g, g, degree)
+    real_mean = off_diagonal_mean(r, degree) if real_term is None else real_term
+    gram = polynomial_kernel(g, g, degree)
     n = g.shape[0]
-    gg = (k_gg.sum() - k_gg.diagonal().sum()) / (n * (n - 1))
-    rg = polynomial_kernel(r, g, degree).mean()
-    return rr + gg - 2.0 * rg
+    generated_mean = (gram.sum() - gram.diagonal().sum()) / (n * (n - 1))
+    cross_mean = polynomial_kernel(r, g, degree).mean()
+    return real_mean + generated_mean - 2.0 * cross_mean

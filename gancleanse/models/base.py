@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..config import Config
+from ..config import Config, ModelConfig
 from ..errors import ConfigError
 
 Params = dict[str, torch.Tensor]
@@ -73,78 +74,98 @@ class GANModules:
 
     def module_params(self, dtype: torch.dtype) -> tuple[Params, Params]:
         """The modules' own parameters (user modules keep the initialization they came with)."""
-        return tuple({k: v.detach().to(dtype).clone() for k, v in m.named_parameters()}
-                     for m in (self.discriminator, self.generator))
+        return tuple({k: v.detach().to(dtype).clone() for k, v in module.named_parameters()}
+                     for module in (self.discriminator, self.generator))
 
     def initial_params(self, seed: int, dtype: torch.dtype) -> tuple[Params, Params]:
         """Glorot-uniform weights, zero biases and unit norm gains, drawn from ``seed``."""
-        gen = torch.Generator().manual_seed(seed)
-        return (_init(self.discriminator, gen, dtype), _init(self.generator, gen, dtype))
+        generator = torch.Generator().manual_seed(seed)  # D's draws first, then G's
+        return (_init(self.discriminator, generator, dtype), _init(self.generator, generator, dtype))
 
 
-def _init(module: nn.Module, gen: torch.Generator, dtype: torch.dtype) -> Params:
+def _init(module: nn.Module, generator: torch.Generator, dtype: torch.dtype) -> Params:
+    """``module``'s starting parameters, drawn in float64 (the same values whatever ``dtype``)."""
     out: Params = {}
     from .lora import is_adapter
 
-    for name, p in module.named_parameters():
+    for name, param in module.named_parameters():
         if is_adapter(name):  # B = 0 (the adapted layer starts as it was), A as lora() drew it
-            t = p.detach().to(torch.float64).clone()
-        elif p.ndim >= 2:
-            fan_out, fan_in = p.shape[0], p[0].numel()
+            value = param.detach().to(torch.float64).clone()
+        elif param.ndim >= 2:
+            fan_out, fan_in = param.shape[0], param[0].numel()
             if isinstance(_owner(module, name), nn.ConvTranspose2d):
-                fan_in, fan_out = p.shape[0] * p[0, 0].numel(), p.shape[1] * p[0, 0].numel()
-            elif p.ndim > 2:
-                fan_out = p.shape[0] * p[0, 0].numel()
+                fan_in, fan_out = param.shape[0] * param[0, 0].numel(), param.shape[1] * param[0, 0].numel()
+            elif param.ndim > 2:
+                fan_out = param.shape[0] * param[0, 0].numel()
             bound = math.sqrt(6.0 / (fan_in + fan_out))
-            t = (torch.rand(p.shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+            value = (torch.rand(param.shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
         elif name.endswith("bias"):
-            t = torch.zeros(p.shape, dtype=torch.float64)
+            value = torch.zeros(param.shape, dtype=torch.float64)
         else:  # norm gains and other vectors keep the module's own init
-            t = p.detach().to(torch.float64).clone()
-        out[name] = t.to(dtype)
+            value = param.detach().to(torch.float64).clone()
+        out[name] = value.to(dtype)
     return out
 
 
 def _owner(module: nn.Module, param_name: str) -> nn.Module:
+    """The submodule that holds ``param_name`` (a transposed convolution's fans differ)."""
     path = param_name.rsplit(".", 1)[0] if "." in param_name else ""
     return module.get_submodule(path) if path else module
 
 
 def _adapted(models: GANModules, cfg: Config) -> GANModules:
     """The built-in modules with ``[model] lora_rank`` adapters (seeded: the same in every run)."""
-    m = cfg.model
-    if m.lora_rank:
+    model = cfg.model
+    if model.lora_rank:
         from .lora import lora
 
-        lora(models.discriminator, m.lora_rank, targets=m.lora_targets, seed=1)
-        lora(models.generator, m.lora_rank, targets=m.lora_targets, seed=2)
+        lora(models.discriminator, model.lora_rank, targets=model.lora_targets, seed=1)
+        lora(models.generator, model.lora_rank, targets=model.lora_targets, seed=2)
     return models
+
+
+def _mlp(model: ModelConfig, sample_shape: tuple[int, ...], classes: int) -> tuple[nn.Module, nn.Module]:
+    from .mlp import MLPDiscriminator, MLPGenerator
+
+    generator = MLPGenerator(model.z_dim, sample_shape, model.g_hidden, model.layers, model.activation, model.norm,
+                             model.bias, classes)
+    discriminator = MLPDiscriminator(math.prod(sample_shape), model.d_hidden, model.layers, model.activation,
+                                     model.norm, model.bias, classes)
+    return generator, discriminator
+
+
+def _dcgan(model: ModelConfig, sample_shape: tuple[int, ...], classes: int) -> tuple[nn.Module, nn.Module]:
+    from .dcgan import DCGANDiscriminator, DCGANGenerator
+
+    generator = DCGANGenerator(model.z_dim, sample_shape, model.g_hidden, model.activation, model.norm, model.bias,
+                               classes)
+    discriminator = DCGANDiscriminator(sample_shape, model.d_hidden, model.activation, model.norm, model.bias, classes)
+    return generator, discriminator
+
+
+# model.arch -> (model config, sample shape, number of classes or 0) -> (generator, discriminator).
+# Each builds G before D: module construction draws default inits from the global RNG.
+ARCHITECTURES: dict[str, Callable[[ModelConfig, tuple[int, ...], int], tuple[nn.Module, nn.Module]]] = {
+    "mlp": _mlp,
+    "dcgan": _dcgan,
+}
 
 
 def build_models(cfg: Config, sample_shape: tuple[int, ...], n_classes: int | None = None) -> GANModules:
     """The built-in architecture the config names, shaped for the data (and its ``n_classes``
     when ``model.conditional``)."""
-    m = cfg.model
+    model = cfg.model
     classes = 0
-    if m.conditional:
+    if model.conditional:
         if not n_classes:
             raise ConfigError("model.conditional = true needs labelled data (the number of classes)")
         classes = n_classes
-    if m.arch == "mlp":
-        from .mlp import MLPDiscriminator, MLPGenerator
-
-        dim = math.prod(sample_shape)
-        g = MLPGenerator(m.z_dim, sample_shape, m.g_hidden, m.layers, m.activation, m.norm, m.bias, classes)
-        d = MLPDiscriminator(dim, m.d_hidden, m.layers, m.activation, m.norm, m.bias, classes)
-        return _adapted(GANModules(g, d, m.z_dim, conditional=m.conditional), cfg)
-    if m.arch == "dcgan":
-        from .dcgan import DCGANDiscriminator, DCGANGenerator
-
-        g = DCGANGenerator(m.z_dim, sample_shape, m.g_hidden, m.activation, m.norm, m.bias, classes)
-        d = DCGANDiscriminator(sample_shape, m.d_hidden, m.activation, m.norm, m.bias, classes)
-        return _adapted(GANModules(g, d, m.z_dim, conditional=m.conditional), cfg)
-    if m.arch == "custom":
+    if model.arch == "custom":
         raise ConfigError("model.arch = 'custom' stands for modules given to the Python API: train with "
                           "gancleanse.train(cfg, out, models=GANModules(G, D, z_dim)) and reopen with "
                           "gancleanse.Run.open(path, models=...)")
-    raise ConfigError(f"model.arch = {m.arch!r} is not available in this build")
+    build = ARCHITECTURES.get(model.arch)
+    if build is None:
+        raise ConfigError(f"model.arch = {model.arch!r} is not available in this build")
+    generator, discriminator = build(model, sample_shape, classes)
+    return _adapted(GANModules(generator, discriminator, model.z_dim, conditional=model.conditional), cfg)

@@ -52,8 +52,8 @@ SPECS: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {
 def conv_sizes(side: int, kernels: tuple[int, ...], strides: tuple[int, ...]) -> list[int]:
     """Spatial sides through 'valid' convolutions: side -> ... -> last."""
     sizes = [side]
-    for k, s in zip(kernels, strides):
-        sizes.append((sizes[-1] - k) // s + 1)
+    for kernel, stride in zip(kernels, strides):
+        sizes.append((sizes[-1] - kernel) // stride + 1)
     return sizes
 
 
@@ -63,9 +63,9 @@ def image_spec(sample_shape: tuple[int, ...]) -> tuple[int, int, tuple[int, ...]
     if len(sample_shape) != 3 or sample_shape[1] != sample_shape[2] or sample_shape[1] not in SPECS:
         raise DataError(f"model.arch = 'dcgan' cannot take samples of shape {tuple(sample_shape)}: it needs "
                         f"images (C, H, W) of side {supported} (set data.image_size to resize)")
-    c, side, _ = sample_shape
+    channels, side, _ = sample_shape
     kernels, strides = SPECS[side]
-    return c, side, kernels, strides
+    return channels, side, kernels, strides
 
 
 class ChannelLayerNorm(nn.Module):
@@ -104,18 +104,18 @@ class DCGANDiscriminator(nn.Module):
     def __init__(self, in_shape: tuple[int, ...], hidden: int = 32, activation: str = "sigmoid",
                  norm: str = "layer", bias: bool = False, n_classes: int = 0) -> None:
         super().__init__()
-        c, _, kernels, strides = image_spec(tuple(in_shape))
+        channels, _, kernels, strides = image_spec(tuple(in_shape))
         layers: list[nn.Module] = []
-        for i, (k, s) in enumerate(zip(kernels, strides)):
-            conv = nn.Conv2d(c if i == 0 else hidden, hidden, k, s, padding=0, bias=bias)
+        for i, (kernel, stride) in enumerate(zip(kernels, strides)):
+            conv = nn.Conv2d(channels if i == 0 else hidden, hidden, kernel, stride, padding=0, bias=bias)
             layers += _block(conv, hidden, activation, norm, bias)
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(hidden, 1, bias=bias)
         self.embed = nn.Embedding(n_classes, hidden) if n_classes else None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.features(x).flatten(1)
-        return projection_logit(self.head(h), h, self.embed, y)
+        features = self.features(x).flatten(1)
+        return projection_logit(self.head(features), features, self.embed, y)
 
 
 class DCGANGenerator(nn.Module):
@@ -124,14 +124,14 @@ class DCGANGenerator(nn.Module):
     def __init__(self, z_dim: int, out_shape: tuple[int, ...], hidden: int = 32,
                  activation: str = "sigmoid", norm: str = "layer", bias: bool = False, n_classes: int = 0) -> None:
         super().__init__()
-        c, _, kernels, strides = image_spec(tuple(out_shape))
+        channels, _, kernels, strides = image_spec(tuple(out_shape))
         self.embed = nn.Embedding(n_classes, z_dim) if n_classes else None
         width = z_dim * (2 if n_classes else 1)
         layers: list[nn.Module] = []
-        for i, (k, s) in enumerate(zip(reversed(kernels), reversed(strides))):
-            conv = nn.ConvTranspose2d(width if i == 0 else hidden, hidden, k, s, padding=0, bias=bias)
+        for i, (kernel, stride) in enumerate(zip(reversed(kernels), reversed(strides))):
+            conv = nn.ConvTranspose2d(width if i == 0 else hidden, hidden, kernel, stride, padding=0, bias=bias)
             layers += _block(conv, hidden, activation, norm, bias)
-        self.net = nn.Sequential(*layers, nn.Conv2d(hidden, c, 1, bias=bias), nn.Tanh())
+        self.net = nn.Sequential(*layers, nn.Conv2d(hidden, channels, 1, bias=bias), nn.Tanh())
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         z = with_label_embedding(z.reshape(z.shape[0], -1), self.embed, y)

@@ -32,22 +32,23 @@ class LoRA(nn.Module):
     def __init__(self, base: nn.Module, rank: int, alpha: float, generator: torch.Generator) -> None:
         super().__init__()
         self.base = base
-        w = base.weight
-        rows, cols = w.shape[0], w[0].numel()
+        weight = base.weight
+        rows, cols = weight.shape[0], weight[0].numel()
         self.scale = alpha / rank
         bound = 1.0 / math.sqrt(cols)
-        a = (torch.rand(rank, cols, generator=generator, dtype=torch.float64) * 2 - 1) * bound
-        self.lora_a = nn.Parameter(a.to(w.dtype))
-        self.lora_b = nn.Parameter(torch.zeros(rows, rank, dtype=w.dtype))
+        down = (torch.rand(rank, cols, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+        self.lora_a = nn.Parameter(down.to(weight.dtype))
+        self.lora_b = nn.Parameter(torch.zeros(rows, rank, dtype=weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.base
-        weight = b.weight + self.scale * (self.lora_b @ self.lora_a).reshape(b.weight.shape)
-        if isinstance(b, nn.Linear):
-            return F.linear(x, weight, b.bias)
-        if isinstance(b, nn.Conv2d):
-            return b._conv_forward(x, weight, b.bias)
-        return F.conv_transpose2d(x, weight, b.bias, b.stride, b.padding, b.output_padding, b.groups, b.dilation)
+        base = self.base
+        weight = base.weight + self.scale * (self.lora_b @ self.lora_a).reshape(base.weight.shape)
+        if isinstance(base, nn.Linear):
+            return F.linear(x, weight, base.bias)
+        if isinstance(base, nn.Conv2d):
+            return base._conv_forward(x, weight, base.bias)
+        return F.conv_transpose2d(x, weight, base.bias, base.stride, base.padding, base.output_padding, base.groups,
+                                  base.dilation)
 
 
 def lora(module: nn.Module, rank: int = 8, *, targets: Sequence[str] | None = None, alpha: float | None = None,

@@ -24,10 +24,10 @@ ACTIVATIONS = {
 
 def _stack(sizes: list[int], activation: str, norm: str, bias: bool) -> list[nn.Module]:
     layers: list[nn.Module] = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(a, b, bias=bias), ACTIVATIONS[activation]()]
+    for width_in, width_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(width_in, width_out, bias=bias), ACTIVATIONS[activation]()]
         if norm == "layer":
-            layers.append(nn.LayerNorm(b, elementwise_affine=True, bias=bias))
+            layers.append(nn.LayerNorm(width_out, elementwise_affine=True, bias=bias))
     return layers
 
 
@@ -75,7 +75,7 @@ class MLPDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         *body, head = self.net
-        h = x.reshape(x.shape[0], -1)
+        features = x.reshape(x.shape[0], -1)
         for layer in body:
-            h = layer(h)
-        return projection_logit(head(h), h, self.embed, y)
+            features = layer(features)
+        return projection_logit(head(features), features, self.embed, y)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 from scipy.stats import spearmanr
 
-from ..config import HIGHER_IS_BETTER
+from ..specs import HIGHER_IS_BETTER
 from ..errors import GancleanseError
 from .trust import bootstrap_interval, seconds_per_epoch
 from .validate import removal_changes
@@ -78,3 +79,31 @@ def lds(run: "Run", rankings: Sequence["Scores"], metric: str, *, subsets: int =
     return {"metric": metric, "subsets": subsets, "fraction": fraction, "n_removed": len(removals[0]),
             "seed": seed, "run_id": run.id, "actual": changes, "removed": removals, "scorers": results,
             "retrain_seconds": seconds, "retrain_cost_epochs": seconds / epoch if epoch else None}
+
+
+def compare_methods(run: "Run", metric: str, methods: Sequence[str], *, subsets: int = 50,
+                    fraction: float = 0.1, seed: int = 0, out: Path | None = None, progress: bool = True,
+                    options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """LDS of every variant of ``methods`` on one run (``gancleanse.api.lds``): feature scorers on
+    raw data, and on the classifier's features where the run has them. ``options``: per method,
+    its options (dataclass or mapping), recorded in the result."""
+    from ..files import write_json_atomic
+    from ..influence import score, variant_arguments, variants
+    from ..specs import metric_spec, scorer_spec
+
+    metric_spec(metric)
+    options = dict(options or {})
+    for method in options:
+        if method not in methods:
+            raise GancleanseError(f"options for {method}, which the compared methods do not include")
+    typed = {m: scorer_spec(m).options.from_mapping(o) for m, o in options.items()}
+    random_subsets(run.n_train, subsets, fraction, seed)  # bad sizes fail before any scoring
+    rankings = [score(run, method, seed=seed, progress=progress, options=typed.get(method),
+                      **variant_arguments(method, v))
+                for method in dict.fromkeys(methods) for v in variants(method, [metric], run.has_classifier_features)]
+    result = lds(run, rankings, metric, subsets=subsets, fraction=fraction, seed=seed, progress=progress)
+    result["scorer_seconds"] = {k: s.info.get("seconds") for k, s in zip(result["scorers"], rankings)}
+    result["options"] = {m: o.given() for m, o in typed.items() if o.given()}
+    if out is not None:
+        write_json_atomic(out, result)
+    return result

@@ -13,21 +13,22 @@ import html
 import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from ..config import HIGHER_IS_BETTER, Config, load_config
-from ..export import ScoreTable
+from ..config import Config, load_config
 from ..errors import GancleanseError
-from .cleanse import read_results, read_scores, retrain_key, summarize
+from ..files import write_text_atomic
+from ..scores import Scores
+from ..specs import METRIC_SPECS, direction
+from .layout import retrain_key, scores_path
+from .tables import read_results, summarize
 from .trust import TRUST_THRESHOLD, flagged
 
 GRID_COUNT = 32  # most harmful / most helpful training images shown per scorer
 MARKED = 50  # most harmful 2D instances circled per scorer
-METRIC_LABELS = {"all": "ALL", "is": "IS", "log_is": "log IS", "fid": "FID", "kid": "KID", "loss_d": "D loss"}
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
 main{max-width:1180px;margin:0 auto;padding:24px}
@@ -76,33 +77,27 @@ def write_report(study_dir: Path) -> Path:
     ]
     page = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             '<meta name="viewport" content="width=device-width,initial-scale=1">'
-            f"<title>gancleanse report: {_e(study_dir.name)}</title><style>{CSS}</style></head>\n"
+            f"<title>gancleanse report: {_escape(study_dir.name)}</title><style>{CSS}</style></head>\n"
             f"<body><main>\n{''.join(body)}</main></body></html>\n")
     out = study_dir / "report.html"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomic(out, page)
     return out
 
 
 # ------------------------------------------------------------------------- helpers
-def _e(text: Any) -> str:
+def _escape(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _sign(metric: str) -> float:
-    return 1.0 if HIGHER_IS_BETTER[metric] else -1.0
-
-
 def _label(metric: str) -> str:
-    return METRIC_LABELS.get(metric, metric)
+    return METRIC_SPECS[metric].label if metric in METRIC_SPECS else metric
 
 
 def _direction(metric: str) -> str:
-    return "higher is better" if HIGHER_IS_BETTER[metric] else "lower is better"
+    return "higher is better" if direction(metric) > 0 else "lower is better"
 
 
-def _p(p: float | None) -> str:
+def _format_p(p: float | None) -> str:
     return "n/a" if p is None else f"{p:.3g}"
 
 
@@ -115,7 +110,7 @@ def _unique(values: list[Any]) -> list[Any]:
 
 
 def _note(text: str) -> str:
-    return f'<p class="note">{_e(text)}</p>'
+    return f'<p class="note">{_escape(text)}</p>'
 
 
 def _config(path: Path) -> Config | None:
@@ -131,7 +126,7 @@ def _section(anchor: str, title: str, build: Callable[[], str]) -> str:
         content = build()
     except (OSError, ValueError, KeyError, RuntimeError, GancleanseError) as err:
         content = _note(f"Not available: {err}")
-    return f'<section id="{anchor}"><h2>{_e(title)}</h2>\n{content}</section>\n'
+    return f'<section id="{anchor}"><h2>{_escape(title)}</h2>\n{content}</section>\n'
 
 
 def _png(fig: Any) -> str:
@@ -142,7 +137,7 @@ def _png(fig: Any) -> str:
 
 def _img(b64: str, alt: str, title: str = "", pixels: bool = False) -> str:
     cls = ' class="pixels"' if pixels else ""
-    return f'<img src="data:image/png;base64,{b64}" alt="{_e(alt)}" title="{_e(title or alt)}"{cls}>'
+    return f'<img src="data:image/png;base64,{b64}" alt="{_escape(alt)}" title="{_escape(title or alt)}"{cls}>'
 
 
 def _figure(img: str, caption: str) -> str:
@@ -215,33 +210,33 @@ def _header(study_dir: Path, rows: list[Row], summary: dict[str, Any], cfg: Conf
         "removal rates": ", ".join(_rate(x) for x in sorted(_unique(r["removal_rate"] for r in rows))),
         "retrain": cfg.cleanse.retrain if cfg else "?",
     }
-    fact_html = "".join(f"<span>{_e(k)}: <b>{_e(v)}</b></span>" for k, v in facts.items())
+    fact_html = "".join(f"<span>{_escape(k)}: <b>{_escape(v)}</b></span>" for k, v in facts.items())
     lines = [_headline(m, summary) for m in _unique(r["eval_metric"] for r in rows)]
-    return (f'<header id="summary"><h1>Cleansing study: {_e(study_dir.name)}</h1>'
+    return (f'<header id="summary"><h1>Cleansing study: {_escape(study_dir.name)}</h1>'
             f'<div class="card facts">{fact_html}</div>\n{"".join(lines)}</header>\n')
 
 
 def _headline(metric: str, summary: dict[str, Any]) -> str:
     """The best (scorer, rate) on the test split, and the scorer's result at validation-chosen rates."""
-    sign = _sign(metric)
+    sign = direction(metric)
     candidates = [e for e in summary["by_rate"] if e["eval_metric"] == metric and e["n_removed"] > 0]
-    head = f"<b>{_e(_label(metric))}</b> ({_direction(metric)}): "
+    head = f"<b>{_escape(_label(metric))}</b> ({_direction(metric)}): "
     if not candidates:
         return f'<div class="card headline">{head}no removal rate removed any instance.</div>'
     best = max(candidates, key=lambda e: sign * e["mean_delta"])
     good = sign * best["mean_delta"] > 0
     verdict = "best" if good else "no scorer improved it on average; least bad"
-    text = (f"{head}{verdict}: <b>{_e(best['method'])}-{_e(best['score_metric'])}</b> removing "
+    text = (f"{head}{verdict}: <b>{_escape(best['method'])}-{_escape(best['score_metric'])}</b> removing "
             f"{_rate(best['removal_rate'])} ({best['n_removed']} instances): mean change "
             f"<b>{best['mean_delta']:+.3g}</b> &plusmn; {best['std_delta']:.2g} over {best['n_seeds']} "
-            f"seed(s), p = {_p(best['p_value'])}.")
+            f"seed(s), p = {_format_p(best['p_value'])}.")
     chosen = [e for e in summary["rate_chosen_on_validation"] if e["eval_metric"] == metric
               and (e["method"], e["score_metric"]) == (best["method"], best["score_metric"])]
     if chosen:
         c = chosen[0]
         text += (f" With the rate chosen on the validation split per seed (rates "
                  f"{', '.join(_rate(r) for r in c['chosen_rates'])}): {c['mean_delta']:+.3g} &plusmn; "
-                 f"{c['std_delta']:.2g}, p = {_p(c['p_value'])}.")
+                 f"{c['std_delta']:.2g}, p = {_format_p(c['p_value'])}.")
     return f'<div class="card headline {"good" if good else "bad"}">{text}</div>'
 
 
@@ -265,14 +260,14 @@ def _plots(by_rate: list[Row]) -> str:
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         ax.legend(fontsize=8)
         ax.set_title(f"{_label(metric)}: mean ± std across seeds", fontsize=10)
-        caption = f"Above the dashed line is {'better' if HIGHER_IS_BETTER[metric] else 'worse'}."
+        caption = f"Above the dashed line is {'better' if direction(metric) > 0 else 'worse'}."
         cards.append(_figure(_img(_png(fig), f"change of {_label(metric)} vs removal rate"), caption))
     return f'<div class="row">{"".join(cards)}</div>'
 
 
 def _tables(summary: dict[str, Any]) -> str:
     def row_class(e: Row) -> str:
-        change = _sign(e["eval_metric"]) * e["mean_delta"]
+        change = direction(e["eval_metric"]) * e["mean_delta"]
         sig = " sig" if e["p_value"] is not None and e["p_value"] < 0.05 else ""
         return ("good" if change > 0 else "bad" if change < 0 else "zero") + sig
 
@@ -287,16 +282,16 @@ def _tables(summary: dict[str, Any]) -> str:
         return f'<td class="trust{" weak" if weak else ""}">{tau} ({c["n_trusted"]}/{len(c["seeds"])})</td>'
 
     by_rate = "".join(
-        f'<tr class="{row_class(e)}"><td class="l">{_e(e["method"])}</td><td class="l">{_e(e["score_metric"])}</td>'
-        f'<td class="l">{_e(_label(e["eval_metric"]))}</td><td>{_rate(e["removal_rate"])}</td>'
+        f'<tr class="{row_class(e)}"><td class="l">{_escape(e["method"])}</td><td class="l">{_escape(e["score_metric"])}</td>'
+        f'<td class="l">{_escape(_label(e["eval_metric"]))}</td><td>{_rate(e["removal_rate"])}</td>'
         f'<td>{e["n_removed"]}</td><td>{e["mean_before"]:.4g}</td><td class="chg">{e["mean_delta"]:+.3g}</td>'
-        f'<td>{e["std_delta"]:.2g}</td><td class="p">{_p(e["p_value"])}</td>{trust(e)}</tr>'
+        f'<td>{e["std_delta"]:.2g}</td><td class="p">{_format_p(e["p_value"])}</td>{trust(e)}</tr>'
         for e in summary["by_rate"])
     chosen = "".join(
-        f'<tr class="{row_class(e)}"><td class="l">{_e(e["method"])}</td><td class="l">{_e(e["score_metric"])}</td>'
-        f'<td class="l">{_e(_label(e["eval_metric"]))}</td><td>{", ".join(_rate(r) for r in e["chosen_rates"])}</td>'
+        f'<tr class="{row_class(e)}"><td class="l">{_escape(e["method"])}</td><td class="l">{_escape(e["score_metric"])}</td>'
+        f'<td class="l">{_escape(_label(e["eval_metric"]))}</td><td>{", ".join(_rate(r) for r in e["chosen_rates"])}</td>'
         f'<td class="chg">{e["mean_delta"]:+.3g}</td><td>{e["std_delta"]:.2g}</td>'
-        f'<td class="p">{_p(e["p_value"])}</td>{trust(e)}</tr>'
+        f'<td class="p">{_format_p(e["p_value"])}</td>{trust(e)}</tr>'
         for e in summary["rate_chosen_on_validation"])
     return (
         '<p>Change = after &minus; before on the test split, averaged over seeds; green: improved in the '
@@ -341,10 +336,10 @@ def _trust_row(check: dict[str, Any], seeds: list[int]) -> str:
         tau, iv, trusted = per_seed[s]
         text = "n/a" if tau is None else f"{tau:.2f}" + (f" [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else "")
         weak = flagged({"trusted": trusted, "method": check["method"]})
-        cells.append(f'<td class="{"weak" if weak else ""}">{_e(text)}</td>')
+        cells.append(f'<td class="{"weak" if weak else ""}">{_escape(text)}</td>')
     mean = "n/a" if check["mean_kendall_tau"] is None else f'{check["mean_kendall_tau"]:.2f}'
-    return (f'<tr><td class="l">{_e(check["method"])}</td><td class="l">{_e(check["score_metric"])}</td>'
-            f'<td class="l">{_e(_label(check["check_metric"]))}</td>{"".join(cells)}<td>{mean}</td></tr>')
+    return (f'<tr><td class="l">{_escape(check["method"])}</td><td class="l">{_escape(check["score_metric"])}</td>'
+            f'<td class="l">{_escape(_label(check["check_metric"]))}</td>{"".join(cells)}<td>{mean}</td></tr>')
 
 
 def _scores(study_dir: Path, rows: list[Row], seed: int) -> str:
@@ -360,26 +355,26 @@ def _scores(study_dir: Path, rows: list[Row], seed: int) -> str:
     top_k = min(MARKED, max(1, math.floor(len(x) * min(rates)))) if rates else MARKED
     cards = []
     for name in influence or scorers:
-        path = seed_dir / "scores" / f"{name}.csv"
+        path = scores_path(seed_dir, name)
         if not path.is_file():
             cards.append(_note(f"{path.name} is missing."))
             continue
-        harm = read_scores(path)
+        loaded = Scores.load(path)
+        harm, keys = loaded.harmfulness, loaded.key_list()
         if len(harm) != len(x):
             cards.append(_note(f"{path.name} has {len(harm)} scores for {len(x)} training instances."))
             continue
-        order = np.argsort(-harm, kind="stable")
-        keys = ScoreTable.read(path).keys
+        order = loaded.ranking()
         if images is not None:
             for label, idx in (("most harmful", order[:GRID_COUNT]), ("most helpful", order[::-1][:GRID_COUNT])):
                 ids = ", ".join(str(int(i)) for i in idx)
                 named = ", ".join(keys[i] for i in idx)
                 img = _img(_grid_png(images[idx]), f"{name}: {label} training images", f"indices: {ids}", pixels=True)
-                cards.append(_figure(img, f"<b>{_e(name)}</b>: the {len(idx)} {label} (row by row): "
-                                          f"<span class=\"keys\">{_e(named)}</span>"))
+                cards.append(_figure(img, f"<b>{_escape(name)}</b>: the {len(idx)} {label} (row by row): "
+                                          f"<span class=\"keys\">{_escape(named)}</span>"))
         else:
             cards.append(_figure(_img(_harm_scatter(x, harm, order[:top_k]), f"{name}: harmfulness"),
-                                 f"<b>{_e(name)}</b>: training set coloured by harmfulness (red: removal "
+                                 f"<b>{_escape(name)}</b>: training set coloured by harmfulness (red: removal "
                                  f"predicted to help); circled: the {top_k} most harmful."))
     return f'<div class="row">{"".join(cards)}</div>'
 
@@ -405,7 +400,7 @@ def _samples(study_dir: Path, rows: list[Row], seed: int) -> str:
     for metric in _unique(r["eval_metric"] for r in rows):
         cands = [r for r in rows if r["seed"] == seed and r["eval_metric"] == metric and r["n_removed"] > 0]
         if cands:
-            b = max(cands, key=lambda r: _sign(metric) * r["delta"])
+            b = max(cands, key=lambda r: direction(metric) * r["delta"])
             key = retrain_key(seed, f"{b['method']}-{b['score_metric']}", b["removal_rate"])
             panels.setdefault(key, []).append(f"best for {_label(metric)}: {b['method']}-{b['score_metric']} "
                                               f"removing {_rate(b['removal_rate'])} ({b['delta']:+.3g})")
@@ -417,7 +412,7 @@ def _samples(study_dir: Path, rows: list[Row], seed: int) -> str:
     first = next(iter(samples.values()))
     if _as_images(first) is not None:
         for k, s in samples.items():
-            cards.append(_figure(_img(_grid_png(_as_images(s)), titles[k], pixels=True), _e(titles[k])))
+            cards.append(_figure(_img(_grid_png(_as_images(s)), titles[k], pixels=True), _escape(titles[k])))
     elif first.shape[1:] == (2,):
         real = _training_data(study_dir / "seeds" / f"seed_{seed}" / "run")
         both = np.concatenate([real, *samples.values()])
@@ -431,7 +426,7 @@ def _samples(study_dir: Path, rows: list[Row], seed: int) -> str:
             ax.set_xlim(lo[0], hi[0])
             ax.set_ylim(lo[1], hi[1])
             ax.legend(fontsize=8, loc="upper right")
-            cards.append(_figure(_img(_png(fig), titles[k]), _e(titles[k])))
+            cards.append(_figure(_img(_png(fig), titles[k]), _escape(titles[k])))
     else:
         return _note(f"No picture for samples of shape {tuple(first.shape[1:])}.")
     return f'<div class="row">{"".join(cards)}</div>'
@@ -440,4 +435,4 @@ def _samples(study_dir: Path, rows: list[Row], seed: int) -> str:
 def _config_text(path: Path) -> str:
     if not path.is_file():
         return _note(f"{path.name} is missing.")
-    return f"<pre>{_e(path.read_text())}</pre>"
+    return f"<pre>{_escape(path.read_text())}</pre>"

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 from scipy.stats import kendalltau, pearsonr
 
-from ..config import HIGHER_IS_BETTER
+from ..specs import HIGHER_IS_BETTER
 from ..errors import GancleanseError, GancleanseWarning
 from .validate import choose_instances, removal_changes
 
@@ -161,9 +161,9 @@ def describe(check: dict[str, Any]) -> str:
 def flagged(check: dict[str, Any]) -> bool:
     """An estimator (itd, aid) whose check failed. Baselines do not claim to predict single
     removals, so their check is a reference shown beside them, never a warning."""
-    from ..influence import spec
+    from ..specs import scorer_spec
 
-    return not check["trusted"] and spec(check["method"]).uses == "metric"
+    return not check["trusted"] and scorer_spec(check["method"]).uses == "metric"
 
 
 def warning_text(check: dict[str, Any]) -> str | None:
@@ -175,3 +175,23 @@ def warning_text(check: dict[str, Any]) -> str | None:
     return (f"{check['method']} ranking on {check['metric']} agrees weakly with retraining (Kendall tau "
             f"{where}, below {TRUST_THRESHOLD}): removing data by it may not help. Try smooth activations "
             "(softplus, elu), a shorter traced window (a later record_from_epoch), or a larger --check")
+
+
+def checked_scores(run: "Run", method: str, metric: str, *, features: str | None = None, seed: int = 0,
+                   check: int = 0, progress: bool = True, options: Any = None) -> "Scores":
+    """Scores of every training instance (``gancleanse.influence.score``) and, with ``check``
+    > 0, their trust check in ``scores.info["check"]``; an ``UntrustedScoresWarning`` when the
+    ranking is not reliable."""
+    import warnings
+
+    from ..influence import score
+
+    check_size(check, run.n_train)  # before the scoring, which may take long
+    scores = score(run, method, metric, features=features, seed=seed, progress=progress, options=options)
+    if check:
+        result = trust_check(run, scores, check, seed=seed, progress=progress)
+        scores.info["check"] = result
+        text = warning_text(result)
+        if text:
+            warnings.warn(text, UntrustedScoresWarning, stacklevel=3)
+    return scores

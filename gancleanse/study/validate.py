@@ -222,3 +222,63 @@ def scatter_plot(path: Path, panels: list[dict[str, Any]], title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------- the services
+def counterfactual_changes(run: "Run", removals: Sequence[Sequence[int]], metric: str, *, start: int,
+                           split: str = "valid", batched: bool | None = None,
+                           progress: bool = False) -> list[dict[str, Any]]:
+    """Retrain the recorded trajectory from step ``start`` without each removal set (one shared
+    replay, each retrain forked where it first differs) and report the metric before and after."""
+    before, after = retrained_values(run, removals, [metric], split=split, start=start, batched=batched,
+                                     progress=progress)
+    return [{"metric": metric, "removed": list(r), "before": before[metric], "after": a, "delta": a - before[metric]}
+            for r, a in zip(removals, after[metric])]
+
+
+def validate(run: "Run", metric: str, method: str, instances: int, *, seed: int = 0, extremes: bool = False,
+             horizons: bool = False, executor: str = "local", workers: int = 1, out: Path | None = None,
+             progress: bool = True, options: Any = None, batched: bool = False) -> dict[str, Any]:
+    """Compare estimated with actual (retrained) metric changes for ``instances`` instances
+    (``gancleanse.api.validate`` says what is written)."""
+    import tempfile
+
+    from ..influence import score
+
+    if horizons and method != "itd":
+        raise GancleanseError("--horizons needs --method itd (one backward sweep gives every horizon)")
+    scores = score(run, method, metric, progress=progress, options=options)
+    chosen = choose_instances(scores.influence, instances, seed, extremes)
+    steps_per_epoch = run.steps_per_epoch
+    final_epoch, first_epoch = run.final_step // steps_per_epoch, run.window_start // steps_per_epoch
+    traced = sorted(scores.horizons) if horizons else [final_epoch - first_epoch]
+    jobs = [(j, final_epoch - k) for k in traced for j in chosen]
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = out.with_suffix(".parts") if out else Path(tmp)
+        actual = retrain_all(run, jobs, [metric], parts, executor=executor, workers=workers,
+                             progress=progress, batched=batched)[metric]
+
+    def panel(k: int) -> dict[str, Any]:
+        estimate = scores.horizons[k] if k in scores.horizons else scores.influence
+        e = [float(estimate[j]) for j in chosen]
+        a = [actual[(j, final_epoch - k)] for j in chosen]
+        return {"epochs_traced": k, **accuracy(e, a), "estimated": e, "actual": a}
+
+    main = panel(traced[-1])
+    result: dict[str, Any] = {
+        "metric": metric, "method": method, "run": str(run.path), "instances": chosen,
+        "n_instances": len(chosen), "seed": seed, "extremes": extremes,
+        **{k: main[k] for k in ("kendall_tau", "pearson", "jaccard", "random_jaccard", "epochs_traced")},
+        "estimated": main["estimated"], "actual": main["actual"],
+        "estimate_info": scores.info,
+    }
+    if horizons:
+        result["horizons"] = {str(k): panel(k) for k in traced}
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        panels = [dict(p, label=f"{p['epochs_traced']} epoch(s) traced")
+                  for p in (result["horizons"].values() if horizons else [main])]
+        scatter_plot(out.with_suffix(".png"), panels, f"{method} influence on {metric}: estimate vs retraining")
+        result["plot"] = out.with_suffix(".png").name
+        write_json_atomic(out, result)
+    return result

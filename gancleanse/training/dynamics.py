@@ -12,8 +12,11 @@ same weights (removing an instance removes its penalty too); R2 is the same pena
 generated samples. With lazy regularization (``r1_every`` = k) both apply every k-th step,
 scaled by k, as in StyleGAN2. A conditional GAN's instance is the pair (x_i, y_i): its label
 goes with it into D's real term and its R1 term, so the same weight removes both; generated
-samples carry their own recorded labels. Because the step is a function of tensors only, ``torch.func.vjp`` of it yields in
-one call both the adjoint of the previous state and every per-instance term of the batch.
+samples carry their own recorded labels. Because the step is a function of tensors only,
+``torch.func.vjp`` of it yields in one call both the adjoint of the previous state and every
+per-instance term of the batch.
+
+Names: ``pd`` / ``pg`` are the discriminator's / generator's parameters (theta_D, theta_G).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from torch.func import grad, grad_and_value, vjp
 
 from ..config import Config
+from ..data.base import as_float
 from ..models.base import GANModules, Params
 from .losses import d_fake_term, d_real_term, g_term
 from .optim import Optimizer, make_optimizer
@@ -43,6 +47,20 @@ class StepBatch:
     y: torch.Tensor | None = None
     c_d: torch.Tensor | None = None
     c_g: torch.Tensor | None = None
+
+
+def gather_batch(stored: torch.Tensor, labels: torch.Tensor | None, idx: torch.Tensor, step: int,
+                 latents: tuple[torch.Tensor, torch.Tensor],
+                 gen_labels: tuple[torch.Tensor | None, torch.Tensor | None],
+                 device: torch.device, dtype: torch.dtype) -> StepBatch:
+    """Step ``step``'s batch: minibatch ``idx`` of the stored training split (and its labels),
+    gathered on ``device`` and made floats there, with the step's latents and generated
+    labels. The one assembly that training and every replay share."""
+    rows = idx.to(device)
+    (z_d, z_g), (c_d, c_g) = latents, gen_labels
+    return StepBatch(as_float(stored[rows], dtype), z_d.to(device, dtype), z_g.to(device, dtype), step,
+                     None if labels is None else labels[rows],
+                     None if c_d is None else c_d.to(device), None if c_g is None else c_g.to(device))
 
 
 def l2_penalty(params: Params) -> torch.Tensor:
@@ -72,9 +90,11 @@ class Dynamics:
 
     @classmethod
     def from_config(cls, cfg: Config, models: GANModules) -> "Dynamics":
-        t = cfg.train
-        return cls(models, t.loss, t.update, make_optimizer(t, t.lr_d), make_optimizer(t, t.lr_g),
-                   t.weight_decay_d, t.weight_decay_g, t.ema_beta, t.r1_gamma, t.r2_gamma, t.r1_every)
+        """The dynamics ``[train]`` describes, for ``models``."""
+        train = cfg.train
+        return cls(models, train.loss, train.update, make_optimizer(train, train.lr_d),
+                   make_optimizer(train, train.lr_g), train.weight_decay_d, train.weight_decay_g, train.ema_beta,
+                   train.r1_gamma, train.r2_gamma, train.r1_every)
 
     # ----------------------------------------------------------------- losses
     def loss_d(self, pd: Params, pg: Params, x: torch.Tensor, z: torch.Tensor,
@@ -109,10 +129,11 @@ class Dynamics:
     def input_gradient_norms(self, pd: Params, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """||grad_x D(x_i)||^2 per sample: one gradient of the summed logits, since each logit
         depends on its own sample only (no batch statistics in D)."""
-        gx = grad(lambda xx: self.models.discriminate(pd, xx, labels).sum())(x)
-        return gx.pow(2).reshape(x.shape[0], -1).sum(1)
+        input_grads = grad(lambda inputs: self.models.discriminate(pd, inputs, labels).sum())(x)
+        return input_grads.pow(2).reshape(x.shape[0], -1).sum(1)
 
     def loss_g(self, pg: Params, pd: Params, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        """Generator loss on G(z) (labels ``c`` for a conditional GAN), plus its weight decay."""
         value = g_term(self.loss, self.models.discriminate(pd, self.models.generate(pg, z, c), c)).mean()
         if self.weight_decay_g:
             value = value + self.weight_decay_g * l2_penalty(pg)
@@ -129,30 +150,31 @@ class Dynamics:
         fakes, but no weight gradients and no real branch in that pass (a joint backward
         of both losses would compute both twice).
         """
-        fake, pull_g = vjp(lambda p: self.models.generate(p, batch.z_d, batch.c_d), pg)
+        fake, pull_g = vjp(lambda params_g: self.models.generate(params_g, batch.z_d, batch.c_d), pg)
 
         def loss_d(pd: Params) -> torch.Tensor:  # the fakes enter as values here
             real = d_real_term(self.loss, self.models.discriminate(pd, batch.x, batch.y))
             logits_fake = self.models.discriminate(pd, fake, batch.c_d)
-            ld = ((w * real).sum() + d_fake_term(self.loss, logits_fake).sum()) / batch.x.shape[0]
+            value = ((w * real).sum() + d_fake_term(self.loss, logits_fake).sum()) / batch.x.shape[0]
             if self.weight_decay_d:
-                ld = ld + self.weight_decay_d * l2_penalty(pd)
-            return ld + self.gradient_penalties(pd, batch.x, fake, w, batch.count, batch.y, batch.c_d)
+                value = value + self.weight_decay_d * l2_penalty(pd)
+            return value + self.gradient_penalties(pd, batch.x, fake, w, batch.count, batch.y, batch.c_d)
 
         def loss_g_of_fakes(fake: torch.Tensor) -> torch.Tensor:
             return g_term(self.loss, self.models.discriminate(pd, fake, batch.c_d)).mean()
 
-        gd, ld = grad_and_value(loss_d)(pd)
-        g_fake, lg = grad_and_value(loss_g_of_fakes)(fake)
-        (gg,) = pull_g(g_fake)
+        grad_d, value_d = grad_and_value(loss_d)(pd)
+        grad_fake, value_g = grad_and_value(loss_g_of_fakes)(fake)
+        (grad_g,) = pull_g(grad_fake)
         if self.weight_decay_g:
-            decay = grad_and_value(l2_penalty)(pg)
-            gg = {k: gg[k] + self.weight_decay_g * decay[0][k] for k in gg}
-            lg = lg + self.weight_decay_g * decay[1]
-        return (gd, ld), (gg, lg)
+            decay_grad, decay_value = grad_and_value(l2_penalty)(pg)
+            grad_g = {k: grad_g[k] + self.weight_decay_g * decay_grad[k] for k in grad_g}
+            value_g = value_g + self.weight_decay_g * decay_value
+        return (grad_d, value_d), (grad_g, value_g)
 
     # ------------------------------------------------------------------ state
     def init_state(self, params_d: Params, params_g: Params) -> State:
+        """The state before step 0: fresh optimizer states, and the average starting at G."""
         state: State = {"d": params_d, "g": params_g,
                         "opt_d": self.opt_d.init(params_d), "opt_g": self.opt_g.init(params_g)}
         if self.ema_beta > 0:
@@ -169,16 +191,16 @@ class Dynamics:
         """One training step; returns the next state and the two losses (before the step)."""
         pd, pg = state["d"], state["g"]
         if self.update == "simultaneous":  # both gradients at theta_t, from one forward
-            (gd, ld), (gg, lg) = self.simultaneous_gradients(pd, pg, batch, weights)
-            new_d, new_opt_d = self.opt_d.update(gd, state["opt_d"], pd, batch.count)
+            (grad_d, loss_d), (grad_g, loss_g) = self.simultaneous_gradients(pd, pg, batch, weights)
+            new_d, new_opt_d = self.opt_d.update(grad_d, state["opt_d"], pd, batch.count)
         else:  # G's gradient against the updated D
-            gd, ld = grad_and_value(self.loss_d)(pd, pg, batch.x, batch.z_d, weights, batch.count,
-                                                 batch.y, batch.c_d)
-            new_d, new_opt_d = self.opt_d.update(gd, state["opt_d"], pd, batch.count)
-            gg, lg = grad_and_value(self.loss_g)(pg, new_d, batch.z_g, batch.c_g)
-        new_g, new_opt_g = self.opt_g.update(gg, state["opt_g"], pg, batch.count)
+            grad_d, loss_d = grad_and_value(self.loss_d)(pd, pg, batch.x, batch.z_d, weights, batch.count,
+                                                         batch.y, batch.c_d)
+            new_d, new_opt_d = self.opt_d.update(grad_d, state["opt_d"], pd, batch.count)
+            grad_g, loss_g = grad_and_value(self.loss_g)(pg, new_d, batch.z_g, batch.c_g)
+        new_g, new_opt_g = self.opt_g.update(grad_g, state["opt_g"], pg, batch.count)
         new: State = {"d": new_d, "g": new_g, "opt_d": new_opt_d, "opt_g": new_opt_g}
         if "ema_g" in state:
-            b = self.ema_beta
-            new["ema_g"] = {k: b * e + (1.0 - b) * new_g[k] for k, e in state["ema_g"].items()}
-        return new, {"loss_d": ld.detach(), "loss_g": lg.detach()}
+            beta = self.ema_beta
+            new["ema_g"] = {k: beta * average + (1.0 - beta) * new_g[k] for k, average in state["ema_g"].items()}
+        return new, {"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}

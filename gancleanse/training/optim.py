@@ -2,16 +2,21 @@
 
 The optimizer state (momentum buffer, Adam moments) is part of the training state that
 ITD differentiates, so nothing here mutates a tensor in place.
+
+Each optimizer also states its effective per-coordinate step sizes (``step_sizes``): near a
+fixed point its update is about theta <- theta - P grad, and AID damps its implicit
+derivative on that linearized training's time scale, so it needs P without knowing the rule.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 
-from ..config import TrainConfig
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 Tree = dict[str, torch.Tensor]
 
@@ -22,6 +27,11 @@ class Optimizer(Protocol):
     def update(self, grads: Tree, state: dict[str, Tree], params: Tree,
                count: int) -> tuple[Tree, dict[str, Tree]]: ...
 
+    def step_sizes(self, state: dict[str, Tree], params: Tree, count: int) -> Tree:
+        """P per coordinate (float64, shaped like ``params``) with update ~ -P grad near a fixed
+        point, given the optimizer ``state`` after ``count`` steps."""
+        ...
+
 
 @dataclass(frozen=True)
 class SGD:
@@ -30,8 +40,13 @@ class SGD:
     def init(self, params: Tree) -> dict[str, Tree]:
         return {}
 
-    def update(self, grads, state, params, count):
+    def update(self, grads: Tree, state: dict[str, Tree], params: Tree,
+               count: int) -> tuple[Tree, dict[str, Tree]]:
         return {k: p - self.lr * grads[k] for k, p in params.items()}, state
+
+    def step_sizes(self, state: dict[str, Tree], params: Tree, count: int) -> Tree:
+        """The learning rate, everywhere."""
+        return {k: torch.full_like(p, self.lr, dtype=torch.float64) for k, p in params.items()}
 
 
 @dataclass(frozen=True)
@@ -44,9 +59,15 @@ class Momentum:
     def init(self, params: Tree) -> dict[str, Tree]:
         return {"buf": {k: torch.zeros_like(p) for k, p in params.items()}}
 
-    def update(self, grads, state, params, count):
+    def update(self, grads: Tree, state: dict[str, Tree], params: Tree,
+               count: int) -> tuple[Tree, dict[str, Tree]]:
         buf = {k: self.mu * state["buf"][k] + g for k, g in grads.items()}
         return {k: p - self.lr * buf[k] for k, p in params.items()}, {"buf": buf}
+
+    def step_sizes(self, state: dict[str, Tree], params: Tree, count: int) -> Tree:
+        """lr / (1 - mu): a steady gradient g moves the parameters by that times g per step."""
+        step = self.lr / max(1.0 - self.mu, 1e-12)
+        return {k: torch.full_like(p, step, dtype=torch.float64) for k, p in params.items()}
 
 
 def safe_sqrt(v: torch.Tensor) -> torch.Tensor:
@@ -66,7 +87,8 @@ class Adam:
         return {"m": {k: torch.zeros_like(p) for k, p in params.items()},
                 "v": {k: torch.zeros_like(p) for k, p in params.items()}}
 
-    def update(self, grads, state, params, count):
+    def update(self, grads: Tree, state: dict[str, Tree], params: Tree,
+               count: int) -> tuple[Tree, dict[str, Tree]]:
         k = count + 1
         c1, c2 = 1.0 - self.beta1**k, 1.0 - self.beta2**k
         m = {n: self.beta1 * state["m"][n] + (1.0 - self.beta1) * g for n, g in grads.items()}
@@ -74,12 +96,23 @@ class Adam:
         new = {n: p - self.lr * (m[n] / c1) / (safe_sqrt(v[n] / c2) + self.eps) for n, p in params.items()}
         return new, {"m": m, "v": v}
 
+    def step_sizes(self, state: dict[str, Tree], params: Tree, count: int) -> Tree:
+        """lr / (sqrt(v_hat) + eps), v_hat the bias-corrected second moment after ``count`` steps:
+        the first moment tends to the gradient itself at a fixed point."""
+        correction = 1.0 - self.beta2**count
+        return {n: self.lr / ((state["v"][n].to(torch.float64) / correction).sqrt() + self.eps)
+                for n in params}
 
-def make_optimizer(cfg: TrainConfig, lr: float) -> Optimizer:
-    if cfg.optimizer == "sgd":
-        return SGD(lr)
-    if cfg.optimizer == "momentum":
-        return Momentum(lr, cfg.momentum)
-    if cfg.optimizer == "adam":
-        return Adam(lr, cfg.betas[0], cfg.betas[1], cfg.eps)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+OPTIMIZERS: dict[str, Callable[["TrainConfig", float], Optimizer]] = {
+    "sgd": lambda cfg, lr: SGD(lr),
+    "momentum": lambda cfg, lr: Momentum(lr, cfg.momentum),
+    "adam": lambda cfg, lr: Adam(lr, cfg.betas[0], cfg.betas[1], cfg.eps),
+}
+
+
+def make_optimizer(cfg: "TrainConfig", lr: float) -> Optimizer:
+    """``cfg.optimizer`` with learning rate ``lr`` (each player has its own)."""
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r} (available: {', '.join(OPTIMIZERS)})")
+    return OPTIMIZERS[cfg.optimizer](cfg, lr)

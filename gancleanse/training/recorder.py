@@ -11,7 +11,9 @@ import dataclasses
 import json
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -19,7 +21,8 @@ from tqdm.auto import tqdm
 
 from ..version import __version__
 from .. import device as devices
-from ..config import Config, check_threads
+from ..config import Config
+from ..device import check_threads
 from ..data import Splits, load_data
 from ..data.base import SPLIT_NAMES
 from ..errors import ConfigError, TrainingDivergedError
@@ -27,9 +30,11 @@ from ..models import GANModules, build_models
 from ..models.trainable import freeze, read_init, select_trainable, split_trainable
 from ..integrity import file_hashes, sealed
 from ..files import staged_directory, write_json_atomic
-from ..run import (DTYPES, FORMAT_VERSION, FROZEN_FILE, Run, checkpoint_name, gather_batch, is_run_dir,
-                   save_state, to_device, torch_threads, window_checkpoints, write_eval_latents)
-from .dynamics import Dynamics, State
+from ..run import Run, torch_threads
+from ..run_format import (DTYPES, FORMAT_VERSION, FROZEN_FILE, checkpoint_name, is_run_dir, window_checkpoints,
+                          write_eval_latents)
+from ..state_files import save_state, to_device
+from .dynamics import Dynamics, State, gather_batch
 from .schedule import Schedule
 
 
@@ -61,7 +66,7 @@ def with_user_inputs(cfg: Config, models: GANModules | None, data: Splits | None
                               "GANModules(G, D, z_dim, conditional=True) for G(z, y) and D(x, y)")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch="custom", z_dim=models.z_dim,
                                                                  conditional=models.conditional))
-    cfg._check_cross("the training options")
+    cfg.validate("the training options")
     cfg.check_inputs()
     return cfg
 
@@ -71,7 +76,7 @@ def with_split_sizes(cfg: Config, splits: Splits) -> Config:
     n = {name: int(getattr(splits, name).shape[0]) for name in SPLIT_NAMES}
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, n_train=n["train"], n_valid=n["valid"], n_test=n["test"]))
-    cfg._check_cross("the training options")
+    cfg.validate("the training options")
     return cfg
 
 
@@ -81,9 +86,9 @@ def data_summary(splits: Splits) -> dict:
     out["sample_shape"] = list(splits.sample_shape)
     out["dtype"] = str(splits.train.dtype).removeprefix("torch.")
     if splits.source is not None:
-        src = splits.source
-        out.update(format=src["format"], path=src["path"], n_files=src["n_files"], n_read=src["n_read"],
-                   n_skipped=len(src["skipped"]), labels=src["labels"])
+        source = splits.source
+        out.update(format=source["format"], path=source["path"], n_files=source["n_files"],
+                   n_read=source["n_read"], n_skipped=len(source["skipped"]), labels=source["labels"])
     return out
 
 
@@ -92,14 +97,191 @@ def start_parameters(cfg: Config, models: GANModules, initial: tuple[dict, dict]
     """The starting (trainable D, trainable G), what run.json records of the init files, and
     the frozen constants (flat ``d/<name>`` / ``g/<name>``), which go into the modules."""
     params = {"d": initial[0], "g": initial[1]}
-    m = cfg.model
-    params, init_files = read_init(m, params)
-    train_only = m.train_only if (m.train_only is not None or m.frozen) else models.train_only
-    frozen = m.frozen if (m.train_only is not None or m.frozen) else models.frozen
-    trainable, const = split_trainable(params, select_trainable(params, train_only, frozen))
-    freeze(models, const)
-    flat = {f"{p}/{k}": v for p in ("d", "g") for k, v in const[p].items()}
+    model = cfg.model
+    params, init_files = read_init(model, params)
+    config_chooses = model.train_only is not None or bool(model.frozen)  # else the modules' own choice
+    train_only = model.train_only if config_chooses else models.train_only
+    frozen = model.frozen if config_chooses else models.frozen
+    trainable, constants = split_trainable(params, select_trainable(params, train_only, frozen))
+    freeze(models, constants)
+    flat = {f"{player}/{name}": value for player in ("d", "g") for name, value in constants[player].items()}
     return (trainable["d"], trainable["g"]), init_files, flat
+
+
+WINDOW_DRAWS = ("indices", "z_d", "z_g", "c_d", "c_g")  # what each window step records, in this order
+
+
+@dataclass
+class Training:
+    """Everything the step loop and the run directory need, prepared from the config, the data
+    and the modules (on the training device, under the training's thread count)."""
+
+    cfg: Config
+    splits: Splits
+    models: GANModules
+    dynamics: Dynamics
+    schedule: Schedule
+    initial: tuple[dict, dict]  # the trainable (D, G) parameters training starts from
+    init_files: dict  # what run.json records of [model] init files
+    constants: dict[str, torch.Tensor]  # frozen parameters, flat d/<name>, g/<name>
+    frequencies: torch.Tensor | None  # the training labels' class frequencies (conditional GANs)
+    device: torch.device
+    dtype: torch.dtype
+    threads: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.schedule.steps_per_epoch
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.train.epochs * self.steps_per_epoch
+
+    @property
+    def window_start(self) -> int:
+        return self.cfg.train.record_from_epoch * self.steps_per_epoch
+
+    @property
+    def checkpoints(self) -> list[int]:
+        return window_checkpoints(self.window_start, self.total_steps, self.cfg.train.checkpoint_every,
+                                  self.steps_per_epoch)
+
+
+@dataclass
+class Trajectory:
+    """What the step loop leaves: the final state and losses, the recorded window's draws
+    (indices, latents and generated labels of each step) and the timings."""
+
+    state: State
+    stats: dict[str, torch.Tensor]
+    started: float  # perf_counter when the loop began
+    window_seconds: float  # time spent in the window's steps (batch assembly and step)
+    window: dict[str, list] = field(default_factory=lambda: {key: [] for key in WINDOW_DRAWS})
+
+
+def prepare_training(cfg: Config, models: GANModules | None, data: Splits | None, device: torch.device
+                     ) -> Training:
+    """Load the data, build (or take) the modules and their starting parameters, on ``device``."""
+    threads = torch.get_num_threads()
+    train = cfg.train
+    dtype = DTYPES[cfg.model.dtype]
+    splits = data if data is not None else load_data(cfg)
+    cfg = with_split_sizes(cfg, splits)
+    frequencies = None
+    if cfg.model.conditional:
+        splits.check_conditional()
+        frequencies = splits.label_frequencies()
+    if models is None:
+        models = build_models(cfg, splits.sample_shape, splits.n_classes)
+        initial = models.initial_params(train.seed, dtype)
+    else:
+        initial = models.module_params(dtype)
+    models.to(device)
+    initial, init_files, constants = start_parameters(cfg, models, to_device(initial, device))
+    schedule = Schedule(cfg.data.n_train, train.batch_size, cfg.model.z_dim, train.seed,
+                        shared_latents=train.update == "simultaneous", label_frequencies=frequencies)
+    return Training(cfg, splits, models, Dynamics.from_config(cfg, models), schedule, initial, init_files,
+                    constants, frequencies, device, dtype, threads)
+
+
+def write_inputs(stage: Path, training: Training, data: Splits | None) -> None:
+    """The files fixed before the first step: config, evaluation latents, user data, frozen
+    constants and the split keys."""
+    cfg, splits = training.cfg, training.splits
+    (stage / "checkpoints").mkdir()
+    (stage / "config.toml").write_text(cfg.to_toml())
+    write_eval_latents(cfg, stage, training.frequencies)
+    if data is not None:
+        save_file(data.tensors(), str(stage / "data.safetensors"))
+    if training.constants:
+        save_file({k: v.detach().cpu().contiguous() for k, v in training.constants.items()},
+                  str(stage / FROZEN_FILE))
+    write_json_atomic(stage / "splits.json", {
+        "source": splits.source, **{name: splits.key_list(name) for name in SPLIT_NAMES}})
+
+
+def run_steps(stage: Path, training: Training, progress: bool) -> Trajectory:
+    """Every training step: checkpoints and the window's draws recorded, one loss line per step."""
+    device, dtype, schedule, dynamics = training.device, training.dtype, training.schedule, training.dynamics
+    total, window_start, checkpoints = training.total_steps, training.window_start, training.checkpoints
+    steps_per_epoch = training.steps_per_epoch
+    train_stored = training.splits.train.to(device)  # uint8 for images: a quarter of float32
+    train_labels = training.splits.y_train.to(device) if training.frequencies is not None else None
+    ones = torch.ones(training.cfg.train.batch_size, dtype=dtype, device=device)
+    state = dynamics.init_state(*training.initial)
+    trajectory = Trajectory(state, {}, time.perf_counter(), 0.0)
+    bar = tqdm(total=total, desc="train", unit="step", disable=not progress, leave=False)
+    with open(stage / "losses.jsonl", "w") as log:
+        for step in range(total):
+            if step in checkpoints:
+                save_state(trajectory.state, stage / "checkpoints" / checkpoint_name(step))
+            idx = schedule.indices(step)
+            latents, labels = schedule.latents(step), schedule.labels(step)
+            tic = time.perf_counter()
+            batch = gather_batch(train_stored, train_labels, idx, step, latents, labels, device, dtype)
+            trajectory.state, stats = dynamics.step(trajectory.state, batch, ones)
+            trajectory.stats = stats
+            if step >= window_start:
+                trajectory.window_seconds += time.perf_counter() - tic
+                for key, drawn in zip(WINDOW_DRAWS, (idx, *latents, *labels)):
+                    trajectory.window[key].append(drawn)
+            check_finite(trajectory.state, stats, step, steps_per_epoch)
+            log.write(json.dumps({"step": step, "epoch": step // steps_per_epoch,
+                                  **{k: float(v) for k, v in stats.items()}}) + "\n")
+            bar.update()
+            if step % 50 == 0:
+                bar.set_postfix(loss_d=f"{float(stats['loss_d']):.3f}", loss_g=f"{float(stats['loss_g']):.3f}")
+    bar.close()
+    save_state(trajectory.state, stage / "checkpoints" / checkpoint_name(total))
+    return trajectory
+
+
+def recorded_schedule(training: Training, trajectory: Trajectory) -> dict[str, torch.Tensor]:
+    """schedule.safetensors: the window's indices and latents, and only the tensors that
+    differ (a shared latent batch is stored once; labels only for a conditional GAN)."""
+    separate = not training.schedule.shared_latents
+    keys = ["indices", "z_d"] + (["z_g"] if separate else [])
+    if training.frequencies is not None:
+        keys += ["c_d"] + (["c_g"] if separate else [])
+    return {key: torch.stack(trajectory.window[key]) for key in keys}
+
+
+def run_meta(stage: Path, training: Training, trajectory: Trajectory, user_data: bool) -> dict[str, Any]:
+    """run.json before its seal: versions, sizes, the window, the checkpoints and every file's sha256."""
+    cfg, splits, train, constants = training.cfg, training.splits, training.cfg.train, training.constants
+    total = training.total_steps
+    files = ["config.toml", "eval_latents.safetensors", "splits.json", "schedule.safetensors",
+             "losses.jsonl", *(f"checkpoints/{checkpoint_name(c)}" for c in training.checkpoints)]
+    if user_data:
+        files.append("data.safetensors")
+    if constants:
+        files.append(FROZEN_FILE)
+    frequencies = training.frequencies
+    labels = None if frequencies is None else {"classes": splits.n_classes, "frequencies": frequencies.tolist()}
+    return {
+        "format": FORMAT_VERSION,
+        "status": "complete",
+        "gancleanse": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": training.threads,
+        **devices.describe(training.device),
+        "n_train": cfg.data.n_train,
+        "steps_per_epoch": training.steps_per_epoch,
+        "total_steps": total,
+        "window": {"start_epoch": train.record_from_epoch, "start_step": training.window_start, "end_step": total},
+        "checkpoints": training.checkpoints,
+        "data_fingerprint": splits.fingerprint(),
+        "data": data_summary(splits),
+        **({} if labels is None else {"labels": labels}),
+        "parameters": {player: {"trainable": sum(v.numel() for v in training.initial[i].values()),
+                                "frozen": sum(v.numel() for k, v in constants.items() if k.startswith(player + "/"))}
+                       for i, player in enumerate(("d", "g"))},
+        "init": training.init_files,
+        "seconds": {"train": time.perf_counter() - trajectory.started, "window_steps": trajectory.window_seconds},
+        "final_losses": {k: float(v) for k, v in trajectory.stats.items()},
+        "files": file_hashes(stage, files),
+    }
 
 
 def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, data: Splits | None = None,
@@ -113,117 +295,16 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
     if device is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
     cfg = with_user_inputs(cfg, models, data).resolved()
-    t = cfg.train
-    check_threads(t.threads)
-    on = devices.use(devices.resolve(t.device))
-    with torch_threads(t.threads):
-        threads = torch.get_num_threads()
-        dtype = DTYPES[cfg.model.dtype]
-        splits = data if data is not None else load_data(cfg)
-        cfg = with_split_sizes(cfg, splits)
-        frequencies = None
-        if cfg.model.conditional:
-            splits.check_conditional()
-            frequencies = splits.label_frequencies()
-        if models is None:
-            models = build_models(cfg, splits.sample_shape, splits.n_classes)
-            initial = models.initial_params(t.seed, dtype)
-        else:
-            initial = models.module_params(dtype)
-        models.to(on)
-        initial, init_files, constants = start_parameters(cfg, models, to_device(initial, on))
-        train_stored = splits.train.to(on)  # uint8 for images: a quarter of float32
-        train_labels = splits.y_train.to(on) if frequencies is not None else None
-        dyn = Dynamics.from_config(cfg, models)
-        schedule = Schedule(cfg.data.n_train, t.batch_size, cfg.model.z_dim, t.seed,
-                            shared_latents=t.update == "simultaneous", label_frequencies=frequencies)
-        spe = schedule.steps_per_epoch
-        total = t.epochs * spe
-        window_start = t.record_from_epoch * spe
-        ckpts = window_checkpoints(window_start, total, t.checkpoint_every, spe)
-        ones = torch.ones(t.batch_size, dtype=dtype, device=on)
-
+    check_threads(cfg.train.threads)
+    on = devices.use(devices.resolve(cfg.train.device))
+    with torch_threads(cfg.train.threads):
+        training = prepare_training(cfg, models, data, on)
         with staged_directory(Path(out), force=force, is_ours=is_run_dir) as stage:
-            (stage / "checkpoints").mkdir()
-            (stage / "config.toml").write_text(cfg.to_toml())
-            write_eval_latents(cfg, stage, frequencies)
-            if data is not None:
-                save_file(data.tensors(), str(stage / "data.safetensors"))
-            if constants:
-                save_file({k: v.detach().cpu().contiguous() for k, v in constants.items()},
-                          str(stage / FROZEN_FILE))
-            write_json_atomic(stage / "splits.json", {
-                "source": splits.source, **{name: splits.key_list(name) for name in SPLIT_NAMES}})
-            state = dyn.init_state(*initial)
-            rec_idx, rec_zd, rec_zg, rec_cd, rec_cg = [], [], [], [], []
-            started = time.perf_counter()
-            window_seconds = 0.0
-            bar = tqdm(total=total, desc="train", unit="step", disable=not progress, leave=False)
-            with open(stage / "losses.jsonl", "w") as log:
-                for step in range(total):
-                    if step in ckpts:
-                        save_state(state, stage / "checkpoints" / checkpoint_name(step))
-                    idx = schedule.indices(step)
-                    (z_d, z_g), (c_d, c_g) = schedule.latents(step), schedule.labels(step)
-                    tic = time.perf_counter()
-                    batch = gather_batch(train_stored, train_labels, idx, step, (z_d, z_g), (c_d, c_g), on, dtype)
-                    state, stats = dyn.step(state, batch, ones)
-                    if step >= window_start:
-                        window_seconds += time.perf_counter() - tic
-                        rec_idx.append(idx)
-                        rec_zd.append(z_d)
-                        rec_zg.append(z_g)
-                        rec_cd.append(c_d)
-                        rec_cg.append(c_g)
-                    check_finite(state, stats, step, spe)
-                    log.write(json.dumps({"step": step, "epoch": step // spe,
-                                          **{k: float(v) for k, v in stats.items()}}) + "\n")
-                    bar.update()
-                    if step % 50 == 0:
-                        bar.set_postfix(loss_d=f"{float(stats['loss_d']):.3f}",
-                                        loss_g=f"{float(stats['loss_g']):.3f}")
-            bar.close()
-            save_state(state, stage / "checkpoints" / checkpoint_name(total))
-            sched = {"indices": torch.stack(rec_idx), "z_d": torch.stack(rec_zd)}
-            if not schedule.shared_latents:
-                sched["z_g"] = torch.stack(rec_zg)
-            if frequencies is not None:
-                sched["c_d"] = torch.stack(rec_cd)
-                if not schedule.shared_latents:
-                    sched["c_g"] = torch.stack(rec_cg)
-            save_file(sched, str(stage / "schedule.safetensors"))
-            files = ["config.toml", "eval_latents.safetensors", "splits.json", "schedule.safetensors",
-                     "losses.jsonl", *(f"checkpoints/{checkpoint_name(c)}" for c in ckpts)]
-            if data is not None:
-                files.append("data.safetensors")
-            if constants:
-                files.append(FROZEN_FILE)
-            write_json_atomic(stage / "run.json", sealed({
-                "format": FORMAT_VERSION,
-                "status": "complete",
-                "gancleanse": __version__,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-                "threads": threads,
-                **devices.describe(on),
-                "n_train": cfg.data.n_train,
-                "steps_per_epoch": spe,
-                "total_steps": total,
-                "window": {"start_epoch": t.record_from_epoch, "start_step": window_start,
-                           "end_step": total},
-                "checkpoints": ckpts,
-                "data_fingerprint": splits.fingerprint(),
-                "data": data_summary(splits),
-                **({} if frequencies is None else
-                   {"labels": {"classes": splits.n_classes, "frequencies": frequencies.tolist()}}),
-                "parameters": {p: {"trainable": sum(v.numel() for v in initial[i].values()),
-                                   "frozen": sum(v.numel() for k, v in constants.items() if k.startswith(p + "/"))}
-                               for i, p in enumerate(("d", "g"))},
-                "init": init_files,
-                "seconds": {"train": time.perf_counter() - started, "window_steps": window_seconds},
-                "final_losses": {k: float(v) for k, v in stats.items()},
-                "files": file_hashes(stage, files),
-            }))
+            write_inputs(stage, training, data)
+            trajectory = run_steps(stage, training, progress)
+            save_file(recorded_schedule(training, trajectory), str(stage / "schedule.safetensors"))
+            write_json_atomic(stage / "run.json", sealed(run_meta(stage, training, trajectory, data is not None)))
     # The config came from the caller, so its extractor is explicitly theirs to load.
-    return Run.open(out, models=models if cfg.model.arch == "custom" else None, extractor=cfg.metric.extractor,
-                    device=str(on))
+    cfg = training.cfg
+    return Run.open(out, models=training.models if cfg.model.arch == "custom" else None,
+                    extractor=cfg.metric.extractor, device=str(on))

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from ..errors import TrainingDivergedError
 from ..memory import budget_bytes
-from ..run import Run, flatten_state, torch_threads
+from ..run import Run, torch_threads
+from ..state_files import flatten_state
 from .dynamics import State
 from .recorder import check_finite
 
@@ -34,8 +35,8 @@ def first_use_steps(run: Run, changed: torch.Tensor, start: int) -> torch.Tensor
     end = run.final_step
     first = torch.full((changed.shape[0],), end, dtype=torch.long)
     for step in range(end - 1, start - 1, -1):  # backwards: the earliest use wins
-        hit = changed[:, run.indices(step)].any(dim=1)
-        first[hit] = step
+        uses_changed = changed[:, run.indices(step)].any(dim=1)
+        first[uses_changed] = step
     return first
 
 
@@ -101,65 +102,76 @@ def retrain_groups(run: Run, weights: torch.Tensor, start: int, *, vmap_steps: b
     if vmap_steps is None:
         vmap_steps = vmap_pays(run)
     end = run.final_step
-    first = first_use_steps(run, weights != 1, start)
-    fork_step = first.tolist()
-    untouched = [k for k, f in enumerate(fork_step) if f == end]
+    fork_step = first_use_steps(run, weights != 1, start).tolist()
+    untouched = [k for k, fork in enumerate(fork_step) if fork == end]
     if untouched:  # no changed instance was used: the recorded final state
         final = run.final_state()
         yield untouched, [final for _ in untouched]
-    forking = sorted((k for k, f in enumerate(fork_step) if f < end), key=fork_step.__getitem__)
+    forking = sorted((k for k, fork in enumerate(fork_step) if fork < end), key=fork_step.__getitem__)
     if not forking:
         return
-    dyn = run.dynamics
-    ones = torch.ones(run.cfg.train.batch_size, dtype=run.dtype, device=run.device)
     weights = weights.to(run.device)
-    stepper = vmap(lambda s, w, b: dyn.step(s, b, w)[0], in_dims=(0, 0, None))
     with torch_threads(run.threads), torch.no_grad():
         at = checkpoint_before(run, fork_step[forking[0]], start)  # the trajectory's position
         state = run.load_state(at)
         size = group or group_size(run, state, vmap_steps)
         bar = tqdm(total=sum(end - fork_step[k] for k in forking), desc="retrain", unit="retrain-step",
                    disable=not progress, leave=False)
-        for lo in range(0, len(forking), size):
-            members = forking[lo:lo + size]
-            last_fork = fork_step[members[-1]]
-            forks_at: dict[int, list[int]] = {}
-            for k in members:
-                forks_at.setdefault(fork_step[k], []).append(k)
-            active: list[int] = []
-            forked: dict[int, State] = {}
-            batched: State | None = None
-            for step in range(at, end):
-                forks = forks_at.get(step, [])
-                if forks:
-                    active += forks
-                    if vmap_steps:
-                        fresh = _tile(state, len(forks))
-                        batched = fresh if batched is None else _cat(batched, fresh)
-                    else:
-                        forked.update({k: state for k in forks})
-                batch = run.batch(step)
-                if active:
-                    idx = run.indices(step)
-                    if vmap_steps:
-                        batched = stepper(batched, weights[:, idx][active], batch)
-                    else:
-                        for k in active:
-                            forked[k], stats = dyn.step(forked[k], batch, weights[k, idx])
-                            check_finite(forked[k], stats, step, run.steps_per_epoch)
-                    bar.update(len(active))
-                if step < last_fork:  # the trajectory is needed up to the group's last fork
-                    state, stats = dyn.step(state, batch, ones)
-                    check_finite(state, stats, step, run.steps_per_epoch)
-            at = last_fork  # where the next group resumes the trajectory
-            if vmap_steps:
-                states = [_index(batched, pos) for pos in range(len(active))]
-                for k, st in zip(active, states):
-                    _check_finite_state(st, k)
-            else:
-                states = [forked[k] for k in active]
+        for group_start in range(0, len(forking), size):
+            members = forking[group_start:group_start + size]
+            active, states, state = _run_group(run, weights, {k: fork_step[k] for k in members}, at, state,
+                                               vmap_steps, bar)
+            at = fork_step[members[-1]]  # where the next group resumes the trajectory
             yield active, states
         bar.close()
+
+
+def _run_group(run: Run, weights: torch.Tensor, fork_step: dict[int, int], at: int, state: State,
+               vmap_steps: bool, bar: tqdm) -> tuple[list[int], list[State], State]:
+    """Run one group's retrains (row -> fork step, in fork order) to the window's end, forking
+    each off the trajectory ``state`` (at step ``at``) at its step.
+
+    Returns the rows in the order they forked, their final states, and the trajectory's state
+    at the group's last fork (where the next group resumes it).
+    """
+    dyn = run.dynamics
+    ones = torch.ones(run.cfg.train.batch_size, dtype=run.dtype, device=run.device)
+    stepper = vmap(lambda states, row_weights, batch: dyn.step(states, batch, row_weights)[0], in_dims=(0, 0, None))
+    last_fork = max(fork_step.values())
+    forks_at: dict[int, list[int]] = {}
+    for k, fork in fork_step.items():
+        forks_at.setdefault(fork, []).append(k)
+    active: list[int] = []
+    forked: dict[int, State] = {}
+    batched: State | None = None
+    for step in range(at, run.final_step):
+        forks = forks_at.get(step, [])
+        if forks:
+            active += forks
+            if vmap_steps:
+                fresh = _tile(state, len(forks))
+                batched = fresh if batched is None else _cat(batched, fresh)
+            else:
+                forked.update({k: state for k in forks})
+        batch = run.batch(step)
+        if active:
+            idx = run.indices(step)
+            if vmap_steps:
+                batched = stepper(batched, weights[:, idx][active], batch)
+            else:
+                for k in active:
+                    forked[k], stats = dyn.step(forked[k], batch, weights[k, idx])
+                    check_finite(forked[k], stats, step, run.steps_per_epoch)
+            bar.update(len(active))
+        if step < last_fork:  # the trajectory is needed up to the group's last fork
+            state, stats = dyn.step(state, batch, ones)
+            check_finite(state, stats, step, run.steps_per_epoch)
+    if not vmap_steps:
+        return active, [forked[k] for k in active], state
+    states = [_index(batched, position) for position in range(len(active))]
+    for k, final in zip(active, states):
+        _check_finite_state(final, k)
+    return active, states, state
 
 
 def retrain_many(run: Run, weights: torch.Tensor, start: int, *, vmap_steps: bool | None = None,
@@ -168,8 +180,8 @@ def retrain_many(run: Run, weights: torch.Tensor, start: int, *, vmap_steps: boo
     results: list[State | None] = [None] * weights.shape[0]
     for rows, states in retrain_groups(run, weights, start, vmap_steps=vmap_steps, group=group,
                                        progress=progress):
-        for k, st in zip(rows, states):
-            results[k] = st
+        for k, final in zip(rows, states):
+            results[k] = final
     return results  # type: ignore[return-value]
 
 

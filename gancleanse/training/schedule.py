@@ -18,6 +18,7 @@ _EVAL_SPLITS = {"valid": 0, "test": 1}
 
 
 def _generator(*words: int) -> torch.Generator:
+    """A generator of its own for one (seed, stream, counter): no draw depends on another."""
     seed = int(np.random.SeedSequence(list(words)).generate_state(1, dtype=np.uint64)[0] >> 1)
     return torch.Generator().manual_seed(seed)
 
@@ -69,14 +70,16 @@ class Schedule:
         return self.n_train // self.batch_size
 
     def indices(self, step: int) -> torch.Tensor:
-        epoch, pos = divmod(step, self.steps_per_epoch)
+        """The training instances of step ``step``'s minibatch: a slice of its epoch's permutation."""
+        epoch, position = divmod(step, self.steps_per_epoch)
         if self._perm_cache is None or self._perm_cache[0] != epoch:
-            perm = torch.randperm(self.n_train, generator=_generator(self.seed, _PERMUTATION, epoch))
-            self._perm_cache = (epoch, perm)
-        b = self.batch_size
-        return self._perm_cache[1][pos * b:(pos + 1) * b]
+            permutation = torch.randperm(self.n_train, generator=_generator(self.seed, _PERMUTATION, epoch))
+            self._perm_cache = (epoch, permutation)
+        size = self.batch_size
+        return self._perm_cache[1][position * size:(position + 1) * size]
 
     def latents(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (discriminator, generator) latents of step ``step`` (float64; one batch when shared)."""
         shape = (self.batch_size, self.z_dim)
         z_d = torch.randn(shape, generator=_generator(self.seed, _LATENT_D, step), dtype=torch.float64)
         if self.shared_latents:

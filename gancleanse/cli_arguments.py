@@ -1,0 +1,188 @@
+"""The command line's arguments: one function per command adds its own, scorer flags come
+from the options dataclasses (``gancleanse.options``), choices and defaults from
+``gancleanse.specs``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any, Iterable
+
+from .errors import GancleanseError
+from .specs import DEFAULT_CHECK, METHODS, METRICS, SCORERS
+
+
+def _option_dest(scorer: str, name: str) -> str:
+    return f"option__{scorer}__{name}"
+
+
+def add_scorer_options(sp: argparse.ArgumentParser) -> None:
+    """One flag per field of every scorer's options dataclass (``gancleanse.options``)."""
+    for spec in SCORERS.values():
+        fields = dataclasses.fields(spec.options)
+        if not fields:
+            continue
+        group = sp.add_argument_group(f"{spec.name} options (with --method {spec.name})")
+        for f in fields:
+            meta = f.metadata
+            kind = type(f.default) if f.default is not None else {"int": int, "float": float}.get(
+                str(f.type).replace(" | None", ""), str)
+            default = "" if f.default is None else f" (default {f.default})"
+            group.add_argument(spec.options.flag(f.name), dest=_option_dest(spec.name, f.name), type=kind,
+                               default=None, choices=meta["choices"], metavar=meta["metavar"],
+                               help=meta["doc"] + default)
+
+
+def given_options(args: argparse.Namespace, methods: Iterable[str], *, option: str) -> dict[str, dict[str, Any]]:
+    """The scorer options given on the command line, per method; a flag of a scorer not in
+    ``methods`` is an error (``option``: "--method" or "--methods", how the command names them)."""
+    methods = list(methods)
+    given: dict[str, dict[str, Any]] = {}
+    for spec in SCORERS.values():
+        for f in dataclasses.fields(spec.options):
+            value = getattr(args, _option_dest(spec.name, f.name), None)
+            if value is None:
+                continue
+            if spec.name not in methods:
+                flag = spec.options.flag(f.name)
+                raise GancleanseError(f"{flag} applies to --method {spec.name}, not {methods[0]}" if option == "--method"
+                                      else f"{flag} applies to {spec.name}, which --methods does not include")
+            given.setdefault(spec.name, {})[f.name] = value
+    return given
+
+
+
+# ----------------------------------------------------------------------- per command
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _common(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--device", default=None, metavar="DEVICE",
+                    help="auto, cpu, cuda or cuda:N (default: the config's train.device, auto: CUDA when available)")
+    sp.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def _on_run(sp: argparse.ArgumentParser, metric: bool = True) -> None:
+    """What every command that reads a run directory takes."""
+    sp.add_argument("run", help="run directory written by `gancleanse train`")
+    if metric:
+        sp.add_argument("--metric", choices=METRICS, default="all")
+    sp.add_argument("--extractor", default=None, metavar="FILE.pt",
+                    help="TorchScript feature extractor for is/log_is/fid/kid (loading it runs its code, so a "
+                         "run's stored metric.extractor is used only when named here)")
+    _common(sp)
+
+
+def _output(sp: argparse.ArgumentParser, what: str, required: bool = True) -> None:
+    sp.add_argument("--out", required=required, default=None, help=f"{what} to write")
+    sp.add_argument("--force", action="store_true", help=f"replace an existing {what.split()[0]}")
+
+
+def train_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("config", help="TOML config file")
+    sp.add_argument("--out", required=True, help="run directory to create")
+    sp.add_argument("--force", action="store_true", help="replace an existing run directory")
+    _common(sp)
+
+
+def influence_arguments(sp: argparse.ArgumentParser) -> None:
+    _on_run(sp)
+    sp.add_argument("--method", choices=METHODS, default="itd")
+    _output(sp, "SCORES.csv (index,influence,harmfulness,key; SCORES.json beside it says what produced it)")
+    sp.add_argument("--horizons", action="store_true",
+                    help="also write the estimate for every number of epochs traced back (SCORES.horizons.csv)")
+    sp.add_argument("--top", type=positive_int, default=0, metavar="K", help="print the K most harmful instances")
+    sp.add_argument("--features", choices=("raw", "classifier"), default=None,
+                    help="isolation_forest / knn_density: raw data (default) or the metric classifier's features")
+    sp.add_argument("--seed", type=int, default=0, help="random / isolation_forest / aid / trust-check seed")
+    sp.add_argument("--check", type=int, default=None, metavar="K",
+                    help=f"trust check: retrain without K instances (half from the ranking's extremes) and report "
+                         f"Kendall tau and Pearson against the actual changes, with 90%% intervals, in SCORES.json "
+                         f"(default {DEFAULT_CHECK}; 0: skip)")
+    add_scorer_options(sp)
+
+
+def counterfactual_arguments(sp: argparse.ArgumentParser) -> None:
+    _on_run(sp)
+    sp.add_argument("--remove", required=True, metavar="I[,I...]", help="training indices to remove")
+    sp.add_argument("--from-epoch", type=int, default=None,
+                    help="restart at this epoch's start (inside the recorded window) instead of the window start")
+
+
+def validate_arguments(sp: argparse.ArgumentParser) -> None:
+    _on_run(sp)
+    sp.add_argument("--method", choices=METHODS, default="itd")
+    sp.add_argument("--instances", type=int, default=20, metavar="K", help="instances to retrain without")
+    _output(sp, "VALID.json (a scatter plot goes beside it)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the instance choice")
+    sp.add_argument("--extremes", action="store_true",
+                    help="take half of the instances from the extremes of the estimate")
+    sp.add_argument("--horizons", action="store_true", help="validate every recorded horizon (itd)")
+    sp.add_argument("--executor", choices=("local", "ray"), default="local")
+    sp.add_argument("--workers", type=int, default=1, help="parallel retrains")
+    sp.add_argument("--batched", action="store_true",
+                    help="advance retrains together by one vmapped step (faster on small networks; equal to "
+                         "rounding, not bitwise)")
+    add_scorer_options(sp)
+
+
+def lds_arguments(sp: argparse.ArgumentParser) -> None:
+    _on_run(sp)
+    sp.add_argument("--methods", default=",".join(METHODS), metavar="M[,M...]",
+                    help="scorers to compare (default: every one)")
+    sp.add_argument("--subsets", type=int, default=50, metavar="S", help="random subsets to retrain without")
+    sp.add_argument("--fraction", type=float, default=0.1, metavar="F",
+                    help="each subset's share of the training split (0 < F < 1)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the subsets (and of seeded scorers)")
+    _output(sp, "LDS.json (per scorer: lds, interval, predicted; actual)", required=False)
+    add_scorer_options(sp)
+
+
+def cleanse_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("config", help="TOML config with a [cleanse] section")
+    sp.add_argument("--out", required=True, help="study directory (resumed if it exists)")
+    sp.add_argument("--executor", choices=("local", "ray"), default="local")
+    sp.add_argument("--workers", type=int, default=1, help="parallel jobs")
+    sp.add_argument("--no-report", action="store_true", help="skip report.html")
+    sp.add_argument("--export", default=None, metavar="CLEANED_DIR",
+                    help="apply the scorer and rate chosen on the validation split (first metric) to the full "
+                         "training split and write the cleaned data there, in its own format")
+    sp.add_argument("--force", action="store_true", help="replace an earlier export at --export")
+    _common(sp)
+
+
+def export_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("scores", help="SCORES.csv written by `gancleanse influence` (its .json names the run)")
+    how = sp.add_mutually_exclusive_group()
+    how.add_argument("--rate", type=float, default=None, help="remove the most harmful fraction R of the training split")
+    how.add_argument("--count", type=int, default=None, help="remove the N most harmful instances")
+    sp.add_argument("--min-harmfulness", type=float, default=None, metavar="H",
+                    help="remove only instances with harmfulness >= H (alone: all of them)")
+    sp.add_argument("--out", required=True, help="directory to create (the data, removed.csv, removed.png)")
+    sp.add_argument("--run", default=None, help="run directory of the scores (default: from SCORES.json)")
+    sp.add_argument("--link", action="store_true", help="hard-link image files instead of copying them")
+    sp.add_argument("--all-splits", action="store_true", help="also export the validation and test instances")
+    sp.add_argument("--force", action="store_true", help="replace an earlier export at --out")
+
+
+def report_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("dir", help="study directory written by `gancleanse cleanse`")
+
+
+def verify_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("run", help="run directory written by `gancleanse train`, or a study directory")
+    sp.add_argument("--no-replay", action="store_true", help="skip replaying the recorded window")
+    _common(sp)
+
+
+def demo_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--out", default="runs/demo", help="output directory (default runs/demo; resumed)")
+    sp.add_argument("--workers", type=int, default=1, help="parallel jobs")
+    _common(sp)

@@ -1,0 +1,130 @@
+"""The run directory's format facts: file names, run.json's fields and the checks of them.
+
+What training writes and what ``Run.open`` / ``verify`` accept are defined here once: the
+format version, the checkpoint names and steps, the fields run.json must carry (sealed), the
+numbers it derives from the config, and the evaluation latents (and labels) file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .config import Config
+from .errors import RunDirError
+from .integrity import seal_of
+from .training.schedule import eval_labels, eval_latents
+
+FORMAT_VERSION = 2  # 2: content hashes and seal in run.json
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+FROZEN_FILE = "frozen.safetensors"  # parameters that do not train: constants, saved once
+EVAL_SPLITS = ("valid", "test")
+
+META_FIELDS: dict[str, type] = {
+    "format": int, "status": str, "threads": int, "n_train": int, "steps_per_epoch": int,
+    "total_steps": int, "window": dict, "checkpoints": list, "data_fingerprint": str, "files": dict,
+    "seal": str,
+}
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}.safetensors"
+
+
+def window_checkpoints(window_start: int, total: int, every: int, steps_per_epoch: int) -> list[int]:
+    """Checkpoint steps: the window start, every ``every`` steps, every epoch start, the end."""
+    steps = set(range(window_start, total, every))
+    steps |= {s for s in range(window_start, total) if s % steps_per_epoch == 0}
+    steps |= {0, window_start, total}
+    return sorted(steps)
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` holds a gancleanse run (its run.json says so), whatever its state."""
+    try:
+        meta = json.loads((path / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "format" in meta and "status" in meta and "n_train" in meta
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """run.json of ``path``: parsed, complete, of this format, sealed, with well-typed fields."""
+    meta_path = path / "run.json"
+    if not meta_path.is_file():
+        raise RunDirError(f"{path} is not a gancleanse run directory (no run.json)")
+    try:
+        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise RunDirError(f"{meta_path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:
+        raise RunDirError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise RunDirError(f"{meta_path}: not a JSON object")
+    if meta.get("status") != "complete":
+        raise RunDirError(f"run {path} is not complete (run.json status {meta.get('status')!r})")
+    if meta.get("format") != FORMAT_VERSION:
+        raise RunDirError(f"{meta_path}: format {meta.get('format')!r}, this gancleanse reads format "
+                          f"{FORMAT_VERSION} (runs without content hashes cannot be trusted: retrain it)")
+    for key, kind in META_FIELDS.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise RunDirError(f"{meta_path}: field {key!r} is missing or not a {kind.__name__}")
+    try:
+        seal = seal_of(meta)
+    except ValueError as e:  # NaN or infinity in run.json
+        raise RunDirError(f"{meta_path}: {e}") from None
+    if seal != meta["seal"]:
+        raise RunDirError(f"{meta_path} was edited after training (its seal does not match its content)")
+    return meta
+
+
+def check_meta_against_config(meta: dict[str, Any], cfg: Config, label: str) -> None:
+    """The numbers run.json derives from the config must be the ones the config gives."""
+    train = cfg.train
+    n_train = cfg.data.n_train
+    steps_per_epoch = n_train // train.batch_size if n_train else 0
+    expected = {
+        "n_train": n_train, "steps_per_epoch": steps_per_epoch, "total_steps": train.epochs * steps_per_epoch,
+        "threads": train.threads,
+        "window": {"start_epoch": train.record_from_epoch,
+                   "start_step": (train.record_from_epoch or 0) * steps_per_epoch,
+                   "end_step": train.epochs * steps_per_epoch},
+    }
+    for key, value in expected.items():
+        if meta[key] != value:
+            raise RunDirError(f"{label}: {key} = {meta[key]!r} disagrees with config.toml ({value!r})")
+    checkpoints = window_checkpoints(expected["window"]["start_step"], expected["total_steps"],
+                                     train.checkpoint_every, steps_per_epoch)
+    if meta["checkpoints"] != checkpoints:
+        raise RunDirError(f"{label}: the checkpoint steps disagree with config.toml")
+    for name in ["config.toml", "schedule.safetensors", "eval_latents.safetensors", "splits.json",
+                 *(f"checkpoints/{checkpoint_name(c)}" for c in checkpoints)]:
+        if not isinstance(meta["files"].get(name), str):
+            raise RunDirError(f"{label}: no sha256 recorded for {name}")
+
+
+def check_label_tensors(tensors: dict[str, torch.Tensor], names: tuple[str, ...], n_classes: int,
+                        label: str) -> None:
+    """Stored generated labels (those of ``names`` present) must be int64 classes of the data."""
+    for name in names:
+        labels = tensors.get(name)
+        if labels is None:
+            continue
+        if labels.dtype != torch.int64 or (labels.numel() and not (0 <= int(labels.min())
+                                                                   and int(labels.max()) < n_classes)):
+            raise RunDirError(f"{label}: {name} must hold int64 labels in 0..{n_classes - 1}")
+
+
+def write_eval_latents(cfg: Config, stage: Path, label_frequencies: torch.Tensor | None = None) -> None:
+    """The fixed evaluation latents of both splits, and generated labels for a conditional GAN."""
+    cfg = cfg.resolved()
+    metric = cfg.metric
+    tensors = {split: eval_latents(metric.seed, split, metric.n_samples, cfg.model.z_dim) for split in EVAL_SPLITS}
+    if label_frequencies is not None:
+        tensors.update({f"{split}_labels": eval_labels(metric.seed, split, metric.n_samples, label_frequencies)
+                        for split in EVAL_SPLITS})
+    save_file(tensors, str(stage / "eval_latents.safetensors"))

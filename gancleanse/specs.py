@@ -1,0 +1,92 @@
+"""What gancleanse can measure and how it can rank: the registries every layer reads.
+
+A leaf module (it imports only ``errors`` and ``options``): the config validates names
+against it, the CLI builds its choices and flags from it, the study decides what to score
+from it, and the scorer and metric modules are imported only when they run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ConfigError
+from .options import (AIDOptions, IsolationForestOptions, ITDOptions, KNNOptions, NoOptions,
+                      ScorerOptions)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """An evaluation metric: ``needs`` "features" (a classifier or extractor on image data),
+    "points" (the data themselves) or "discriminator" (the trained D)."""
+
+    name: str
+    label: str
+    higher_is_better: bool
+    needs: str
+    summary: str
+
+
+METRIC_SPECS: dict[str, MetricSpec] = {m.name: m for m in (
+    MetricSpec("all", "ALL", True, "points", "average log-likelihood of held-out points under a KDE of samples"),
+    MetricSpec("is", "IS", True, "features", "Inception Score from the classifier's logits"),
+    MetricSpec("log_is", "log IS", True, "features", "log of the Inception Score"),
+    MetricSpec("fid", "FID", False, "features", "Frechet distance of classifier features"),
+    MetricSpec("kid", "KID", False, "features", "unbiased polynomial-kernel MMD^2 of classifier features"),
+    MetricSpec("loss_d", "D loss", False, "discriminator", "the discriminator loss on held-out data"),
+)}
+METRICS = tuple(METRIC_SPECS)
+HIGHER_IS_BETTER = {m.name: m.higher_is_better for m in METRIC_SPECS.values()}
+FEATURE_METRICS = tuple(m.name for m in METRIC_SPECS.values() if m.needs == "features")
+
+
+def metric_spec(name: str) -> MetricSpec:
+    if name not in METRIC_SPECS:
+        raise ConfigError(f"unknown metric {name!r} (known: {', '.join(METRICS)})")
+    return METRIC_SPECS[name]
+
+
+def direction(metric: str) -> float:
+    """+1 where higher is better, -1 where lower is: harmfulness = direction x influence."""
+    return 1.0 if metric_spec(metric).higher_is_better else -1.0
+
+
+FEATURES = ("raw", "classifier")
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    """A scorer: its module under ``gancleanse.influence``, what it ranks with, its options.
+
+    ``uses``: "metric" (one score file per scored metric), "features" (fitted on raw data,
+    and on the metric classifier's features for labelled image data) or "nothing".
+    """
+
+    name: str
+    module: str
+    uses: str
+    summary: str
+    options: type[ScorerOptions] = NoOptions
+
+
+SCORERS: dict[str, ScorerSpec] = {s.name: s for s in (
+    ScorerSpec("itd", "itd", "metric", "influence through the recorded training trajectory", ITDOptions),
+    ScorerSpec("aid", "aid", "metric", "influence by implicit differentiation at the trained point", AIDOptions),
+    ScorerSpec("isolation_forest", "isolation_forest", "features", "most anomalous first (Isolation Forest)",
+               IsolationForestOptions),
+    ScorerSpec("knn_density", "knn_density", "features", "lowest density first (distance to the k-th neighbour)",
+               KNNOptions),
+    ScorerSpec("discriminator", "discriminator", "nothing", "least real to the trained discriminator first"),
+    ScorerSpec("random", "random_order", "nothing", "a seeded random order"),
+)}
+METHODS = tuple(SCORERS)
+OPTION_TABLES = tuple(name for name, s in SCORERS.items() if s.options is not NoOptions)
+
+
+def scorer_spec(method: str) -> ScorerSpec:
+    if method not in SCORERS:
+        raise ConfigError(f"unknown method {method!r} (available: {', '.join(METHODS)})")
+    return SCORERS[method]
+
+
+# Defaults shared by the CLI, the API and the config.
+DEFAULT_CHECK = 32  # trust-check retrains per scoring

@@ -1,0 +1,82 @@
+"""Training states as flat tensor files: the (de)serialization of checkpoints.
+
+A state is nested dicts of tensors (``{"d": {...}, "opt_d": {"m": {...}}, ...}``); on disk it
+is one safetensors file whose keys are the paths joined by ``/``. Reads name the file they
+parse in every error, so a damaged run says which file is damaged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
+
+from .errors import RunDirError
+from .training.dynamics import State
+
+STATE_KEYS = ("d", "g", "opt_d", "opt_g", "ema_g")
+
+
+def flatten_state(state: State) -> dict[str, torch.Tensor]:
+    """Nested dicts of tensors -> {"d/net.0.weight": ..., "opt_d/m/net.0.weight": ...}."""
+    flat: dict[str, torch.Tensor] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, child in node.items():
+                walk(f"{prefix}/{key}" if prefix else key, child)
+        else:
+            flat[prefix] = node.detach().contiguous()
+
+    walk("", state)
+    return flat
+
+
+def unflatten_state(flat: dict[str, torch.Tensor]) -> State:
+    """Inverse of ``flatten_state``, in the canonical key order that ``Dynamics.step`` emits.
+
+    ``torch.func`` matches trees by structure including key order, so every state that is
+    loaded must order its keys alike: top level as in STATE_KEYS, leaves sorted by name.
+    """
+    nested: dict = {}
+    for key in sorted(flat):
+        parts = key.split("/")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = flat[key]
+    nested.setdefault("opt_d", {})
+    nested.setdefault("opt_g", {})
+    return {k: nested[k] for k in STATE_KEYS if k in nested}
+
+
+def save_state(state: State, path: Path) -> None:
+    """Checkpoints are written from CPU copies, so a run opens on any device."""
+    save_file({k: v.detach().cpu() for k, v in flatten_state(state).items()}, str(path))
+
+
+def to_device(tree: Any, device: torch.device) -> Any:
+    """A state (nested dicts of tensors) on ``device``."""
+    if isinstance(tree, dict):
+        return {k: to_device(v, device) for k, v in tree.items()}
+    if isinstance(tree, tuple):
+        return tuple(to_device(v, device) for v in tree)
+    return tree.to(device)
+
+
+def parse_tensors(data: bytes, label: str) -> dict[str, torch.Tensor]:
+    """safetensors bytes -> tensors, with a parse failure named by ``label``."""
+    try:
+        return load_safetensors(data)
+    except Exception as e:  # safetensors raises its own error types
+        raise RunDirError(f"{label}: not a readable safetensors file ({e})") from None
+
+
+def check_finite_tensors(tensors: dict[str, torch.Tensor], label: str) -> None:
+    """Every stored float must be finite: training never writes a NaN, so one means damage."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise RunDirError(f"{label}: non-finite values in {key}")
