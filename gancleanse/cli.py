@@ -1,8 +1,8 @@
-"""Command line: ``gancleanse train | influence | counterfactual | validate | lds | cleanse | export | report | verify | demo``.
+"""Command line: ``gancleanse COMMAND``, one per entry of ``COMMANDS`` (train, influence, ..., verify, demo).
 
-Every subcommand is a thin shell over ``gancleanse.api``; the choices, defaults and scorer
-flags come from the registries (``gancleanse.specs``, ``gancleanse.options``), so the CLI
-and the API cannot disagree. User errors print one line naming the problem and exit 2.
+Every subcommand is a thin shell over ``gancleanse.api``; the choices, defaults and scorer flags come from the
+registries (``gancleanse.specs``, ``gancleanse.options``), so the CLI and the API cannot disagree. User errors print one
+line naming the problem and exit 2.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import argparse
 import json
 import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 from . import api
 from .cli_arguments import (cleanse_arguments, counterfactual_arguments, demo_arguments, export_arguments,
@@ -25,18 +26,17 @@ from .specs import METHODS
 from .version import __version__
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _cmd_train(args: argparse.Namespace) -> None:
     run = api.train(api.load_config(args.config), args.out, force=args.force, progress=not args.quiet,
                     device=args.device)
     print(describe_data(run.meta["data"]))
-    print(f"trained {run.meta['total_steps']} steps in {run.meta['seconds']['train']:.1f} s; "
-          f"run directory: {run.path}")
-    return 0
+    print(f"trained {run.meta['total_steps']} steps in {run.meta['seconds']['train']:.1f} s; run directory: {run.path}")
 
 
 def describe_data(data: dict) -> str:
     """One line on the data a run trained on: where from, how many read / skipped, the split."""
-    split = f"{data['train']} train / {data['valid']} valid / {data['test']} test, samples {tuple(data['sample_shape'])}"
+    split = (f"{data['train']} train / {data['valid']} valid / {data['test']} test, "
+             f"samples {tuple(data['sample_shape'])}")
     if "format" not in data:
         return f"data: {split}"
     skipped = f", {data['n_skipped']} unreadable skipped" if data["n_skipped"] else ""
@@ -45,8 +45,8 @@ def describe_data(data: dict) -> str:
 
 
 def check_out(path: str, suffix: str, force: bool, option: str = "--out") -> Path:
-    """An output file path: it must end in ``suffix``; an existing file is replaced only with
-    --force, and never a directory. Checked before any work starts."""
+    """An output file path: it must end in ``suffix``; an existing file is replaced only with --force, and never a
+    directory. Checked before any work starts."""
     out = Path(path)
     if out.suffix.lower() != suffix:
         raise GancleanseError(f"{option} {path}: must end in {suffix}")
@@ -70,8 +70,7 @@ def _print_top(scores: api.Scores, k: int) -> None:
         print(f"{r:>4}  {i:>7}  {scores.influence[i]:>13.5e}  {harm[i]:>13.5e}  {keys[i]}")
 
 
-# ------------------------------------------------------------------------ commands
-def _cmd_influence(args: argparse.Namespace) -> int:
+def _cmd_influence(args: argparse.Namespace) -> None:
     out = check_out(args.out, ".csv", args.force)
     run = _open(args)
     options = given_options(args, [args.method], option="--method").get(args.method)
@@ -85,24 +84,21 @@ def _cmd_influence(args: argparse.Namespace) -> int:
     if "check" in scores.info:
         print(api.describe_check(scores.info["check"]), file=sys.stderr)
     print(f"wrote {args.out} ({run.n_train} rows) in {scores.info.get('seconds', 0.0):.1f} s", file=sys.stderr)
-    return 0
 
 
-def _cmd_counterfactual(args: argparse.Namespace) -> int:
+def _cmd_counterfactual(args: argparse.Namespace) -> None:
     run = _open(args)
     removed = api.parse_indices(args.remove, run.n_train)
     print(json.dumps(api.counterfactual(run, removed, args.metric, from_epoch=args.from_epoch,
                                         progress=not args.quiet)))
-    return 0
 
 
-def _cmd_validate(args: argparse.Namespace) -> int:
+def _cmd_validate(args: argparse.Namespace) -> None:
     check_out(args.out, ".json", args.force)
     options = given_options(args, [args.method], option="--method").get(args.method)
-    res = api.validate(_open(args), args.metric, args.method, args.instances, seed=args.seed,
-                       extremes=args.extremes, horizons=args.horizons, executor=args.executor,
-                       workers=args.workers, out=args.out, progress=not args.quiet, batched=args.batched,
-                       options=options)
+    res = api.validate(_open(args), args.metric, args.method, args.instances, seed=args.seed, extremes=args.extremes,
+                       horizons=args.horizons, executor=args.executor, workers=args.workers, out=args.out,
+                       progress=not args.quiet, batched=args.batched, options=options)
     rows = list(res["horizons"].values()) if args.horizons else [res]
     print(f"{'epochs traced':>13}  {'kendall tau':>11}  {'pearson':>8}  {'jaccard':>8}  (random jaccard "
           f"{res['random_jaccard']:.3f}, {res['n_instances']} instances)")
@@ -110,10 +106,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         tau, pearson = (("n/a" if v is None else f"{v:.3f}") for v in (r["kendall_tau"], r["pearson"]))
         print(f"{r['epochs_traced']:>13}  {tau:>11}  {pearson:>8}  {r['jaccard']:>8.3f}")
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}", file=sys.stderr)
-    return 0
 
 
-def _cmd_lds(args: argparse.Namespace) -> int:
+def _cmd_lds(args: argparse.Namespace) -> None:
     if args.out:
         check_out(args.out, ".json", args.force)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -134,14 +129,12 @@ def _cmd_lds(args: argparse.Namespace) -> int:
         print(f"{name:<28}{value:>15}  {interval}")
     if args.out:
         print(f"wrote {args.out}", file=sys.stderr)
-    return 0
 
 
-def _cmd_cleanse(args: argparse.Namespace) -> int:
+def _cmd_cleanse(args: argparse.Namespace) -> None:
     cfg = api.on_device(api.load_config(args.config), args.device)
-    summary = api.cleanse(cfg, args.out, executor=args.executor, workers=args.workers,
-                          report=not args.no_report, progress=not args.quiet, export=args.export,
-                          force_export=args.force)
+    summary = api.cleanse(cfg, args.out, executor=args.executor, workers=args.workers, report=not args.no_report,
+                          progress=not args.quiet, export=args.export, force_export=args.force)
     _print_summary(summary)
     out = Path(args.out)
     _print_recommendation(summary, args.config, out, cfg.cleanse.metrics[0])
@@ -149,7 +142,6 @@ def _cmd_cleanse(args: argparse.Namespace) -> int:
         print(api.describe_export(summary["export"]))
     print(f"\nresults: {out / 'results.csv'}, {out / 'summary.csv'}"
           + ("" if args.no_report else f"\nreport:  {out / 'report.html'}"))
-    return 0
 
 
 def _print_recommendation(summary: dict, config: str, out: Path, metric: str) -> None:
@@ -176,36 +168,30 @@ def _print_summary(summary: dict) -> None:
         for c in summary["checks"]:
             per_seed = ", ".join("n/a" if t is None else f"{t:.2f}" + (f" [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else "")
                                  for t, iv in zip(c["kendall_tau"], c["kendall_tau_interval"]))
-            flag = "" if not c["n_flagged"] else \
-                f"   <- trusted on {c['n_trusted']} of {len(c['seeds'])} seeds"
+            flag = f"   <- trusted on {c['n_trusted']} of {len(c['seeds'])} seeds" if c["n_flagged"] else ""
             print(f"  {c['method'] + '-' + c['score_metric']:<28} on {c['check_metric']:<7} {per_seed}{flag}")
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
-    info = api.export(args.scores, args.out, rate=args.rate, count=args.count,
-                      min_harmfulness=args.min_harmfulness, run=args.run, link=args.link,
-                      all_splits=args.all_splits, force=args.force)
+def _cmd_export(args: argparse.Namespace) -> None:
+    info = api.export(args.scores, args.out, rate=args.rate, count=args.count, min_harmfulness=args.min_harmfulness,
+                      run=args.run, link=args.link, all_splits=args.all_splits, force=args.force)
     print(api.describe_export(info))
     print(f"removed instances: {Path(args.out) / 'removed.csv'}"
           + (f", {Path(args.out) / 'removed.png'}" if info["removed_png"] else ""))
-    return 0
 
 
-def _cmd_verify(args: argparse.Namespace) -> int:
-    study = api.is_study_path(args.run)
-    print(f"verifying the study {args.run}" if study else f"verifying {args.run}")
+def _cmd_verify(args: argparse.Namespace) -> None:
+    print(f"verifying the study {args.run}" if api.is_study_path(args.run) else f"verifying {args.run}")
     verified = api.verify(args.run, replay=not args.no_replay, device=args.device,
                           report=lambda line: print(f"  ok  {line}"), progress=not args.quiet)
     print(f"{verified}: every check passed")
-    return 0
 
 
-def _cmd_report(args: argparse.Namespace) -> int:
+def _cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {api.report(args.dir)}")
-    return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def _cmd_demo(args: argparse.Namespace) -> None:
     out = Path(args.out)
     cfg = api.on_device(embedded_config("demo"), args.device)
     c = cfg.cleanse
@@ -219,11 +205,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nscores of all {len(scores.harmfulness)} instances (seed {c.seeds[0]}): {scores_path}\n")
     _print_summary(summary)
     print(f"\nresults: {out / 'results.csv'}, {out / 'summary.csv'}\nreport:  {out / 'report.html'}")
-    return 0
 
 
-# -------------------------------------------------------------------------- parser
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {
     "train": ("train a GAN and record a run directory", train_arguments, _cmd_train),
     "influence": ("score every training instance", influence_arguments, _cmd_influence),
     "counterfactual": ("retrain the recorded window without some instances", counterfactual_arguments,
@@ -231,19 +215,24 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "validate": ("compare estimates with counterfactual retraining", validate_arguments, _cmd_validate),
     "lds": ("linear datamodeling score: summed scores vs retraining without random subsets", lds_arguments, _cmd_lds),
     "cleanse": ("the whole cleansing study of a config, with report", cleanse_arguments, _cmd_cleanse),
-    "export": ("write the training data minus the most harmful instances, in its format", export_arguments,
-               _cmd_export),
+    "export": ("write the training data minus the most harmful instances in its format", export_arguments, _cmd_export),
     "report": ("regenerate DIR/report.html from a study's outputs", report_arguments, _cmd_report),
-    "verify": ("check a run (or every run of a study): hashes, schedule, latents, bitwise replay", verify_arguments,
-               _cmd_verify),
+    "verify": ("check a run or study: hashes, schedule, latents, bitwise replay", verify_arguments, _cmd_verify),
     "demo": ("the main job: a reduced 2D cleansing study on the embedded default", demo_arguments, _cmd_demo),
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with gancleanse's error format: one line naming the argument, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("gancleanse").strip()
+        self.exit(2, f"gancleanse: error: {command + ': ' if command else ''}{_one_line(message)}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gancleanse", description=(
-        "Estimate how each training instance changes a GAN evaluation metric, remove the harmful "
-        "ones, and check the result on held-out data."))
+    p = Parser(prog="gancleanse", description="Estimate how each training instance changes a GAN evaluation metric, "
+               "remove the harmful ones, and check the result on held-out data.")
     p.add_argument("--version", action="version", version=f"gancleanse {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (text, add_arguments, command) in COMMANDS.items():
@@ -253,7 +242,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ---------------------------------------------------------------------------- main
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
     print(f"gancleanse: warning: {message}", file=sys.stderr)
 
@@ -268,11 +256,13 @@ def _on_sigterm(signum, frame) -> None:  # noqa: ANN001
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may install signal handlers
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning  # one line per warning; restored on exit
-            return args.func(args)
+            args.func(args)
+            return 0
     except GancleanseError as e:
         print(f"gancleanse: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
@@ -280,21 +270,13 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {e.filename}" if e.filename else ""
         print(f"gancleanse: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("gancleanse: interrupted", file=sys.stderr)
-        return 130
-    except Terminated:
-        print("gancleanse: terminated", file=sys.stderr)
-        return 143
+    except (KeyboardInterrupt, Terminated) as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        print(f"gancleanse: {'interrupted' if interrupted else 'terminated'}", file=sys.stderr)
+        return 130 if interrupted else 143  # 128 + the number of SIGINT or SIGTERM
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _one_line(text: str) -> str:

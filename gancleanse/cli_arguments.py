@@ -1,15 +1,15 @@
-"""The command line's arguments: one function per command adds its own, scorer flags come
-from the options dataclasses (``gancleanse.options``), choices and defaults from
-``gancleanse.specs``."""
+"""The command line's arguments: one function per command adds its own, scorer flags come from the options dataclasses
+(``gancleanse.options``), choices and defaults from ``gancleanse.specs``."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .errors import GancleanseError
 from .specs import DEFAULT_CHECK, METHODS, METRICS, SCORERS
+from .validation import declared_type
 
 
 def _option_dest(scorer: str, name: str) -> str:
@@ -24,18 +24,16 @@ def add_scorer_options(sp: argparse.ArgumentParser) -> None:
             continue
         group = sp.add_argument_group(f"{spec.name} options (with --method {spec.name})")
         for f in fields:
-            meta = f.metadata
-            kind = type(f.default) if f.default is not None else {"int": int, "float": float}.get(
-                str(f.type).replace(" | None", ""), str)
             default = "" if f.default is None else f" (default {f.default})"
-            group.add_argument(spec.options.flag(f.name), dest=_option_dest(spec.name, f.name), type=kind,
-                               default=None, choices=meta["choices"], metavar=meta["metavar"],
-                               help=meta["doc"] + default)
+            group.add_argument(spec.options.flag(f.name), dest=_option_dest(spec.name, f.name),
+                               type={"int": int, "float": float, "str": str}[declared_type(f)], default=None,
+                               choices=f.metadata["choices"], metavar=f.metadata["metavar"],
+                               help=f.metadata["doc"] + default)
 
 
 def given_options(args: argparse.Namespace, methods: Iterable[str], *, option: str) -> dict[str, dict[str, Any]]:
-    """The scorer options given on the command line, per method; a flag of a scorer not in
-    ``methods`` is an error (``option``: "--method" or "--methods", how the command names them)."""
+    """The scorer options given on the command line, per method; a flag of a scorer not in ``methods`` is an error
+    (``option``: "--method" or "--methods", how the command names them)."""
     methods = list(methods)
     given: dict[str, dict[str, Any]] = {}
     for spec in SCORERS.values():
@@ -44,23 +42,31 @@ def given_options(args: argparse.Namespace, methods: Iterable[str], *, option: s
             if value is None:
                 continue
             if spec.name not in methods:
-                flag = spec.options.flag(f.name)
-                raise GancleanseError(f"{flag} applies to --method {spec.name}, not {methods[0]}" if option == "--method"
-                                      else f"{flag} applies to {spec.name}, which --methods does not include")
+                scope = (f"--method {spec.name}, not {methods[0]}" if option == "--method"
+                         else f"{spec.name}, which --methods does not include")
+                raise GancleanseError(f"{spec.options.flag(f.name)} applies to {scope}")
             given.setdefault(spec.name, {})[f.name] = value
     return given
 
 
+SEED_LIMIT = 2**63  # seeds feed torch.Generator.manual_seed, which takes 64-bit values
 
-# ----------------------------------------------------------------------- per command
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+
+def integer(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [lo, hi), so a bad count or seed is refused before any work."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo or (hi is not None and value >= hi):
+            bound = f">= {lo}" if hi is None else f"in {lo}..{hi - 1}"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {value}")
+        return value
+    return parse
+
+
+positive_int, count, seed, workers = integer(1), integer(0), integer(0, SEED_LIMIT), integer(1, 1025)
 
 
 def _common(sp: argparse.ArgumentParser) -> None:
@@ -69,11 +75,10 @@ def _common(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
 
-def _on_run(sp: argparse.ArgumentParser, metric: bool = True) -> None:
+def _on_run(sp: argparse.ArgumentParser) -> None:
     """What every command that reads a run directory takes."""
     sp.add_argument("run", help="run directory written by `gancleanse train`")
-    if metric:
-        sp.add_argument("--metric", choices=METRICS, default="all")
+    sp.add_argument("--metric", choices=METRICS, default="all")
     sp.add_argument("--extractor", default=None, metavar="FILE.pt",
                     help="TorchScript feature extractor for is/log_is/fid/kid (loading it runs its code, so a "
                          "run's stored metric.extractor is used only when named here)")
@@ -101,7 +106,7 @@ def influence_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--top", type=positive_int, default=0, metavar="K", help="print the K most harmful instances")
     sp.add_argument("--features", choices=("raw", "classifier"), default=None,
                     help="isolation_forest / knn_density: raw data (default) or the metric classifier's features")
-    sp.add_argument("--seed", type=int, default=0, help="random / isolation_forest / aid / trust-check seed")
+    sp.add_argument("--seed", type=seed, default=0, help="random / isolation_forest / aid / trust-check seed")
     sp.add_argument("--check", type=int, default=None, metavar="K",
                     help=f"trust check: retrain without K instances (half from the ranking's extremes) and report "
                          f"Kendall tau and Pearson against the actual changes, with 90%% intervals, in SCORES.json "
@@ -112,21 +117,21 @@ def influence_arguments(sp: argparse.ArgumentParser) -> None:
 def counterfactual_arguments(sp: argparse.ArgumentParser) -> None:
     _on_run(sp)
     sp.add_argument("--remove", required=True, metavar="I[,I...]", help="training indices to remove")
-    sp.add_argument("--from-epoch", type=int, default=None,
+    sp.add_argument("--from-epoch", type=count, default=None,
                     help="restart at this epoch's start (inside the recorded window) instead of the window start")
 
 
 def validate_arguments(sp: argparse.ArgumentParser) -> None:
     _on_run(sp)
     sp.add_argument("--method", choices=METHODS, default="itd")
-    sp.add_argument("--instances", type=int, default=20, metavar="K", help="instances to retrain without")
+    sp.add_argument("--instances", type=positive_int, default=20, metavar="K", help="instances to retrain without")
     _output(sp, "VALID.json (a scatter plot goes beside it)")
-    sp.add_argument("--seed", type=int, default=0, help="seed of the instance choice")
+    sp.add_argument("--seed", type=seed, default=0, help="seed of the instance choice")
     sp.add_argument("--extremes", action="store_true",
                     help="take half of the instances from the extremes of the estimate")
     sp.add_argument("--horizons", action="store_true", help="validate every recorded horizon (itd)")
     sp.add_argument("--executor", choices=("local", "ray"), default="local")
-    sp.add_argument("--workers", type=int, default=1, help="parallel retrains")
+    sp.add_argument("--workers", type=workers, default=1, help="parallel retrains")
     sp.add_argument("--batched", action="store_true",
                     help="advance retrains together by one vmapped step (faster on small networks; equal to "
                          "rounding, not bitwise)")
@@ -137,10 +142,10 @@ def lds_arguments(sp: argparse.ArgumentParser) -> None:
     _on_run(sp)
     sp.add_argument("--methods", default=",".join(METHODS), metavar="M[,M...]",
                     help="scorers to compare (default: every one)")
-    sp.add_argument("--subsets", type=int, default=50, metavar="S", help="random subsets to retrain without")
+    sp.add_argument("--subsets", type=positive_int, default=50, metavar="S", help="random subsets to retrain without")
     sp.add_argument("--fraction", type=float, default=0.1, metavar="F",
                     help="each subset's share of the training split (0 < F < 1)")
-    sp.add_argument("--seed", type=int, default=0, help="seed of the subsets (and of seeded scorers)")
+    sp.add_argument("--seed", type=seed, default=0, help="seed of the subsets (and of seeded scorers)")
     _output(sp, "LDS.json (per scorer: lds, interval, predicted; actual)", required=False)
     add_scorer_options(sp)
 
@@ -149,7 +154,7 @@ def cleanse_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("config", help="TOML config with a [cleanse] section")
     sp.add_argument("--out", required=True, help="study directory (resumed if it exists)")
     sp.add_argument("--executor", choices=("local", "ray"), default="local")
-    sp.add_argument("--workers", type=int, default=1, help="parallel jobs")
+    sp.add_argument("--workers", type=workers, default=1, help="parallel jobs")
     sp.add_argument("--no-report", action="store_true", help="skip report.html")
     sp.add_argument("--export", default=None, metavar="CLEANED_DIR",
                     help="apply the scorer and rate chosen on the validation split (first metric) to the full "
@@ -161,8 +166,8 @@ def cleanse_arguments(sp: argparse.ArgumentParser) -> None:
 def export_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("scores", help="SCORES.csv written by `gancleanse influence` (its .json names the run)")
     how = sp.add_mutually_exclusive_group()
-    how.add_argument("--rate", type=float, default=None, help="remove the most harmful fraction R of the training split")
-    how.add_argument("--count", type=int, default=None, help="remove the N most harmful instances")
+    how.add_argument("--rate", type=float, help="remove the most harmful fraction R of the training split")
+    how.add_argument("--count", type=count, default=None, help="remove the N most harmful instances")
     sp.add_argument("--min-harmfulness", type=float, default=None, metavar="H",
                     help="remove only instances with harmfulness >= H (alone: all of them)")
     sp.add_argument("--out", required=True, help="directory to create (the data, removed.csv, removed.png)")
@@ -184,5 +189,5 @@ def verify_arguments(sp: argparse.ArgumentParser) -> None:
 
 def demo_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--out", default="runs/demo", help="output directory (default runs/demo; resumed)")
-    sp.add_argument("--workers", type=int, default=1, help="parallel jobs")
+    sp.add_argument("--workers", type=workers, default=1, help="parallel jobs")
     _common(sp)

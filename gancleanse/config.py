@@ -1,19 +1,17 @@
 """Run configuration: one dataclass per TOML section, validated with errors that name the key.
 
-Every key has a default, so an empty file is a valid config (the paper's 2D setting).
-``load_config`` reads a TOML file; ``Config.from_dict`` validates a plain dict;
-``Config.resolved`` fills the defaults that depend on other keys (such as
-``record_from_epoch``) so that the copy saved in a run directory is explicit.
+Every key has a default, so an empty file is a valid config (the paper's 2D setting). ``Config.resolved`` fills the
+defaults that depend on other keys, so that the copy saved in a run directory is explicit.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import tomllib
 import warnings
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,129 +19,115 @@ from .errors import ConfigError, GancleanseWarning
 from .options import AIDOptions, IsolationForestOptions, ITDOptions, KNNOptions, ScorerOptions
 from .specs import DEFAULT_CHECK, METHODS, METRICS
 from .toml_writer import dump_toml
+from .validation import INT64, checked, setting
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 GAUSSIAN2D_N_TRAIN = 10000  # the paper's accuracy setting
-INT64 = 2**63  # TOML integers are 64-bit; tomllib reads bigger ones, which torch then cannot hold
-REPLICATE_SEEDS = 2**32  # cleanse.seeds are added to the 64-bit base seeds; this keeps every sum
-# below 2**64, the range torch.Generator.manual_seed accepts (np.random.SeedSequence takes any)
+REPLICATE_SEEDS = 2**32  # added to the base seeds (< 2**63), so every sum fits torch.Generator.manual_seed (< 2**64)
 MAX_THREADS = 1024  # a static sanity bound (torch.set_num_threads(100000) crashes); see device.check_threads
-
-
-def _opt(default: Any, *, choices: tuple | None = None, lo: float | None = None,
-         hi: float | None = None, lo_open: bool = False, hi_open: bool = False, doc: str = "") -> Any:
-    """A dataclass field with validation metadata (allowed choices, numeric range).
-
-    The range of a list field bounds each of its items.
-    """
-    meta = {"choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "doc": doc}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
 class DataConfig:
-    name: str = _opt("gaussian2d", choices=("gaussian2d", "digits", "mnist", "npz", "images", "custom"),
-                     doc="images: your folder, StyleGAN-style zip or .npy/.npz; custom: tensors given to the Python API")
-    path: str | None = _opt(None, doc="images: folder, .zip, .npy or .npz; mnist: IDX directory or .npz; npz: file")
-    reference_path: str | None = _opt(None, doc="images: a curated dataset the validation and test splits "
-                                      "come from (then the training split is all of path)")
-    image_size: int | None = _opt(None, lo=4, hi=4096, doc="resize images to this side (short side, then centre crop)")
-    channels: int | None = _opt(None, choices=(1, 3), doc="images: 1 or 3 (default: 1 if every image is gray)")
-    labels: str = _opt("auto", choices=("auto", "folders", "none"),
-                       doc="images: auto = dataset.json or the npz's y if present; folders = first-level subfolders")
-    resample: str = _opt("lanczos", choices=("lanczos", "bicubic", "bilinear", "box", "hamming", "nearest"),
-                         doc="images: filter of the resize to image_size")
-    skip_bad_files: bool = _opt(False, doc="images: skip (and report) unreadable files instead of failing")
-    n_train: int | None = _opt(None, lo=1, doc="default: 10000 for gaussian2d, else every instance not in "
-                               "the validation or test split")
-    n_valid: int = _opt(1000, lo=1)
-    n_test: int = _opt(1000, lo=1)
-    seed: int = _opt(0, lo=0)
+    name: str = setting("gaussian2d", choices=("gaussian2d", "digits", "mnist", "npz", "images", "custom"),
+                        doc="images: folder, StyleGAN-style zip or .npy/.npz; custom: tensors given to the Python API")
+    path: str | None = setting(None, doc="images: folder, .zip, .npy or .npz; mnist: IDX directory or .npz; npz: file")
+    reference_path: str | None = setting(None, doc="images: a curated dataset the validation and test splits "
+                                         "come from (then the training split is all of path)")
+    image_size: int | None = setting(None, lo=4, hi=4096, doc="resize to this side (short side, then centre crop)")
+    channels: int | None = setting(None, choices=(1, 3), doc="images: 1 or 3 (default: 1 if every image is gray)")
+    labels: str = setting("auto", choices=("auto", "folders", "none"),
+                          doc="images: auto = dataset.json or the npz's y if present; folders = first-level subfolders")
+    resample: str = setting("lanczos", choices=("lanczos", "bicubic", "bilinear", "box", "hamming", "nearest"),
+                            doc="images: filter of the resize to image_size")
+    skip_bad_files: bool = setting(False, doc="images: skip (and report) unreadable files instead of failing")
+    n_train: int | None = setting(None, lo=1, doc="default: 10000 for gaussian2d, else every instance not in "
+                                  "the validation or test split")
+    n_valid: int = setting(1000, lo=1)
+    n_test: int = setting(1000, lo=1)
+    seed: int = setting(0, lo=0)
 
 
 @dataclass
 class ModelConfig:
-    arch: str = _opt("mlp", choices=("mlp", "dcgan", "custom"), doc="custom: modules given to the Python API")
-    z_dim: int = _opt(10, lo=1)
-    g_hidden: int = _opt(32, lo=1, doc="mlp: hidden units; dcgan: channels")
-    d_hidden: int = _opt(64, lo=1, doc="mlp: hidden units; dcgan: channels")
-    layers: int = _opt(2, lo=1, doc="hidden layers per network (mlp)")
-    activation: str = _opt("relu", choices=("relu", "elu", "softplus", "sigmoid", "leaky_relu", "tanh"))
-    norm: str = _opt("none", choices=("none", "layer"))
-    bias: bool = _opt(False)
-    dtype: str = _opt("float64", choices=("float32", "float64"))
-    train_only: list[str] | None = _opt(None, doc="globs of the parameters that train, named d/<name> and "
-                                        "g/<name> (default: all; only the adapters of a module with LoRA)")
-    frozen: list[str] = _opt([], doc="globs of parameters kept constant (after train_only)")
-    lora_rank: int = _opt(0, lo=0, doc="low-rank adapters of this rank on the built-in mlp/dcgan's linear and "
-                          "conv layers (0 = off); only the adapters train unless train_only says otherwise")
-    lora_targets: list[str] | None = _opt(None, doc="globs of the layer names to adapt (default: all)")
-    init: str | None = _opt(None, doc="safetensors file of starting weights: generator.<name> and "
-                            "discriminator.<name>")
-    init_g: str | None = _opt(None, doc="safetensors state dict of the generator's starting weights")
-    init_d: str | None = _opt(None, doc="safetensors state dict of the discriminator's starting weights")
-    conditional: bool = _opt(False, doc="class-conditional G(z, y) and D(x, y) on the data's labels: the "
-                             "built-in nets embed y into G's input and project it in D; generated labels "
-                             "follow the training labels' frequencies")
+    arch: str = setting("mlp", choices=("mlp", "dcgan", "custom"), doc="custom: modules given to the Python API")
+    z_dim: int = setting(10, lo=1)
+    g_hidden: int = setting(32, lo=1, doc="mlp: hidden units; dcgan: channels")
+    d_hidden: int = setting(64, lo=1, doc="mlp: hidden units; dcgan: channels")
+    layers: int = setting(2, lo=1, doc="hidden layers per network (mlp)")
+    activation: str = setting("relu", choices=("relu", "elu", "softplus", "sigmoid", "leaky_relu", "tanh"))
+    norm: str = setting("none", choices=("none", "layer"))
+    bias: bool = setting(False)
+    dtype: str = setting("float64", choices=("float32", "float64"))
+    train_only: list[str] | None = setting(None, doc="globs of the parameters that train, named d/<name> and "
+                                           "g/<name> (default: all; only the adapters of a module with LoRA)")
+    frozen: list[str] = setting([], doc="globs of parameters kept constant (after train_only)")
+    lora_rank: int = setting(0, lo=0, doc="low-rank adapters of this rank on the built-in mlp/dcgan's linear and "
+                             "conv layers (0 = off); only the adapters train unless train_only says otherwise")
+    lora_targets: list[str] | None = setting(None, doc="globs of the layer names to adapt (default: all)")
+    init: str | None = setting(None, doc="safetensors file of starting weights: generator.<name>, discriminator.<name>")
+    init_g: str | None = setting(None, doc="safetensors state dict of the generator's starting weights")
+    init_d: str | None = setting(None, doc="safetensors state dict of the discriminator's starting weights")
+    conditional: bool = setting(False, doc="class-conditional G(z, y) and D(x, y) on the data's labels: the "
+                                "built-in nets embed y into G's input and project it in D; generated labels "
+                                "follow the training labels' frequencies")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _opt(50, lo=1)
-    batch_size: int = _opt(100, lo=1)
-    optimizer: str = _opt("sgd", choices=("sgd", "momentum", "adam"))
-    lr_d: float = _opt(1e-3, lo=0.0, lo_open=True)
-    lr_g: float = _opt(1e-3, lo=0.0, lo_open=True)
-    momentum: float = _opt(0.9, lo=0.0, hi=1.0)
-    betas: list[float] = _opt([0.5, 0.999])
-    eps: float = _opt(1e-8, lo=0.0)
-    update: str = _opt("simultaneous", choices=("simultaneous", "alternating"))
-    loss: str = _opt("modified_minmax", choices=("modified_minmax", "minmax", "wasserstein", "hinge", "ls"))
-    weight_decay_d: float = _opt(0.0, lo=0.0)
-    weight_decay_g: float = _opt(0.0, lo=0.0)
-    r1_gamma: float = _opt(0.0, lo=0.0, doc="R1 penalty (gamma/2) mean_i w_i ||grad_x D(x_i)||^2 on real "
-                           "instances, each weighted like its loss term (0 = off)")
-    r2_gamma: float = _opt(0.0, lo=0.0, doc="R2: the same penalty on generated samples (0 = off)")
-    r1_every: int = _opt(1, lo=1, doc="lazy regularization: both penalties every k steps, scaled by k")
-    ema_beta: float = _opt(0.0, lo=0.0, hi=1, hi_open=True, doc="0 = no generator averaging "
-                           "(1 would freeze the average at the initial generator)")
-    seed: int = _opt(0, lo=0)
-    record_from_epoch: int | None = _opt(None, lo=0, doc="first epoch of the recorded window")
-    checkpoint_every: int = _opt(25, lo=1, doc="steps between replay checkpoints in the window")
-    device: str = _opt("auto", doc="auto (CUDA when available), cpu, cuda or cuda:N; every command's "
-                       "--device overrides it")
-    threads: int = _opt(1, lo=1, hi=MAX_THREADS, doc="torch CPU threads for training and every replay "
-                        "of the run; 1 keeps parallel retrains from oversubscribing cores")
+    epochs: int = setting(50, lo=1)
+    batch_size: int = setting(100, lo=1)
+    optimizer: str = setting("sgd", choices=("sgd", "momentum", "adam"))
+    lr_d: float = setting(1e-3, lo=0.0, lo_open=True)
+    lr_g: float = setting(1e-3, lo=0.0, lo_open=True)
+    momentum: float = setting(0.9, lo=0.0, hi=1.0)
+    betas: list[float] = setting([0.5, 0.999])
+    eps: float = setting(1e-8, lo=0.0)
+    update: str = setting("simultaneous", choices=("simultaneous", "alternating"))
+    loss: str = setting("modified_minmax", choices=("modified_minmax", "minmax", "wasserstein", "hinge", "ls"))
+    weight_decay_d: float = setting(0.0, lo=0.0)
+    weight_decay_g: float = setting(0.0, lo=0.0)
+    r1_gamma: float = setting(0.0, lo=0.0, doc="R1 penalty (gamma/2) mean_i w_i ||grad_x D(x_i)||^2 on real "
+                              "instances, each weighted like its loss term (0 = off)")
+    r2_gamma: float = setting(0.0, lo=0.0, doc="R2: the same penalty on generated samples (0 = off)")
+    r1_every: int = setting(1, lo=1, doc="lazy regularization: both penalties every k steps, scaled by k")
+    ema_beta: float = setting(0.0, lo=0.0, hi=1, hi_open=True, doc="0 = no generator averaging "
+                              "(1 would freeze the average at the initial generator)")
+    seed: int = setting(0, lo=0)
+    record_from_epoch: int | None = setting(None, lo=0, doc="first epoch of the recorded window")
+    checkpoint_every: int = setting(25, lo=1, doc="steps between replay checkpoints in the window")
+    device: str = setting("auto", doc="auto (CUDA when available), cpu, cuda or cuda:N; every command's "
+                          "--device overrides it")
+    threads: int = setting(1, lo=1, hi=MAX_THREADS, doc="torch CPU threads for training and every replay "
+                           "of the run; 1 keeps parallel retrains from oversubscribing cores")
 
 
 @dataclass
 class MetricConfig:
-    n_samples: int | None = _opt(None, lo=1, doc="generated samples per evaluation (default n_valid)")
-    bandwidth: float = _opt(1.0, lo=0.0, lo_open=True)
-    seed: int | None = _opt(None, lo=0, doc="seed of the fixed evaluation latents (default train.seed)")
-    extractor: str | None = _opt(None, doc="TorchScript classifier/feature extractor file for is/fid/kid")
-    is_splits: int = _opt(1, lo=1)
-    kid_degree: int = _opt(3, lo=1)
-    fid_ridge: float = _opt(1e-6, lo=0.0)
-    classifier_epochs: int = _opt(80, lo=1, doc="Adam epochs of the is/fid/kid classifier")
-    classifier_lr: float = _opt(1e-2, lo=0.0, lo_open=True)
-    classifier_batch_size: int = _opt(128, lo=1)
+    n_samples: int | None = setting(None, lo=1, doc="generated samples per evaluation (default n_valid)")
+    bandwidth: float = setting(1.0, lo=0.0, lo_open=True)
+    seed: int | None = setting(None, lo=0, doc="seed of the fixed evaluation latents (default train.seed)")
+    extractor: str | None = setting(None, doc="TorchScript classifier/feature extractor file for is/fid/kid")
+    is_splits: int = setting(1, lo=1)
+    kid_degree: int = setting(3, lo=1)
+    fid_ridge: float = setting(1e-6, lo=0.0)
+    classifier_epochs: int = setting(80, lo=1, doc="Adam epochs of the is/fid/kid classifier")
+    classifier_lr: float = setting(1e-2, lo=0.0, lo_open=True)
+    classifier_batch_size: int = setting(128, lo=1)
 
 
 @dataclass
 class CleanseConfig:
-    metrics: list[str] = _opt(["all"])
-    methods: list[str] = _opt(["itd", "random"])
-    removal_rates: list[float] = _opt([0.0, 0.01, 0.05, 0.1], lo=0.0, hi=1, hi_open=True)
-    seeds: list[int] = _opt([0, 1, 2], lo=0, hi=REPLICATE_SEEDS, hi_open=True,
-                            doc="one replicate per seed, added to data.seed, train.seed and metric.seed")
-    retrain: str = _opt("window", choices=("window", "full"))
-    check: int = _opt(DEFAULT_CHECK, lo=0, hi=INT64, hi_open=True,
-                      doc="trust check per seed and scorer: retrains without this many instances (at most the "
-                          "training size; 0: off), Kendall tau and Pearson against the actual changes")
+    metrics: list[str] = setting(["all"])
+    methods: list[str] = setting(["itd", "random"])
+    removal_rates: list[float] = setting([0.0, 0.01, 0.05, 0.1], lo=0.0, hi=1, hi_open=True)
+    seeds: list[int] = setting([0, 1, 2], lo=0, hi=REPLICATE_SEEDS, hi_open=True,
+                               doc="one replicate per seed, added to data.seed, train.seed and metric.seed")
+    retrain: str = setting("window", choices=("window", "full"))
+    check: int = setting(DEFAULT_CHECK, lo=0, hi=INT64, hi_open=True,
+                         doc="trust check per seed and scorer: retrains without this many instances (at most the "
+                             "training size; 0: off), Kendall tau and Pearson against the actual changes")
     # One table per scorer with options: [cleanse.itd], [cleanse.aid], ... (gancleanse.options)
     itd: ITDOptions = field(default_factory=ITDOptions)
     aid: AIDOptions = field(default_factory=AIDOptions)
@@ -186,13 +170,8 @@ def _move_legacy_keys(raw: dict[str, Any], source: str) -> tuple[dict[str, Any],
     return {**raw, "cleanse": cleanse}, used
 
 
-SECTIONS: dict[str, type] = {
-    "data": DataConfig,
-    "model": ModelConfig,
-    "train": TrainConfig,
-    "metric": MetricConfig,
-    "cleanse": CleanseConfig,
-}
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
+                             "metric": MetricConfig, "cleanse": CleanseConfig}
 
 
 @dataclass
@@ -207,8 +186,8 @@ class Config:
     def from_dict(cls, raw: dict[str, Any], source: str = "<config>") -> "Config":
         """Validate a nested dict (as read from TOML); raise ConfigError naming the key.
 
-        Legacy flat keys (``LEGACY_CLEANSE_KEYS``) are read into their tables; ``load_config``
-        warns about them, a run directory's stored config is read silently.
+        Legacy flat keys (``LEGACY_CLEANSE_KEYS``) are read into their tables; ``load_config`` warns about them, a run
+        directory's stored config is read silently.
         """
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: a config must be a table of sections")
@@ -216,8 +195,7 @@ class Config:
         sections = {}
         for name, value in raw.items():
             if name not in SECTIONS:
-                raise ConfigError(f"{source}: unknown section [{name}] "
-                                  f"(known: {', '.join(SECTIONS)})")
+                raise ConfigError(f"{source}: unknown section [{name}] (known: {', '.join(SECTIONS)})")
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: [{name}] must be a table, got {type(value).__name__}")
             sections[name] = _build_section(SECTIONS[name], value, name, source)
@@ -226,8 +204,8 @@ class Config:
         return cfg
 
     def validate(self, source: str = "<config>") -> "Config":
-        """Check every field and every rule between fields (a config built or changed in Python
-        gets the same checks as one read from TOML); returns the config."""
+        """Check every field and every rule between fields (a config built or changed in Python gets the same checks as
+        one read from TOML); returns the config."""
         for name, section_cls in SECTIONS.items():
             section = getattr(self, name)
             if not isinstance(section, section_cls):
@@ -235,45 +213,41 @@ class Config:
             for f in dataclasses.fields(section_cls):
                 value = getattr(section, f.name)
                 if not isinstance(value, ScorerOptions):
-                    _check_value(f, value, f"{name}.{f.name}", source)
-        self._check_cross(source, [])
+                    checked(f, value, f"{source}: {name}.{f.name}")
+        self._check_cross(source)
         return self
 
     def _check_cross(self, source: str, legacy: list[str] | tuple[str, ...] = ()) -> None:
-        t = self.train
+        t, m = self.train, self.model
         if t.record_from_epoch is not None and t.record_from_epoch >= t.epochs:
             raise ConfigError(f"{source}: train.record_from_epoch = {t.record_from_epoch} must be "
                               f"smaller than train.epochs = {t.epochs}")
-        m = self.model
         if m.init and (m.init_g or m.init_d):
             raise ConfigError(f"{source}: model.init names both players' weights: drop model.init_g / model.init_d")
         if (self.cleanse.itd.relu_smoothing is not None and m.arch != "custom"
                 and m.activation not in ("relu", "leaky_relu")):
             key = "itd_relu_smoothing" if "itd_relu_smoothing" in legacy else "itd.relu_smoothing"
-            raise ConfigError(f"{source}: cleanse.{key} smooths ReLU kinks, but model.activation = "
-                              f"{m.activation!r}")
+            raise ConfigError(f"{source}: cleanse.{key} smooths ReLU kinks, but model.activation = {m.activation!r}")
         if not DEVICE_PATTERN.fullmatch(t.device):
             raise ConfigError(f"{source}: train.device = {t.device!r} is not one of auto, cpu, cuda, cuda:N")
         if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
             raise ConfigError(f"{source}: train.betas must be two numbers in [0, 1), got {t.betas}")
         if self.data.n_train is not None and t.batch_size > self.data.n_train:
-            raise ConfigError(f"{source}: train.batch_size = {t.batch_size} exceeds "
-                              f"data.n_train = {self.data.n_train}")
+            raise ConfigError(f"{source}: train.batch_size = {t.batch_size} exceeds data.n_train = {self.data.n_train}")
         self._check_cleanse(source)
 
     def check_inputs(self) -> None:
-        """What the data the config names must offer its model; checked once the data source is
-        known (a config given to the Python API may get its data there)."""
-        if not self.model.conditional:
-            return
-        if self.data.name == "gaussian2d":
-            raise ConfigError("model.conditional = true needs labelled data, but data.name = 'gaussian2d' has no labels")
-        if self.data.name == "images" and self.data.labels == "none":
-            raise ConfigError("model.conditional = true needs labelled data, but data.labels = 'none'")
+        """What the data the config names must offer its model; checked once the data source is known (a config given to
+        the Python API may get its data there)."""
+        data = self.data
+        unlabelled = ("data.name = 'gaussian2d' has no labels" if data.name == "gaussian2d" else
+                      "data.labels = 'none'" if data.name == "images" and data.labels == "none" else None)
+        if self.model.conditional and unlabelled:
+            raise ConfigError(f"model.conditional = true needs labelled data, but {unlabelled}")
 
     def _check_cleanse(self, source: str) -> None:
-        """Each study list non-empty, naming known metrics and methods, and without repeats (a
-        repeated seed would count one replicate twice): caught before any replicate trains."""
+        """Each study list non-empty, naming known metrics and methods, and without repeats (a repeated seed would count
+        one replicate twice): caught before any replicate trains."""
         c = self.cleanse
         if c.check == 1:
             raise ConfigError(f"{source}: cleanse.check = 1: a trust check needs at least 2 instances (0: off)")
@@ -285,29 +259,23 @@ class Config:
             seen: set = set()
             for v in values:
                 if known is not None and v not in known:
-                    raise ConfigError(f"{source}: cleanse.{key} has unknown {what} {v!r} "
-                                      f"(known: {', '.join(known)})")
+                    raise ConfigError(f"{source}: cleanse.{key} has unknown {what} {v!r} (known: {', '.join(known)})")
                 if v in seen:
                     raise ConfigError(f"{source}: cleanse.{key} lists {what} {v!r} more than once")
                 seen.add(v)
 
     def resolved(self) -> "Config":
         """A copy with every derived default made explicit."""
-        cfg = dataclasses.replace(
-            self,
-            data=dataclasses.replace(self.data),
-            train=dataclasses.replace(self.train),
-            metric=dataclasses.replace(self.metric),
-        )
-        if cfg.data.n_train is None and cfg.data.name == "gaussian2d":
-            cfg.data = dataclasses.replace(cfg.data, n_train=GAUSSIAN2D_N_TRAIN)
-        if cfg.train.record_from_epoch is None:
-            cfg.train.record_from_epoch = cfg.train.epochs - 1
-        if cfg.metric.n_samples is None:
-            cfg.metric.n_samples = cfg.data.n_valid
-        if cfg.metric.seed is None:
-            cfg.metric.seed = cfg.train.seed
-        return cfg
+        data, train, metric = (dataclasses.replace(section) for section in (self.data, self.train, self.metric))
+        if data.n_train is None and data.name == "gaussian2d":
+            data.n_train = GAUSSIAN2D_N_TRAIN
+        if train.record_from_epoch is None:
+            train.record_from_epoch = train.epochs - 1
+        if metric.n_samples is None:
+            metric.n_samples = data.n_valid
+        if metric.seed is None:
+            metric.seed = train.seed
+        return dataclasses.replace(self, data=data, train=train, metric=metric)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -321,11 +289,10 @@ def _build_section(cls: type, values: dict[str, Any], section: str, source: str)
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            raise ConfigError(f"{source}: unknown key {section}.{key} "
-                              f"(known in [{section}]: {', '.join(fields)})")
-        options = _options_class(fields[key])
-        if options is None:
-            kwargs[key] = _check_value(fields[key], value, f"{section}.{key}", source)
+            raise ConfigError(f"{source}: unknown key {section}.{key} (known in [{section}]: {', '.join(fields)})")
+        options = fields[key].default_factory  # a scorer table's options dataclass, else a plain key
+        if not (isinstance(options, type) and issubclass(options, ScorerOptions)):
+            kwargs[key] = checked(fields[key], value, f"{source}: {section}.{key}")
             continue
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: [{section}.{key}] must be a table, got {type(value).__name__}")
@@ -334,71 +301,6 @@ def _build_section(cls: type, values: dict[str, Any], section: str, source: str)
         except ConfigError as e:
             raise ConfigError(f"{source}: [{section}.{key}]: {e}") from None
     return cls(**kwargs)
-
-
-def _options_class(f: dataclasses.Field) -> type[ScorerOptions] | None:
-    """The options dataclass of a scorer-table field (None for a plain key)."""
-    factory = f.default_factory
-    return factory if isinstance(factory, type) and issubclass(factory, ScorerOptions) else None
-
-
-def _check_value(f: dataclasses.Field, value: Any, key: str, source: str) -> Any:
-    """Coerce a TOML value to the field's declared type, checking choices and range."""
-    ann = str(f.type)
-    nullable = "None" in ann
-    if value is None:
-        if nullable:
-            return None
-        raise ConfigError(f"{source}: {key} must not be empty")
-    base = ann.replace(" | None", "")
-    if base.startswith("list["):
-        if not isinstance(value, list):
-            raise ConfigError(f"{source}: {key} must be a list, got {type(value).__name__} {value!r}")
-        item = base[5:-1]
-        items = [_coerce(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
-        for i, v in enumerate(items):
-            _check_range(f.metadata, v, f"{key}[{i}]", source)
-        return items
-    value = _coerce(base, value, key, source)
-    meta = f.metadata
-    if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(f"{source}: {key} = {value!r} is not one of {', '.join(map(repr, meta['choices']))}")
-    _check_range(meta, value, key, source)
-    return value
-
-
-def _check_range(meta: Any, value: Any, key: str, source: str) -> None:
-    lo, hi = meta.get("lo"), meta.get("hi")
-    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
-        rel = ">" if meta.get("lo_open") else ">="
-        raise ConfigError(f"{source}: {key} = {value!r} is out of range (must be {rel} {lo})")
-    if hi is not None and (value > hi or (meta.get("hi_open") and value == hi)):
-        rel = "<" if meta.get("hi_open") else "<="
-        raise ConfigError(f"{source}: {key} = {value!r} is out of range (must be {rel} {hi})")
-
-
-def _coerce(type_name: str, value: Any, key: str, source: str) -> Any:
-    if isinstance(value, int) and not isinstance(value, bool) and not -INT64 <= value < INT64:
-        shown = str(value) if len(str(value)) <= 40 else f"an integer of {len(str(abs(value)))} digits"
-        raise ConfigError(f"{source}: {key} = {shown} does not fit a 64-bit integer "
-                          "(TOML integers lie in -2**63 .. 2**63 - 1)")
-    if type_name == "bool":
-        if isinstance(value, bool):
-            return value
-    elif type_name == "int":
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif type_name == "float":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise ConfigError(f"{source}: {key} must be finite, got {value!r}")
-            return float(value)
-    elif type_name == "str":
-        if isinstance(value, str):
-            return value
-    else:  # pragma: no cover - a new field type without a coercion rule
-        raise TypeError(f"no coercion for {type_name}")
-    raise ConfigError(f"{source}: {key} must be {type_name}, got {type(value).__name__} {value!r}")
 
 
 def load_config(path: str | Path) -> Config:
@@ -412,14 +314,11 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: not a regular file")
     try:
         data = path.read_bytes()
+        raw = tomllib.loads(data.decode("utf-8"))  # TOML is UTF-8 whatever the locale says
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
-    try:
-        text = data.decode("utf-8")  # TOML is UTF-8 whatever the locale says
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
-    try:
-        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     except RecursionError:  # tomllib parses nested arrays and inline tables recursively
@@ -436,7 +335,5 @@ def load_config(path: str | Path) -> Config:
 
 def embedded_config(name: str) -> Config:
     """A config shipped inside the package (``gancleanse/examples/NAME.toml``)."""
-    from importlib import resources
-
     text = resources.files("gancleanse").joinpath(f"examples/{name}.toml").read_text()
     return Config.from_dict(tomllib.loads(text), source=f"embedded {name}.toml")

@@ -1,10 +1,9 @@
 """Where the computations run: the device a run trains and replays on, made deterministic.
 
-``[train] device`` ("auto", "cpu", "cuda", "cuda:N") picks it; every command that computes
-takes ``--device`` to override it. Run directories stay device-portable (tensors are saved
-from CPU copies); run.json records the device it was trained on. A replay is bitwise only on
-the recorded device kind: on CUDA that needs deterministic kernels, a fixed cuBLAS
-workspace and no TF32, which ``use`` sets for the whole process.
+``[train] device`` ("auto", "cpu", "cuda", "cuda:N") picks it; every command that computes takes ``--device``
+to override it. Run directories stay device-portable (tensors are saved from CPU copies); run.json records the
+device it was trained on. A replay is bitwise only on the recorded device kind: on CUDA that needs
+deterministic kernels, a fixed cuBLAS workspace and no TF32, which ``use`` sets for the whole process.
 """
 
 from __future__ import annotations
@@ -41,8 +40,7 @@ def resolve(name: str) -> torch.device:
 
 
 def use(device: torch.device) -> torch.device:
-    """Make computations on ``device`` deterministic (CUDA: deterministic algorithms, cuDNN
-    without autotuning, no TF32) and return it."""
+    """Make computations on ``device`` deterministic (CUDA: deterministic kernels, no autotuning, no TF32)."""
     if device.type == "cuda":
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.deterministic = True
@@ -83,23 +81,15 @@ def warn_if_other_kind(recorded: str, device: torch.device, path: object) -> Non
                       f"retrains are not bitwise comparable with the recorded run", GancleanseWarning, stacklevel=3)
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on: its affinity mask where the OS has one (containers, taskset)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def check_threads(n: int, key: str = "train.threads") -> None:
-    """Refuse more torch threads than this process has cores.
-
-    Called by training code, not by config loading: a run directory recorded on a bigger
-    machine must still load (and be inspected) here.
-    """
+    """Refuse more torch threads than this process has cores (called by training code, not by config
+    loading: a run directory recorded on a bigger machine must still load and be inspected here)."""
     if n < 1:
         raise ConfigError(f"{key} = {n} is out of range (must be >= 1)")
-    cores = available_cores()
+    try:  # the cores this process may run on: its affinity mask where the OS has one (containers, taskset)
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
     if n > cores:
         raise ConfigError(f"{key} = {n} exceeds the {cores} CPU core{'s' if cores != 1 else ''} "
                           "available to this process; lower it")

@@ -2,18 +2,16 @@
 
 ``export(scores, out, rate=... | count=...)`` writes into ``out``:
 
-- the kept images in the format they came from: ``out/NAME/`` with the same relative
-  paths (files copied byte for byte, or hard-linked), ``out/NAME.zip`` (members copied
-  with their compression, ``dataset.json`` filtered), or ``out/NAME.npy`` / ``NAME.npz``
-  (rows filtered, arrays otherwise unchanged). Data that came from no file (2D points,
-  the bundled digits, tensors given to the API) is written as ``out/train.npz``;
-- ``removed.csv`` (``rank,key,index,harmfulness,influence``, most harmful first) and
-  ``removed.png``, the removed images as the model saw them, labelled with rank and key;
+- the kept images in the format they came from: ``out/NAME/`` with the same relative paths (files copied byte
+  for byte, or hard-linked), ``out/NAME.zip`` (members copied with their compression, ``dataset.json``
+  filtered), or ``out/NAME.npy`` / ``NAME.npz`` (rows filtered, arrays otherwise unchanged). Data that came
+  from no file (2D points, the bundled digits, tensors given to the API) is written as ``out/train.npz``;
+- ``removed.csv`` (``rank,key,index,harmfulness,influence``, most harmful first) and ``removed.png``, the
+  removed images as the model saw them, labelled with rank and key;
 - ``export.json``: what was exported from which scores and run, and by which rule.
 
-The validation and test splits are exported too with ``all_splits`` when they came from
-the same source (not from a separate ``reference_path``). Nothing is written unless the
-whole export succeeds.
+The validation and test splits are exported too with ``all_splits`` when they came from the same source (not
+from a separate ``reference_path``). Nothing is written unless the whole export succeeds.
 """
 
 from __future__ import annotations
@@ -24,13 +22,11 @@ import math
 import os
 import shutil
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .config import Config
 from .errors import GancleanseError
 from .files import staged_directory, write_json_atomic
 from .scores import Scores, harmful_first
@@ -59,48 +55,21 @@ def select(harmfulness: np.ndarray, *, rate: float | None = None, count: int | N
         raise GancleanseError(f"--min-harmfulness must be finite, got {min_harmfulness}")
     k = math.floor(n * rate) if rate is not None else count if count is not None else n
     top = [int(i) for i in harmful_first(harmfulness)[:k]]
-    if min_harmfulness is not None:
-        top = [i for i in top if harmfulness[i] >= min_harmfulness]
-    return top
+    return [i for i in top if min_harmfulness is None or harmfulness[i] >= min_harmfulness]
 
 
 # ------------------------------------------------------------------------- the run side
-@dataclass
-class RunData:
-    """What an export needs of a run directory: its verified config and recorded instance keys
-    (no models are built)."""
+def _open_run(table: Scores, run: str | Path | None) -> "Run":
+    """The run the scores were computed on, for its verified config and recorded keys (no models are built)."""
+    from .run import Run
 
-    run: "Run"
-
-    @classmethod
-    def read(cls, path: str | Path) -> "RunData":
-        from .run import Run
-
-        return cls(Run.open(path, device="cpu"))  # reads data only: no device to start
-
-    @property
-    def path(self) -> Path:
-        return self.run.path
-
-    @property
-    def cfg(self) -> Config:
-        return self.run.cfg
-
-    @property
-    def keys(self) -> dict[str, list[str]]:
-        return {k: self.run.recorded_splits[k] for k in ("train", "valid", "test")}
-
-    @property
-    def source(self) -> dict[str, Any] | None:
-        return self.run.recorded_splits.get("source")
+    if run is None and not table.info.get("run"):
+        raise GancleanseError(f"{table.path}: no SCORES.json beside it names the run; pass --run RUN_DIR")
+    return Run.open(Path(run if run is not None else table.info["run"]), device="cpu")  # reads data only
 
 
-def _run_of(table: Scores, run: str | Path | None) -> Path:
-    if run is not None:
-        return Path(run)
-    if table.info.get("run"):
-        return Path(table.info["run"])
-    raise GancleanseError(f"{table.path}: no SCORES.json beside it names the run; pass --run RUN_DIR")
+def _source_path(scored_run: "Run", src: dict[str, Any] | None) -> Path:
+    return Path(src["path"]) if src else Path(scored_run.cfg.data.path).expanduser()
 
 
 # --------------------------------------------------------------------------- writers
@@ -116,6 +85,8 @@ def _copy_folder(src: Path, dst: Path, keys: Sequence[str], link: bool) -> None:
                 raise GancleanseError(f"cannot hard-link {src / key} into {dst} ({e}); "
                                       "export without --link to copy") from None
         shutil.copy2(src / key, target)
+    if (src / "dataset.json").is_file():
+        (dst / "dataset.json").write_bytes(_filtered_dataset_json((src / "dataset.json").read_bytes(), keys))
 
 
 def _filtered_dataset_json(raw: bytes, keys: Sequence[str]) -> bytes:
@@ -192,21 +163,35 @@ def removed_picture(path: Path, images: np.ndarray | None, points: np.ndarray | 
     return True
 
 
-def _removed_images(run: RunData, removed: list[int]) -> np.ndarray | None:
-    """The removed instances as model values, decoded the way training read them."""
-    if run.source is not None and run.source.get("format") in ("folder", "zip"):
+def _removed_images(scored_run: "Run", src: dict[str, Any] | None, fmt: str,
+                    removed: list[int]) -> np.ndarray | None:
+    """The first removed instances as model values, decoded or converted the way training read them."""
+    keys = [scored_run.recorded_splits["train"][i] for i in removed[:GRID_MAX]]
+    if not keys:
+        return None
+    if fmt in ("folder", "zip"):
         from .data.image_convert import Converter
         from .data.image_listing import open_listing
 
-        convert = Converter(run.cfg.data)
-        listing = open_listing(Path(run.source["path"]))
+        convert = Converter(scored_run.cfg.data)
+        listing = open_listing(Path(src["path"]))
         try:
-            raw = [convert(listing.read(run.keys["train"][i])) for i in removed[:GRID_MAX]]
+            raw = [convert(listing.read(key)) for key in keys]
         finally:
             listing.close()
-        channels = max((a.shape[0] for a in raw), default=1)
+        channels = max(a.shape[0] for a in raw)
         raw = [np.repeat(a, channels // a.shape[0], axis=0) for a in raw]
-        return np.stack(raw).astype(np.float64) / 127.5 - 1.0 if raw else None
+        return np.stack(raw).astype(np.float64) / 127.5 - 1.0
+    if fmt in ("npy", "npz"):
+        import torch
+
+        from .data.base import as_float
+        from .data.image_convert import channels_first, convert_array
+        from .data.image_sources import read_array_file
+
+        path = _source_path(scored_run, src)
+        x = np.ascontiguousarray(channels_first(read_array_file(path)[0], str(path))[_rows(keys)])
+        return as_float(torch.from_numpy(convert_array(x, scored_run.cfg.data, str(path)))).numpy()
     return None
 
 
@@ -216,51 +201,46 @@ def export(scores: str | Path | Scores, out: str | Path, *, rate: float | None =
            link: bool = False, all_splits: bool = False, force: bool = False) -> dict[str, Any]:
     """Write the cleaned training split of ``scores``' run to ``out``; returns what export.json says."""
     table = scores if isinstance(scores, Scores) else Scores.load(scores)
-    run_data = RunData.read(_run_of(table, run))
-    train_keys = run_data.keys["train"]
+    scored_run = _open_run(table, run)
+    recorded = scored_run.recorded_splits
+    train_keys = recorded["train"]
     n_scored = len(table.harmfulness)
     if len(train_keys) != n_scored or (table.keys is not None and table.keys != train_keys):
-        raise GancleanseError(f"{table.path or 'the scores'} do not belong to run {run_data.path}: "
+        raise GancleanseError(f"{table.path or 'the scores'} do not belong to run {scored_run.path}: "
                               f"{n_scored} scored instances, the run's training split has {len(train_keys)}"
                               + ("" if len(train_keys) != n_scored else " with other keys"))
     scored_on = table.info.get("run_id")
-    if scored_on is not None and scored_on != run_data.run.id:
+    if scored_on is not None and scored_on != scored_run.id:
         raise GancleanseError(f"{table.path or 'the scores'} were computed on another training than the run now at "
-                              f"{run_data.path} (SCORES.json names run {scored_on[:12]}..., the run is {run_data.run.id[:12]}...)")
+                              f"{scored_run.path} (SCORES.json names run {scored_on[:12]}..., "
+                              f"the run is {scored_run.id[:12]}...)")
     removed = select(table.harmfulness, rate=rate, count=count, min_harmfulness=min_harmfulness)
     gone = set(removed)
     kept_keys = [k for i, k in enumerate(train_keys) if i not in gone]
     out = Path(out)
-    src = run_data.source
-    fmt = src["format"] if src else ("npz" if run_data.cfg.data.name == "npz" else "tensors")
+    src = recorded.get("source")
+    fmt = src["format"] if src else ("npz" if scored_run.cfg.data.name == "npz" else "tensors")
     extra: list[str] = []
     if all_splits:
         if src is not None and "reference" in src:
             raise GancleanseError("--all-splits: the validation and test splits came from data.reference_path, "
                                   "a different dataset; export the training split alone")
-        extra = run_data.keys["valid"] + run_data.keys["test"]
+        extra = recorded["valid"] + recorded["test"]
     points = None  # the training points of 2D data, for removed.png
     with staged_directory(out, force=force, is_ours=lambda p: (p / MARKER).is_file(), what="export") as stage:
-        if fmt == "folder":
-            root = Path(src["path"])
-            target = stage / root.name
-            _copy_folder(root, target, kept_keys + extra, link)
-            meta = root / "dataset.json"
-            if meta.is_file():
-                (target / "dataset.json").write_bytes(_filtered_dataset_json(meta.read_bytes(), kept_keys + extra))
-        elif fmt == "zip":
-            target = stage / Path(src["path"]).name
-            _copy_zip(Path(src["path"]), target, kept_keys + extra)
-        elif fmt in ("npy", "npz"):
-            path = Path(src["path"]) if src else Path(run_data.cfg.data.path).expanduser()
-            target = stage / path.name
-            _copy_arrays(path, target, kept_keys + extra, src.get("array") if src else "x")
+        if fmt in ("folder", "zip", "npy", "npz"):
+            source_path = _source_path(scored_run, src)
+            target = stage / source_path.name
+            if fmt == "folder":
+                _copy_folder(source_path, target, kept_keys + extra, link)
+            elif fmt == "zip":
+                _copy_zip(source_path, target, kept_keys + extra)
+            else:
+                _copy_arrays(source_path, target, kept_keys + extra, src.get("array") if src else "x")
         else:
             target = stage / "train.npz"
-            points = _write_tensors(run_data, target, [i for i in range(len(train_keys)) if i not in gone])
-        images = _removed_images(run_data, removed)
-        if images is None and fmt in ("npy", "npz"):
-            images = _array_rows(target, run_data, [train_keys[i] for i in removed[:GRID_MAX]], src) if removed else None
+            points = _write_tensors(scored_run, target, [i for i in range(len(train_keys)) if i not in gone])
+        images = _removed_images(scored_run, src, fmt, removed)
         with open(stage / "removed.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["rank", "key", "index", "harmfulness", "influence"])
@@ -269,7 +249,7 @@ def export(scores: str | Path | Scores, out: str | Path, *, rate: float | None =
         drew = bool(removed) and removed_picture(stage / "removed.png", images, points, removed, train_keys,
                                                  table.harmfulness)
         info = {"format": fmt, "output": target.name, "scores": str(table.path) if table.path else None,
-                "run": str(run_data.path), "rule": {"rate": rate, "count": count, "min_harmfulness": min_harmfulness},
+                "run": str(scored_run.path), "rule": {"rate": rate, "count": count, "min_harmfulness": min_harmfulness},
                 "metric": table.info.get("metric"), "method": table.info.get("method"),
                 "n_train": len(train_keys), "n_removed": len(removed), "n_exported": len(kept_keys) + len(extra),
                 "all_splits": all_splits, "link": link, "removed_png": drew,
@@ -279,27 +259,9 @@ def export(scores: str | Path | Scores, out: str | Path, *, rate: float | None =
     return info
 
 
-def _array_rows(written: Path, run_data: RunData, keys: list[str], src: dict | None) -> np.ndarray:
-    """Removed rows of the source array, converted the way training converted them."""
-    from .data.base import as_float
-    from .data.image_convert import channels_first, convert_array
-    from .data.image_sources import read_array_file
-
-    path = Path(src["path"]) if src else Path(run_data.cfg.data.path).expanduser()
-    raw, _, name = read_array_file(path)
-    x = channels_first(raw, str(path))[_rows(keys)]
-    import torch
-
-    return as_float(torch.from_numpy(convert_array(np.ascontiguousarray(x), run_data.cfg.data, str(path)))).numpy()
-
-
-def _training_split(run_data: RunData):  # noqa: ANN202 - Splits, imported lazily
-    return run_data.run.splits
-
-
-def _write_tensors(run_data: RunData, target: Path, kept: list[int]) -> np.ndarray:
+def _write_tensors(scored_run: "Run", target: Path, kept: list[int]) -> np.ndarray:
     """train.npz of the kept instances as the model saw them; returns the whole training split."""
-    splits = _training_split(run_data)
+    splits = scored_run.splits
     x = splits.split("train").numpy()
     arrays = {"x": x[kept]}
     if splits.y_train is not None:

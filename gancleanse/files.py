@@ -1,9 +1,8 @@
 """Writing files so that no reader ever sees half of one, and no failure leaves a stray file.
 
-``atomic_write`` is the one way gancleanse writes an output file: a temporary file with a
-unique name beside the target, created exclusively (never a user's file of the same name),
-renamed over the target only when the block finishes, and removed on any failure (a full
-disk included). ``staged_directory`` does the same for a whole directory.
+``atomic_write`` is the one way gancleanse writes an output file: a temporary file with a unique name beside the target,
+created exclusively (never a user's file of the same name), renamed over the target only when the block finishes, and
+removed on any failure (a full disk included). ``staged_directory`` does the same for a whole directory.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import json
 import os
 import shutil
 import secrets
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
@@ -27,7 +26,11 @@ STAGE_MARKER = ".gancleanse-stage"  # inside OUT.partial: the stage is ours to r
 def atomic_write(path: str | Path, *, binary: bool = False) -> Iterator[IO[Any]]:
     """Yield a file to write ``path``'s new content into; readers see the old file or the new one."""
     path = Path(path)
-    fd, tmp = _exclusive_temp(path)
+    while True:  # a new file .NAME.<random>.tmp beside path, created with O_EXCL (mode 0666 less the umask)
+        tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp"))
+        with suppress(FileExistsError):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": "", "encoding": "utf-8"})) as f:
             yield f
@@ -35,16 +38,6 @@ def atomic_write(path: str | Path, *, binary: bool = False) -> Iterator[IO[Any]]
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _exclusive_temp(path: Path) -> tuple[int, str]:
-    """A new file ``.NAME.<random>.tmp`` beside ``path``, created with O_EXCL (mode 0666 less the umask)."""
-    while True:
-        tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp"))
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
-        except FileExistsError:
-            continue
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -62,8 +55,7 @@ def write_csv_atomic(path: str | Path, header: Sequence[str], rows: Iterable[Seq
     with atomic_write(path) as f:
         w = csv.writer(f, lineterminator="\r\n")
         w.writerow(header)
-        for row in rows:
-            w.writerow([repr(float(v)) if isinstance(v, float) else v for v in row])
+        w.writerows([repr(float(v)) if isinstance(v, float) else v for v in row] for row in rows)
 
 
 @contextmanager
@@ -71,11 +63,10 @@ def staged_directory(out: Path, force: bool = False, *, is_ours: Callable[[Path]
                      what: str = "run") -> Iterator[Path]:
     """Yield a staging directory ``OUT.partial`` that becomes ``out`` only if the block finishes.
 
-    A lock beside ``out`` (``.OUT.lock``, held through the final rename) keeps a second writer
-    out; a stage left by a writer that died is removed only if it carries our marker.
-    ``force`` replaces an existing ``out`` only when ``is_ours(out)`` (a directory gancleanse
-    wrote): never a user's file or directory. On any error the stage is removed, so nothing
-    half-written remains.
+    A lock beside ``out`` (``.OUT.lock``, held through the final rename) keeps a second writer out; a stage left by a
+    writer that died is removed only if it carries our marker. ``force`` replaces an existing ``out`` only when
+    ``is_ours(out)`` (a directory gancleanse wrote): never a user's file or directory. On any error the stage is
+    removed, so nothing half-written remains.
     """
     out = Path(out)
     stage = out.with_name(out.name + ".partial")

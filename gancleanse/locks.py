@@ -7,22 +7,19 @@ holding JSON ``{pid, host, started, command, ...}``. A second writer gets a one-
     with DirectoryLock(out, "study"):
         ...  # write into out; nobody else holding a DirectoryLock on out does
 
-A lock left behind by a process that no longer runs (killed, machine rebooted) is *stale* and
-is taken over silently, as is an unreadable or garbled lock file. Liveness can be checked only
-for a holder on this host (and on POSIX); a lock held from another host counts as held until
-someone deletes the file (the error message says which). Take-overs are serialized with ``flock`` on the
-directory, so of two processes finding the same stale lock exactly one gets it.
+A lock left by a process that no longer runs (killed, machine rebooted) is *stale* and taken over silently,
+as is an unreadable or garbled lock file. Liveness can be checked only for a holder on this host (and on
+POSIX); a lock from another host counts as held until someone deletes the file (the error message says
+which). Take-overs are serialized with ``flock`` on the directory: of two processes finding the same stale
+lock, exactly one gets it.
 
-The lock is per process and re-entrant: a nested ``DirectoryLock`` on the same directory in the
-process that holds it succeeds (a module-level registry says which locks this process holds;
-a lock file that merely carries this process's PID, left by an earlier process that had the
-same PID, is stale). Only the outermost release removes the file, and only while it is still
-ours. Locks still held at interpreter exit are released by an ``atexit`` hook.
+The lock is per process and re-entrant: a nested ``DirectoryLock`` on the directory in the process holding it
+succeeds (a module-level registry says which locks this process holds; a lock file that merely carries this
+process's PID, left by an earlier process with that PID, is stale). Only the outermost release removes the
+file, and only while it is still ours; an ``atexit`` hook releases the locks still held at exit.
 
-The directory is created if missing (``mkdir -p``); a directory the caller created beforehand
-works the same. ``lock_name`` puts the lock file elsewhere than ``.lock`` in that directory,
-e.g. a sibling lock for a directory that is itself replaced at the end of the job:
-``DirectoryLock(out.parent, "run", lock_name=f".{out.name}.lock")``.
+The directory is created if missing. ``lock_name`` puts the lock file elsewhere, e.g. a sibling lock for a
+directory replaced at the end of the job: ``DirectoryLock(out.parent, "run", lock_name=f".{out.name}.lock")``.
 """
 
 from __future__ import annotations
@@ -36,7 +33,7 @@ import socket
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -60,7 +57,6 @@ class DirectoryLock:
         self._acquired = False
         self._token: str | None = None
 
-    # ------------------------------------------------------------------ public
     def acquire(self) -> "DirectoryLock":
         """Take the lock or raise :class:`RunDirError` naming its live holder."""
         if self._acquired:
@@ -69,15 +65,13 @@ class DirectoryLock:
         key = _key(self.path)
         with _HELD_GUARD:
             held = _HELD.get(key)
-            if held is not None and held[0] == os.getpid():
-                info = _read(self.path)
+            if held is not None:
+                info = _read(self.path) if held[0] == os.getpid() else None
                 if info is not None and info.get("token") == held[1]:
                     held[2] += 1  # re-entrant use in this process
                     self._acquired, self._token = True, held[1]
                     return self
-                del _HELD[key]  # someone removed or replaced our lock file: acquire afresh
-            elif held is not None:
-                del _HELD[key]  # inherited through fork: the parent's, not ours
+                del _HELD[key]  # inherited through fork (the parent's), or our lock file was removed or replaced
             token = secrets.token_hex(16)
             with _guard(self.directory) as guarded:
                 self._acquire_file(token, guarded)
@@ -105,7 +99,6 @@ class DirectoryLock:
     def __repr__(self) -> str:
         return f"DirectoryLock({str(self.directory)!r}, {self.what!r}, held={self._acquired})"
 
-    # ----------------------------------------------------------------- private
     def _acquire_file(self, token: str, guarded: bool) -> None:
         content = _content(self.what, token)
         for _ in range(100):  # each round either creates the file or sees/removes a lock
@@ -115,10 +108,8 @@ class DirectoryLock:
                 pass
             else:
                 try:
-                    try:
-                        os.write(fd, content)  # one small write; readers taking over hold the guard
-                    finally:
-                        os.close(fd)
+                    with open(fd, "wb", buffering=0) as f:
+                        f.write(content)  # one small unbuffered write; readers taking over hold the guard
                 except BaseException:  # e.g. disk full: leave no empty lock behind
                     self.path.unlink(missing_ok=True)
                     raise
@@ -135,29 +126,23 @@ class DirectoryLock:
                 raise RunDirError(_held_message(self.directory, self.what, info, self.path))
             # Stale (dead holder, or garbled): remove exactly the file we judged, then retry O_EXCL.
             if _read_raw(self.path) == raw:
-                try:
-                    os.unlink(self.path)
-                except FileNotFoundError:
-                    pass
+                self.path.unlink(missing_ok=True)
         raise RunDirError(f"could not lock {self.directory}: {self.path} keeps changing; "
                           "is another process taking it over in a loop?")
 
 
 def lock_holder(directory: str | os.PathLike, *, lock_name: str = LOCK_NAME) -> dict[str, Any] | None:
-    """The lock file's JSON if a live process holds ``directory`` (or one on another host, which
-    cannot be checked), else ``None`` (no lock, a stale one, or a garbled one). The dict has
-    ``pid``, ``host``, ``started`` (ISO time), ``command``, ``what``, and ``ours`` (held by this
-    process)."""
+    """The lock file's JSON if a live process holds ``directory`` (or one on another host, which cannot be
+    checked), else ``None`` (no, stale or garbled lock): ``pid``, ``host``, ``started`` (ISO time),
+    ``command``, ``what``, and ``ours`` (held by this process)."""
     path = Path(directory) / lock_name
-    info = _parse(_read_raw(path))
+    info = _read(path)
     if info is None:
         return None
     with _HELD_GUARD:
         held = _HELD.get(_key(path))
         ours = held is not None and held[0] == os.getpid() and held[1] == info.get("token")
-    if not ours and not _alive(info):
-        return None
-    return {**info, "ours": ours}
+    return {**info, "ours": ours} if ours or _alive(info) else None
 
 
 # ---------------------------------------------------------------------- helpers
@@ -174,13 +159,10 @@ def _release_key(key: str, token: str | None, path: Path, directory: Path) -> No
         if held[2] > 0:
             return
         del _HELD[key]
-        try:
-            with _guard(directory):
-                info = _read(path)
-                if info is not None and info.get("token") == held[1]:
-                    os.unlink(path)
-        except OSError:
-            pass  # directory gone or unwritable: nothing of ours left to remove
+        with suppress(OSError), _guard(directory):  # OSError: directory gone or unwritable, nothing of ours left
+            info = _read(path)
+            if info is not None and info.get("token") == held[1]:
+                os.unlink(path)
 
 
 @atexit.register
@@ -189,8 +171,7 @@ def _release_all() -> None:
         for key, held in list(_HELD.items()):
             if held[0] == os.getpid():
                 held[2] = 1
-                path = Path(key)
-                _release_key(key, held[1], path, path.parent)
+                _release_key(key, held[1], Path(key), Path(key).parent)
 
 
 @contextmanager
@@ -205,25 +186,20 @@ def _guard(directory: Path) -> Iterator[bool]:
         yield False
         return
     try:
+        locked = True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError:  # e.g. a file system without flock
-            yield False
-            return
-        yield True
+            locked = False
+        yield locked
     finally:
         os.close(fd)  # closing drops the flock
 
 
 def _content(what: str, token: str) -> bytes:
-    info: dict[str, Any] = {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv).replace("\n", " "),
-        "what": what,
-        "token": token,
-    }
+    info: dict[str, Any] = {"pid": os.getpid(), "host": socket.gethostname(),
+                            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                            "command": " ".join(sys.argv).replace("\n", " "), "what": what, "token": token}
     boot, start = _boot_id(), _process_start(os.getpid())
     if boot is not None and start is not None:  # Linux: tells a reused PID from the holder
         info["boot_id"], info["process_start"] = boot, start
@@ -247,9 +223,8 @@ def _parse(raw: bytes | None) -> dict[str, Any] | None:
         info = json.loads(raw.decode())
     except (UnicodeDecodeError, ValueError):
         return None
-    if not isinstance(info, dict) or not isinstance(info.get("pid"), int) or not isinstance(info.get("host"), str):
-        return None
-    return info
+    valid = isinstance(info, dict) and isinstance(info.get("pid"), int) and isinstance(info.get("host"), str)
+    return info if valid else None
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -268,10 +243,8 @@ def _alive(info: dict[str, Any]) -> bool:
     if info["host"] != socket.gethostname() or os.name != "posix":
         return True  # (on Windows os.kill(pid, 0) would send CTRL_C_EVENT)
     pid = info["pid"]
-    if pid <= 0:
-        return False
-    if pid == os.getpid():
-        return False  # our PID, but not in the registry (checked by the caller): an earlier process's
+    if pid <= 0 or pid == os.getpid():
+        return False  # invalid, or our PID yet not in the registry (checked by the caller): an earlier process's
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -282,13 +255,12 @@ def _alive(info: dict[str, Any]) -> bool:
         return True
     boot, start = info.get("boot_id"), info.get("process_start")
     if boot is not None and start is not None:
-        now_boot = _boot_id()
-        if now_boot is not None and now_boot != boot:
+        if (now_boot := _boot_id()) is not None and now_boot != boot:
             return False  # written before a reboot
-        now_start = _process_start(pid)
-        if now_start is not None and now_start != start:
+        if (now_start := _process_start(pid)) is not None and now_start != start:
             return False  # the PID was reused by another process
-    return not _is_zombie(pid)
+    fields = _stat_fields(pid)
+    return not (fields and fields[0] in ("Z", "X"))  # a zombie has exited
 
 
 def _boot_id() -> str | None:
@@ -309,11 +281,6 @@ def _stat_fields(pid: int) -> list[str] | None:
 def _process_start(pid: int) -> int | None:
     fields = _stat_fields(pid)
     return int(fields[19]) if fields and len(fields) > 19 else None  # field 22: starttime
-
-
-def _is_zombie(pid: int) -> bool:
-    fields = _stat_fields(pid)
-    return bool(fields) and fields[0] in ("Z", "X")
 
 
 def _held_message(directory: Path, what: str, info: dict[str, Any], path: Path) -> str:

@@ -1,10 +1,9 @@
 """How much memory the reverse pass's graphs take, and how much the machine can give them.
 
-ITD keeps the graphs of one stretch of steps alive between its forward replay and its
-reverse sweep; each step's graph holds the activations of both players' forward and
-backward passes (about 0.14 GB per step for the digits DCGAN at batch 50). The stretch is
-therefore sized from a memory budget and a measurement of one step's graph, not from a
-fixed step count.
+ITD keeps the graphs of one stretch of steps alive between its forward replay and its reverse sweep; each
+step's graph holds the activations of both players' forward and backward passes (about 0.14 GB per step for
+the digits DCGAN at batch 50). The stretch is therefore sized from a memory budget and a measurement of one
+step's graph, not from a fixed step count.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Callable, Iterator
 
 import torch
@@ -25,13 +24,10 @@ def available_bytes(device: torch.device) -> int | None:
     """Free memory on ``device``: CUDA's free memory, or Linux's MemAvailable (None if unknown)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    with suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
     return None
 
 
@@ -39,8 +35,7 @@ def budget_bytes(memory_gb: float | None, device: torch.device) -> int | None:
     """The graph budget: ``memory_gb`` if given, else half of what is available (None: unbounded)."""
     if memory_gb is not None:
         return int(memory_gb * GB)
-    free = available_bytes(device)
-    return None if free is None else int(AUTO_FRACTION * free)
+    return None if (free := available_bytes(device)) is None else int(AUTO_FRACTION * free)
 
 
 def graph_bytes(build: Callable[[], object], device: torch.device) -> tuple[int, object]:
@@ -74,8 +69,7 @@ def steps_within(budget: int | None, per_step: int, longest: int) -> int:
 
 @contextmanager
 def _silenced_stderr() -> Iterator[None]:
-    """The profiler's native layer announces its start and stop on file descriptor 2 (the C
-    stderr, whatever ``sys.stderr`` has been replaced with)."""
+    """The profiler's native layer announces its start and stop on descriptor 2 (whatever ``sys.stderr`` is)."""
     try:
         sys.stderr.flush()
         saved = os.dup(2)

@@ -5,21 +5,17 @@ Layout (all tensors in safetensors)::
     RUN/
       config.toml               the resolved config (every default explicit)
       run.json                  status, sizes, the recorded window, checkpoint steps, versions
-      schedule.safetensors      instance indices and latents (and a conditional GAN's generated
-                                labels) of every step in the window
+      schedule.safetensors      instance indices, latents (and generated labels) of the window's steps
       eval_latents.safetensors  fixed latents (and labels) for metrics on the valid and test splits
       checkpoints/step_*.safetensors   full state (params + optimizer [+ average]) at steps
       losses.jsonl              one line per training step
       splits.json               the instance keys of each split and where the data came from
 
-A run is written under ``RUN.partial`` (locked by its writer) and renamed only when
-complete, and ``run.json`` carries ``"status": "complete"``, so an interrupted run is never
-taken for a finished one. ``run.json`` records the sha256 of every other file and is sealed
-(``gancleanse.integrity``); every read below verifies the bytes it parses, and the derived
-numbers of ``run.json`` must agree with the config they derive from.
-
-The format's facts and checks live in ``gancleanse.run_format``, the (de)serialization of
-states in ``gancleanse.state_files``; this module opens a run and serves what it recorded.
+A run is written under ``RUN.partial`` (locked by its writer) and renamed only when complete, with
+``"status": "complete"`` in run.json, so an interrupted run is never taken for a finished one. run.json
+records the sha256 of every other file and is sealed (``gancleanse.integrity``); every read below
+verifies the bytes it parses. The format's facts and checks live in ``run_format``, the (de)serialization
+of states in ``state_files``; this module opens a run and serves what it recorded.
 """
 
 from __future__ import annotations
@@ -41,9 +37,10 @@ from .data.base import SPLIT_NAMES, as_float
 from .errors import ConfigError, RunDirError
 from .integrity import read_verified
 from .models import GANModules, build_models
+from .models.trainable import freeze
 from .run_format import (DTYPES, EVAL_SPLITS, FROZEN_FILE, check_label_tensors, check_meta_against_config,
-                         checkpoint_name, read_meta)
-from .state_files import check_finite_tensors, parse_tensors, to_device, unflatten_state
+                         checkpoint_name, is_index_tensor, read_meta)
+from .state_files import parse_tensors, to_device, unflatten_state
 from .training.dynamics import Dynamics, State, StepBatch, gather_batch
 from .training.schedule import Schedule
 
@@ -63,11 +60,8 @@ def torch_threads(n: int | None) -> Iterator[None]:
 
 @dataclass
 class Run:
-    """A finished run directory, opened for reading.
-
-    Every file is verified against run.json's sha256 as it is read; ``Run.open`` checks
-    run.json's seal and the config. ``verify`` (``gancleanse verify``) checks everything.
-    """
+    """A finished run directory, opened for reading: ``Run.open`` checks run.json's seal and the
+    config, every file is checked against its sha256 as it is read, ``gancleanse verify`` checks all."""
 
     path: Path
     cfg: Config
@@ -79,13 +73,10 @@ class Run:
     def open(cls, path: str | Path, models: GANModules | None = None, extractor: str | Path | None = None,
              device: str | None = None) -> "Run":
         """Open a finished run; ``models`` are required for runs trained with user modules.
-
-        ``extractor``: the TorchScript feature extractor for is/fid/kid. Loading one runs
-        code, so it is never taken from the run directory's stored config: a run whose
-        config names one needs it named here (the CLI's ``--extractor``).
-        ``device``: where to compute (default: the config's ``train.device``); a device of
-        another kind than the recorded one works, with a warning (not bitwise).
-        """
+        ``extractor``: the TorchScript feature extractor for is/fid/kid. Loading one runs code, so it is
+        never taken from the run's stored config: a run whose config names one needs it named here (the
+        CLI's ``--extractor``). ``device``: where to compute (default: ``train.device``); another kind
+        than the recorded one works, with a warning (not bitwise)."""
         path = Path(path)
         if not path.is_dir():
             partial = path.with_name(path.name + ".partial")
@@ -111,8 +102,7 @@ class Run:
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle what reopens the run in another process (caches are rebuilt there)."""
-        state = {"path": self.path, "cfg": self.cfg, "meta": self.meta, "extractor": self.extractor,
-                 "device": self.device}
+        state = {key: getattr(self, key) for key in ("path", "cfg", "meta", "extractor", "device")}
         if self.cfg.model.arch == "custom":
             state["models"] = self.models
         return state
@@ -132,9 +122,7 @@ class Run:
 
     def read_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """The run's safetensors file ``name``: verified, parsed and finite."""
-        tensors = parse_tensors(self.read(name), f"{name} in {self.path}")
-        check_finite_tensors(tensors, f"{name} in {self.path}")
-        return tensors
+        return parse_tensors(self.read(name), f"{name} in {self.path}")
 
     # --- derived objects -------------------------------------------------------
     @cached_property
@@ -180,8 +168,6 @@ class Run:
     def with_constants(self, models: GANModules) -> GANModules:
         """``models`` with the run's frozen parameters put in (a run without any: unchanged)."""
         if FROZEN_FILE in self.meta["files"]:
-            from .models.trainable import freeze
-
             flat = self.read_tensors(FROZEN_FILE)
             freeze(models, {player: {k[2:]: v for k, v in flat.items() if k.startswith(player + "/")}
                             for player in ("d", "g")})
@@ -198,8 +184,7 @@ class Run:
 
     @cached_property
     def _train_stored(self) -> torch.Tensor:
-        """The training split as stored (uint8 for images), moved to the device once: steps
-        gather and decode their minibatch there."""
+        """The training split as stored (uint8 for images) on the device: steps gather and decode there."""
         return self.splits.train.to(self.device)
 
     @property
@@ -231,13 +216,9 @@ class Run:
 
     @property
     def has_classifier_features(self) -> bool:
-        """Whether the metrics' classifier features exist for this run: is/fid/kid and
-        ``--features classifier`` work exactly then.
-
-        With an extractor named at ``open`` they always do; one the config names but that was
-        not named again is never loaded; else the run's own classifier needs labelled images
-        (N, C, H, W) of at least 4x4 (its two 2x pools).
-        """
+        """Whether the metrics' classifier features (is/fid/kid, ``--features classifier``) exist: always
+        with an extractor named at ``open``, never with one only the config names; else the run's own
+        classifier needs labelled images (N, C, H, W) of at least 4x4 (its two 2x pools)."""
         if self.extractor:
             return True
         if self.cfg.metric.extractor:
@@ -251,21 +232,15 @@ class Run:
         recorded = self.read_tensors("schedule.safetensors")
         label = f"schedule.safetensors in {self.path}"
         steps, batch_size, z_dim = self.final_step - self.window_start, self.cfg.train.batch_size, self.cfg.model.z_dim
-        separate_latents = self.cfg.train.update != "simultaneous"
-        shapes = {"indices": (steps, batch_size), "z_d": (steps, batch_size, z_dim)}
-        if separate_latents:
-            shapes["z_g"] = (steps, batch_size, z_dim)
-        if self.conditional:
-            shapes["c_d"] = (steps, batch_size)
-            if separate_latents:
-                shapes["c_g"] = (steps, batch_size)
+        players = ("d",) if self.cfg.train.update == "simultaneous" else ("d", "g")  # shared latents: stored once
+        shapes = {"indices": (steps, batch_size), **{f"z_{p}": (steps, batch_size, z_dim) for p in players},
+                  **({f"c_{p}": (steps, batch_size) for p in players} if self.conditional else {})}
         for key, shape in shapes.items():
             if key not in recorded:
                 raise RunDirError(f"{label}: no {key!r} tensor")
             if tuple(recorded[key].shape) != shape:
                 raise RunDirError(f"{label}: {key} has shape {tuple(recorded[key].shape)}, the window needs {shape}")
-        idx = recorded["indices"]
-        if idx.dtype != torch.int64 or (idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < self.n_train)):
+        if not is_index_tensor(recorded["indices"], self.n_train):
             raise RunDirError(f"{label}: instance indices must be int64 in 0..{self.n_train - 1}")
         if self.conditional:
             check_label_tensors(recorded, ("c_d", "c_g"), self.splits.n_classes, label)
@@ -300,9 +275,8 @@ class Run:
         """The first step of ``epoch``, which must lie in the recorded window."""
         step = epoch * self.steps_per_epoch
         if not self.window_start <= step < self.final_step:
-            first = self.window_start // self.steps_per_epoch
             raise RunDirError(f"epoch {epoch} is outside the recorded window "
-                              f"(epochs {first}..{self.cfg.train.epochs - 1})")
+                              f"(epochs {self.window_start // self.steps_per_epoch}..{self.cfg.train.epochs - 1})")
         return step
 
     @cached_property
@@ -329,10 +303,8 @@ class Run:
         if step < self.window_start:
             latents, labels = self.schedule.latents(step), self.schedule.labels(step)
         else:  # recorded, already on the device
-            i = step - self.window_start
-            window = self._window_latents
-            z_d = window["z_d"][i]
-            c_d = window["c_d"][i] if "c_d" in window else None
+            i, window = step - self.window_start, self._window_latents
+            z_d, c_d = window["z_d"][i], (window["c_d"][i] if "c_d" in window else None)
             latents = (z_d, window["z_g"][i] if "z_g" in window else z_d)
             labels = (c_d, window["c_g"][i] if "c_g" in window else c_d)
         return gather_batch(self._train_stored, self.y_train, self.indices(step), step, latents, labels,
@@ -340,8 +312,7 @@ class Run:
 
     @cached_property
     def _window_latents(self) -> dict[str, torch.Tensor]:
-        """The recorded window's latents in the model's dtype (and generated labels), on the
-        device (moved once)."""
+        """The recorded window's latents in the model's dtype (and generated labels), on the device."""
         return {k: v.to(self.device) if k.startswith("c_") else v.to(self.device, self.dtype)
                 for k, v in self._schedule.items() if k != "indices"}
 
@@ -369,8 +340,7 @@ class Run:
             if self.conditional and (labels is None or tuple(labels.shape) != (n_samples,)):
                 raise RunDirError(f"{label}: {split + '_labels'!r} must have shape ({n_samples},)")
         if self.conditional:
-            check_label_tensors(stored, tuple(f"{split}_labels" for split in EVAL_SPLITS), self.splits.n_classes,
-                                label)
+            check_label_tensors(stored, tuple(f"{split}_labels" for split in EVAL_SPLITS), self.splits.n_classes, label)
         return stored
 
     def eval_latents(self, split: str) -> torch.Tensor:

@@ -1,8 +1,6 @@
-"""The run directory's format facts: file names, run.json's fields and the checks of them.
-
-What training writes and what ``Run.open`` / ``verify`` accept are defined here once: the
-format version, the checkpoint names and steps, the fields run.json must carry (sealed), the
-numbers it derives from the config, and the evaluation latents (and labels) file.
+"""The run directory's format facts, defined once for what training writes and what ``Run.open`` /
+``verify`` accept: the format version, the checkpoint names and steps, the fields run.json must carry
+(sealed), the numbers it derives from the config, and the evaluation latents (and labels) file.
 """
 
 from __future__ import annotations
@@ -25,10 +23,8 @@ FROZEN_FILE = "frozen.safetensors"  # parameters that do not train: constants, s
 EVAL_SPLITS = ("valid", "test")
 
 META_FIELDS: dict[str, type] = {
-    "format": int, "status": str, "threads": int, "n_train": int, "steps_per_epoch": int,
-    "total_steps": int, "window": dict, "checkpoints": list, "data_fingerprint": str, "files": dict,
-    "seal": str,
-}
+    "format": int, "status": str, "threads": int, "n_train": int, "steps_per_epoch": int, "total_steps": int,
+    "window": dict, "checkpoints": list, "data_fingerprint": str, "files": dict, "seal": str}
 
 
 def checkpoint_name(step: int) -> str:
@@ -84,21 +80,15 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 def check_meta_against_config(meta: dict[str, Any], cfg: Config, label: str) -> None:
     """The numbers run.json derives from the config must be the ones the config gives."""
-    train = cfg.train
-    n_train = cfg.data.n_train
+    train, n_train = cfg.train, cfg.data.n_train
     steps_per_epoch = n_train // train.batch_size if n_train else 0
-    expected = {
-        "n_train": n_train, "steps_per_epoch": steps_per_epoch, "total_steps": train.epochs * steps_per_epoch,
-        "threads": train.threads,
-        "window": {"start_epoch": train.record_from_epoch,
-                   "start_step": (train.record_from_epoch or 0) * steps_per_epoch,
-                   "end_step": train.epochs * steps_per_epoch},
-    }
+    start, total = (train.record_from_epoch or 0) * steps_per_epoch, train.epochs * steps_per_epoch
+    expected = {"n_train": n_train, "steps_per_epoch": steps_per_epoch, "total_steps": total, "threads": train.threads,
+                "window": {"start_epoch": train.record_from_epoch, "start_step": start, "end_step": total}}
     for key, value in expected.items():
         if meta[key] != value:
             raise RunDirError(f"{label}: {key} = {meta[key]!r} disagrees with config.toml ({value!r})")
-    checkpoints = window_checkpoints(expected["window"]["start_step"], expected["total_steps"],
-                                     train.checkpoint_every, steps_per_epoch)
+    checkpoints = window_checkpoints(start, total, train.checkpoint_every, steps_per_epoch)
     if meta["checkpoints"] != checkpoints:
         raise RunDirError(f"{label}: the checkpoint steps disagree with config.toml")
     for name in ["config.toml", "schedule.safetensors", "eval_latents.safetensors", "splits.json",
@@ -107,15 +97,16 @@ def check_meta_against_config(meta: dict[str, Any], cfg: Config, label: str) -> 
             raise RunDirError(f"{label}: no sha256 recorded for {name}")
 
 
+def is_index_tensor(values: torch.Tensor, n: int) -> bool:
+    """Whether ``values`` are int64 in 0..n-1 (instance indices, class labels)."""
+    return values.dtype == torch.int64 and (values.numel() == 0 or (0 <= int(values.min()) and int(values.max()) < n))
+
+
 def check_label_tensors(tensors: dict[str, torch.Tensor], names: tuple[str, ...], n_classes: int,
                         label: str) -> None:
     """Stored generated labels (those of ``names`` present) must be int64 classes of the data."""
     for name in names:
-        labels = tensors.get(name)
-        if labels is None:
-            continue
-        if labels.dtype != torch.int64 or (labels.numel() and not (0 <= int(labels.min())
-                                                                   and int(labels.max()) < n_classes)):
+        if name in tensors and not is_index_tensor(tensors[name], n_classes):
             raise RunDirError(f"{label}: {name} must hold int64 labels in 0..{n_classes - 1}")
 
 

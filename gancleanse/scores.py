@@ -33,10 +33,9 @@ SIDECAR_MAX_BYTES = 16 * 2**20  # a SCORES.json is a few kB; refuse to parse any
 class Scores:
     """One score per training instance. ``harmfulness > 0``: removal predicted to help; higher first.
 
-    For ``itd``/``aid``, ``influence`` is the predicted V(without j) - V(with j) and
-    harmfulness follows the metric's direction. For baselines, ``influence`` is the raw score
-    (Isolation Forest ``score_samples``, distance to the k-th neighbour, the discriminator's
-    logit, random draws) and ``harmfulness`` its removal order.
+    For ``itd``/``aid``, ``influence`` is the predicted V(without j) - V(with j) and harmfulness follows the metric's
+    direction. For baselines, ``influence`` is the raw score (Isolation Forest ``score_samples``, distance to the k-th
+    neighbour, the discriminator's logit, random draws) and ``harmfulness`` its removal order.
     """
 
     metric: str
@@ -52,7 +51,6 @@ class Scores:
     def from_influence(cls, metric: str, method: str, influence: np.ndarray, **kw: Any) -> "Scores":
         return cls(metric, method, influence, direction(metric) * influence, **kw)
 
-    # ------------------------------------------------------------------ the ranking
     def ranking(self) -> np.ndarray:
         """Every index, most harmful first (``harmful_first``)."""
         return harmful_first(self.harmfulness)
@@ -68,19 +66,16 @@ class Scores:
     def key_list(self) -> list[str]:
         return self.keys if self.keys is not None else [f"#{i}" for i in range(len(self.harmfulness))]
 
-    # ------------------------------------------------------------------ files
     def save(self, path: str | Path, run: "Run | None" = None) -> None:
-        """SCORES.csv, its SCORES.json and (with horizons) SCORES.horizons.csv; the CSV last, so its
-        presence means the whole set is written."""
+        """SCORES.csv, its SCORES.json and (with horizons) SCORES.horizons.csv; the CSV last, so its presence means the
+        whole set is written."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         keys = self.key_list()
         if len(keys) != len(self.influence):
             raise GancleanseError(f"{len(keys)} instance keys for {len(self.influence)} scores")
-        info: dict[str, Any] = {"metric": self.metric, "method": self.method}
-        if run is not None:
-            info.update(run=str(run.path.resolve()), n_train=run.n_train)
-        info.update(self.info)
+        run_info = {} if run is None else {"run": str(run.path.resolve()), "n_train": run.n_train}
+        info: dict[str, Any] = {"metric": self.metric, "method": self.method, **run_info, **self.info}
         if self.horizons:
             hpath = path.with_name(path.stem + ".horizons.csv")
             sign = direction(self.metric)
@@ -94,19 +89,24 @@ class Scores:
 
     @classmethod
     def load(cls, path: str | Path) -> "Scores":
-        """A SCORES.csv (and its SCORES.json, if present) read back and checked: rows 0..N-1 in
-        order, finite numbers; every problem is one error naming the file."""
+        """A SCORES.csv (and its SCORES.json, if present) read back and checked: rows 0..N-1 in order, finite numbers;
+        every problem is one error naming the file."""
         path = Path(path)
         if not path.is_file():
             raise GancleanseError(f"scores file not found: {path}")
-        rows = _read_rows(path)
-        has_keys = len(rows[0]) > 3 and rows[0][3] == "key"
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.reader(f))
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise GancleanseError(f"{path}: cannot read the scores ({e})") from None
+        if not rows or rows[0][:3] != HEADER[:3]:
+            raise GancleanseError(f"{path}: not a SCORES.csv (header must start with index,influence,harmfulness)")
         body = rows[1:]
         try:
             index = [int(r[0]) for r in body]
             influence = np.array([float(r[1]) for r in body])
             harm = np.array([float(r[2]) for r in body])
-            keys = [r[3] for r in body] if has_keys else None
+            keys = [r[3] for r in body] if rows[0][3:4] == ["key"] else None
         except (ValueError, IndexError) as e:
             raise GancleanseError(f"{path}: malformed row ({e}); delete it to recompute it") from None
         if index != list(range(len(body))):
@@ -121,17 +121,6 @@ class Scores:
 def harmful_first(harmfulness: "np.ndarray | list[float]") -> np.ndarray:
     """Indices by harmfulness, highest first, ties broken by index: the one removal order of gancleanse."""
     return np.argsort(-np.asarray(harmfulness, dtype=np.float64), kind="stable")
-
-
-def _read_rows(path: Path) -> list[list[str]]:
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise GancleanseError(f"{path}: cannot read the scores ({e})") from None
-    if not rows or rows[0][:3] != HEADER[:3]:
-        raise GancleanseError(f"{path}: not a SCORES.csv (header must start with index,influence,harmfulness)")
-    return rows
 
 
 def read_sidecar(path: Path) -> dict[str, Any]:

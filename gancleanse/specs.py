@@ -1,8 +1,7 @@
 """What gancleanse can measure and how it can rank: the registries every layer reads.
 
-A leaf module (it imports only ``errors`` and ``options``): the config validates names
-against it, the CLI builds its choices and flags from it, the study decides what to score
-from it, and the scorer and metric modules are imported only when they run.
+A leaf module: the config validates names against it, the CLI builds its choices and flags from it, the study decides
+what to score from it, and the scorer and metric modules are imported only when they run.
 """
 
 from __future__ import annotations
@@ -10,29 +9,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import ConfigError
-from .options import (AIDOptions, IsolationForestOptions, ITDOptions, KNNOptions, NoOptions,
-                      ScorerOptions)
+from .options import AIDOptions, IsolationForestOptions, ITDOptions, KNNOptions, NoOptions, ScorerOptions
 
 
 @dataclass(frozen=True)
 class MetricSpec:
-    """An evaluation metric: ``needs`` "features" (a classifier or extractor on image data),
-    "points" (the data themselves) or "discriminator" (the trained D)."""
+    """An evaluation metric: ``needs`` "features" (a classifier or extractor on image data), "points" (the data
+    themselves) or "discriminator" (the trained D)."""
 
     name: str
     label: str
     higher_is_better: bool
     needs: str
-    summary: str
 
 
 METRIC_SPECS: dict[str, MetricSpec] = {m.name: m for m in (
-    MetricSpec("all", "ALL", True, "points", "average log-likelihood of held-out points under a KDE of samples"),
-    MetricSpec("is", "IS", True, "features", "Inception Score from the classifier's logits"),
-    MetricSpec("log_is", "log IS", True, "features", "log of the Inception Score"),
-    MetricSpec("fid", "FID", False, "features", "Frechet distance of classifier features"),
-    MetricSpec("kid", "KID", False, "features", "unbiased polynomial-kernel MMD^2 of classifier features"),
-    MetricSpec("loss_d", "D loss", False, "discriminator", "the discriminator loss on held-out data"),
+    MetricSpec("all", "ALL", True, "points"),  # average log-likelihood of held-out points under a KDE of samples
+    MetricSpec("is", "IS", True, "features"),  # Inception Score from the classifier's logits
+    MetricSpec("log_is", "log IS", True, "features"),
+    MetricSpec("fid", "FID", False, "features"),  # Frechet distance of classifier features
+    MetricSpec("kid", "KID", False, "features"),  # unbiased polynomial-kernel MMD^2 of classifier features
+    MetricSpec("loss_d", "D loss", False, "discriminator"),  # the discriminator loss on held-out data
 )}
 METRICS = tuple(METRIC_SPECS)
 HIGHER_IS_BETTER = {m.name: m.higher_is_better for m in METRIC_SPECS.values()}
@@ -57,8 +54,8 @@ FEATURES = ("raw", "classifier")
 class ScorerSpec:
     """A scorer: its module under ``gancleanse.influence``, what it ranks with, its options.
 
-    ``uses``: "metric" (one score file per scored metric), "features" (fitted on raw data,
-    and on the metric classifier's features for labelled image data) or "nothing".
+    ``uses``: "metric" (one score file per scored metric), "features" (fitted on raw data, and on the metric
+    classifier's features for labelled image data) or "nothing".
     """
 
     name: str
@@ -79,7 +76,6 @@ SCORERS: dict[str, ScorerSpec] = {s.name: s for s in (
     ScorerSpec("random", "random_order", "nothing", "a seeded random order"),
 )}
 METHODS = tuple(SCORERS)
-OPTION_TABLES = tuple(name for name, s in SCORERS.items() if s.options is not NoOptions)
 
 
 def scorer_spec(method: str) -> ScorerSpec:
@@ -88,5 +84,4 @@ def scorer_spec(method: str) -> ScorerSpec:
     return SCORERS[method]
 
 
-# Defaults shared by the CLI, the API and the config.
-DEFAULT_CHECK = 32  # trust-check retrains per scoring
+DEFAULT_CHECK = 32  # trust-check retrains per scoring: the default of the CLI, the API and the config

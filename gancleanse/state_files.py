@@ -1,8 +1,7 @@
 """Training states as flat tensor files: the (de)serialization of checkpoints.
 
-A state is nested dicts of tensors (``{"d": {...}, "opt_d": {"m": {...}}, ...}``); on disk it
-is one safetensors file whose keys are the paths joined by ``/``. Reads name the file they
-parse in every error, so a damaged run says which file is damaged.
+A state is nested dicts of tensors (``{"d": {...}, "opt_d": {"m": {...}}, ...}``); on disk it is one
+safetensors file whose keys are the paths joined by ``/``. Errors name the file, so a damaged run says which.
 """
 
 from __future__ import annotations
@@ -23,24 +22,18 @@ STATE_KEYS = ("d", "g", "opt_d", "opt_g", "ema_g")
 def flatten_state(state: State) -> dict[str, torch.Tensor]:
     """Nested dicts of tensors -> {"d/net.0.weight": ..., "opt_d/m/net.0.weight": ...}."""
     flat: dict[str, torch.Tensor] = {}
-
-    def walk(prefix: str, node: Any) -> None:
+    for key, node in state.items():
         if isinstance(node, dict):
-            for key, child in node.items():
-                walk(f"{prefix}/{key}" if prefix else key, child)
+            flat.update({f"{key}/{inner}": value for inner, value in flatten_state(node).items()})
         else:
-            flat[prefix] = node.detach().contiguous()
-
-    walk("", state)
+            flat[key] = node.detach().contiguous()
     return flat
 
 
 def unflatten_state(flat: dict[str, torch.Tensor]) -> State:
-    """Inverse of ``flatten_state``, in the canonical key order that ``Dynamics.step`` emits.
-
-    ``torch.func`` matches trees by structure including key order, so every state that is
-    loaded must order its keys alike: top level as in STATE_KEYS, leaves sorted by name.
-    """
+    """Inverse of ``flatten_state``, in the canonical key order that ``Dynamics.step`` emits: ``torch.func``
+    matches trees by structure including key order, so every loaded state orders its keys alike (top
+    level as in STATE_KEYS, leaves sorted by name)."""
     nested: dict = {}
     for key in sorted(flat):
         parts = key.split("/")
@@ -48,9 +41,8 @@ def unflatten_state(flat: dict[str, torch.Tensor]) -> State:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = flat[key]
-    nested.setdefault("opt_d", {})
-    nested.setdefault("opt_g", {})
-    return {k: nested[k] for k in STATE_KEYS if k in nested}
+    # an optimizer without state (SGD) has no tensors on disk, but its key in the state
+    return {k: nested.get(k, {}) for k in STATE_KEYS if k in nested or k.startswith("opt_")}
 
 
 def save_state(state: State, path: Path) -> None:
@@ -68,15 +60,13 @@ def to_device(tree: Any, device: torch.device) -> Any:
 
 
 def parse_tensors(data: bytes, label: str) -> dict[str, torch.Tensor]:
-    """safetensors bytes -> tensors, with a parse failure named by ``label``."""
+    """safetensors bytes -> tensors, each float finite (training never writes a NaN, so one means
+    damage); a failure is named by ``label``."""
     try:
-        return load_safetensors(data)
+        tensors = load_safetensors(data)
     except Exception as e:  # safetensors raises its own error types
         raise RunDirError(f"{label}: not a readable safetensors file ({e})") from None
-
-
-def check_finite_tensors(tensors: dict[str, torch.Tensor], label: str) -> None:
-    """Every stored float must be finite: training never writes a NaN, so one means damage."""
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise RunDirError(f"{label}: non-finite values in {key}")
+    return tensors

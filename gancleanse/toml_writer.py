@@ -1,5 +1,5 @@
-"""TOML out: the standard library reads TOML (tomllib) but does not write it, and configs are
-saved into every run and study directory, so this small writer covers what they hold."""
+"""TOML out: the standard library reads TOML (tomllib) but does not write it, and configs are saved into every run and
+study directory, so this small writer covers what they hold."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 
 
 def dump_toml(sections: dict[str, dict[str, Any]]) -> str:
-    """Write the section dicts that configs use as TOML: a dict inside a section becomes the
-    table ``[section.key]`` (written only if it sets something); None values are omitted."""
+    """Write the section dicts that configs use as TOML: a dict inside a section becomes the table ``[section.key]``
+    (written only if it sets something); None values are omitted."""
     lines: list[str] = []
     for name, values in sections.items():
         lines.append(f"[{name}]")

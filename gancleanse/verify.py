@@ -1,11 +1,10 @@
 """``gancleanse verify``: check everything a run directory claims, down to a bitwise replay.
 
-Opening a run already checks run.json's seal, the config's hash and the numbers run.json
-derives from it; each later read checks the file it reads. ``verify_run`` reads all of
-them, compares the recorded schedule and evaluation latents with the ones their seeds
-regenerate, and replays the recorded window from its first checkpoint, comparing every
-checkpoint on the way bit for bit (on the recorded thread count, on the CPU).
-"""
+Opening a run already checks run.json's seal, the config's hash and the numbers run.json derives from
+it; each later read checks the file it reads. ``verify_run`` reads all of them, compares the recorded
+schedule and evaluation latents with the ones their seeds regenerate, and replays the recorded window
+from its first checkpoint, comparing every checkpoint on the way bit for bit (on the recorded thread
+count, on the CPU)."""
 
 from __future__ import annotations
 
@@ -15,20 +14,20 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from . import device as devices
 from .data.base import SPLIT_NAMES
 from .errors import RunDirError
 from .run import Run, torch_threads
 from .run_format import EVAL_SPLITS, checkpoint_name, read_meta
 from .state_files import flatten_state
+from .training.recorder import WINDOW_DRAWS, check_finite
 from .training.schedule import eval_labels, eval_latents
 
 
 def verify_run(run: Run, *, replay: bool = True, report: Callable[[str], None] = print,
                progress: bool = False) -> list[str]:
     """Check every file and claim of ``run``; raise RunDirError naming the first that fails.
-
-    Returns (and passes to ``report``) one line per check that passed.
-    """
+    Returns (and passes to ``report``) one line per check that passed."""
     lines: list[str] = []
 
     def ok(line: str) -> None:
@@ -41,11 +40,9 @@ def verify_run(run: Run, *, replay: bool = True, report: Callable[[str], None] =
     size = sum(len(run.read(name)) for name in sorted(meta["files"]))
     ok(f"{len(meta['files'])} files match the sha256 recorded in run.json ({size / 1e6:.1f} MB)")
 
-    splits = run.splits
-    recorded = run.recorded_splits
+    splits, recorded = run.splits, run.recorded_splits
     for name in SPLIT_NAMES:
-        n_instances = int(getattr(splits, name).shape[0])
-        if len(recorded[name]) != n_instances:
+        if len(recorded[name]) != (n_instances := int(getattr(splits, name).shape[0])):
             raise RunDirError(f"splits.json in {run.path}: {len(recorded[name])} {name} keys for {n_instances} "
                               "instances")
     if splits.train.shape[0] != run.n_train:
@@ -62,9 +59,8 @@ def verify_run(run: Run, *, replay: bool = True, report: Callable[[str], None] =
                            eval_latents(metric.seed, split, metric.n_samples, run.cfg.model.z_dim)):
             raise RunDirError(f"eval_latents.safetensors in {run.path}: the {split} latents are not the ones "
                               f"metric.seed = {metric.seed} gives")
-        if run.conditional and not torch.equal(run._eval_latents[f"{split}_labels"],
-                                               eval_labels(metric.seed, split, metric.n_samples,
-                                                           run.label_frequencies)):
+        if run.conditional and not torch.equal(run._eval_latents[f"{split}_labels"], eval_labels(
+                metric.seed, split, metric.n_samples, run.label_frequencies)):
             raise RunDirError(f"eval_latents.safetensors in {run.path}: the {split} labels are not the ones "
                               f"metric.seed = {metric.seed} draws from the training labels' frequencies")
     ok(f"eval_latents.safetensors: equal to the latents{' and labels' if run.conditional else ''} "
@@ -96,23 +92,14 @@ def _check_schedule(run: Run) -> None:
     recorded = run._schedule  # shape and index range are checked as it loads
     regenerated = run.schedule
     for i, step in enumerate(range(run.window_start, run.final_step)):
-        z_d, z_g = regenerated.latents(step)
-        same = torch.equal(recorded["indices"][i], regenerated.indices(step)) and torch.equal(recorded["z_d"][i], z_d)
-        if "z_g" in recorded:
-            same = same and torch.equal(recorded["z_g"][i], z_g)
-        c_d, c_g = regenerated.labels(step)
-        for key, labels in (("c_d", c_d), ("c_g", c_g)):
-            if key in recorded:
-                same = same and torch.equal(recorded[key][i], labels)
-        if not same:
+        drawn = (regenerated.indices(step), *regenerated.latents(step), *regenerated.labels(step))
+        if not all(torch.equal(recorded[key][i], value) for key, value in zip(WINDOW_DRAWS, drawn) if key in recorded):
             raise RunDirError(f"schedule.safetensors in {run.path}: step {step} differs from the minibatch and "
                               f"latents train.seed = {run.cfg.train.seed} gives")
 
 
 def _replay_matches(run: Run, progress: bool) -> int:
     """Replay the window step by step; every checkpoint on the way must match bitwise."""
-    from .training.recorder import check_finite
-
     dyn = run.dynamics
     ones = torch.ones(run.cfg.train.batch_size, dtype=run.dtype, device=run.device)
     checked = 0
@@ -135,8 +122,6 @@ def _replay_matches(run: Run, progress: bool) -> int:
 
 def open_for_replay(path: Path, device: str | None = None) -> Run:
     """Open a run on ``device``, by default on the kind of device that trained it (where present)."""
-    from . import device as devices
-
     return Run.open(path, device=device or devices.recorded_kind(str(read_meta(Path(path)).get("device", "cpu"))))
 
 
@@ -147,7 +132,6 @@ def verify_study(path: Path, *, replay: bool = True, report: Callable[[str], Non
 
     if not is_study_dir(path):
         raise RunDirError(f"{path} is neither a run directory (run.json) nor a study directory ({STUDY_MARKER})")
-    lines: list[str] = []
     run_ids: dict[str, str] = {}
     run_dirs = sorted(path.glob("seeds/seed_*/run")) + sorted(path.glob("export/run"))
     for run_dir in run_dirs:
@@ -159,7 +143,7 @@ def verify_study(path: Path, *, replay: bool = True, report: Callable[[str], Non
         for stored in sorted((run_dir.parent / "scores").glob("*.json")) + ([check] if check.is_file() else []):
             if stored_run_id(stored) != run.id:
                 raise RunDirError(f"{stored}: these scores or checks name another run than {run_dir}")
-    lines.append(f"{len(run_dirs)} replicate run(s) verified")
+    lines = [f"{len(run_dirs)} replicate run(s) verified"]
     report(lines[-1])
     parts = sorted(p for p in (path / "parts").glob("*.json"))
     for part in parts:

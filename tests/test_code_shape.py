@@ -103,9 +103,11 @@ def test_no_import_cycles():
 
 
 def test_registries_and_config_are_at_the_bottom():
-    leaves = {"gancleanse.errors", "gancleanse.options", "gancleanse.specs", "gancleanse.toml_writer"}
+    leaves = {"gancleanse.errors", "gancleanse.options", "gancleanse.specs", "gancleanse.toml_writer",
+              "gancleanse.validation"}
     assert GRAPH["gancleanse.errors"] == set()
-    assert GRAPH["gancleanse.options"] <= {"gancleanse.errors"}
+    assert GRAPH["gancleanse.validation"] == {"gancleanse.errors"}
+    assert GRAPH["gancleanse.options"] <= {"gancleanse.errors", "gancleanse.validation"}
     assert GRAPH["gancleanse.specs"] <= {"gancleanse.errors", "gancleanse.options"}
     assert GRAPH["gancleanse.toml_writer"] == set()
     assert GRAPH["gancleanse.config"] <= leaves
@@ -119,7 +121,7 @@ def test_training_does_not_import_the_scorers():
 
 def test_the_cli_uses_only_the_api_and_the_shared_registries():
     allowed = {"gancleanse.api", "gancleanse.cli_arguments", "gancleanse.config", "gancleanse.errors",
-               "gancleanse.specs", "gancleanse.options", "gancleanse.version"}
+               "gancleanse.specs", "gancleanse.options", "gancleanse.validation", "gancleanse.version"}
     assert GRAPH["gancleanse.cli"] <= allowed
     assert GRAPH["gancleanse.cli_arguments"] <= allowed
 

@@ -1,9 +1,7 @@
 """Datasets split into train / valid / test; only the discriminator ever sees them.
 
-``LOADERS`` maps every ``[data] name`` to the function that builds its splits, and
-``load_data`` dispatches through it: a new dataset is one module and one table row.
-The loaders import only ``base`` (and their own helpers), never this package, so the
-registry sits on top and the modules below it form no import cycle.
+``LOADERS`` maps every ``[data] name`` to the function that builds its splits: a new dataset is one module
+and one table row. The loaders never import this package, so the registry on top forms no import cycle.
 """
 
 from __future__ import annotations
@@ -33,14 +31,8 @@ def not_built(cfg: DataConfig) -> Splits:
     raise ConfigError(f"data.name = {cfg.name!r} is not available in this build")
 
 
-LOADERS: dict[str, Loader] = {
-    "gaussian2d": gaussian2d,
-    "digits": digits,
-    "mnist": mnist,
-    "npz": npz,
-    "images": load_images,
-    "custom": api_tensors,
-}
+LOADERS: dict[str, Loader] = {"gaussian2d": gaussian2d, "digits": digits, "mnist": mnist, "npz": npz,
+                              "images": load_images, "custom": api_tensors}
 
 
 def load_data(cfg: Config) -> Splits:

@@ -1,8 +1,5 @@
-"""The split container and the helpers every loader shares; it imports no loader.
-
-Loaders build a ``Splits``; the run, the metrics and export read it. Keeping the type here,
-below every loader, lets ``gancleanse.data`` register the loaders without an import cycle.
-"""
+"""The split container and the helpers every loader shares. It imports no loader, so
+``gancleanse.data`` can register the loaders on top of it without an import cycle."""
 
 from __future__ import annotations
 
@@ -15,19 +12,13 @@ import torch
 
 from ..errors import DataError
 
-
 SPLIT_NAMES = ("train", "valid", "test")
 
 
 def as_float(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Stored samples -> model values: uint8 pixels 0..255 map linearly onto [-1, 1].
-
-    Image datasets stay uint8 in memory (a quarter of float32, an eighth of float64) and
-    are converted one minibatch at a time; float data passes through with a cast.
-    """
-    if x.dtype == torch.uint8:
-        return x.to(dtype) / 127.5 - 1.0
-    return x.to(dtype)
+    """Stored samples -> model values: uint8 pixels 0..255 map linearly onto [-1, 1], floats are cast.
+    Image datasets stay uint8 in memory (an eighth of float64) and are converted a minibatch at a time."""
+    return x.to(dtype) / 127.5 - 1.0 if x.dtype == torch.uint8 else x.to(dtype)
 
 
 def permutation(n: int, seed: int) -> torch.Tensor:
@@ -35,15 +26,18 @@ def permutation(n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
+def row_keys(parts: tuple[torch.Tensor, ...]) -> dict[str, list[str]]:
+    """Instance keys ``#i``: the row of each split's instances in the source array."""
+    return {name: [f"#{int(i)}" for i in idx] for name, idx in zip(SPLIT_NAMES, parts)}
+
+
 @dataclass(frozen=True)
 class Splits:
     """Train / validation / test samples on the CPU; labels and instance keys where known.
 
-    Index ``j`` of ``train`` is instance ``j`` in every score file and removal list; its
-    stable name is ``keys["train"][j]`` (a file's relative path, or ``#i`` for row ``i`` of
-    an array). Samples are float64, or uint8 pixels for image files (see ``as_float``).
-    ``source`` describes where image files came from (format, path, what was skipped);
-    export and the run directory use it.
+    Index ``j`` of ``train`` is instance ``j`` in every score file and removal list; its stable name is
+    ``keys["train"][j]`` (a file's relative path, or ``#i`` for row ``i`` of an array). Samples are float64, or
+    uint8 pixels for image files (see ``as_float``). ``source``: where image files came from, for export.
     """
 
     train: torch.Tensor
@@ -62,9 +56,7 @@ class Splits:
 
     def split(self, name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The whole split ``name`` as model values (floats) of ``dtype``."""
-        if name not in SPLIT_NAMES:
-            raise ValueError(f"unknown split {name!r}")
-        return as_float(getattr(self, name), dtype)
+        return as_float(self.split_stored(name), dtype)
 
     def labels(self, name: str) -> torch.Tensor | None:
         """The split's class labels (int64), or None for unlabelled data."""
@@ -80,8 +72,7 @@ class Splits:
         return 1 + max(int(y.max()) for y in (self.y_train, self.y_valid, self.y_test) if y is not None and y.numel())
 
     def label_frequencies(self) -> torch.Tensor:
-        """How often each class occurs in the training split (float64, sums to 1): the
-        distribution a conditional GAN's generated labels are drawn from."""
+        """Each class's share of the training split (float64): a conditional GAN draws its labels from it."""
         counts = torch.bincount(self.y_train, minlength=self.n_classes).to(torch.float64)
         return counts / counts.sum()
 
@@ -106,24 +97,19 @@ class Splits:
 
     def key_list(self, name: str) -> list[str]:
         """Stable names of the split's instances (``#j`` by position when the data has none)."""
-        if self.keys is not None:
-            return list(self.keys[name])
-        return [f"#{j}" for j in range(getattr(self, name).shape[0])]
+        return list(self.keys[name]) if self.keys is not None else [f"#{j}" for j in range(len(getattr(self, name)))]
 
     def fingerprint(self) -> str:
-        """A hash of the data, saved in a run so that later data changes are caught.
-
-        For image files it covers every file's bytes and the split of their keys; otherwise
-        the split tensors' values.
-        """
+        """A hash of the data, saved in a run so that later data changes are caught: for image files
+        every file's bytes and the split of their keys, otherwise the split tensors' values."""
         digest = hashlib.sha256()
         if self.source is not None and "digest" in self.source:
             digest.update(self.source["digest"].encode())
             for name in SPLIT_NAMES:
                 digest.update(("\n".join([name, *self.key_list(name)]) + "\n").encode())
-            return digest.hexdigest()[:16]
-        for split in (self.train, self.valid, self.test):
-            digest.update(split.detach().contiguous().to(torch.float64).numpy().tobytes())
+        else:
+            for split in (self.train, self.valid, self.test):
+                digest.update(split.detach().contiguous().to(torch.float64).numpy().tobytes())
         return digest.hexdigest()[:16]
 
     @classmethod
@@ -131,26 +117,22 @@ class Splits:
                      y_train: torch.Tensor | None = None, y_valid: torch.Tensor | None = None,
                      y_test: torch.Tensor | None = None) -> "Splits":
         """User data, checked: same sample shape in every split, finite values, labels per sample."""
-        xs = {"train": train, "valid": valid, "test": test}
-        ys = {"train": y_train, "valid": y_valid, "test": y_test}
+        train_shape = tuple(torch.as_tensor(train).shape[1:])
         out = {}
-        for name, x in xs.items():
+        for name, x, y in zip(SPLIT_NAMES, (train, valid, test), (y_train, y_valid, y_test)):
             x = torch.as_tensor(x)
             if x.ndim < 2 or x.shape[0] == 0:
                 raise DataError(f"{name} split must have shape (N, ...) with N > 0, got {tuple(x.shape)}")
-            if x.shape[1:] != torch.as_tensor(train).shape[1:]:
-                raise DataError(f"{name} split has sample shape {tuple(x.shape[1:])}, train has "
-                                f"{tuple(torch.as_tensor(train).shape[1:])}")
+            if tuple(x.shape[1:]) != train_shape:
+                raise DataError(f"{name} split has sample shape {tuple(x.shape[1:])}, train has {train_shape}")
             x = x.detach().to(torch.float64).cpu().contiguous()
             if not torch.isfinite(x).all():
                 raise DataError(f"{name} split contains NaN or infinite values")
-            out[name] = x
-            y = ys[name]
             if y is not None:
                 y = torch.as_tensor(y).to(torch.int64).reshape(-1)
                 if y.shape[0] != x.shape[0]:
                     raise DataError(f"{name} labels: {y.shape[0]} for {x.shape[0]} samples")
-            out[f"y_{name}"] = y
+            out[name], out[f"y_{name}"] = x, y
         return cls(**out)
 
     @classmethod
@@ -164,11 +146,8 @@ class Splits:
         perm = permutation(n, seed)
         parts = perm[n_valid + n_test:], perm[:n_valid], perm[n_valid:n_valid + n_test]
         ys = [None] * 3 if y is None else [torch.as_tensor(y)[p] for p in parts]
-        splits = cls.from_tensors(*(x[p] for p in parts), *ys)
-        keys = {name: [f"#{int(i)}" for i in p] for name, p in zip(SPLIT_NAMES, parts)}
-        return dataclasses.replace(splits, keys=keys)
+        return dataclasses.replace(cls.from_tensors(*(x[p] for p in parts), *ys), keys=row_keys(parts))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor field by name (samples, and labels where present): what a run saves."""
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
-

@@ -1,7 +1,7 @@
 """scikit-learn's bundled handwritten digits: 1,797 labelled 8x8 images, no download needed.
 
-Small enough for image-GAN tests and examples that run in seconds on a CPU; with
-``data.image_size = 28`` they take the shape of MNIST and fit the paper's DCGAN.
+Small enough for image-GAN tests and examples that run in seconds on a CPU; with ``data.image_size = 28``
+they take the shape of MNIST and fit the paper's DCGAN.
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
-from .base import Splits
-from .images import resize, row_keys, split_indices
+from .base import Splits, row_keys
+from .images import resize, split_indices
 
-N_DIGITS = 1797
 MAX_PIXEL = 16.0  # the bundled images count pen strokes in 0..16
 
 
@@ -22,9 +21,7 @@ def digits(cfg: DataConfig) -> Splits:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    images = np.asarray(bunch.images, dtype=np.float64)
-    x = torch.from_numpy(images / (MAX_PIXEL / 2) - 1.0)[:, None]
+    x = torch.from_numpy(np.asarray(bunch.images, dtype=np.float64) / (MAX_PIXEL / 2) - 1.0)[:, None]
     y = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
     parts = split_indices(cfg, x.shape[0], "the scikit-learn digits")
-    xs = [resize(x[i], cfg.image_size) for i in parts]
-    return Splits(xs[0], xs[1], xs[2], y[parts[0]], y[parts[1]], y[parts[2]], keys=row_keys(parts))
+    return Splits(*(resize(x[i], cfg.image_size) for i in parts), *(y[i] for i in parts), keys=row_keys(parts))

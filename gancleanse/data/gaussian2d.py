@@ -18,5 +18,5 @@ def gaussian2d(cfg: DataConfig) -> Splits:
     n = n_train + cfg.n_valid + cfg.n_test
     chol = torch.linalg.cholesky(torch.tensor(COV, dtype=torch.float64))
     x = torch.randn(n, 2, generator=gen, dtype=torch.float64) @ chol.T + torch.tensor(MEAN, dtype=torch.float64)
-    end_train, end_valid = n_train, n_train + cfg.n_valid
-    return Splits(train=x[:end_train], valid=x[end_train:end_valid], test=x[end_valid:])
+    end_valid = n_train + cfg.n_valid
+    return Splits(train=x[:n_train], valid=x[n_train:end_valid], test=x[end_valid:])

@@ -1,8 +1,7 @@
 """Pixels -> the config's channel count and square size, for image files and arrays alike.
 
-Training images, reference images and ``export`` (which redraws removed instances) must
-be converted identically, so the rules live in one place: Pillow's grayscale and RGB
-conversions, a short-side resize with the ``resample`` filter, then a centre crop.
+Training images, reference images and ``export`` (which redraws removed instances) must be converted identically:
+Pillow's grayscale and RGB conversions, a short-side resize with the ``resample`` filter, then a centre crop.
 """
 
 from __future__ import annotations
@@ -19,12 +18,10 @@ GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
 
 def resample_filter(name: str) -> int:
-    """Pillow's resampling filter for ``data.resample``."""
+    """Pillow's resampling filter for ``data.resample`` (lanczos, bicubic, bilinear, box, hamming, nearest)."""
     from PIL import Image
 
-    return {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC,
-            "bilinear": Image.Resampling.BILINEAR, "box": Image.Resampling.BOX,
-            "hamming": Image.Resampling.HAMMING, "nearest": Image.Resampling.NEAREST}[name]
+    return Image.Resampling[name.upper()]
 
 
 def _channels_first(pixels: np.ndarray) -> np.ndarray:
@@ -54,21 +51,17 @@ class Converter:
             img = img.convert(mode)
             if self.size is not None:
                 img = self.resize(img)
-            pixels = np.asarray(img, dtype=np.uint8)
-        return _channels_first(pixels)
+            return _channels_first(np.asarray(img, dtype=np.uint8))
 
     def channels_mode(self, mode: str) -> str:
         """The Pillow mode to convert to: fixed by ``channels``, else gray stays gray."""
-        if self.channels == 1:
-            return "L"
-        if self.channels == 3:
-            return "RGB"
-        return "L" if mode in GRAY_MODES else "RGB"
+        if self.channels is None:
+            return "L" if mode in GRAY_MODES else "RGB"
+        return "L" if self.channels == 1 else "RGB"
 
     def resize(self, img):  # noqa: ANN001, ANN201 - PIL images, imported lazily
         """Short side to ``size`` with the filter, then the central ``size`` x ``size`` square."""
-        width, height = img.size
-        side = self.size
+        (width, height), side = img.size, self.size
         if (width, height) == (side, side):
             return img
         scale = side / min(width, height)
@@ -87,8 +80,7 @@ def channels_first(x: np.ndarray, source: str) -> np.ndarray:
                         f"got {tuple(x.shape)}")
     first, last = x.shape[1] in (1, 3, 4), x.shape[3] in (1, 3, 4)
     if first and last:  # both could be channels: the layout whose images are square wins
-        last = x.shape[1] == x.shape[2] and x.shape[2] != x.shape[3]
-        first = not last
+        first = not (x.shape[1] == x.shape[2] and x.shape[2] != x.shape[3])
     if first:
         return x
     if last:
@@ -106,11 +98,9 @@ def convert_array(x: np.ndarray, cfg: DataConfig, source: str) -> np.ndarray:
         x = x.astype(np.uint8, copy=False)
     if x.shape[1] == 4:
         x = x[:, :3]  # alpha dropped, as Pillow's RGBA -> RGB
-    target = cfg.channels or x.shape[1]
-    if target != x.shape[1]:
-        x = _to_gray(x) if target == 1 else np.repeat(x, 3, axis=1)
-    size = cfg.image_size
-    if size is not None and tuple(x.shape[2:]) != (size, size):
+    if (cfg.channels or x.shape[1]) != x.shape[1]:
+        x = _to_gray(x) if cfg.channels == 1 else np.repeat(x, 3, axis=1)
+    if cfg.image_size is not None and tuple(x.shape[2:]) != (cfg.image_size, cfg.image_size):
         x = _resize_array(x, cfg)
     return np.ascontiguousarray(x)
 
@@ -119,8 +109,7 @@ def _to_gray(x: np.ndarray) -> np.ndarray:
     """ITU-R 601-2 luma, as Pillow's RGB -> L (integer rounding for uint8)."""
     if x.dtype == np.uint8:
         wide = x.astype(np.uint32)
-        return ((wide[:, 0] * 19595 + wide[:, 1] * 38470 + wide[:, 2] * 7471 + 0x8000) >> 16
-                ).astype(np.uint8)[:, None]
+        return ((wide[:, 0] * 19595 + wide[:, 1] * 38470 + wide[:, 2] * 7471 + 0x8000) >> 16).astype(np.uint8)[:, None]
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None].astype(x.dtype)
 
 
@@ -129,8 +118,7 @@ def _resize_array(x: np.ndarray, cfg: DataConfig) -> np.ndarray:
     from PIL import Image
 
     convert = Converter(cfg)
-    side = cfg.image_size
-    out = np.empty((x.shape[0], x.shape[1], side, side), dtype=x.dtype)
+    out = np.empty((x.shape[0], x.shape[1], cfg.image_size, cfg.image_size), dtype=x.dtype)
     for i, img in enumerate(x):
         if x.dtype == np.uint8:
             pil = Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0))

@@ -1,26 +1,14 @@
 """A user's image dataset as it is on disk: a folder, a StyleGAN-style zip, or .npy/.npz arrays.
 
-``[data] name = "images"`` reads ``data.path``:
+``[data] name = "images"`` reads ``data.path``: a directory searched recursively for files Pillow opens (hidden
+ones skipped; labels from first-level subfolders with ``labels = "folders"``, or from a ``dataset.json`` at its
+root); a ``.zip`` as StyleGAN2-ADA/StyleGAN3's dataset tool writes it (optional ``dataset.json`` of
+``{"labels": [["rel/path.png", 3], ...]}`` or ``{"labels": null}``); or a ``.npy`` array, or an ``.npz`` with
+the images as ``x`` or ``arr_0`` (uint8 or float, NHWC or NCHW) and labels ``y``. Each instance's key is its
+relative path (forward slashes), or ``#i`` for row ``i`` of an array; the fingerprint covers the files' bytes.
 
-- a directory, searched recursively for files Pillow opens (hidden files and folders
-  skipped), instances sorted by relative path; labels from the first-level subfolder
-  names with ``labels = "folders"``, or from a ``dataset.json`` at its root;
-- a ``.zip`` as written by StyleGAN2-ADA/StyleGAN3's dataset tool (images at any depth,
-  optional ``dataset.json`` of ``{"labels": [["rel/path.png", 3], ...]}`` or
-  ``{"labels": null}``);
-- a ``.npy`` array, or an ``.npz`` with the images as ``x`` or ``arr_0`` (uint8 or float,
-  NHWC or NCHW) and optional labels ``y``.
-
-Every image is converted to ``channels`` (1 or 3; by default 1 when all are grayscale,
-else 3) and, with ``image_size``, resized so that its short side is ``image_size`` with
-the ``resample`` filter and centre-cropped to a square. Pixels stay uint8 in memory
-(``as_float`` maps them to [-1, 1] per minibatch). Every instance keeps a stable key: its
-relative path (forward slashes), or ``#i`` for row ``i`` of an array. The fingerprint
-covers the files' bytes, so a changed dataset is caught when a run is reopened.
-
-This module owns the split into train / valid / test (in place, for big pixel arrays) and
-the optional reference dataset; ``image_listing`` lists folders and zips,
-``image_convert`` converts pixels and ``image_sources`` reads one source whole.
+This module owns the split (in place, for big pixel arrays) and the reference dataset; ``image_listing`` lists
+folders and zips, ``image_convert`` converts pixels (channels, size), ``image_sources`` reads one source.
 """
 
 from __future__ import annotations
@@ -32,7 +20,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import ConfigError, DataError
-from .base import Splits, permutation
+from .base import SPLIT_NAMES, Splits, permutation
 from .image_sources import Images, read_source
 from .images import split_counts
 
@@ -41,23 +29,26 @@ __all__ = ["Images", "load_images", "permute_in_place", "read_source", "split_pi
 
 def permute_in_place(x: np.ndarray, order: np.ndarray) -> None:
     """``x[:] = x[order]`` with one row of extra memory (cycle following), for big pixel arrays."""
-    n = len(order)
-    done = np.zeros(n, dtype=bool)
+    done = np.zeros(len(order), dtype=bool)
     held = np.empty_like(x[0])  # each cycle's first row, saved before its place is overwritten
-    for start in range(n):
+    for start in range(len(order)):
         if done[start] or order[start] == start:
-            done[start] = True
             continue
         held[...] = x[start]
         i = start
-        while True:
-            j = order[i]
+        while order[i] != start:
             done[i] = True
-            if j == start:
-                x[i] = held
-                break
-            x[i] = x[j]
-            i = j
+            x[i] = x[order[i]]
+            i = order[i]
+        done[i] = True
+        x[i] = held
+
+
+def _as_splits(parts: list[tuple[Images, slice]], source: dict) -> Splits:
+    """Train / valid / test as row ranges of ``Images``: tensors share the arrays' memory."""
+    return Splits(*(torch.from_numpy(images.x[rows]) for images, rows in parts),
+                  *(None if images.y is None else torch.from_numpy(images.y[rows]) for images, rows in parts),
+                  keys={name: images.keys[rows] for name, (images, rows) in zip(SPLIT_NAMES, parts)}, source=source)
 
 
 def split_pixels(cfg: DataConfig, x: np.ndarray, y: np.ndarray | None, keys: list[str],
@@ -66,18 +57,10 @@ def split_pixels(cfg: DataConfig, x: np.ndarray, y: np.ndarray | None, keys: lis
     n_train, n_valid, n_test = split_counts(cfg, x.shape[0], what)
     order = permutation(x.shape[0], cfg.seed).numpy()
     permute_in_place(x, order)
-    keys = [keys[i] for i in order]
-    y = y[order] if y is not None else None
-    end_train, end_valid = n_train, n_train + n_valid
-    end_test = end_valid + n_test
-    pixels = torch.from_numpy(x)
-    labels = torch.from_numpy(y) if y is not None else None
-    ys = ((labels[:end_train], labels[end_train:end_valid], labels[end_valid:end_test]) if labels is not None
-          else (None, None, None))
-    return Splits(pixels[:end_train], pixels[end_train:end_valid], pixels[end_valid:end_test], *ys,
-                  keys={"train": keys[:end_train], "valid": keys[end_train:end_valid],
-                        "test": keys[end_valid:end_test]},
-                  source=source)
+    ordered = Images(x, None if y is None else y[order], [keys[i] for i in order], source)
+    end_valid = n_train + n_valid
+    return _as_splits([(ordered, slice(0, n_train)), (ordered, slice(n_train, end_valid)),
+                       (ordered, slice(end_valid, end_valid + n_test))], source)
 
 
 def _match_channels(train: Images, reference: Images) -> None:
@@ -87,17 +70,13 @@ def _match_channels(train: Images, reference: Images) -> None:
             images.x = np.repeat(images.x, 3, axis=1)
     if train.x.shape[1:] != reference.x.shape[1:]:
         raise DataError(f"training images are {tuple(train.x.shape[1:])} but reference images are "
-                        f"{tuple(reference.x.shape[1:])}; set data.image_size (and data.channels) to make them "
-                        "alike")
+                        f"{tuple(reference.x.shape[1:])}; set data.image_size (and data.channels) to make them alike")
 
 
 def load_images(cfg: DataConfig, progress: bool = False) -> Splits:
-    """The seeded train / valid / test split of ``data.path`` (uint8; float arrays keep their dtype).
-
-    With ``data.reference_path`` the validation and test splits are drawn from that
-    dataset instead (a curated set to measure against), and the training split is all of
-    ``data.path`` (or a seeded ``n_train`` of it).
-    """
+    """The seeded train / valid / test split of ``data.path`` (uint8; float arrays keep their dtype). With
+    ``data.reference_path`` the validation and test splits are drawn from that dataset instead (a curated set
+    to measure against), and the training split is all of ``data.path`` (or a seeded ``n_train``)."""
     if not cfg.path:
         raise ConfigError("data.name = 'images' needs data.path (an image folder, a .zip, or a .npy/.npz file)")
     train = read_source(cfg.path, cfg, "data.path", progress)
@@ -114,18 +93,11 @@ def load_images(cfg: DataConfig, progress: bool = False) -> Splits:
     if cfg.n_valid + cfg.n_test > ref.x.shape[0]:
         raise DataError(f"data.n_valid = {cfg.n_valid} + data.n_test = {cfg.n_test} exceeds the "
                         f"{ref.x.shape[0]} images in {cfg.reference_path}")
-    train_rows = _seeded_rows(train, n_train, cfg.seed)
-    eval_rows = _seeded_rows(ref, cfg.n_valid + cfg.n_test, cfg.seed)
-    n_valid = cfg.n_valid
+    evaluation = _seeded_rows(ref, cfg.n_valid + cfg.n_test, cfg.seed)
     source = dict(train.source, reference=ref.source,
                   digest=hashlib.sha256((train.source["digest"] + ref.source["digest"]).encode()).hexdigest())
-    ys = (None, None, None) if train_rows.y is None else (
-        torch.from_numpy(train_rows.y), torch.from_numpy(eval_rows.y[:n_valid]),
-        torch.from_numpy(eval_rows.y[n_valid:]))
-    eval_x = torch.from_numpy(eval_rows.x)
-    return Splits(torch.from_numpy(train_rows.x), eval_x[:n_valid], eval_x[n_valid:], *ys,
-                  keys={"train": train_rows.keys, "valid": eval_rows.keys[:n_valid],
-                        "test": eval_rows.keys[n_valid:]}, source=source)
+    return _as_splits([(_seeded_rows(train, n_train, cfg.seed), slice(None)), (evaluation, slice(0, cfg.n_valid)),
+                       (evaluation, slice(cfg.n_valid, None))], source)
 
 
 def _seeded_rows(images: Images, n: int, seed: int) -> Images:

@@ -1,8 +1,7 @@
 """Which files of an image folder or zip are images, how to read each one, and their labels.
 
-A folder and a StyleGAN-style zip differ only in how names are listed and bytes read, so
-both become one ``Listing`` that decoding and ``export`` use alike; the label rules (class
-subfolders, ``dataset.json``) work on its keys.
+A folder and a StyleGAN-style zip differ only in how names are listed and bytes read, so both become one
+``Listing`` that decoding and ``export`` use alike; the label rules work on its keys.
 """
 
 from __future__ import annotations
@@ -30,8 +29,7 @@ def image_extensions() -> frozenset[str]:
     from PIL import Image
 
     Image.init()
-    return frozenset(e for e, f in Image.registered_extensions().items()
-                     if f in Image.OPEN and e not in NOT_IMAGES)
+    return frozenset(e for e, f in Image.registered_extensions().items() if f in Image.OPEN and e not in NOT_IMAGES)
 
 
 @dataclass
@@ -71,9 +69,8 @@ def list_folder(root: Path) -> Listing:
         for filename in filenames:
             if _visible((filename,)) and Path(filename).suffix.lower() in extensions:
                 keys.append((rel_dir / filename).as_posix())
-    keys.sort()
     meta = root / DATASET_JSON
-    return Listing("folder", root, keys, lambda key: (root / key).read_bytes(),
+    return Listing("folder", root, sorted(keys), lambda key: (root / key).read_bytes(),
                    meta.read_bytes() if meta.is_file() else None)
 
 
@@ -84,9 +81,9 @@ def list_zip(path: Path) -> Listing:
     except (zipfile.BadZipFile, OSError) as e:
         raise DataError(f"{path}: not a readable zip archive ({e})") from None
     extensions = image_extensions()
-    keys = sorted(n for n in archive.namelist()
+    names = archive.namelist()
+    keys = sorted(n for n in names
                   if not n.endswith("/") and _visible(tuple(n.split("/"))) and Path(n).suffix.lower() in extensions)
-    names = set(archive.namelist())
 
     def read(key: str) -> bytes:
         try:
@@ -107,10 +104,13 @@ def open_listing(path: Path) -> Listing:
     raise DataError(f"data.path = {str(path)!r} is neither a directory nor a .zip, .npy or .npz file")
 
 
-def dataset_json_labels(raw: bytes, source: str) -> dict[str, int] | None:
-    """``{"labels": [[key, int], ...]}`` -> {key: label}; ``{"labels": null}`` -> None."""
+def dataset_json_label_array(listing: Listing, keys: list[str], source: str) -> np.ndarray | None:
+    """Labels of ``keys`` from the listing's ``dataset.json`` (``{"labels": [[key, int], ...]}``);
+    None without one or with ``{"labels": null}``."""
+    if listing.dataset_json is None:
+        return None
     try:
-        meta = json.loads(raw)
+        meta = json.loads(listing.dataset_json)
     except (ValueError, UnicodeDecodeError) as e:
         raise DataError(f"{source}/{DATASET_JSON}: not valid JSON ({e})") from None
     labels = meta.get("labels") if isinstance(meta, dict) else None
@@ -118,14 +118,17 @@ def dataset_json_labels(raw: bytes, source: str) -> dict[str, int] | None:
         return None
     if not isinstance(labels, list):
         raise DataError(f"{source}/{DATASET_JSON}: 'labels' must be a list of [path, label] pairs or null")
-    out = {}
+    table = {}
     for item in labels:
         if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
                 and isinstance(item[1], int) and not isinstance(item[1], bool) and item[1] >= 0):
             raise DataError(f"{source}/{DATASET_JSON}: each label must be [\"relative/path.png\", "
                             f"non-negative integer], got {item!r}")
-        out[item[0]] = item[1]
-    return out
+        table[item[0]] = item[1]
+    missing = [k for k in keys if k not in table]
+    if missing:
+        raise DataError(f"{source}/{DATASET_JSON} has no label for {missing[0]!r} ({len(missing)} image(s) unlabelled)")
+    return np.array([table[k] for k in keys], dtype=np.int64)
 
 
 def folder_labels(keys: list[str], source: str) -> tuple[np.ndarray, list[str]]:
@@ -137,17 +140,3 @@ def folder_labels(keys: list[str], source: str) -> tuple[np.ndarray, list[str]]:
     names = sorted({k.split("/", 1)[0] for k in keys})
     index = {n: i for i, n in enumerate(names)}
     return np.array([index[k.split("/", 1)[0]] for k in keys], dtype=np.int64), names
-
-
-def dataset_json_label_array(listing: Listing, keys: list[str], source: str) -> np.ndarray | None:
-    """Labels of ``keys`` from the listing's ``dataset.json``; None without one or with null labels."""
-    if listing.dataset_json is None:
-        return None
-    table = dataset_json_labels(listing.dataset_json, source)
-    if table is None:
-        return None
-    missing = [k for k in keys if k not in table]
-    if missing:
-        raise DataError(f"{source}/{DATASET_JSON} has no label for {missing[0]!r} "
-                        f"({len(missing)} image(s) unlabelled)")
-    return np.array([table[k] for k in keys], dtype=np.int64)

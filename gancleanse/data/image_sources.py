@@ -1,8 +1,7 @@
 """One image source read whole: a folder or zip decoded file by file, or a .npy/.npz array.
 
-Both kinds end as the same ``Images`` (pixels, labels, keys, and a description carrying a
-digest of the bytes), so the loader splits and checks them without caring where they
-came from, and ``export`` can reread an array file the way training read it.
+Both end as the same ``Images`` (pixels, labels, keys, and a description carrying a digest of the bytes),
+so the loader splits and checks them alike; ``export`` rereads an array file the way training read it.
 """
 
 from __future__ import annotations
@@ -18,8 +17,7 @@ import numpy as np
 from ..config import DataConfig
 from ..errors import ConfigError, DataError, GancleanseWarning
 from .image_convert import Converter, channels_first, convert_array
-from .image_listing import (DATASET_JSON, PILLOW_FORMATS, Listing, dataset_json_label_array, folder_labels,
-                            open_listing)
+from .image_listing import DATASET_JSON, PILLOW_FORMATS, Listing, dataset_json_label_array, folder_labels, open_listing
 from .images import as_labels
 
 MAX_REPORTED = 5  # skipped files named in a warning
@@ -36,25 +34,21 @@ class Images:
 
 
 class PixelBuffer:
-    """Decoded images written row by row into one preallocated uint8 array.
-
-    The channel count grows from 1 to 3 the first time a colour image arrives (only when
-    ``channels`` is not fixed); gray rows are then repeated, which is exactly Pillow's L->RGB.
-    """
+    """Decoded images and their keys, written row by row into one preallocated uint8 array. The channel
+    count grows from 1 to 3 when a first colour image arrives (unless ``channels`` is fixed): gray rows are
+    then repeated, which is exactly Pillow's L->RGB."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.data: np.ndarray | None = None
-        self.count = 0
-        self.first_key = ""
+        self.keys: list[str] = []
 
     def add(self, img: np.ndarray, key: str) -> None:
         """Append one (C, H, W) image; every image must have the first one's height and width."""
         if self.data is None:
             self.data = np.empty((self.capacity, *img.shape), dtype=np.uint8)
-            self.first_key = key
         elif img.shape[1:] != self.data.shape[2:]:
-            raise DataError(f"images of different sizes: {self.first_key!r} is {self.data.shape[3]}x"
+            raise DataError(f"images of different sizes: {self.keys[0]!r} is {self.data.shape[3]}x"
                             f"{self.data.shape[2]}, {key!r} is {img.shape[2]}x{img.shape[1]}; set "
                             "data.image_size to resize them all to one square size")
         if img.shape[0] != self.data.shape[1]:
@@ -62,23 +56,20 @@ class PixelBuffer:
                 self.data = np.repeat(self.data, 3, axis=1)
             else:
                 img = np.repeat(img, 3, axis=0)
-        self.data[self.count] = img
-        self.count += 1
+        self.data[len(self.keys)] = img
+        self.keys.append(key)
 
     def array(self) -> np.ndarray:
         """The rows filled so far (a view)."""
         assert self.data is not None
-        return self.data[:self.count]
+        return self.data[:len(self.keys)]
 
 
 def decode_files(listing: Listing, cfg: DataConfig, progress: bool = False
                  ) -> tuple[np.ndarray, list[str], list[tuple[str, str]], str]:
-    """Decode every listed file: (pixels (N, C, S, S), kept keys, skipped (key, reason), digest).
-
-    The digest is a sha256 over every listed file's key and bytes (and dataset.json), so
-    it changes when any file does. A file that cannot be decoded is an error naming it,
-    unless ``skip_bad_files``.
-    """
+    """Decode every listed file: (pixels (N, C, S, S), kept keys, skipped (key, reason), digest). The digest,
+    a sha256 over every listed file's key and bytes (and dataset.json), changes when any file does. A file
+    that cannot be decoded is an error naming it, unless ``skip_bad_files``; no image at all is an error."""
     from PIL import Image
     from tqdm.auto import tqdm
 
@@ -86,8 +77,7 @@ def decode_files(listing: Listing, cfg: DataConfig, progress: bool = False
     digest = hashlib.sha256()
     if listing.dataset_json is not None:
         digest.update(DATASET_JSON.encode() + b"\0" + hashlib.sha256(listing.dataset_json).digest())
-    buffer = PixelBuffer(len(listing.keys))
-    kept, skipped = [], []
+    buffer, skipped = PixelBuffer(len(listing.keys)), []
     for key in tqdm(listing.keys, desc="read images", unit="img", disable=not progress, leave=False):
         try:
             raw = listing.read(key)
@@ -104,12 +94,11 @@ def decode_files(listing: Listing, cfg: DataConfig, progress: bool = False
             skipped.append((key, reason))
             continue
         buffer.add(img, key)
-        kept.append(key)
-    if not kept:
+    if not buffer.keys:
         what = "readable images" if listing.keys else "image files"
         raise DataError(f"{listing.path}: no {what} found" + (
             f" ({len(skipped)} unreadable)" if skipped else f" ({PILLOW_FORMATS})"))
-    return buffer.array(), kept, skipped, digest.hexdigest()
+    return buffer.array(), buffer.keys, skipped, digest.hexdigest()
 
 
 def read_array_file(path: Path) -> tuple[np.ndarray, np.ndarray | None, str | None]:
@@ -132,15 +121,6 @@ def read_array_file(path: Path) -> tuple[np.ndarray, np.ndarray | None, str | No
             raise DataError(f"{path}: damaged array ({e})") from None
 
 
-def _file_digest(path: Path) -> str:
-    """sha256 of a file's bytes, read a MiB at a time."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_source(path_text: str, cfg: DataConfig, role: str, progress: bool = False) -> Images:
     """A folder, zip, .npy or .npz, decoded and converted by the config ("data.path" is ``role``)."""
     path = Path(path_text).expanduser()
@@ -150,8 +130,6 @@ def read_source(path_text: str, cfg: DataConfig, role: str, progress: bool = Fal
         return _read_array_source(cfg, path)
     listing = open_listing(path)
     try:
-        if not listing.keys:
-            raise DataError(f"{path}: no image files found ({PILLOW_FORMATS})")
         x, keys, skipped, digest = decode_files(listing, cfg, progress)
     finally:
         listing.close()
@@ -183,7 +161,9 @@ def _read_array_source(cfg: DataConfig, path: Path) -> Images:
     labels = as_labels(y, x.shape[0], f"{path}:y").numpy() if y is not None and cfg.labels != "none" else None
     if not x.flags.writeable:
         x = x.copy()
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
     source = {"format": path.suffix.lower()[1:], "path": str(path.resolve()), "array": name,
-              "n_files": 1, "n_read": int(x.shape[0]), "skipped": [], "digest": _file_digest(path),
+              "n_files": 1, "n_read": int(x.shape[0]), "skipped": [], "digest": digest,
               "labels": "none" if labels is None else "y", "label_names": None}
     return Images(x, labels, [f"#{i}" for i in range(x.shape[0])], source)

@@ -1,8 +1,7 @@
 """Shared steps of the image loaders: array checks, scaling to [-1, 1], resizing, seeded splits.
 
-The array loaders (digits, mnist, npz) return float64 tensors of shape (N, C, H, W) with
-pixel values in [-1, 1] (the range of the generator's tanh output), so they differ only in
-how they read their files; ``image_files`` shares the checks and counts but keeps uint8.
+The array loaders (digits, mnist, npz) return float64 (N, C, H, W) tensors in [-1, 1], the range of the
+generator's tanh output; ``image_files`` shares the checks and counts but keeps uint8.
 """
 
 from __future__ import annotations
@@ -15,25 +14,17 @@ import torch.nn.functional as F
 
 from ..config import DataConfig
 from ..errors import DataError, GancleanseWarning
-from .base import SPLIT_NAMES, Splits, permutation
+from .base import Splits, permutation, row_keys
 
 
 def check_images(x: np.ndarray, source: str) -> np.ndarray:
-    """Validate an (N, H, W) or (N, C, H, W) pixel array; return it as (N, C, H, W) (a view).
-
-    Integer pixels must lie in 0..255; float pixels are taken as they are (the user chose
-    their range) but must be finite. Conversion is left to ``to_tensor`` so that only the
-    images a split keeps are ever copied to float64.
-    """
-    if x.ndim == 3:
-        x = x[:, None]
-    elif x.ndim == 4:
-        if x.shape[1] > 4 and x.shape[3] <= 4:
-            raise DataError(f"{source}: images of shape {tuple(x.shape)} look channels-last; "
-                            "store them as (N, C, H, W)")
-    else:
-        raise DataError(f"{source}: expected images of shape (N, H, W) or (N, C, H, W), "
-                        f"got shape {tuple(x.shape)}")
+    """Validate an (N, H, W) or (N, C, H, W) pixel array; return it as (N, C, H, W), a view: ``to_tensor``
+    later copies only the images a split keeps to float64."""
+    if x.ndim == 4 and x.shape[1] > 4 and x.shape[3] <= 4:
+        raise DataError(f"{source}: images of shape {tuple(x.shape)} look channels-last; store them as (N, C, H, W)")
+    if x.ndim not in (3, 4):
+        raise DataError(f"{source}: expected images of shape (N, H, W) or (N, C, H, W), got shape {tuple(x.shape)}")
+    x = x[:, None] if x.ndim == 3 else x
     if x.shape[0] == 0 or min(x.shape[1:]) == 0:
         raise DataError(f"{source}: empty image array of shape {tuple(x.shape)}")
     check_pixel_values(x, source)
@@ -60,17 +51,15 @@ def check_pixel_values(x: np.ndarray, source: str) -> None:
 
 def to_tensor(x: np.ndarray) -> torch.Tensor:
     """Checked pixels -> float64 tensor; integers 0..255 are mapped linearly onto [-1, 1]."""
-    if np.issubdtype(x.dtype, np.integer):
-        return torch.from_numpy(x.astype(np.float64) / 127.5 - 1.0)
-    return torch.from_numpy(np.array(x, dtype=np.float64))
+    pixels = np.array(x, dtype=np.float64)
+    return torch.from_numpy(pixels / 127.5 - 1.0 if np.issubdtype(x.dtype, np.integer) else pixels)
 
 
 def as_labels(y: np.ndarray, n: int, source: str) -> torch.Tensor:
     """Integer class labels, one per image, as int64."""
     y = np.asarray(y)
     if y.ndim != 1 or y.shape[0] != n:
-        raise DataError(f"{source}: labels must have shape ({n},) to match the images, "
-                        f"got {tuple(y.shape)}")
+        raise DataError(f"{source}: labels must have shape ({n},) to match the images, got {tuple(y.shape)}")
     if not np.issubdtype(y.dtype, np.integer):
         if not (np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y))):
             raise DataError(f"{source}: labels must be integers, got dtype {y.dtype}")
@@ -115,18 +104,12 @@ def split_indices(cfg: DataConfig, n: int, what: str) -> tuple[torch.Tensor, tor
     """Train / valid / test indices into ``n`` images, cut from the ``data.seed`` permutation."""
     n_train, n_valid, n_test = split_counts(cfg, n, what)
     perm = permutation(n, cfg.seed)
-    end_train, end_valid = n_train, n_train + n_valid
-    return perm[:end_train], perm[end_train:end_valid], perm[end_valid:end_valid + n_test]
+    end_valid = n_train + n_valid
+    return perm[:n_train], perm[n_train:end_valid], perm[end_valid:end_valid + n_test]
 
 
 def seeded_split(cfg: DataConfig, x: np.ndarray, y: torch.Tensor | None, what: str) -> Splits:
     """Permute with ``data.seed`` and cut train / valid / test from checked pixels ``x``."""
     parts = split_indices(cfg, x.shape[0], what)
-    xs = [take(x, i, cfg.image_size) for i in parts]
-    ys = [y[i] for i in parts] if y is not None else [None, None, None]
-    return Splits(xs[0], xs[1], xs[2], ys[0], ys[1], ys[2], keys=row_keys(parts))
-
-
-def row_keys(parts: tuple[torch.Tensor, ...]) -> dict[str, list[str]]:
-    """Instance keys ``#i``: the row of each split's instances in the source array."""
-    return {name: [f"#{int(i)}" for i in idx] for name, idx in zip(SPLIT_NAMES, parts)}
+    ys = [None] * 3 if y is None else [y[i] for i in parts]
+    return Splits(*(take(x, i, cfg.image_size) for i in parts), *ys, keys=row_keys(parts))

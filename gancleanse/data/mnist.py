@@ -1,9 +1,9 @@
 """MNIST from files the user already has: the four IDX files (optionally gzipped) or an .npz.
 
-Nothing is downloaded. As in the paper, train and valid are cut from a ``data.seed``
-permutation of the 60k training file and the test split is the first ``n_test`` images
-of the official 10k test file. An .npz holding ``x_train, y_train, x_test, y_test`` is
-split the same way; one holding only ``x`` and ``y`` gets a seeded three-way split.
+Nothing is downloaded. As in the paper, train and valid are cut from a ``data.seed`` permutation of the 60k
+training file and the test split is the first ``n_test`` images of the official 10k test file. An .npz
+holding ``x_train, y_train, x_test, y_test`` is split the same way; one holding only ``x`` and ``y`` gets a
+seeded three-way split.
 """
 
 from __future__ import annotations
@@ -25,13 +25,8 @@ from .npz import read_npz, require_path
 
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
-FILES = {
-    "train_x": "train-images-idx3-ubyte",
-    "train_y": "train-labels-idx1-ubyte",
-    "test_x": "t10k-images-idx3-ubyte",
-    "test_y": "t10k-labels-idx1-ubyte",
-}
-_GZIP_MAGIC = b"\x1f\x8b"
+FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),  # (images, labels)
+         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
 def find_idx(directory: Path, name: str) -> Path:
@@ -49,7 +44,7 @@ def _read_bytes(path: Path) -> bytes:
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read MNIST file ({e.strerror or e})") from None
-    if raw[:2] != _GZIP_MAGIC:
+    if raw[:2] != b"\x1f\x8b":  # not gzip-compressed
         return raw
     try:
         return gzip.decompress(raw)
@@ -64,9 +59,8 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
         raise DataError(f"{path}: truncated IDX file ({len(data)} bytes, no header)")
     found = int.from_bytes(data[:4], "big")
     if found != magic:
-        kind = "images" if magic == IMAGES_MAGIC else "labels"
-        raise DataError(f"{path}: wrong magic number {found} (expected {magic} for IDX {kind}); "
-                        "not an MNIST file of that kind")
+        raise DataError(f"{path}: wrong magic number {found} (expected {magic} for IDX "
+                        f"{'images' if magic == IMAGES_MAGIC else 'labels'}); not an MNIST file of that kind")
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     if len(data) < header:
@@ -83,8 +77,7 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
 
 def _idx_pair(directory: Path, which: str) -> tuple[np.ndarray, np.ndarray, str]:
     """(checked images, labels, images file name) of the ``train`` or ``test`` IDX files."""
-    images_file = find_idx(directory, FILES[f"{which}_x"])
-    labels_file = find_idx(directory, FILES[f"{which}_y"])
+    images_file, labels_file = (find_idx(directory, name) for name in FILES[which])
     x, y = read_idx(images_file, IMAGES_MAGIC), read_idx(labels_file, LABELS_MAGIC)
     if x.shape[0] != y.shape[0]:
         raise DataError(f"{images_file} holds {x.shape[0]} images but {labels_file} holds {y.shape[0]} labels")
@@ -95,8 +88,7 @@ def _paper_split(cfg: DataConfig, train: tuple[np.ndarray, np.ndarray, str],
                  test: tuple[np.ndarray, np.ndarray, str]) -> Splits:
     """Train + valid from the seeded permutation of the training images; test from the head of the test images."""
     (train_x, train_y, train_name), (test_x, test_y, test_name) = train, test
-    same = (train_x.shape[1:] == test_x.shape[1:] if cfg.image_size is None
-            else train_x.shape[1] == test_x.shape[1])
+    same = train_x.shape[1:] == test_x.shape[1:] if cfg.image_size is None else train_x.shape[1] == test_x.shape[1]
     if not same:  # every split must fit the one model (image_size resizes height and width only)
         raise DataError(f"{test_name} holds images of shape {tuple(test_x.shape[1:])} but {train_name} holds "
                         f"{tuple(train_x.shape[1:])}; the training and test images must have the same shape")
@@ -126,11 +118,10 @@ def mnist(cfg: DataConfig) -> Splits:
     arrays = read_npz(path)
     if {"x_train", "y_train", "x_test", "y_test"} <= arrays.keys():
         parts = []
-        for which in ("train", "test"):
+        for which in ("train", "test"):  # no comprehension: its frame would shift the warnings' stacklevel
             name = f"{path}:x_{which}"
-            x = check_images(arrays[f"x_{which}"], name)
-            parts.append((x, arrays[f"y_{which}"], name))
-        return _paper_split(cfg, parts[0], parts[1])
+            parts.append((check_images(arrays[f"x_{which}"], name), arrays[f"y_{which}"], name))
+        return _paper_split(cfg, *parts)
     if {"x", "y"} <= arrays.keys():
         x = check_images(arrays["x"], f"{path}:x")
         return seeded_split(cfg, x, as_labels(arrays["y"], x.shape[0], f"{path}:y"), str(path))

@@ -1,7 +1,7 @@
 """A user's own images in a NumPy ``.npz`` file: array ``x`` of pixels, optional labels ``y``.
 
-``x`` is (N, H, W) or (N, C, H, W), channels first. uint8 (or any integer) pixels in 0..255
-are scaled to [-1, 1]; float pixels are used unchanged. The split is seeded by ``data.seed``.
+``x`` is (N, H, W) or (N, C, H, W). Integer pixels in 0..255 are scaled to [-1, 1]; float pixels are used
+unchanged. The split is seeded by ``data.seed``.
 """
 
 from __future__ import annotations

@@ -2,20 +2,17 @@
 
     python -m gancleanse.examples.digit_folder OUT [--size 32] [--zip] [--corrupt 0.06] [--reference 500]
 
-writes ``OUT/images/<class>/<id>.png`` (RGB: a light digit on a dark background; the
-ImageFolder layout, so ``labels = "folders"`` gives the classes) or ``OUT/images.zip`` in
-StyleGAN's layout with a ``dataset.json``; ``OUT/planted.csv`` naming the corrupted
-images planted among them (``key,kind``): colour-inverted digits, uniform noise, blank
-frames and off-class shapes; and ``OUT/reference/``, clean digits disjoint from the
-training images, the curated set to evaluate against (``data.reference_path``). File
-names do not tell planted from clean images. Nothing is downloaded: the digits ship with
-scikit-learn.
+writes ``OUT/images/<class>/<id>.png`` (RGB: a light digit on a dark background; the ImageFolder layout, so
+``labels = "folders"`` gives the classes) or ``OUT/images.zip`` in StyleGAN's layout with a ``dataset.json``;
+``OUT/planted.csv`` naming the corrupted images planted among them (``key,kind``): colour-inverted digits, uniform
+noise, blank frames and off-class shapes; and ``OUT/reference/``, clean digits disjoint from the training images, the
+curated set to evaluate against (``data.reference_path``). File names do not tell planted from clean images. Nothing is
+downloaded: the digits ship with scikit-learn.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import zipfile
@@ -23,6 +20,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from ..files import write_csv_atomic
 
 KINDS = ("inverted", "noise", "blank", "shape")
 INK = np.array([255, 205, 90], dtype=np.float64)  # amber strokes
@@ -69,9 +68,9 @@ def write_digit_folder(out: str | Path, *, size: int = 32, n: int | None = None,
                        classes: Sequence[int] | None = None) -> tuple[Path, list[tuple[str, str]]]:
     """Write the dataset; returns (the folder or zip to use as ``data.path``, planted (key, kind)).
 
-    The first ``reference`` digits of a seeded permutation go to ``OUT/reference/`` (clean),
-    the next ``n`` (default: the rest) to the training images, of which a fraction
-    ``corrupt_fraction`` is replaced by planted corruptions. ``classes``: only these digits.
+    The first ``reference`` digits of a seeded permutation go to ``OUT/reference/`` (clean), the next ``n`` (default:
+    the rest) to the training images, of which a fraction ``corrupt_fraction`` is replaced by planted corruptions.
+    ``classes``: only these digits.
     """
     from PIL import Image
 
@@ -90,8 +89,7 @@ def write_digit_folder(out: str | Path, *, size: int = 32, n: int | None = None,
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(images[i]).save(path, format="PNG")
     order = perm[reference:][:n]
-    n_bad = int(round(corrupt_fraction * len(order)))
-    bad_at = set(rng.choice(len(order), n_bad, replace=False).tolist())
+    bad_at = set(rng.choice(len(order), int(round(corrupt_fraction * len(order))), replace=False).tolist())
     files: list[tuple[str, bytes, int]] = []
     planted: list[tuple[str, str]] = []
     for pos, i in enumerate(order):
@@ -115,10 +113,7 @@ def write_digit_folder(out: str | Path, *, size: int = 32, n: int | None = None,
         for key, data, _ in files:
             (target / key).parent.mkdir(parents=True, exist_ok=True)
             (target / key).write_bytes(data)
-    with open(out / "planted.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["key", "kind"])
-        w.writerows(sorted(planted))
+    write_csv_atomic(out / "planted.csv", ["key", "kind"], sorted(planted))
     return target, sorted(planted)
 
 

@@ -3,20 +3,18 @@
     python -m gancleanse.examples.finetune_digits OUT [--size 28] [--pretrain-epochs 30]
     gancleanse cleanse OUT/finetune.toml --out OUT/study
 
-1. writes the digits 0-4 as an image folder and pretrains the DCGAN on them
-   (``OUT/pretrain/run``), saving its final weights as ``OUT/pretrained.safetensors``
-   (``generator.<name>``, ``discriminator.<name>``; safetensors, never pickle);
-2. writes the digits 5-9 with planted bad images (``OUT/finetune/images``, listed in
-   ``OUT/finetune/planted.csv``) and clean reference digits 5-9 to evaluate against;
-3. writes ``OUT/finetune.toml``: fine-tuning from the pretrained weights with rank-4
-   adapters on every layer (the weights under them frozen), Adam with betas (0, 0.99), R1
-   (gamma 10, lazy every 4 steps), an averaged generator and batch 8, as in "Data Cleansing
-   for GANs" (TNNLS 2025); the study traces the last epoch with ITD on FID and compares
+1. writes the digits 0-4 as an image folder and pretrains the DCGAN on them (``OUT/pretrain/run``), saving its final
+   weights as ``OUT/pretrained.safetensors`` (``generator.<name>``, ``discriminator.<name>``; safetensors, never
+   pickle);
+2. writes the digits 5-9 with planted bad images (``OUT/finetune/images``, listed in ``OUT/finetune/planted.csv``) and
+   clean reference digits 5-9 to evaluate against;
+3. writes ``OUT/finetune.toml``: fine-tuning from the pretrained weights with rank-4 adapters on every layer (the
+   weights under them frozen), Adam with betas (0, 0.99), R1 (gamma 10, lazy every 4 steps), an averaged generator and
+   batch 8, as in "Data Cleansing for GANs" (TNNLS 2025); the study traces the last epoch with ITD on FID and compares
    removal by it with the baselines over 5 seeds.
 
-Scaled down from the paper: 28x28 digits instead of 1024x1024 faces, a 7-layer DCGAN instead
-of StyleGAN, a generator average of 0.99 (0.999 in the paper) since the fine-tuning here is a
-few hundred steps. Nothing is downloaded.
+Scaled down from the paper: 28x28 digits instead of 1024x1024 faces, a 7-layer DCGAN instead of StyleGAN, a generator
+average of 0.99 (0.999 in the paper) since the fine-tuning here is a few hundred steps. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -25,6 +23,8 @@ import argparse
 from pathlib import Path
 
 from safetensors.torch import save_file
+
+from ..toml_writer import dump_toml
 
 MODEL = {"arch": "dcgan", "z_dim": 32, "g_hidden": 32, "d_hidden": 32, "activation": "sigmoid", "norm": "layer",
          "bias": True, "dtype": "float32"}
@@ -42,18 +42,7 @@ n_valid = 150
 n_test = 150
 seed = 0
 
-[model]
-arch = "dcgan"
-z_dim = 32
-g_hidden = 32
-d_hidden = 32
-activation = "sigmoid"
-norm = "layer"
-bias = true
-dtype = "float32"
-init = "{init}"
-lora_rank = 4
-
+{model}
 [train]
 epochs = {epochs}
 batch_size = 8
@@ -92,10 +81,9 @@ def prepare(out: str | Path, *, size: int = 28, pretrain_epochs: int = 30, finet
     cfg = gc.Config.from_dict({
         "data": {"name": "images", "path": str(pre_data), "reference_path": str(out / "pretrain" / "reference"),
                  "image_size": size, "n_valid": 50, "n_test": 50, "labels": "folders"},
-        "model": MODEL,
         "train": {"epochs": pretrain_epochs, "batch_size": 50, "optimizer": "adam", "lr_d": 2e-4, "lr_g": 2e-4,
                   "betas": [0.5, 0.999]},
-        "metric": {"n_samples": 50, "classifier_epochs": 5},
+        "model": MODEL, "metric": {"n_samples": 50, "classifier_epochs": 5},
     })
     run = gc.train(cfg, out / "pretrain" / "run", force=True, progress=progress)
     final = run.final_state()
@@ -105,9 +93,9 @@ def prepare(out: str | Path, *, size: int = 28, pretrain_epochs: int = 30, finet
     data, planted = write_digit_folder(out / "finetune", size=size, corrupt_fraction=0.08, reference=300,
                                        classes=range(5, 10), seed=1)
     config = out / "finetune.toml"
+    model = dump_toml({"model": {**MODEL, "init": str(out / "pretrained.safetensors"), "lora_rank": 4}})
     config.write_text(FINETUNE_TOML.format(out=out, data=data, reference=out / "finetune" / "reference", size=size,
-                                           init=out / "pretrained.safetensors", epochs=finetune_epochs,
-                                           last=finetune_epochs - 1))
+                                           model=model, epochs=finetune_epochs, last=finetune_epochs - 1))
     return config
 
 

@@ -27,13 +27,9 @@ if TYPE_CHECKING:
 def score(run: "Run", method: str, metric: str = "all", *, features: str | None = None, seed: int = 0,
           progress: bool = True, options: "ScorerOptions | Mapping[str, Any] | None" = None,
           **option_values: Any) -> "Scores":
-    """Score every training instance of ``run`` with ``method``: finite, keyed by instance, and
-    naming the run it was computed on.
-
-    ``features`` ("raw" by default, or "classifier") only for feature scorers. ``options``: the
-    scorer's options dataclass (``gancleanse.options``) or a mapping of its fields; keyword
-    arguments are the same fields given one by one.
-    """
+    """Score every training instance of ``run`` with ``method``: finite, keyed by instance, naming the run.
+    ``features`` ("raw" by default, or "classifier") only for feature scorers; ``options``: the scorer's
+    options dataclass (``gancleanse.options``), a mapping of its fields, or its fields as keywords."""
     spec = scorer_spec(method)
     metric_spec(metric)
     if options is not None and option_values:
@@ -68,16 +64,11 @@ def check_finite(scores: "Scores", run: "Run") -> None:
 
 
 def variants(method: str, metrics: list[str] | tuple[str, ...], classifier_features: bool) -> list[str]:
-    """What ``method`` is scored with: each metric, each feature space, or nothing ("none").
-
-    ``classifier_features``: ``Run.has_classifier_features`` of the run scored.
-    """
+    """What ``method`` is scored with: each metric, each feature space of the run, or nothing ("none")."""
     uses = scorer_spec(method).uses
-    if uses == "metric":
-        return list(metrics)
     if uses == "features":
         return list(FEATURES) if classifier_features else ["raw"]
-    return ["none"]
+    return list(metrics) if uses == "metric" else ["none"]
 
 
 def variant_arguments(method: str, variant: str) -> dict[str, Any]:
@@ -85,6 +76,4 @@ def variant_arguments(method: str, variant: str) -> dict[str, Any]:
     uses = scorer_spec(method).uses
     if uses == "metric":
         return {"metric": variant}
-    if uses == "features":
-        return {"metric": "all", "features": variant}
-    return {"metric": "all"}
+    return {"metric": "all", "features": variant} if uses == "features" else {"metric": "all"}

@@ -10,36 +10,31 @@ Removing j (w_j: 1 -> 0) changes the metric V by about
 
     influence_j = v^T dF/dw_j = (1/N) v_D^T grad_D l_real(D(x_j)),   where  J^T v = grad V.
 
-One adjoint solve serves every instance; the per-instance terms are then one forward-mode
-pass (``jvp`` of the per-sample real losses in direction v_D) over the training set.
-J^T v is a VJP of F, so J is never formed. The solvers work on A y = g, where A is J^T
-itself or its damped form (below):
+One adjoint solve serves every instance; the per-instance terms are then one forward-mode pass (``jvp`` of
+the per-sample real losses in direction v_D) over the training set. J^T v is a VJP of F, so J is never
+formed. The solvers work on A y = g, where A is J^T itself or its damped form (below), on the fixed
+operator: F on ``operator_size`` training instances (default all, up to 2048) and as many fixed latents,
+both drawn from ``seed``.
 
 - ``gmres``: GMRES (SciPy, never restarted: ``iterations`` Krylov vectors);
 - ``cg``: conjugate gradients on the normal equations A^T A y = A^T g (J u is a JVP of F);
-- ``neumann``: the Richardson / Neumann series y <- y + s (g - A y), on the fixed operator,
-  or with ``batch_size`` on fresh minibatches and latents per iteration (the stochastic
-  series).
+- ``neumann``: the Richardson / Neumann series y <- y + s (g - A y), on the fixed operator, or with
+  ``batch_size`` on fresh minibatches and latents per iteration (the stochastic series).
 
-The fixed operator evaluates F on ``operator_size`` training instances (all of them by
-default, up to 2048) and as many fixed latents, both drawn from ``seed``.
+Damping: ``damping`` = lambda solves (J + lambda I)^T v = g. A trained GAN is rarely at a stationary point
+and its J is often indefinite, so the undamped answer (lambda = 0, the equilibrium's shift) can rank
+instances poorly. (J + lambda I)^{-1} = int_0^inf e^{-lambda t} e^{-J t} dt weighs the linearized game's
+response over a time 1/lambda. By default AID damps on the time scale of the recorded window in the
+training's own step sizes (``window_dynamics``: (J^T P + I/T) y = g, v = P y, with P the per-coordinate
+steps that the optimizer states (``step_sizes``) and T the window's length; for SGD, lambda = 1 / (lr T)).
+On the paper's 2D GAN this lifts AID's Kendall tau against retraining of the last epoch from -0.15
+(undamped) to 0.62 (ITD: 0.63).
 
-Damping: ``damping`` = lambda solves (J + lambda I)^T v = g. A trained GAN is rarely at a
-stationary point and its J is often indefinite, so the undamped answer (lambda = 0, the
-equilibrium's shift) can rank instances poorly. (J + lambda I)^{-1} = int_0^inf e^{-lambda t}
-e^{-J t} dt weighs the linearized game's response over a time 1/lambda. By default AID damps
-on the time scale of the recorded window in the training's own step sizes
-(``window_dynamics``: (J^T P + I/T) y = g, v = P y, with P the per-coordinate steps that the
-optimizer states (``step_sizes``) and T the window's length; for SGD, lambda = 1 / (lr T)).
-On the paper's 2D GAN this lifts AID's Kendall tau against retraining of the last epoch from
--0.15 (undamped) to 0.62 (ITD: 0.63).
-
-What is held constant, and why: at a stationary point the update rule does not matter
-(sgd, momentum and Adam share the fixed points of F, and alternating and simultaneous
-updates both stop where F = 0), so AID differentiates F, not the optimizer; with a
-generator average the metric sees the average, which equals theta_G at a fixed point, so
-its gradient is added to theta_G's block. Jacobian products run in the run's dtype (float32
-halves their cost for image GANs); the solvers' vectors are float64.
+What is held constant, and why: at a stationary point the update rule does not matter (sgd, momentum and
+Adam share the fixed points of F, and alternating and simultaneous updates both stop where F = 0), so AID
+differentiates F, not the optimizer; with a generator average the metric sees the average, which equals
+theta_G at a fixed point, so its gradient is added to theta_G's block. Jacobian products run in the run's
+dtype (float32 halves their cost for image GANs); the solvers' vectors are float64.
 """
 
 from __future__ import annotations
@@ -93,21 +88,14 @@ def flatten(tree: Tree) -> torch.Tensor:
 
 
 def unflatten(vec: torch.Tensor, like: Tree) -> Tree:
-    out: Tree = {}
-    pos = 0
-    for p in ("d", "g"):
-        out[p] = {}
-        for k, t in like[p].items():
-            out[p][k] = vec[pos:pos + t.numel()].reshape(t.shape)
-            pos += t.numel()
-    return out
+    parts = iter(vec.split([t.numel() for p in ("d", "g") for t in like[p].values()]))
+    return {p: {k: next(parts).reshape(t.shape) for k, t in like[p].items()} for p in ("d", "g")}
 
 
 # ------------------------------------------------------------------------ the game
 def game_gradient(dyn: Dynamics, params: Tree, x: torch.Tensor, z: torch.Tensor,
                   y: torch.Tensor | None = None, c: torch.Tensor | None = None) -> Tree:
-    """F(theta) on real ``x`` and latents ``z`` (same count): both players' loss gradients, weights 1.
-    ``y`` / ``c``: labels of the reals / fakes of a conditional GAN."""
+    """F(theta) on reals ``x`` and latents ``z`` (same count), weights 1; ``y`` / ``c``: their labels (conditional)."""
     ones = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
     return {"d": grad(dyn.loss_d)(params["d"], params["g"], x, z, ones, None, y, c),
             "g": grad(dyn.loss_g)(params["g"], params["d"], z, c)}
@@ -117,10 +105,10 @@ def game_gradient(dyn: Dynamics, params: Tree, x: torch.Tensor, z: torch.Tensor,
 class GameOperator:
     """Products with A = J^T P + lambda I (J = dF/dtheta at ``params``) and its transpose.
 
-    P is a diagonal scaling (``scale``; identity when None): with the training's step sizes
-    and lambda = 1/T, A y = g is the damped system of the linearized training dynamics, and
-    v = P y. F is the size-weighted mean of F over chunks of at most CHUNK instances, so the
-    products are linear combinations of per-chunk VJPs/JVPs and memory stays bounded.
+    P is a diagonal scaling (``scale``; identity when None): with the training's step sizes and lambda = 1/T,
+    A y = g is the damped system of the linearized training dynamics, and v = P y. F is the size-weighted
+    mean of F over chunks of at most CHUNK instances, so the products are linear combinations of per-chunk
+    VJPs/JVPs and memory stays bounded.
     """
 
     dyn: Dynamics
@@ -133,74 +121,96 @@ class GameOperator:
     c: torch.Tensor | None = None
 
     def _chunks(self):
+        """(F on one chunk, as a function of theta; the chunk's share of the instances) per chunk."""
         n = self.x.shape[0]
         for lo in range(0, n, CHUNK):
             part = slice(lo, lo + CHUNK)
-            labels = tuple(None if t is None else t[part] for t in (self.y, self.c))
-            yield (self.x[part], self.z[part], *labels), min(CHUNK, n - lo) / n
+            chunk = (self.x[part], self.z[part], *(None if t is None else t[part] for t in (self.y, self.c)))
+            yield (lambda p, chunk=chunk: game_gradient(self.dyn, p, *chunk)), min(CHUNK, n - lo) / n
 
     def rmatvec(self, y: torch.Tensor) -> torch.Tensor:
         """A y = J^T (P y) + lambda y, for a float64 vector y."""
         v = y if self.scale is None else self.scale * y
         v_tree = unflatten(v.to(self.x.dtype), self.params)
         out = self.damping * y
-        for chunk, share in self._chunks():
-            _, pullback = vjp(lambda p, chunk=chunk: game_gradient(self.dyn, p, *chunk), self.params)
-            out = out + share * flatten(pullback(v_tree)[0]).to(torch.float64)
+        for game, share in self._chunks():
+            out = out + share * flatten(vjp(game, self.params)[1](v_tree)[0]).to(torch.float64)
         return out
 
     def matvec(self, u: torch.Tensor) -> torch.Tensor:
         """A^T u = P (J u) + lambda u, for a float64 vector u."""
         u_tree = unflatten(u.to(self.x.dtype), self.params)
         ju = torch.zeros_like(u)
-        for chunk, share in self._chunks():
-            _, tangent = jvp(lambda p, chunk=chunk: game_gradient(self.dyn, p, *chunk), (self.params,), (u_tree,))
-            ju = ju + share * flatten(tangent).to(torch.float64)
+        for game, share in self._chunks():
+            ju = ju + share * flatten(jvp(game, (self.params,), (u_tree,))[1]).to(torch.float64)
         return (ju if self.scale is None else self.scale * ju) + self.damping * u
-
-
-def _detached(tree: dict) -> dict:
-    return {k: _detached(v) if isinstance(v, dict) else v.detach() for k, v in tree.items()}
 
 
 def metric_target(metric: Metric, state: State) -> Tree:
     """grad V at ``state`` for the (d, g) blocks; the generator average's block joins g's."""
     g = grad(metric.fn)(state)
-    out = {"d": dict(g["d"]), "g": dict(g["g"])}
-    if "ema_g" in g:
-        out["g"] = {k: v + g["ema_g"][k] for k, v in out["g"].items()}
-    return out
+    ema = g.get("ema_g")
+    return {"d": dict(g["d"]), "g": dict(g["g"]) if ema is None else {k: v + ema[k] for k, v in g["g"].items()}}
 
 
 # ------------------------------------------------------------------------ solvers
-def _scipy_operator(n: int, fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device):
-    """SciPy's Krylov solvers keep their vectors on the host; the products run on ``device``."""
+@dataclass
+class AdjointProblem:
+    """A y = g on the fixed operator, and what a solver may need besides."""
+
+    op: GameOperator
+    target: torch.Tensor  # g = grad V, float64
+    iterations: int
+    options: AIDOptions
+    seed: int
+    draw: Callable[[int, int], GameOperator]  # (draw counter, instances) -> operator on a fresh draw
+    n_train: int
+    bar: tqdm  # progress over the iterations
+    ticks: int = 0  # iterations so far
+
+    def tick(self) -> None:
+        """One call per iteration: counts it and advances the progress bar."""
+        self.ticks += 1
+        self.bar.update()
+
+
+@dataclass
+class Solution:
+    """y; the iterations used when the solver counts them itself (else the ticks); facts to record."""
+
+    y: torch.Tensor
+    iterations: int | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def _on_host(fn: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor):
+    """SciPy's Krylov solvers keep their vectors on the host; the products run on ``like``'s device."""
     from scipy.sparse.linalg import LinearOperator
 
     def apply(v: np.ndarray) -> np.ndarray:
-        return fn(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64).reshape(-1)).to(device)).cpu().numpy()
+        return fn(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64).reshape(-1)).to(like.device)).cpu().numpy()
 
-    return LinearOperator((n, n), matvec=apply, dtype=np.float64)
+    return LinearOperator((like.numel(), like.numel()), matvec=apply, dtype=np.float64)
 
 
-def solve_gmres(op: GameOperator, g: torch.Tensor, iterations: int, tol: float,
-                tick: Callable[[], None]) -> torch.Tensor:
+def solve_gmres(problem: AdjointProblem) -> Solution:
     """GMRES without restarts: at most ``iterations`` Krylov vectors are kept."""
     from scipy.sparse.linalg import gmres
 
-    v, _ = gmres(_scipy_operator(g.numel(), op.rmatvec, g.device), g.cpu().numpy(), rtol=tol, atol=0.0,
-                 restart=iterations, maxiter=1, callback=lambda _: tick(), callback_type="pr_norm")
-    return torch.from_numpy(v).to(g.device)
+    g = problem.target
+    y, _ = gmres(_on_host(problem.op.rmatvec, g), g.cpu().numpy(), rtol=problem.options.tol, atol=0.0,
+                 restart=problem.iterations, maxiter=1, callback=lambda _: problem.tick(), callback_type="pr_norm")
+    return Solution(torch.from_numpy(y).to(g.device))
 
 
-def solve_cg(op: GameOperator, g: torch.Tensor, iterations: int, tol: float,
-             tick: Callable[[], None]) -> torch.Tensor:
+def solve_cg(problem: AdjointProblem) -> Solution:
     """CG on A^T A y = A^T g: symmetric positive definite when A is invertible."""
     from scipy.sparse.linalg import cg
 
-    A = _scipy_operator(g.numel(), lambda u: op.matvec(op.rmatvec(u)), g.device)
-    v, _ = cg(A, op.matvec(g).cpu().numpy(), rtol=tol, atol=0.0, maxiter=iterations, callback=lambda _: tick())
-    return torch.from_numpy(v).to(g.device)
+    op, g = problem.op, problem.target
+    y, _ = cg(_on_host(lambda u: op.matvec(op.rmatvec(u)), g), op.matvec(g).cpu().numpy(), rtol=problem.options.tol,
+              atol=0.0, maxiter=problem.iterations, callback=lambda _: problem.tick())
+    return Solution(torch.from_numpy(y).to(g.device))
 
 
 def spectral_norm(op: GameOperator, n: int, iterations: int = 20, seed: int = 0) -> float:
@@ -217,100 +227,36 @@ def spectral_norm(op: GameOperator, n: int, iterations: int = 20, seed: int = 0)
     return sigma
 
 
-def solve_neumann(op: GameOperator, g: torch.Tensor, iterations: int, tol: float, step: float,
-                  fresh: Callable[[int], GameOperator] | None,
-                  tick: Callable[[], None]) -> tuple[torch.Tensor, int]:
-    """y = s sum_k (I - s A)^k g, as Richardson iteration y <- y + s (g - A y).
+def solve_neumann(problem: AdjointProblem) -> Solution:
+    """y = s sum_k (I - s A)^k g, as Richardson iteration y <- y + s (g - A y); s = 1 / ||A|| unless given.
 
-    On the fixed operator it stops once the residual is below ``tol``. With ``fresh``
-    minibatch operators the iterate keeps fluctuating around the solution, so it runs every
-    iteration and returns the average of the second half of the iterates (tail averaging).
+    On the fixed operator it stops once the residual is below ``tol``. With ``batch_size`` (a fresh minibatch
+    operator per iteration) the iterate keeps fluctuating around the solution, so it runs every iteration and
+    returns the average of the second half of the iterates (tail averaging).
     """
+    op, g, opts, iterations = problem.op, problem.target, problem.options, problem.iterations
+    step = opts.step if opts.step is not None else 1.0 / max(spectral_norm(op, g.numel(), seed=problem.seed), 1e-300)
+    facts = {"step": step, "batch_size": opts.batch_size}
+    batch = None if opts.batch_size is None else min(opts.batch_size, problem.n_train)
     v = torch.zeros_like(g)
     tail, counted = torch.zeros_like(g), 0
     g_norm = float(g.norm())
     for k in range(iterations):
-        A = op if fresh is None else fresh(k)
-        r = g - A.rmatvec(v)
-        tick()
-        if fresh is None and float(r.norm()) <= tol * g_norm:
-            return v, k
+        r = g - (op if batch is None else problem.draw(k + 1, batch)).rmatvec(v)
+        problem.tick()
+        if batch is None and float(r.norm()) <= opts.tol * g_norm:
+            return Solution(v, k, facts)
         v = v + step * r
-        if fresh is not None and k >= iterations // 2:
+        if batch is not None and k >= iterations // 2:
             tail, counted = tail + v, counted + 1
-    return (v if fresh is None else tail / counted), iterations
+    return Solution(v if batch is None else tail / counted, iterations, facts)
 
 
-# ------------------------------------------------------------------------ solver table
-@dataclass
-class AdjointProblem:
-    """A y = g on the fixed operator, and what a solver may need besides."""
-
-    op: GameOperator
-    target: torch.Tensor  # g = grad V, float64
-    iterations: int
-    options: AIDOptions
-    seed: int
-    draw: Callable[[int, int], GameOperator]  # (draw counter, instances) -> operator on a fresh draw
-    n_train: int
-    tick: Callable[[], None]  # one call per iteration: progress and the iteration count
-
-
-@dataclass
-class Solution:
-    """y; the iterations used when the solver counts them itself (else the ticks); facts to record."""
-
-    y: torch.Tensor
-    iterations: int | None = None
-    facts: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Solver:
-    """One adjoint solver: its name, its iteration budget when none is given, and how it runs."""
-
-    name: str
-    default_iterations: int
-    run: Callable[[AdjointProblem], Solution]
-
-
-def _run_gmres(problem: AdjointProblem) -> Solution:
-    return Solution(solve_gmres(problem.op, problem.target, problem.iterations, problem.options.tol, problem.tick))
-
-
-def _run_cg(problem: AdjointProblem) -> Solution:
-    return Solution(solve_cg(problem.op, problem.target, problem.iterations, problem.options.tol, problem.tick))
-
-
-def _run_neumann(problem: AdjointProblem) -> Solution:
-    """Step 1 / ||A|| unless given; fresh minibatch operators when ``batch_size`` is set."""
-    op, target, opts = problem.op, problem.target, problem.options
-    step = opts.step if opts.step is not None else 1.0 / max(spectral_norm(op, target.numel(), seed=problem.seed),
-                                                              1e-300)
-    fresh = None
-    if opts.batch_size is not None:
-        size = min(opts.batch_size, problem.n_train)
-        fresh = lambda k: problem.draw(k + 1, size)  # noqa: E731 - one-line factory
-    y, used = solve_neumann(op, target, problem.iterations, opts.tol, step, fresh, problem.tick)
-    return Solution(y, used, {"step": step, "batch_size": opts.batch_size})
-
-
-SOLVERS: dict[str, Solver] = {s.name: s for s in (
-    Solver("gmres", 100, _run_gmres), Solver("cg", 200, _run_cg), Solver("neumann", 1000, _run_neumann))}
+# name -> (the iteration budget when none is given, the solver)
+SOLVERS: dict[str, tuple[int, Callable[[AdjointProblem], Solution]]] = {
+    "gmres": (100, solve_gmres), "cg": (200, solve_cg), "neumann": (1000, solve_neumann)}
 if tuple(SOLVERS) != AID_SOLVERS:  # AIDOptions validates solver names against its own list
     raise RuntimeError(f"AID solvers {tuple(SOLVERS)} differ from gancleanse.options.AID_SOLVERS {AID_SOLVERS}")
-
-
-class IterationCounter:
-    """Counts the solver's iterations and advances the progress bar."""
-
-    def __init__(self, total: int, desc: str, progress: bool) -> None:
-        self.count = 0
-        self.bar = tqdm(total=total, desc=desc, unit="it", disable=not progress, leave=False)
-
-    def __call__(self) -> None:
-        self.count += 1
-        self.bar.update()
 
 
 # ------------------------------------------------------------------------ entry points
@@ -320,13 +266,9 @@ def aid_influence(run: Run, metric: Metric, *, solver: str = "gmres", iterations
                   state: State | None = None, progress: bool = True) -> AIDResult:
     """Influence of every training instance on ``metric`` at the run's final state (or ``state``).
 
-    The keywords are ``AIDOptions``'s fields (validated there): ``iterations``: Krylov vectors
-    (gmres), CG steps (cg) or series terms (neumann); default 100, 200 and 1000. ``tol``:
-    relative residual to reach. ``damping``: lambda of (J + lambda I)^T v = grad V; None
-    (default) damps on the recorded window's time scale (``window_dynamics``); 0 is the
-    undamped equilibrium. ``step``: the Neumann step s (default 1 / ||A||, by power
-    iteration). ``batch_size``: Neumann on fresh minibatches of that many instances and
-    latents. ``operator_size``: instances of the fixed operator (default all, up to 2048).
+    The keywords are ``AIDOptions``'s fields (documented and validated there): ``iterations`` (Krylov
+    vectors, CG steps or series terms), ``tol`` (relative residual), ``damping`` (lambda; None: the recorded
+    window's time scale, 0: the undamped equilibrium), ``step``, ``batch_size`` and ``operator_size``.
     """
     options = AIDOptions(solver=solver, iterations=iterations, step=step, damping=damping, tol=tol,
                          batch_size=batch_size, operator_size=operator_size)
@@ -336,45 +278,41 @@ def aid_influence(run: Run, metric: Metric, *, solver: str = "gmres", iterations
 def aid_solve(run: Run, metric: Metric, options: AIDOptions, *, seed: int = 0, state: State | None = None,
               progress: bool = True) -> AIDResult:
     """``aid_influence`` with its options as one validated ``AIDOptions``."""
-    solver = SOLVERS[options.solver]
-    iterations = options.iterations if options.iterations is not None else solver.default_iterations
+    solver = options.solver
+    default_iterations, solve = SOLVERS[solver]
+    iterations = options.iterations if options.iterations is not None else default_iterations
     started = time.perf_counter()
     size = min(options.operator_size or DEFAULT_OPERATOR_SIZE, run.n_train)
 
     with torch_threads(run.threads):
         state = run.final_state() if state is None else state
-        params = _detached({"d": state["d"], "g": state["g"]})
-        scale, damping, facts = damping_of(run, state, options.damping)
+        params = {p: {k: t.detach() for k, t in state[p].items()} for p in ("d", "g")}
+        if options.damping is None:  # P and lambda of the window's time scale
+            scale, damping = window_dynamics(run, state)
+            facts: dict[str, Any] = {"damping": "window", "window_steps": run.final_step - run.window_start}
+        else:
+            scale, damping, facts = None, options.damping, {"damping": options.damping}
         facts.update(tol=options.tol, operator_size=size, seed=seed)
         draw = operator_draws(run, params, damping, scale, seed)
         metric_value = metric.value(state)
         target = flatten(metric_target(metric, state)).to(torch.float64)
         op = draw(0, size)
-        counter = IterationCounter(iterations, f"aid {solver.name}", progress)
-        solution = solver.run(AdjointProblem(op, target, iterations, options, seed, draw, run.n_train, counter))
-        counter.bar.close()
+        bar = tqdm(total=iterations, desc=f"aid {solver}", unit="it", disable=not progress, leave=False)
+        problem = AdjointProblem(op, target, iterations, options, seed, draw, run.n_train, bar)
+        solution = solve(problem)
+        bar.close()
         facts.update(solution.facts)
-        y = solution.y
-        residual = float((op.rmatvec(y) - target).norm() / target.norm()) if target.norm() > 0 else 0.0
-        v = y if scale is None else scale * y
+        residual = float((op.rmatvec(solution.y) - target).norm() / target.norm()) if target.norm() > 0 else 0.0
+        v = solution.y if scale is None else scale * solution.y
         influence = instance_terms(run.dynamics, params, unflatten(v, params)["d"], run.x_train, run.y_train)
 
-    used = counter.count if solution.iterations is None else solution.iterations
+    used = problem.ticks if solution.iterations is None else solution.iterations
     converged = residual <= options.tol
     if not converged:
-        warnings.warn(f"AID ({solver.name}) stopped at relative residual {residual:.2e} > tol {options.tol:.0e} "
+        warnings.warn(f"AID ({solver}) stopped at relative residual {residual:.2e} > tol {options.tol:.0e} "
                       f"after {used} iterations: raise aid.iterations ({AIDOptions.flag('iterations')}) or try "
                       "another aid.solver", AIDConvergenceWarning, stacklevel=3)
-    return AIDResult(influence, metric_value, solver.name, residual, used, converged,
-                     time.perf_counter() - started, facts)
-
-
-def damping_of(run: Run, state: State, damping: float | None) -> tuple[torch.Tensor | None, float, dict[str, Any]]:
-    """(P, lambda, facts to record): the window's time scale when ``damping`` is None, else P = I."""
-    if damping is None:
-        scale, lam = window_dynamics(run, state)
-        return scale, lam, {"damping": "window", "window_steps": run.final_step - run.window_start}
-    return None, damping, {"damping": damping}
+    return AIDResult(influence, metric_value, solver, residual, used, converged, time.perf_counter() - started, facts)
 
 
 def operator_draws(run: Run, params: Tree, damping: float, scale: torch.Tensor | None,
@@ -397,16 +335,12 @@ def instance_terms(dyn: Dynamics, params: Tree, v_d: dict[str, torch.Tensor], x:
     """(1/N) v_D^T grad_D l_real(D(x_j)) for every j: one JVP of the per-sample real losses
     (``y``: the instances' labels for a conditional GAN)."""
     n = x.shape[0]
-
-    def real_losses(pd: dict[str, torch.Tensor], x_chunk: torch.Tensor,
-                    y_chunk: torch.Tensor | None) -> torch.Tensor:
-        return d_real_term(dyn.loss, dyn.models.discriminate(pd, x_chunk, y_chunk))
-
+    tangent_d = {k: t.to(x.dtype) for k, t in v_d.items()}
     out = []
     for lo in range(0, n, CHUNK):
         x_chunk, y_chunk = x[lo:lo + CHUNK], None if y is None else y[lo:lo + CHUNK]
-        _, tangent = jvp(lambda pd: real_losses(pd, x_chunk, y_chunk), (params["d"],),
-                         ({k: t.to(x.dtype) for k, t in v_d.items()},))
+        _, tangent = jvp(lambda pd: d_real_term(dyn.loss, dyn.models.discriminate(pd, x_chunk, y_chunk)),
+                         (params["d"],), (tangent_d,))
         out.append(tangent.detach() / n)
     return torch.cat(out).to(torch.float64)
 
@@ -414,15 +348,14 @@ def instance_terms(dyn: Dynamics, params: Tree, v_d: dict[str, torch.Tensor], x:
 def window_dynamics(run: Run, state: State) -> tuple[torch.Tensor, float]:
     """P (the training's per-coordinate step sizes, flat) and 1/T (T = steps of the recorded window).
 
-    The linearized training map is theta <- theta - P F(theta); its response to a weight
-    change, integrated with decay over about T steps, is (P J + I/T)^{-1} P dF/dw. So AID
-    solves (J^T P + I/T) y = grad V and takes v = P y: for SGD that is (J + I/(lr T))^T v =
-    grad V. Each player's optimizer states its P (``step_sizes``: the learning rate for sgd,
-    lr / (1 - momentum), or Adam's lr / (sqrt(v_hat) + eps) in the final state).
+    The linearized training map is theta <- theta - P F(theta); its response to a weight change, integrated
+    with decay over about T steps, is (P J + I/T)^{-1} P dF/dw. So AID solves (J^T P + I/T) y = grad V and
+    takes v = P y: for SGD that is (J + I/(lr T))^T v = grad V. Each player's optimizer states its P
+    (``step_sizes``: the learning rate for sgd, lr / (1 - momentum), or Adam's lr / (sqrt(v_hat) + eps) in
+    the final state).
     """
-    dyn = run.dynamics
     blocks = []
-    for player, optimizer in (("d", dyn.opt_d), ("g", dyn.opt_g)):
+    for player, optimizer in (("d", run.dynamics.opt_d), ("g", run.dynamics.opt_g)):
         if not hasattr(optimizer, "step_sizes"):
             raise ConfigError(f"the {player.upper()} optimizer {type(optimizer).__name__} does not state its step "
                               f"sizes (step_sizes), which the default damping needs: give aid.damping "
@@ -440,8 +373,6 @@ def score(run: Run, metric: str, *, seed: int = 0, progress: bool = True, option
         raise ConfigError(f"aid: give options or the separate keywords {', '.join(sorted(legacy))}, not both")
     options = AIDOptions.from_mapping(legacy if legacy else options)
     res = aid_solve(run, make_metric(metric, run, "valid"), options, seed=seed, progress=progress)
-    return Scores.from_influence(
-        metric, "aid", res.influence.cpu().numpy(),
-        info={"metric_value": res.metric_value, "seconds": res.seconds, "solver": res.solver,
-              "residual": res.residual, "iterations": res.iterations, "converged": res.converged,
-              **res.options})
+    info = {"metric_value": res.metric_value, "seconds": res.seconds, "solver": res.solver,
+            "residual": res.residual, "iterations": res.iterations, "converged": res.converged, **res.options}
+    return Scores.from_influence(metric, "aid", res.influence.cpu().numpy(), info=info)

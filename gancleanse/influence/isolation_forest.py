@@ -16,8 +16,7 @@ def isolation_forest_scores(features: np.ndarray, seed: int, n_estimators: int =
     from sklearn.ensemble import IsolationForest
 
     x = check_rows(np.asarray(features, dtype=np.float64), "isolation_forest")
-    forest = IsolationForest(n_estimators=n_estimators, random_state=seed).fit(x)
-    return -forest.score_samples(x)
+    return -IsolationForest(n_estimators=n_estimators, random_state=seed).fit(x).score_samples(x)
 
 
 def score(run: Run, metric: str, *, seed: int = 0, progress: bool = True, features: str = "raw",

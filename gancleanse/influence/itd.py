@@ -21,6 +21,7 @@ estimate for every horizon k (removal during the last k epochs only).
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,7 @@ from ..run import Run, torch_threads
 from ..scores import Scores
 from ..training.dynamics import State
 from ..memory import GB, budget_bytes, graph_bytes, steps_within
+from .surrogate import smoothed_relu
 
 
 @dataclass
@@ -49,10 +51,6 @@ class ITDResult:
     graph_bytes_per_step: int = 0
 
 
-def _zeros_like_tree(tree):
-    return {k: _zeros_like_tree(v) if isinstance(v, dict) else torch.zeros_like(v) for k, v in tree.items()}
-
-
 def metric_gradient(metric: Metric, state: State) -> State:
     """dV/d(state), a tree shaped like the state (zero where V does not depend on it)."""
     return grad(metric.fn)(state)
@@ -60,16 +58,11 @@ def metric_gradient(metric: Metric, state: State) -> State:
 
 def itd_influence(run: Run, metric: Metric, *, memory_gb: float | None = None,
                   progress: bool = True) -> ITDResult:
-    """Trace the metric's gradient back through every recorded step of ``run``.
-
-    ``memory_gb``: the budget for the graphs held at once (default: half of the memory
-    available at the start). The result does not depend on it.
-    """
+    """Trace the metric's gradient back through every recorded step of ``run``. ``memory_gb``: the budget for
+    the graphs held at once (default: half of the memory available at the start); the result does not depend on it."""
     started = time.perf_counter()
-    dyn = run.dynamics
-    steps_per_epoch = run.steps_per_epoch
+    dyn, device, steps_per_epoch = run.dynamics, run.device, run.steps_per_epoch
     final_epoch = run.final_step // steps_per_epoch
-    device = run.device
     influence = torch.zeros(run.n_train, dtype=torch.float64, device=device)
     horizons: dict[int, torch.Tensor] = {}
     ckpts = [s for s in run.checkpoint_steps if s >= run.window_start]
@@ -78,16 +71,14 @@ def itd_influence(run: Run, metric: Metric, *, memory_gb: float | None = None,
 
     def forward(state: State, step: int):  # noqa: ANN202  (next state, its VJP closure)
         batch = run.batch(step)
-        nxt, vjp_fn, _ = vjp(lambda s, w: dyn.step(s, batch, w), state, ones, has_aux=True)
-        return nxt, vjp_fn
+        return vjp(lambda s, w: dyn.step(s, batch, w), state, ones, has_aux=True)[:2]
 
     with torch_threads(run.threads):
         final = run.final_state()
         metric_value = metric.value(final)
         u = metric_gradient(metric, final)
-        longest = max(b - a for a, b in segments)
         per_step, _ = graph_bytes(lambda: forward(run.load_state(segments[-1][0]), segments[-1][0]), device)
-        stretch = steps_within(budget_bytes(memory_gb, device), per_step, longest)
+        stretch = steps_within(budget_bytes(memory_gb, device), per_step, max(b - a for a, b in segments))
         bar = tqdm(total=run.final_step - run.window_start, desc="itd", unit="step",
                    disable=not progress, leave=False)
         for seg_start, seg_end in reversed(segments):
@@ -119,15 +110,10 @@ def score(run: Run, metric: str, *, seed: int = 0, progress: bool = True,
           options: ITDOptions | None = None) -> Scores:
     """ITD influence on ``metric`` (validation split), with the estimate for every horizon.
 
-    ``options.relu_smoothing`` = T: differentiate ReLU kinks as if smoothed over a width T
-    (``surrogate.smoothed_relu``; the trajectory is unchanged). On the paper's 2D ReLU GAN,
-    T ~ 0.2 x the typical |pre-activation| raised Kendall tau against retraining by 0.07 with
-    5 or 10 epochs traced, and not with 1. ``options.memory_gb``: see ``itd_influence``.
-    """
-    from contextlib import nullcontext
-
-    from .surrogate import smoothed_relu
-
+    ``options.relu_smoothing`` = T: differentiate ReLU kinks as if smoothed over a width T (``smoothed_relu``;
+    the trajectory is unchanged). On the paper's 2D ReLU GAN, T ~ 0.2 x the typical |pre-activation| raised
+    Kendall tau against retraining by 0.07 with 5 or 10 epochs traced, and not with 1. ``options.memory_gb``:
+    see ``itd_influence``."""
     options = options or ITDOptions()
     relu_smoothing, memory_gb = options.relu_smoothing, options.memory_gb
     with smoothed_relu(run.models, relu_smoothing) if relu_smoothing else nullcontext(None) as swapped:

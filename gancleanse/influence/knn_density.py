@@ -17,7 +17,6 @@ from ..scores import Scores
 from .features import check_rows, instance_features
 
 
-
 def kth_neighbor_distance(features: np.ndarray, k: int = KNNOptions().neighbors) -> np.ndarray:
     """Euclidean distance from each row to its k-th nearest other row."""
     from sklearn.neighbors import NearestNeighbors

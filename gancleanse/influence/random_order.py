@@ -10,12 +10,8 @@ from ..run import Run
 from ..scores import Scores
 
 
-def random_scores(n: int, seed: int) -> np.ndarray:
-    """Seeded standard-normal draws."""
-    return np.random.default_rng(seed).standard_normal(n)
-
-
 def score(run: Run, metric: str, *, seed: int = 0, progress: bool = True, options: NoOptions | None = None) -> Scores:
+    """Harmfulness: seeded standard-normal draws."""
     started = time.perf_counter()
-    harm = random_scores(run.n_train, seed)
+    harm = np.random.default_rng(seed).standard_normal(run.n_train)
     return Scores(metric, "random", harm, harm, info={"seed": seed, "seconds": time.perf_counter() - started})

@@ -1,19 +1,17 @@
 """A smoothed-kink ReLU for influence estimation: the same training, a smoother derivative.
 
-A GAN step contains the gradient of the losses, so ReLU's first derivative (the step
-function H) is part of the trajectory itself, and its derivative (a Dirac at 0, taken as 0
-by autograd) is what ITD's VJP through the step needs. Removing one instance moves
-pre-activations across 0 and flips H: the step map jumps, which an exact derivative of the
-piecewise-smooth trajectory cannot see.
+A GAN step contains the gradient of the losses, so ReLU's first derivative (the step function H)
+is part of the trajectory itself, and its derivative (a Dirac at 0, taken as 0 by autograd) is
+what ITD's VJP through the step needs. Removing one instance moves pre-activations across 0 and
+flips H: the step map jumps, which an exact derivative of the piecewise-smooth trajectory cannot see.
 
-``smoothed_relu(modules, T)`` swaps every ``nn.ReLU`` / ``nn.LeakyReLU`` of the generator
-and discriminator for a module whose value and first derivative are bitwise ReLU's (so the
-replayed training is the recorded one) and whose second derivative is the derivative of
-``sigmoid(x / T)`` instead of 0: the Dirac is spread over a width T, as if H were
-``sigmoid(x / T)`` (the derivative of ``T * softplus(x / T)``) for the purpose of
-differentiating it. Within the context, ITD estimates the expected effect of flips of
-pre-activations within about T of 0. Smoothing H itself (the first derivative) would
-change the gradients each step applies, hence the trajectory, and is not done.
+``smoothed_relu(modules, T)`` swaps every ``nn.ReLU`` / ``nn.LeakyReLU`` of the generator and
+discriminator for a module whose value and first derivative are bitwise ReLU's (so the replayed
+training is the recorded one) and whose second derivative is the derivative of ``sigmoid(x / T)``
+instead of 0: the Dirac is spread over a width T, as if H were ``sigmoid(x / T)`` (the derivative
+of ``T * softplus(x / T)``) for the purpose of differentiating it. Within the context, ITD
+estimates the expected effect of flips of pre-activations within about T of 0. Smoothing H itself
+(the first derivative) would change the gradients each step applies, hence the trajectory: not done.
 """
 
 from __future__ import annotations
@@ -26,16 +24,11 @@ from torch import nn
 from torch.autograd import Function
 
 
-def _smooth_step(x: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Exactly 0 in value; its derivative is that of sigmoid(x / T)."""
-    s = torch.sigmoid(x / temperature)
-    return s - s.detach()
-
-
 def kink_backward(x: torch.Tensor, grad: torch.Tensor, temperature: float, negative_slope: float) -> torch.Tensor:
     """ReLU's (LeakyReLU's) backward in value, with the smoothed jump in its own derivative."""
     exact = torch.where(x > 0, grad, grad * negative_slope)
-    return exact + grad * ((1.0 - negative_slope) * _smooth_step(x, temperature))
+    s = torch.sigmoid(x / temperature)  # s - s.detach(): exactly 0 in value, the derivative of sigmoid(x / T)
+    return exact + grad * ((1.0 - negative_slope) * (s - s.detach()))
 
 
 class _KinkSmoothedReLU(Function):
@@ -43,16 +36,13 @@ class _KinkSmoothedReLU(Function):
 
     @staticmethod
     def forward(x: torch.Tensor, temperature: float, negative_slope: float) -> torch.Tensor:
-        if negative_slope == 0.0:
-            return torch.relu(x)
-        return torch.nn.functional.leaky_relu(x, negative_slope)
+        return torch.relu(x) if negative_slope == 0.0 else torch.nn.functional.leaky_relu(x, negative_slope)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, temperature, negative_slope = inputs
         ctx.save_for_backward(x)
-        ctx.temperature = temperature
-        ctx.negative_slope = negative_slope
+        ctx.temperature, ctx.negative_slope = temperature, negative_slope
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -76,8 +66,7 @@ class KinkSmoothedReLU(nn.Module):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
-        self.temperature = float(temperature)
-        self.negative_slope = float(negative_slope)
+        self.temperature, self.negative_slope = float(temperature), float(negative_slope)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kink_smoothed_relu(x, self.temperature, self.negative_slope)
@@ -87,19 +76,15 @@ class KinkSmoothedReLU(nn.Module):
 
 
 def _targets(root: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    out = []
-    for parent in root.modules():
-        for name, child in parent.named_children():
-            if isinstance(child, (nn.ReLU, nn.LeakyReLU)):
-                out.append((parent, name, child))
-    return out
+    """Every (parent, attribute name, activation) of ``root`` to swap."""
+    return [(parent, name, child) for parent in root.modules() for name, child in parent.named_children()
+            if isinstance(child, (nn.ReLU, nn.LeakyReLU))]
 
 
 @contextmanager
 def smoothed_relu(modules, temperature: float) -> Iterator[int]:
-    """Within the context, the ReLUs of ``modules`` (a ``GANModules``, e.g. ``run.models``, or
-    any ``nn.Module``) are kink-smoothed with ``temperature``; the originals are put back on
-    exit, also on error. Yields how many activations were swapped."""
+    """Within the context, the ReLUs of ``modules`` (a ``GANModules``, e.g. ``run.models``, or any ``nn.Module``)
+    are kink-smoothed; the originals are put back on exit, also on error. Yields how many were swapped."""
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     roots = [modules.generator, modules.discriminator] if hasattr(modules, "discriminator") else [modules]

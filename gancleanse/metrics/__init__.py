@@ -1,25 +1,23 @@
 """GAN evaluation metrics, each a differentiable function of the training state.
 
-``make_metric(name, run, split)`` binds a metric to a run's fixed evaluation latents and
-real split, returning a callable ``state -> scalar tensor`` that ITD differentiates. Each
-name has one builder in ``BUILDERS``; what a metric is (label, direction, what it needs)
-lives in ``gancleanse.specs``.
+``make_metric(name, run, split)`` binds a metric to a run's fixed evaluation latents and real split,
+returning a callable ``state -> scalar tensor`` that ITD differentiates. Each name has one builder in
+``BUILDERS``; what a metric is (label, direction, what it needs) lives in ``gancleanse.specs``.
 
-``is``, ``log_is``, ``fid`` and ``kid`` see generated images through a frozen classifier
-(``classifier.py``: trained on the run's labelled training split and cached in the run
-directory, or the TorchScript file ``metric.extractor``).
+``is``, ``log_is``, ``fid`` and ``kid`` see generated images through a frozen classifier (``classifier.py``:
+trained on the run's labelled training split and cached in the run directory, or the TorchScript file
+``metric.extractor``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import torch
 
 from ..errors import ConfigError, NonFiniteError
-from ..specs import HIGHER_IS_BETTER
 from .all_kde import average_log_likelihood
 
 if TYPE_CHECKING:
@@ -30,15 +28,11 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Metric:
-    """A scalar function of the training state, with its direction."""
+    """A scalar function of the training state (its direction: ``gancleanse.specs``)."""
 
     name: str
     split: str
     fn: Callable[["State"], torch.Tensor]
-
-    @property
-    def higher_is_better(self) -> bool:
-        return HIGHER_IS_BETTER[self.name]
 
     def __call__(self, state: "State") -> torch.Tensor:
         return self.fn(state)
@@ -77,9 +71,8 @@ def make_metric(name: str, run: "Run", split: str = "valid") -> Metric:
     builder = BUILDERS.get(name)
     if builder is None:
         raise ConfigError(f"unknown metric {name!r} (known: {', '.join(BUILDERS)})")
-    inputs = MetricInputs(name, run, split, run.real(split), run.eval_latents(split), run.eval_labels(split),
-                          run.dynamics)
-    return builder(inputs)
+    return builder(MetricInputs(name, run, split, run.real(split), run.eval_latents(split), run.eval_labels(split),
+                                run.dynamics))
 
 
 def _all(inputs: MetricInputs) -> Metric:
@@ -95,16 +88,9 @@ def _loss_d(inputs: MetricInputs) -> Metric:
 
 
 # Real-split quantities of the classifier metrics, computed once per (run data, split, model).
-_REAL_CACHE: dict[tuple, object] = {}
+_REAL_CACHE: dict[tuple, Any] = {}
 _REAL_CACHE_SIZE = 8
-
-
-def _cached(key: tuple, compute: Callable[[], object]) -> object:
-    if key not in _REAL_CACHE:
-        if len(_REAL_CACHE) >= _REAL_CACHE_SIZE:
-            _REAL_CACHE.pop(next(iter(_REAL_CACHE)))
-        _REAL_CACHE[key] = compute()
-    return _REAL_CACHE[key]
+Cached = TypeVar("Cached")
 
 
 def _feature_model(inputs: MetricInputs) -> "FeatureModel":
@@ -119,39 +105,38 @@ def _feature_model(inputs: MetricInputs) -> "FeatureModel":
     return load_feature_model(run)
 
 
-def _real_key(inputs: MetricInputs, model: "FeatureModel") -> tuple:
-    """The cache key of the split's real-side quantities under ``model``."""
+def _cached(inputs: MetricInputs, model: "FeatureModel", what: tuple, compute: Callable[[], Cached]) -> Cached:
+    """The real split's quantity ``what`` under ``model``: computed once, then taken from the cache."""
     run = inputs.run
-    return (str(run.path.resolve()), run.meta.get("data_fingerprint"), inputs.split, model.key, str(run.device))
+    key = (str(run.path.resolve()), run.meta.get("data_fingerprint"), inputs.split, model.key, str(run.device), *what)
+    if key not in _REAL_CACHE:
+        if len(_REAL_CACHE) >= _REAL_CACHE_SIZE:
+            _REAL_CACHE.pop(next(iter(_REAL_CACHE)))
+        _REAL_CACHE[key] = compute()
+    return _REAL_CACHE[key]
 
 
 def _real_features(inputs: MetricInputs, model: "FeatureModel") -> torch.Tensor:
     """The real split's features, evaluated once without a graph and cached."""
-    features = _cached(_real_key(inputs, model) + ("features",), lambda: model.evaluate(inputs.real)[0])
-    assert isinstance(features, torch.Tensor)
-    return features
+    return _cached(inputs, model, ("features",), lambda: model.evaluate(inputs.real)[0])
 
 
 def _inception(inputs: MetricInputs) -> Metric:
-    from .inception_score import inception_score, log_inception_score
+    from .inception_score import check_splits, inception_score, log_inception_score
 
     model = _feature_model(inputs)
     score = inception_score if inputs.name == "is" else log_inception_score
-    splits, n = inputs.run.cfg.metric.is_splits, inputs.z.shape[0]
-    if not 1 <= splits <= n:
-        raise ConfigError(f"metric.is_splits = {splits} must lie between 1 and the number of "
-                          f"generated samples ({n})")
+    splits = inputs.run.cfg.metric.is_splits
+    check_splits(splits, inputs.z.shape[0])
     return inputs.metric(lambda state: score(model.logits(inputs.generate(state)), splits))
 
 
 def _fid(inputs: MetricInputs) -> Metric:
-    from .fid import FIDReference, fid_reference, frechet_distance
+    from .fid import fid_reference, frechet_distance
 
     model = _feature_model(inputs)
     ridge, n = inputs.run.cfg.metric.fid_ridge, inputs.z.shape[0]
-    ref = _cached(_real_key(inputs, model) + ("fid", ridge, n),
-                  lambda: fid_reference(_real_features(inputs, model), ridge, n))
-    assert isinstance(ref, FIDReference)
+    ref = _cached(inputs, model, ("fid", ridge, n), lambda: fid_reference(_real_features(inputs, model), ridge, n))
     return inputs.metric(lambda state: frechet_distance(ref, model.features(inputs.generate(state))))
 
 
@@ -161,11 +146,10 @@ def _kid(inputs: MetricInputs) -> Metric:
     model = _feature_model(inputs)
     degree = inputs.run.cfg.metric.kid_degree
     real = _real_features(inputs, model)
-    real_term = _cached(_real_key(inputs, model) + ("kid", degree), lambda: real_kernel_mean(real, degree))
+    real_term = _cached(inputs, model, ("kid", degree), lambda: real_kernel_mean(real, degree))
     return inputs.metric(lambda state: kernel_inception_distance(real, model.features(inputs.generate(state)),
                                                                  degree, real_term))
 
 
 BUILDERS: dict[str, Callable[[MetricInputs], Metric]] = {
-    "all": _all, "is": _inception, "log_is": _inception, "fid": _fid, "kid": _kid, "loss_d": _loss_d,
-}
+    "all": _all, "is": _inception, "log_is": _inception, "fid": _fid, "kid": _kid, "loss_d": _loss_d}

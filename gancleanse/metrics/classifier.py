@@ -7,34 +7,33 @@ Trained classifier (the ICLR paper's MNIST CNN)::
     flatten, dense 128, sigmoid        -> the features of FID and KID
     dense n_classes                    -> the logits of IS (L2 1e-3 on this layer, as in the paper)
 
-It works for any image side >= 4 (28 -> 14 -> 7; 8 -> 4 -> 2). Glorot-uniform weights and
-zero biases; Adam with ``metric.classifier_lr``, ``classifier_batch_size`` and
-``classifier_epochs`` on softmax cross-entropy in float32; one generator seeded with
-``metric.seed`` draws the initial weights and the minibatch order (the global RNG is not used).
+It works for any image side >= 4 (28 -> 14 -> 7; 8 -> 4 -> 2). Glorot-uniform weights and zero biases;
+Adam with ``metric.classifier_lr``, ``classifier_batch_size`` and ``classifier_epochs`` on softmax
+cross-entropy in float32; one generator seeded with ``metric.seed`` draws the initial weights and the
+minibatch order (the global RNG is not used).
 
-Why the TRAINING split: the metrics compare generated images with the valid or test split,
-so a classifier fitted to those images would see its own training data as the reference
-(the paper trained on its validation split; we keep both evaluation splits held out). The
-test split gives the accuracy that is reported. The classifier is part of the metric's
-definition and is held fixed: it is not retrained when a counterfactual removes training
-instances, so influence and counterfactual measure the same function.
+Why the TRAINING split: the metrics compare generated images with the valid or test split, so a classifier
+fitted to those images would see its own training data as the reference (the paper trained on its
+validation split; we keep both evaluation splits held out). The test split gives the accuracy that is
+reported. The classifier is part of the metric's definition and is held fixed: it is not retrained when a
+counterfactual removes training instances, so influence and counterfactual measure the same function.
 
-Cache: ``RUN/classifier.safetensors`` (weights) and ``RUN/classifier.json`` (the settings that
-produced them: hyper-parameters, seed, sample shape, number of classes and a fingerprint of the
-labelled train and test data, plus the test accuracy). The cache is used only when every
-setting matches; otherwise the classifier is retrained and the files replaced.
+Cache: ``RUN/classifier.safetensors`` (weights) and ``RUN/classifier.json`` (the settings that produced
+them: hyper-parameters, seed, sample shape, number of classes and a fingerprint of the labelled train and
+test data, plus the test accuracy). The cache is used only when every setting matches; otherwise the
+classifier is retrained and the files replaced.
 
-User extractor (``metric.extractor``): a TorchScript file whose ``forward`` takes a float
-tensor (N, C, H, W) of images in [-1, 1] (the data's own shape) and returns either
+User extractor (``metric.extractor``): a TorchScript file whose ``forward`` takes a float tensor
+(N, C, H, W) of images in [-1, 1] (the data's own shape) and returns either
 
 - ``logits`` of shape (N, K): used as logits for IS and as the features of FID/KID, or
 - a tuple ``(features, logits)`` of shapes (N, D) and (N, K).
 
-Inputs are cast to the dtype of the module's first floating parameter (float32 if it has
-none) and outputs to float64. A relative path is taken from the current directory.
+Inputs are cast to the dtype of the module's first floating parameter (float32 if it has none) and outputs
+to float64. A relative path is taken from the current directory.
 
-Everything here evaluates the model in float64 with parameters that do not require grad, so
-gradients reach the generated images but never the classifier.
+Everything here evaluates the model in float64 with parameters that do not require grad, so gradients
+reach the generated images but never the classifier.
 """
 
 from __future__ import annotations
@@ -42,24 +41,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
+from safetensors.torch import save as tensors_to_bytes
 from torch import nn
 
 from ..config import MetricConfig
 from ..data.base import as_float
 from ..errors import ConfigError, DataError
-from ..integrity import sha256_file
+from ..files import atomic_write, write_json_atomic
 
 if TYPE_CHECKING:
     from ..run import Run
@@ -92,9 +90,7 @@ class SmallCNN(nn.Module):
         with torch.no_grad():
             for layer in (self.conv1, self.conv2, self.hidden, self.out):
                 w = layer.weight
-                fan_in = w[0].numel()
-                fan_out = w.shape[0] * w[0, 0].numel()
-                bound = (6.0 / (fan_in + fan_out)) ** 0.5
+                bound = (6.0 / (w[0].numel() + w.shape[0] * w[0, 0].numel())) ** 0.5  # fan in + fan out
                 w.copy_(torch.rand(w.shape, generator=generator, dtype=w.dtype) * (2 * bound) - bound)
                 layer.bias.zero_()
 
@@ -107,11 +103,8 @@ class SmallCNN(nn.Module):
 
 @dataclass(frozen=True)
 class FeatureModel:
-    """A frozen classifier: images -> (features, logits), both float64.
-
-    ``key`` identifies the model (hash of settings and weights, or of the file) for caches of
-    real statistics.
-    """
+    """A frozen classifier: images -> (features, logits), both float64; ``key`` identifies the model
+    (hash of settings and weights, or of the file) for caches of real statistics."""
 
     module: nn.Module
     dtype: torch.dtype
@@ -175,9 +168,8 @@ def count_classes(*labels: torch.Tensor | None) -> int:
 def classifier_settings(cfg: MetricConfig, seed: int, sample_shape: tuple[int, ...], n_classes: int,
                         fingerprint: str) -> dict:
     """Everything that determines the trained weights: the cache is valid only if all match."""
-    return {"format": CACHE_FORMAT, "architecture": ARCHITECTURE, "logit_l2": LOGIT_L2,
-            "epochs": cfg.classifier_epochs, "lr": cfg.classifier_lr,
-            "batch_size": cfg.classifier_batch_size, "seed": seed,
+    return {"format": CACHE_FORMAT, "architecture": ARCHITECTURE, "logit_l2": LOGIT_L2, "epochs": cfg.classifier_epochs,
+            "lr": cfg.classifier_lr, "batch_size": cfg.classifier_batch_size, "seed": seed,
             "sample_shape": list(sample_shape), "n_classes": n_classes, "data": fingerprint}
 
 
@@ -218,20 +210,16 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 40
 def _as_feature_model(model: SmallCNN, settings: dict, source: str, acc: float | None) -> FeatureModel:
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):  # the weights too: equal settings, other threads
-        h.update(name.encode())
-        h.update(t.detach().contiguous().numpy().tobytes())
-    key = "cnn:" + h.hexdigest()[:16]
-    return FeatureModel(freeze(model.to(torch.float64)), torch.float64, key, source, acc)
+        h.update(name.encode() + t.detach().contiguous().numpy().tobytes())
+    return FeatureModel(freeze(model.to(torch.float64)), torch.float64, "cnn:" + h.hexdigest()[:16], source, acc)
 
 
 def cached_classifier(directory: str | Path, x_train: torch.Tensor, y_train: torch.Tensor,
                       x_test: torch.Tensor | None, y_test: torch.Tensor | None, cfg: MetricConfig,
                       seed: int) -> FeatureModel:
-    """The classifier stored in ``directory`` if its settings match, else a freshly trained one.
-
-    A fresh classifier is saved (weights, then the JSON written last and atomically, so a
-    half-written cache never matches). An unwritable directory only costs the reuse.
-    """
+    """The classifier cached in ``directory`` if its settings match, else a freshly trained one, saved with
+    the JSON written last and atomically (a half-written cache never matches; an unwritable directory only
+    costs the reuse)."""
     directory = Path(directory)
     weights_path = directory / f"{CACHE_STEM}.safetensors"
     meta_path = directory / f"{CACHE_STEM}.json"
@@ -239,50 +227,38 @@ def cached_classifier(directory: str | Path, x_train: torch.Tensor, y_train: tor
     n_classes = count_classes(y_train, y_test)
     settings = classifier_settings(cfg, seed, sample_shape, n_classes,
                                    data_fingerprint(x_train, y_train, x_test, y_test))
-    meta = _read_meta(meta_path)
-    if meta is not None and meta.get("settings") == settings and weights_path.is_file():
+    try:  # a missing, stale, damaged or replaced cache is retrained below (a cache is never trusted blindly)
+        meta = json.loads(meta_path.read_text())
+        if meta["settings"] != settings:
+            raise ValueError("settings changed since the classifier was cached")
+        data = weights_path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != meta.get("weights_sha256"):
+            raise ValueError("weights changed since they were cached")
         model = SmallCNN(sample_shape, n_classes)
-        try:
-            data = weights_path.read_bytes()
-            if hashlib.sha256(data).hexdigest() != meta.get("weights_sha256"):
-                raise ValueError("weights changed since they were cached")
-            model.load_state_dict(load_safetensors(data))
-        except Exception:  # damaged or replaced weights: retrain below (a cache is never trusted blindly)
-            pass
-        else:
-            return _as_feature_model(model, settings, str(weights_path), meta.get("test_accuracy"))
+        model.load_state_dict(load_safetensors(data))
+    except Exception:
+        pass
+    else:
+        return _as_feature_model(model, settings, str(weights_path), meta.get("test_accuracy"))
     started = time.perf_counter()
     model = train_classifier(x_train, y_train, n_classes, epochs=cfg.classifier_epochs,
                              lr=cfg.classifier_lr, batch_size=cfg.classifier_batch_size, seed=seed)
     seconds = time.perf_counter() - started
     acc = accuracy(model, x_test, y_test) if x_test is not None and y_test is not None else None
-    meta = {"settings": settings, "test_accuracy": acc,
-            "n_test": None if x_test is None else int(x_test.shape[0]),
-            "n_train": int(x_train.shape[0]), "train_seconds": round(seconds, 3),
-            "torch": torch.__version__}
+    meta = {"settings": settings, "test_accuracy": acc, "n_test": None if x_test is None else int(x_test.shape[0]),
+            "n_train": int(x_train.shape[0]), "train_seconds": round(seconds, 3), "torch": torch.__version__}
     try:
         directory.mkdir(parents=True, exist_ok=True)
         if meta_path.exists():
             meta_path.unlink()  # invalidate before the weights change
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        tmp = weights_path.with_name(weights_path.name + ".tmp")
-        save_file(state, str(tmp))
-        meta["weights_sha256"] = sha256_file(tmp)
-        os.replace(tmp, weights_path)
-        tmp = meta_path.with_name(meta_path.name + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, meta_path)
+        weights = tensors_to_bytes({k: v.detach().contiguous() for k, v in model.state_dict().items()})
+        meta["weights_sha256"] = hashlib.sha256(weights).hexdigest()
+        with atomic_write(weights_path, binary=True) as f:
+            f.write(weights)
+        write_json_atomic(meta_path, meta)
     except OSError as e:
         warnings.warn(f"could not cache the classifier in {directory}: {e}", stacklevel=2)
     return _as_feature_model(model, settings, f"trained on {x_train.shape[0]} images", acc)
-
-
-def _read_meta(path: Path) -> dict | None:
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) else None
 
 
 def load_or_train_classifier(run: "Run") -> FeatureModel:
@@ -308,25 +284,24 @@ def load_extractor(path: str | Path, sample_shape: tuple[int, ...]) -> FeatureMo
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(str(path), map_location="cpu")
+            module = freeze(torch.jit.load(str(path), map_location="cpu"))
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad archive
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DataError(f"metric.extractor {path}: not a loadable TorchScript file "
-                        f"({type(e).__name__}: {first[:200]})") from None
-    module = freeze(module)
-    floats = [p.dtype for p in module.parameters() if p.is_floating_point()]
-    dtype = floats[0] if floats else torch.float32
+        raise DataError(f"metric.extractor {path}: not a loadable TorchScript file ({_failure(e)})") from None
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
     probe = torch.zeros((2, *sample_shape), dtype=dtype)
     try:
         with torch.no_grad():
             out = module(probe)
     except Exception as e:  # noqa: BLE001 - any failure of user code is reported the same way
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise DataError(f"metric.extractor {path}: failed on a batch of shape {tuple(probe.shape)} "
-                        f"({type(e).__name__}: {first[:200]})") from None
+                        f"({_failure(e)})") from None
     _check_output(out, path, tuple(probe.shape))
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return FeatureModel(module, dtype, f"extractor:{digest}", str(path), None)
+    return FeatureModel(module, dtype, f"extractor:{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}", str(path))
+
+
+def _failure(e: Exception) -> str:
+    """The exception's type and the first line of its message (at most 200 characters)."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
 def _check_output(out: object, path: Path, shape: tuple[int, ...]) -> None:
@@ -336,25 +311,19 @@ def _check_output(out: object, path: Path, shape: tuple[int, ...]) -> None:
     def describe(t: object) -> str:
         return f"tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
-    if isinstance(out, (tuple, list)):
-        if len(out) == 2 and ok(out[0]) and ok(out[1]) and out[1].shape[1] >= 2:
-            return
-        got = "(" + ", ".join(describe(t) for t in out) + ")"
-    elif ok(out) and out.shape[1] >= 2:
+    pair = isinstance(out, (tuple, list))
+    parts: list[Any] = list(out) if isinstance(out, (tuple, list)) else [out]  # (features, logits), or logits
+    if len(parts) == (2 if pair else 1) and all(ok(t) for t in parts) and parts[-1].shape[1] >= 2:
         return
-    else:
-        got = describe(out)
+    got = "(" + ", ".join(describe(t) for t in parts) + ")" if pair else describe(out)
     raise DataError(f"metric.extractor {path}: for input of shape {shape} it must return logits "
-                    f"({shape[0]}, K>=2) or (features ({shape[0]}, D), logits ({shape[0]}, K>=2)); "
-                    f"got {got}")
+                    f"({shape[0]}, K>=2) or (features ({shape[0]}, D), logits ({shape[0]}, K>=2)); got {got}")
 
 
 def extractor_file(run: "Run") -> str | None:
-    """The TorchScript extractor to load for ``run``: only one the user named explicitly.
-
-    Loading TorchScript runs code, so the path stored in a run directory's config is never
-    loaded on its own authority; it must be given again (``--extractor`` / ``Run.open``).
-    """
+    """The TorchScript extractor to load for ``run``: only one the user named explicitly. Loading TorchScript
+    runs code, so the path stored in a run directory's config is never loaded on its own authority; it must be
+    given again (``--extractor`` / ``Run.open``)."""
     if run.extractor is not None:
         return run.extractor
     if run.cfg.metric.extractor:
@@ -367,19 +336,14 @@ def extractor_file(run: "Run") -> str | None:
 def load_feature_model(run: "Run") -> FeatureModel:
     """The explicitly named extractor, else the run's own trained classifier."""
     extractor = extractor_file(run)
-    if extractor:
-        return load_extractor(extractor, run.splits.sample_shape).to(run.device)
-    return load_or_train_classifier(run).to(run.device)
-
+    model = load_extractor(extractor, run.splits.sample_shape) if extractor else load_or_train_classifier(run)
+    return model.to(run.device)
 
 
 def training_features(run: "Run") -> np.ndarray:
-    """Features of every training instance (rows in training-split order), e.g. for Isolation Forest.
-
-    The same model the metrics use: ``metric.extractor`` when set, else the run's classifier.
-    """
+    """Features of every training instance (rows in training-split order), e.g. for Isolation Forest, from the
+    model the metrics use: ``metric.extractor`` when set, else the run's classifier."""
     if run.splits.train.ndim != 4 and not extractor_file(run):
         raise ConfigError(f"classifier features need image data (N, C, H, W); data.name = "
-                          f"{run.cfg.data.name!r} has samples of shape {run.splits.sample_shape}: "
-                          "use --features raw")
+                          f"{run.cfg.data.name!r} has samples of shape {run.splits.sample_shape}: use --features raw")
     return load_feature_model(run).evaluate(run.splits.train.to(run.device))[0].cpu().numpy()

@@ -2,11 +2,10 @@
 
     log IS = mean_k KL( p(y|x_k) || p_bar ),   p_bar = mean_k p(y|x_k),   IS = exp(log IS)
 
-with p the softmax of the logits, in float64 (log-softmax, so no log of a rounded zero).
-The paper uses one split (p_bar over all n samples). With ``splits`` = S > 1 the samples are
-cut into S contiguous, nearly equal parts; IS is the mean over parts of exp(mean KL in the
-part) (the usual definition), and log IS is the mean over parts of the mean KL (so it is
-log IS exactly when S = 1). Higher is better.
+with p the softmax of the logits, in float64 (log-softmax, so no log of a rounded zero). The paper uses one
+split (p_bar over all n samples). With ``splits`` = S > 1 the samples are cut into S contiguous, nearly
+equal parts; IS is the mean over parts of exp(mean KL in the part) (the usual definition), and log IS is
+the mean over parts of the mean KL (so it is log IS exactly when S = 1). Higher is better.
 """
 
 from __future__ import annotations
@@ -25,12 +24,15 @@ def kl_to_marginal(logits: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_p_bar)).sum(1)
 
 
+def check_splits(splits: int, n: int) -> None:
+    if not 1 <= splits <= n:
+        raise ConfigError(f"metric.is_splits = {splits} must lie between 1 and the number of generated samples ({n})")
+
+
 def _parts(logits: torch.Tensor, splits: int) -> tuple[torch.Tensor, ...]:
     if logits.ndim != 2:
         raise ValueError(f"logits must have shape (n, classes), got {tuple(logits.shape)}")
-    if not 1 <= splits <= logits.shape[0]:
-        raise ConfigError(f"metric.is_splits = {splits} must lie between 1 and the number of "
-                          f"generated samples ({logits.shape[0]})")
+    check_splits(splits, logits.shape[0])
     return torch.tensor_split(logits, splits, dim=0)
 
 

@@ -4,10 +4,10 @@
     KID = sum_{i != j} k(r_i, r_j) / (m (m-1)) + sum_{i != j} k(g_i, g_j) / (n (n-1))
           - 2 sum_{i,j} k(r_i, g_j) / (m n)
 
-in float64 over the full sets (no subsets), differentiable in the generated features. The
-real-real term does not depend on the generator and is computed once (``real_kernel_mean``).
-Memory: the generated Gram matrix is n x n and the cross one m x n, both kept for the
-backward pass (n = 5,000 costs about 200 MB each in float64). Lower is better.
+in float64 over the full sets (no subsets), differentiable in the generated features. The real-real term
+does not depend on the generator and is computed once (``real_kernel_mean``). Memory: the generated Gram
+matrix is n x n and the cross one m x n, both kept for the backward pass (n = 5,000 costs about 200 MB
+each in float64). Lower is better.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ def polynomial_kernel(x: torch.Tensor, y: torch.Tensor, degree: int) -> torch.Te
 
 def _check(features: torch.Tensor, what: str) -> torch.Tensor:
     if features.ndim != 2 or features.shape[0] < 2:
-        raise DataError(f"KID needs at least 2 {what} feature rows of shape (n, d), "
-                        f"got {tuple(features.shape)}")
+        raise DataError(f"KID needs at least 2 {what} feature rows of shape (n, d), got {tuple(features.shape)}")
     return features.to(torch.float64)
 
 
@@ -49,8 +48,7 @@ def real_kernel_mean(real: torch.Tensor, degree: int) -> torch.Tensor:
 def kernel_inception_distance(real: torch.Tensor, generated: torch.Tensor, degree: int = 3,
                               real_term: torch.Tensor | None = None) -> torch.Tensor:
     """Unbiased MMD^2 with the polynomial kernel; pass ``real_term`` to reuse the real-real mean."""
-    r = _check(real, "real")
-    g = _check(generated, "generated")
+    r, g = _check(real, "real"), _check(generated, "generated")
     if r.shape[1] != g.shape[1]:
         raise DataError(f"KID: real features have dimension {r.shape[1]}, generated {g.shape[1]}")
     real_mean = off_diagonal_mean(r, degree) if real_term is None else real_term

@@ -1,8 +1,6 @@
-"""A GAN as two stateless modules plus parameter dicts, evaluated with ``functional_call``.
-
-Parameters live outside the modules (in the training state) so that one pure step
-function can be replayed, perturbed and differentiated by ``torch.func``.
-"""
+"""A GAN as two stateless modules plus parameter dicts, evaluated with ``functional_call``: parameters
+live outside the modules (in the training state) so that one pure step function can be replayed,
+perturbed and differentiated by ``torch.func``."""
 
 from __future__ import annotations
 
@@ -16,6 +14,9 @@ from torch.func import functional_call
 
 from ..config import Config, ModelConfig
 from ..errors import ConfigError
+from .dcgan import DCGANDiscriminator, DCGANGenerator
+from .lora import is_adapter, lora
+from .mlp import MLPDiscriminator, MLPGenerator
 
 Params = dict[str, torch.Tensor]
 
@@ -26,10 +27,9 @@ def check_no_batchnorm(module: nn.Module, role: str) -> None:
     """BatchNorm couples instances in a batch, so a weight of 0 would not remove one instance."""
     for name, sub in module.named_modules():
         if isinstance(sub, _BATCHNORM):
-            raise ConfigError(
-                f"the {role} contains BatchNorm ({name or 'root'}: {type(sub).__name__}); batch "
-                "statistics mix instances, so removing one instance cannot be expressed by its weight. "
-                "Use LayerNorm (norm = \"layer\") or no normalization.")
+            raise ConfigError(f"the {role} contains BatchNorm ({name or 'root'}: {type(sub).__name__}); batch "
+                              "statistics mix instances, so removing one instance cannot be expressed by its "
+                              "weight. Use LayerNorm (norm = \"layer\") or no normalization.")
         if any(True for _ in sub.buffers(recurse=False)):
             raise ConfigError(f"the {role} has buffers ({name or 'root'}): only parameters are "
                               "supported, since buffers are not part of the differentiated state")
@@ -51,8 +51,7 @@ class GANModules:
         check_no_batchnorm(self.generator, "generator")
 
     def to(self, device: torch.device) -> "GANModules":
-        """Move both modules' templates to ``device`` (in place), for modules that make tensors
-        like their parameters."""
+        """Move both modules' templates to ``device`` (in place), for modules that make tensors like them."""
         self.generator.to(device)
         self.discriminator.to(device)
         return self
@@ -86,14 +85,12 @@ class GANModules:
 def _init(module: nn.Module, generator: torch.Generator, dtype: torch.dtype) -> Params:
     """``module``'s starting parameters, drawn in float64 (the same values whatever ``dtype``)."""
     out: Params = {}
-    from .lora import is_adapter
-
     for name, param in module.named_parameters():
         if is_adapter(name):  # B = 0 (the adapted layer starts as it was), A as lora() drew it
             value = param.detach().to(torch.float64).clone()
         elif param.ndim >= 2:
             fan_out, fan_in = param.shape[0], param[0].numel()
-            if isinstance(_owner(module, name), nn.ConvTranspose2d):
+            if isinstance(module.get_submodule(name.rpartition(".")[0]), nn.ConvTranspose2d):  # fans differ
                 fan_in, fan_out = param.shape[0] * param[0, 0].numel(), param.shape[1] * param[0, 0].numel()
             elif param.ndim > 2:
                 fan_out = param.shape[0] * param[0, 0].numel()
@@ -107,59 +104,31 @@ def _init(module: nn.Module, generator: torch.Generator, dtype: torch.dtype) -> 
     return out
 
 
-def _owner(module: nn.Module, param_name: str) -> nn.Module:
-    """The submodule that holds ``param_name`` (a transposed convolution's fans differ)."""
-    path = param_name.rsplit(".", 1)[0] if "." in param_name else ""
-    return module.get_submodule(path) if path else module
-
-
-def _adapted(models: GANModules, cfg: Config) -> GANModules:
-    """The built-in modules with ``[model] lora_rank`` adapters (seeded: the same in every run)."""
-    model = cfg.model
-    if model.lora_rank:
-        from .lora import lora
-
-        lora(models.discriminator, model.lora_rank, targets=model.lora_targets, seed=1)
-        lora(models.generator, model.lora_rank, targets=model.lora_targets, seed=2)
-    return models
-
-
 def _mlp(model: ModelConfig, sample_shape: tuple[int, ...], classes: int) -> tuple[nn.Module, nn.Module]:
-    from .mlp import MLPDiscriminator, MLPGenerator
-
-    generator = MLPGenerator(model.z_dim, sample_shape, model.g_hidden, model.layers, model.activation, model.norm,
-                             model.bias, classes)
-    discriminator = MLPDiscriminator(math.prod(sample_shape), model.d_hidden, model.layers, model.activation,
-                                     model.norm, model.bias, classes)
-    return generator, discriminator
+    return (MLPGenerator(model.z_dim, sample_shape, model.g_hidden, model.layers, model.activation, model.norm,
+                         model.bias, classes),
+            MLPDiscriminator(math.prod(sample_shape), model.d_hidden, model.layers, model.activation, model.norm,
+                             model.bias, classes))
 
 
 def _dcgan(model: ModelConfig, sample_shape: tuple[int, ...], classes: int) -> tuple[nn.Module, nn.Module]:
-    from .dcgan import DCGANDiscriminator, DCGANGenerator
-
-    generator = DCGANGenerator(model.z_dim, sample_shape, model.g_hidden, model.activation, model.norm, model.bias,
-                               classes)
-    discriminator = DCGANDiscriminator(sample_shape, model.d_hidden, model.activation, model.norm, model.bias, classes)
-    return generator, discriminator
+    return (DCGANGenerator(model.z_dim, sample_shape, model.g_hidden, model.activation, model.norm, model.bias,
+                           classes),
+            DCGANDiscriminator(sample_shape, model.d_hidden, model.activation, model.norm, model.bias, classes))
 
 
 # model.arch -> (model config, sample shape, number of classes or 0) -> (generator, discriminator).
 # Each builds G before D: module construction draws default inits from the global RNG.
 ARCHITECTURES: dict[str, Callable[[ModelConfig, tuple[int, ...], int], tuple[nn.Module, nn.Module]]] = {
-    "mlp": _mlp,
-    "dcgan": _dcgan,
-}
+    "mlp": _mlp, "dcgan": _dcgan}
 
 
 def build_models(cfg: Config, sample_shape: tuple[int, ...], n_classes: int | None = None) -> GANModules:
     """The built-in architecture the config names, shaped for the data (and its ``n_classes``
-    when ``model.conditional``)."""
+    when ``model.conditional``), with ``[model] lora_rank`` adapters (seeded: the same in every run)."""
     model = cfg.model
-    classes = 0
-    if model.conditional:
-        if not n_classes:
-            raise ConfigError("model.conditional = true needs labelled data (the number of classes)")
-        classes = n_classes
+    if model.conditional and not n_classes:
+        raise ConfigError("model.conditional = true needs labelled data (the number of classes)")
     if model.arch == "custom":
         raise ConfigError("model.arch = 'custom' stands for modules given to the Python API: train with "
                           "gancleanse.train(cfg, out, models=GANModules(G, D, z_dim)) and reopen with "
@@ -167,5 +136,8 @@ def build_models(cfg: Config, sample_shape: tuple[int, ...], n_classes: int | No
     build = ARCHITECTURES.get(model.arch)
     if build is None:
         raise ConfigError(f"model.arch = {model.arch!r} is not available in this build")
-    generator, discriminator = build(model, sample_shape, classes)
-    return _adapted(GANModules(generator, discriminator, model.z_dim, conditional=model.conditional), cfg)
+    generator, discriminator = build(model, sample_shape, n_classes if model.conditional else 0)
+    if model.lora_rank:
+        lora(discriminator, model.lora_rank, targets=model.lora_targets, seed=1)
+        lora(generator, model.lora_rank, targets=model.lora_targets, seed=2)
+    return GANModules(generator, discriminator, model.z_dim, conditional=model.conditional)

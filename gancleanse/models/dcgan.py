@@ -1,34 +1,23 @@
 """The paper's small convolutional GAN for MNIST-sized images, plus 8x8, 32x32 and 64x64 variants.
 
-The discriminator is a stack of 'valid' (padding 0) convolutions that ends at 1x1, then a
-linear logit; the generator mirrors it with transposed convolutions from a 1x1 latent
-(kernels and strides reversed, side (n - 1) * s + k), then a 1x1 convolution to the image
-channels and tanh. Every stride-2 layer has (side - k) divisible by 2, so each transposed
-convolution reproduces the discriminator's side exactly and G walks D's sides in reverse.
-Channels C (1 or 3, or any) come from the sample shape (C, H, W).
+The discriminator is a stack of 'valid' (padding 0) convolutions that ends at 1x1, then a linear
+logit; the generator mirrors it with transposed convolutions from a 1x1 latent (kernels and strides
+reversed, side (n - 1) * s + k), then a 1x1 convolution to the image channels C (from the sample shape
+(C, H, W)) and tanh. Every stride-2 layer has (side - k) divisible by 2, so each transposed convolution
+reproduces the discriminator's side exactly and G walks D's sides in reverse. D's sides (``SPECS``
+holds the kernels and strides):
 
-======  ===============================  =====================  =====================
-side    D sides (G: reversed)            kernels                strides
-======  ===============================  =====================  =====================
-8       8 -> 6 -> 4 -> 2 -> 1            3, 3, 3, 2             1, 1, 1, 1
-28      28 -> 25 -> 12 -> 10 -> 9 ->     4, 3, 3, 2, 3, 3, 2    1, 2, 1, 1, 2, 1, 1
-        4 -> 2 -> 1
-32      32 -> 30 -> 14 -> 6 -> 2 -> 1    3, 4, 4, 4, 2          1, 2, 2, 2, 1
-64      64 -> 62 -> 30 -> 14 -> 6 ->     3, 4, 4, 4, 4, 2       1, 2, 2, 2, 2, 1
-        2 -> 1
-======  ===============================  =====================  =====================
+- 8: 8 -> 6 -> 4 -> 2 -> 1, scikit-learn digits at native size;
+- 28: 28 -> 25 -> 12 -> 10 -> 9 -> 4 -> 2 -> 1, the paper's model (7 layers);
+- 32: 32 -> 30 -> 14 -> 6 -> 2 -> 1 and 64: 64 -> 62 -> 30 -> 14 -> 6 -> 2 -> 1 (e.g. CIFAR-sized or
+  resized images): DCGAN-style kernel-4 stride-2 downsampling between a kernel-3 stride-1 first
+  layer and a kernel-2 last layer, 64x64 adding one stride-2 layer in front of 32x32's tail.
 
-28x28 is the paper's model (7 layers, G: 1 -> 2 -> 4 -> 9 -> 10 -> 12 -> 25 -> 28); 8x8 fits
-scikit-learn digits at native size; 32x32 and 64x64 (e.g. CIFAR-sized or resized images)
-use DCGAN-style kernel-4 stride-2 downsampling between a kernel-3 stride-1 first layer and
-a kernel-2 last layer, 64x64 adding one stride-2 layer in front of 32x32's tail.
-
-Every convolution is followed by the activation and, with ``norm = "layer"``, by a
-per-instance LayerNorm over (C, H, W): it never mixes instances, so an instance weight of
-0 still means "this instance was not seen", which BatchNorm would break.
-
-With ``n_classes`` both are class-conditional as the MLP's are: a z_dim-wide class embedding
-beside z at G's input, a projection term on D's final (hidden-wide) features.
+Every convolution is followed by the activation and, with ``norm = "layer"``, by a per-instance
+LayerNorm over (C, H, W): it never mixes instances, so an instance weight of 0 still means "this
+instance was not seen", which BatchNorm would break. With ``n_classes`` both are class-conditional as
+the MLP's are: a z_dim-wide class embedding beside z at G's input, a projection term on D's final
+(hidden-wide) features.
 """
 
 from __future__ import annotations
@@ -64,16 +53,12 @@ def image_spec(sample_shape: tuple[int, ...]) -> tuple[int, int, tuple[int, ...]
         raise DataError(f"model.arch = 'dcgan' cannot take samples of shape {tuple(sample_shape)}: it needs "
                         f"images (C, H, W) of side {supported} (set data.image_size to resize)")
     channels, side, _ = sample_shape
-    kernels, strides = SPECS[side]
-    return channels, side, kernels, strides
+    return (channels, side, *SPECS[side])
 
 
 class ChannelLayerNorm(nn.Module):
-    """LayerNorm over (C, H, W) of each instance with a per-channel gain and bias.
-
-    Matches the per-channel parameters of the paper's normalization, unlike
-    ``nn.LayerNorm([C, H, W])`` whose affine parameters are per element.
-    """
+    """LayerNorm over (C, H, W) of each instance with a per-channel gain and bias, as the paper's
+    normalization has (``nn.LayerNorm([C, H, W])``'s affine parameters are per element)."""
 
     def __init__(self, channels: int, bias: bool = True, eps: float = 1e-5) -> None:
         super().__init__()

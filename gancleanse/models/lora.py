@@ -1,10 +1,9 @@
 """Low-rank adapters: a linear or convolution layer's weight W becomes W + (alpha / r) B A.
 
-``lora(module, rank=r)`` wraps the layers of a user's module in place. B starts at zero, so
-the wrapped module computes exactly what it did; A starts small and seeded. Only the
-adapters train by default (``trainable.select_trainable``): the wrapped weights become
-constants of the run, and the recorded state, checkpoints and ITD's adjoint hold A and B.
-"""
+``lora(module, rank=r)`` wraps the layers of a user's module in place. B starts at zero, so the wrapped
+module computes exactly what it did; A starts small and seeded. Only the adapters train by default
+(``trainable.select_trainable``): the wrapped weights become constants of the run, and the recorded
+state, checkpoints and ITD's adjoint hold A and B."""
 
 from __future__ import annotations
 
@@ -67,6 +66,5 @@ def lora(module: nn.Module, rank: int = 8, *, targets: Sequence[str] | None = No
         if isinstance(sub, LoRA) or name.endswith(".base"):
             raise ConfigError(f"lora: layer {name!r} already has adapters")
         owner, _, leaf = name.rpartition(".")
-        target = module.get_submodule(owner) if owner else module
-        setattr(target, leaf, LoRA(sub, rank, float(rank if alpha is None else alpha), generator))
+        setattr(module.get_submodule(owner), leaf, LoRA(sub, rank, float(rank if alpha is None else alpha), generator))
     return module

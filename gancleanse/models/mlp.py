@@ -1,9 +1,8 @@
 """Fully connected GAN (the paper's 2D model: G z-32-32-2, D 2-64-64-1, no biases).
 
-With ``n_classes`` the pair is class-conditional: G takes a learned class embedding beside
-z (``embed``, z_dim wide), and D adds the projection term <embed(y), phi(x)> of its last
-hidden features phi to the unconditional logit (Miyato & Koyama's projection discriminator).
-"""
+With ``n_classes`` the pair is class-conditional: G takes a learned class embedding beside z (``embed``,
+z_dim wide), and D adds the projection term <embed(y), phi(x)> of its last hidden features phi to the
+unconditional logit (Miyato & Koyama's projection discriminator)."""
 
 from __future__ import annotations
 
@@ -12,14 +11,8 @@ import math
 import torch
 from torch import nn
 
-ACTIVATIONS = {
-    "relu": nn.ReLU,
-    "elu": nn.ELU,
-    "softplus": nn.Softplus,
-    "sigmoid": nn.Sigmoid,
-    "leaky_relu": lambda: nn.LeakyReLU(0.2),
-    "tanh": nn.Tanh,
-}
+ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "softplus": nn.Softplus, "sigmoid": nn.Sigmoid,
+               "leaky_relu": lambda: nn.LeakyReLU(0.2), "tanh": nn.Tanh}
 
 
 def _stack(sizes: list[int], activation: str, norm: str, bias: bool) -> list[nn.Module]:
@@ -57,8 +50,7 @@ class MLPGenerator(nn.Module):
         super().__init__()
         self.out_shape = tuple(out_shape)
         self.embed = nn.Embedding(n_classes, z_dim) if n_classes else None
-        sizes = [z_dim * (2 if n_classes else 1)] + [hidden] * layers
-        self.net = nn.Sequential(*_stack(sizes, activation, norm, bias),
+        self.net = nn.Sequential(*_stack([z_dim * (2 if n_classes else 1)] + [hidden] * layers, activation, norm, bias),
                                  nn.Linear(hidden, math.prod(out_shape), bias=bias))
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,11 +1,9 @@
-"""Which parameters train. The rest are constants: they live in the modules (``functional_call``
-takes them from there), are saved once per run (``frozen.safetensors``), and stay out of the
-training state, the optimizer state, every checkpoint and ITD's adjoint, so that time and
-memory scale with the trainable part.
-
-Parameters are named ``d/<name>`` and ``g/<name>`` (as in checkpoints) and chosen with glob
-patterns: ``[model] train_only`` (default: everything; for a module with low-rank adapters,
-only its adapters) minus ``[model] frozen``.
+"""Which parameters train. The rest are constants: they live in the modules (``functional_call`` takes
+them from there), are saved once per run (``frozen.safetensors``), and stay out of the training state,
+the optimizer state, every checkpoint and ITD's adjoint, so that time and memory scale with the
+trainable part. Parameters are named ``d/<name>`` and ``g/<name>`` (as in checkpoints) and chosen with
+glob patterns: ``[model] train_only`` (default: everything; for a module with low-rank adapters, only
+its adapters) minus ``[model] frozen``.
 """
 
 from __future__ import annotations
@@ -16,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError
 from .lora import is_adapter
@@ -59,28 +58,21 @@ def select_trainable(params: dict[str, "Params"], train_only: Sequence[str] | No
 def split_trainable(params: dict[str, "Params"], keep: dict[str, list[str]]
                     ) -> tuple[dict[str, "Params"], dict[str, "Params"]]:
     """(trainable, frozen) parameter trees."""
-    train = {p: {n: params[p][n] for n in keep[p]} for p in PLAYERS}
-    const = {p: {n: v for n, v in params[p].items() if n not in keep[p]} for p in PLAYERS}
-    return train, const
+    return ({p: {n: params[p][n] for n in keep[p]} for p in PLAYERS},
+            {p: {n: v for n, v in params[p].items() if n not in keep[p]} for p in PLAYERS})
 
 
 # ------------------------------------------------------------------- pretrained starts
 def read_init(cfg_model, sample: dict[str, "Params"]) -> tuple[dict[str, "Params"], dict[str, dict]]:
-    """Starting parameters from ``[model] init`` (keys ``generator.<name>`` and
-    ``discriminator.<name>``) or ``init_g`` / ``init_d`` (plain names), safetensors only.
-
-    ``sample``: the parameters they replace (names, shapes, dtypes). Returns the new
-    parameters and what run.json records of each file (path and sha256).
-    """
+    """Starting parameters from ``[model] init`` (keys ``generator.<name>`` and ``discriminator.<name>``)
+    or ``init_g`` / ``init_d`` (plain names), safetensors only, replacing ``sample`` (names, shapes,
+    dtypes). Returns the new parameters and what run.json records of each file (path and sha256)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    files: dict[str, tuple[str, str]] = {}  # player -> (path, key prefix)
-    if cfg_model.init:
-        files = {"d": (cfg_model.init, "discriminator."), "g": (cfg_model.init, "generator.")}
-    for p, key in (("d", "init_d"), ("g", "init_g")):
-        if getattr(cfg_model, key):
-            files[p] = (getattr(cfg_model, key), "")
+    files: dict[str, tuple[str, str]] = (  # player -> (path, key prefix)
+        {"d": (cfg_model.init, "discriminator."), "g": (cfg_model.init, "generator.")} if cfg_model.init else {})
+    files.update({p: (getattr(cfg_model, f"init_{p}"), "") for p in PLAYERS if getattr(cfg_model, f"init_{p}")})
     out = {p: dict(sample[p]) for p in PLAYERS}
     record: dict[str, dict] = {}
     for p, (path, prefix) in files.items():
@@ -94,15 +86,12 @@ def read_init(cfg_model, sample: dict[str, "Params"]) -> tuple[dict[str, "Params
             tensors = load_file(str(file))
         except (SafetensorError, OSError, ValueError) as e:
             raise ConfigError(f"model.{key}: {file} is not a readable safetensors file ({e})") from None
-        mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        mine = {wrapped_name(n, sample[p]): v for n, v in mine.items()}
+        mine = {wrapped_name(k[len(prefix):], sample[p]): v for k, v in tensors.items() if k.startswith(prefix)}
         # adapters added for fine-tuning keep their own start (B = 0) unless the file has them
-        missing = [n for n in sample[p] if n not in mine and not is_adapter(n)]
-        if missing:
+        if missing := [n for n in sample[p] if n not in mine and not is_adapter(n)]:
             raise ConfigError(f"model.{key}: {file} has no {prefix}{missing[0]} (the {ROLES[p]} needs "
                               f"{len(sample[p])} parameters; {len(missing)} missing)")
-        extra = [n for n in mine if n not in sample[p]]
-        if extra:
+        if extra := [n for n in mine if n not in sample[p]]:
             raise ConfigError(f"model.{key}: {file} has {prefix}{extra[0]}, which the {ROLES[p]} does not have")
         for n, v in mine.items():
             if tuple(v.shape) != tuple(sample[p][n].shape):
@@ -116,8 +105,7 @@ def read_init(cfg_model, sample: dict[str, "Params"]) -> tuple[dict[str, "Params
 
 
 def wrapped_name(name: str, params: "Params") -> str:
-    """A pretrained weight's name in a module whose layer now carries adapters: ``a.weight``
-    became ``a.base.weight``."""
+    """A pretrained weight's name where its layer now carries adapters (``a.weight`` became ``a.base.weight``)."""
     if name in params:
         return name
     owner, _, leaf = name.rpartition(".")
@@ -127,13 +115,10 @@ def wrapped_name(name: str, params: "Params") -> str:
 
 def freeze(models: "GANModules", constants: dict[str, "Params"]) -> None:
     """Put the frozen values into the modules as constants (no gradient, not in the state)."""
-    from torch import nn
-
     for p, module in (("d", models.discriminator), ("g", models.generator)):
         names = dict(module.named_parameters())
         for name, value in constants.get(p, {}).items():
             if name not in names:
                 raise ConfigError(f"frozen parameter {p}/{name} is not a parameter of the {ROLES[p]}")
             owner, _, leaf = name.rpartition(".")
-            target = module.get_submodule(owner) if owner else module
-            setattr(target, leaf, nn.Parameter(value.detach().clone(), requires_grad=False))
+            setattr(module.get_submodule(owner), leaf, nn.Parameter(value.detach().clone(), requires_grad=False))

@@ -1,14 +1,12 @@
 """The cleansing study: score, remove the most harmful instances, retrain, evaluate on the test split.
 
 For each replicate seed: train with recording; score every training instance with every
-requested scorer; for each removal rate remove the top floor(N * rate) by harmfulness;
-retrain (``window``: the recorded window from its checkpoint with the same minibatches and
-latents; ``full``: from initialization with the same schedule); evaluate every metric on
-the test split (and the validation split, to choose a rate the journal's way).
-
-The directory format is ``study.layout``'s, the tables ``study.tables``'. Removing nothing
-is a real replay too (bitwise equal to the recorded training on CPU), so a zero removal
-rate gives a delta of exactly 0 rather than by construction.
+scorer; for each removal rate remove the top floor(N * rate) by harmfulness; retrain
+(``window``: the recorded window from its checkpoint, same minibatches and latents; ``full``:
+from initialization, same schedule); evaluate every metric on the test and validation splits
+(the latter chooses a rate the journal's way). Directory format: ``study.layout``; tables:
+``study.tables``. Removing nothing is a real replay too (bitwise equal to the recorded
+training on CPU), so a zero removal rate gives a delta of exactly 0, not by construction.
 """
 
 from __future__ import annotations
@@ -22,17 +20,18 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import Config
-from ..device import check_threads
 from ..data import Splits
-from ..device import local_workers
+from ..device import check_threads, local_workers
 from ..errors import ConfigError, GancleanseError, GancleanseWarning
 from ..files import write_json_atomic, write_text_atomic
 from ..influence import score, variant_arguments, variants
+from ..locks import DirectoryLock
 from ..models import GANModules
 from ..run import Run
 from ..scores import Scores
 from ..specs import FEATURE_METRICS, scorer_spec
 from ..training import recorder
+from . import trust
 from .executor import run_tasks
 from .layout import (CHECK_FILE, StudyDir, mark_study, open_study_dir, part_matches, provenance, read_check,
                      read_json, read_part, retrain_key, scores_path, stored_run_id)
@@ -61,21 +60,19 @@ def scorers_for(cfg: Config, classifier_features: bool) -> list[Scorer]:
 
 def replicate_config(cfg: Config, seed: int) -> Config:
     """Replicate ``seed`` changes the data draw/split, the training seed and the evaluation latents."""
+    def shifted(section: Any) -> Any:
+        return dataclasses.replace(section, seed=section.seed + seed)
+
     cfg = cfg.resolved()
-    return dataclasses.replace(
-        cfg,
-        data=dataclasses.replace(cfg.data, seed=cfg.data.seed + seed),
-        train=dataclasses.replace(cfg.train, seed=cfg.train.seed + seed),
-        metric=dataclasses.replace(cfg.metric, seed=cfg.metric.seed + seed),
-    )
+    return dataclasses.replace(cfg, data=shifted(cfg.data), train=shifted(cfg.train), metric=shifted(cfg.metric))
 
 
 # --------------------------------------------------------------------- jobs (top level)
 def train_and_score(cfg: Config, seed_dir: Path, seed: int, scorers: list[Scorer] | None = None,
                     models: GANModules | None = None, data: Splits | None = None) -> Run:
-    """Train one replicate (unless already complete) and write every missing score file
-    (``scorers``; None: every scorer of the study for this run's data)."""
+    """Train one replicate (unless complete) and write every missing score file (``scorers``; None: all)."""
     run_dir = seed_dir / "run"
+    (seed_dir / "scores").mkdir(parents=True, exist_ok=True)
     if (run_dir / "run.json").is_file():  # the study's own config names the extractor: explicit
         run = Run.open(run_dir, models=models, extractor=cfg.metric.extractor)
     else:
@@ -87,21 +84,15 @@ def train_and_score(cfg: Config, seed_dir: Path, seed: int, scorers: list[Scorer
             continue
         with warnings.catch_warnings():  # recorded in the JSON; the study warns once for all seeds
             warnings.simplefilter("ignore", GancleanseWarning)
-            scores = score(run, scorer.method, seed=seed, progress=False, options=cfg.cleanse.scorer_options(scorer.method),
-                           **variant_arguments(scorer.method, scorer.variant))
-        scores.save(path)
+            score(run, scorer.method, seed=seed, progress=False, options=cfg.cleanse.scorer_options(scorer.method),
+                  **variant_arguments(scorer.method, scorer.variant)).save(path)
     check_replicate(run, seed_dir, scorers, cfg, seed)
     return run
 
 
 def check_replicate(run: Run, seed_dir: Path, scorers: list[Scorer], cfg: Config, seed: int) -> None:
-    """The trust check of every scorer of one replicate (shared retrains), in ``seed_dir/check.json``.
-
-    Scorers of a metric are checked against it; the others against the study's first metric.
-    A stored check is kept only if it names this run, the same K and the same metrics.
-    """
-    from .trust import trust_checks
-
+    """The trust check of every scorer of one replicate (shared retrains) in ``seed_dir/check.json``: scorers
+    of a metric against it, the others against the first metric; a stored one kept if of this run, K and metrics."""
     k = min(cfg.cleanse.check, run.n_train)
     path = seed_dir / CHECK_FILE
     if k < 2:
@@ -114,22 +105,17 @@ def check_replicate(run: Run, seed_dir: Path, scorers: list[Scorer], cfg: Config
             isinstance(stored["checks"].get(scorer.name), dict) and stored["checks"][scorer.name].get("metric") == m
             for scorer, m in zip(scorers, metrics)):
         return
-    rankings = []
-    for scorer, metric in zip(scorers, metrics):
-        loaded = Scores.load(scores_path(seed_dir, scorer.name))
-        rankings.append(dataclasses.replace(loaded, metric=metric))
-    results = trust_checks(run, rankings, metrics, k, seed=seed)
+    rankings = [dataclasses.replace(Scores.load(scores_path(seed_dir, scorer.name)), metric=metric)
+                for scorer, metric in zip(scorers, metrics)]
+    results = trust.trust_checks(run, rankings, metrics, k, seed=seed)
     write_json_atomic(path, {"run_id": run.id, "k": k, "seed": seed,
                              "checks": {scorer.name: r for scorer, r in zip(scorers, results)}})
 
 
 def retrain_and_evaluate(run: Run, removed: list[int], retrain: str, metrics: list[str],
                          samples_path: str | None) -> dict[str, Any]:
-    """Retrain without ``removed`` and evaluate each metric on the test and validation splits.
-
-    The result names the run and the removed set it belongs to, so that a resumed study
-    never takes it for another retrain.
-    """
+    """Retrain without ``removed`` and evaluate each metric on the test and validation splits; the
+    result names the run and removed set, so that a resumed study never takes it for another retrain."""
     from ..training.replay import replay
     from ..training.retrain import late_start
 
@@ -137,14 +123,12 @@ def retrain_and_evaluate(run: Run, removed: list[int], retrain: str, metrics: li
     weights[removed] = 0.0
     start = run.window_start if retrain == "window" else 0
     state = replay(run, late_start(run, weights, start), weights=weights)  # bitwise the same as from start
-    out = evaluate(run, state, metrics)
-    out["provenance"] = provenance(run.id, removed, retrain)
+    out = {**evaluate(run, state, metrics), "provenance": provenance(run.id, removed, retrain)}
     if samples_path:
-        dyn = run.dynamics
+        dyn, labels = run.dynamics, run.eval_labels("test")
         with torch.no_grad():
-            c = run.eval_labels("test")
             x = dyn.models.generate(dyn.eval_generator(state), run.eval_latents("test")[:SAMPLE_COUNT],
-                                    None if c is None else c[:SAMPLE_COUNT])
+                                    None if labels is None else labels[:SAMPLE_COUNT])
         save_file({"samples": x.detach().cpu().contiguous()}, samples_path)
     return out
 
@@ -153,8 +137,7 @@ def evaluate(run: Run, state: Any, metrics: list[str]) -> dict[str, Any]:
     """Every metric of ``state`` on the test and validation splits."""
     from ..metrics import make_metric
 
-    return {m: {"test": make_metric(m, run, "test").value(state),
-                "valid": make_metric(m, run, "valid").value(state)} for m in metrics}
+    return {m: {split: make_metric(m, run, split).value(state) for split in ("test", "valid")} for m in metrics}
 
 
 # --------------------------------------------------------------------------- the study
@@ -179,8 +162,6 @@ def prepare_study(cfg: Config, models: GANModules | None = None, data: Splits | 
 def run_study(cfg: Config, out: Path, *, models: GANModules | None = None, data: Splits | None = None,
               executor: str = "local", workers: int = 1, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the study in ``out``, locked against a second writer for its duration."""
-    from ..locks import DirectoryLock
-
     out = Path(out)
     cfg = prepare_study(cfg, models, data)
     open_study_dir(out, cfg)
@@ -189,7 +170,11 @@ def run_study(cfg: Config, out: Path, *, models: GANModules | None = None, data:
         write_text_atomic(out / "config.toml", cfg.to_toml())
         workers = local_workers(cfg.train.device, workers, executor)
         study = StudyDir(out)
-        runs = _train_and_score_all(cfg, study, models, data, executor, workers, progress)
+        # step 1: one job per replicate, train + score
+        jobs = [(s, (replicate_config(cfg, s), study.seed_dir(s), s, None, models, data)) for s in cfg.cleanse.seeds]
+        runs = dict(run_tasks(train_and_score, jobs, executor=executor, workers=workers, progress=progress,
+                              desc="train+score"))
+        _warn_unconverged_aid(study, list(cfg.cleanse.seeds))
         scorers = scorers_for(cfg, runs[cfg.cleanse.seeds[0]].has_classifier_features)
         keys = _retrain_all(cfg, study, runs, scorers, executor, workers, progress)
         rows = _result_rows(cfg, study, runs, scorers, keys)
@@ -201,27 +186,10 @@ def run_study(cfg: Config, out: Path, *, models: GANModules | None = None, data:
         return summary
 
 
-def _train_and_score_all(cfg: Config, study: StudyDir, models: GANModules | None, data: Splits | None,
-                         executor: str, workers: int, progress: bool) -> dict[int, Run]:
-    """Step 1: one job per replicate, train + score."""
-    jobs = []
-    for s in cfg.cleanse.seeds:
-        seed_dir = study.seed_dir(s)
-        (seed_dir / "scores").mkdir(parents=True, exist_ok=True)
-        jobs.append((s, (replicate_config(cfg, s), seed_dir, s, None, models, data)))
-    runs = dict(run_tasks(train_and_score, jobs, executor=executor, workers=workers,
-                          progress=progress, desc="train+score"))
-    _warn_unconverged_aid(study, list(cfg.cleanse.seeds))
-    return runs
-
-
 def _retrain_all(cfg: Config, study: StudyDir, runs: dict[int, Run], scorers: list[Scorer], executor: str,
                  workers: int, progress: bool) -> dict[tuple, tuple[str, int]]:
-    """Step 2: one job per (seed, scorer, rate) retrain; rate 0 is one shared replay per seed.
-
-    A stored retrain is reused only if it names this seed's run and this removed set.
-    Returns, per (seed, scorer, rate), the retrain's key and how many instances it removed.
-    """
+    """Step 2: one retrain per (seed, scorer, rate), rate 0 one shared replay per seed, a stored one reused if of
+    this seed's run and removed set. Returns per (seed, scorer, rate) the retrain's key and how many it removed."""
     seeds = list(cfg.cleanse.seeds)
     study.parts.mkdir(exist_ok=True)
     jobs, keys, planned = [], {}, set()
@@ -261,7 +229,6 @@ def _result_rows(cfg: Config, study: StudyDir, runs: dict[int, Run], scorers: li
     for s in cfg.cleanse.seeds:
         original = study.original(s)
         if not (original.is_file() and part_matches(original, runs[s].id, None, cfg)):
-            # the recorded training's own final state: the "before" of every row
             write_json_atomic(original, {**evaluate(runs[s], runs[s].final_state(), list(metrics)),
                                          "provenance": provenance(runs[s].id)})
         base = read_part(original, metrics)
@@ -281,26 +248,19 @@ def _result_rows(cfg: Config, study: StudyDir, runs: dict[int, Run], scorers: li
 
 def _warn_untrusted(checks: list[dict[str, Any]]) -> None:
     """One warning naming every estimator whose trust check failed on some seed."""
-    from .trust import TRUST_THRESHOLD, UntrustedScoresWarning
-
     weak = [f"{c['method']}-{c['score_metric']} ({c['n_flagged']} of {len(c['seeds'])} seeds)"
             for c in checks if c["n_flagged"]]
     if weak:
         warnings.warn(f"trust check: {', '.join(weak)} agree weakly with retraining (Kendall tau interval below "
-                      f"{TRUST_THRESHOLD}); see the report's trust table before deleting data by them",
-                      UntrustedScoresWarning, stacklevel=3)
+                      f"{trust.TRUST_THRESHOLD}); see the report's trust table before deleting data by them",
+                      trust.UntrustedScoresWarning, stacklevel=3)
 
 
 def _warn_unconverged_aid(study: StudyDir, seeds: list[int]) -> None:
     """One warning for every AID solve of the study that stopped above its tolerance."""
-    residuals = []
-    for s in seeds:
-        for f in sorted((study.seed_dir(s) / "scores").glob("aid-*.json")):
-            info = read_json(f) or {}
-            if not info.get("converged", True):
-                residuals.append(info["residual"])
-    if residuals:
-        n = len(residuals)
+    infos = [read_json(f) or {} for s in seeds for f in sorted((study.seed_dir(s) / "scores").glob("aid-*.json"))]
+    residuals = [info["residual"] for info in infos if not info.get("converged", True)]
+    if n := len(residuals):
         warnings.warn(f"AID ({n} solve{'s' if n > 1 else ''}) stopped above its tolerance, relative residuals "
                       f"{min(residuals):.2g} to {max(residuals):.2g} (seeds/*/scores/aid-*.json): its ranking "
                       "is a truncated solve; raise iterations or damping in [cleanse.aid]", GancleanseWarning,
@@ -309,8 +269,8 @@ def _warn_unconverged_aid(study: StudyDir, seeds: list[int]) -> None:
 
 # ------------------------------------------------------------------------------ export
 def full_config(cfg: Config) -> Config:
-    """The config of the run an export is scored on: the study's own seeds, and for data read
-    from files every instance not in the validation or test split as the training split."""
+    """The config of the run an export is scored on: the study's own seeds, and for data read from
+    files every instance not in the validation or test split as the training split."""
     cfg = cfg.resolved()
     if cfg.data.name not in ("gaussian2d", "custom"):
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, n_train=None))
@@ -320,11 +280,8 @@ def full_config(cfg: Config) -> Config:
 def export_recommended(cfg: Config, out: Path, export_dir: Path, summary: dict[str, Any], *,
                        models: GANModules | None = None, data: Splits | None = None,
                        force: bool = False) -> dict[str, Any]:
-    """Apply the validation-chosen scorer and rate of the first metric to the full training split.
-
-    The scores come from a run trained on the full training split: the study's seed-0
-    replicate when that is the same training, else one more run in ``out/export/``.
-    """
+    """Apply the validation-chosen scorer and rate of the first metric to the full training split, scored
+    on a run of it: the study's seed-0 replicate when that is the same training, else ``out/export/``."""
     from ..export import export
 
     cfg = prepare_study(cfg, models, data)
@@ -335,14 +292,8 @@ def export_recommended(cfg: Config, out: Path, export_dir: Path, summary: dict[s
                           "nothing to export (see summary.csv)")
     full = full_config(cfg)
     scorer = Scorer(rec["method"], rec["score_metric"])
-    study = StudyDir(out)
-    if 0 in cfg.cleanse.seeds and replicate_config(cfg, 0) == full:
-        seed_dir = study.seed_dir(0)
-    else:
-        seed_dir = out / "export"
-    (seed_dir / "scores").mkdir(parents=True, exist_ok=True)
+    same_training = 0 in cfg.cleanse.seeds and replicate_config(cfg, 0) == full
+    seed_dir = StudyDir(out).seed_dir(0) if same_training else out / "export"
     run = train_and_score(full, seed_dir, 0, [scorer], models, data)
-    info = export(scores_path(seed_dir, scorer.name), export_dir, rate=rec["removal_rate"],
-                  run=run.path, force=force)
-    info["recommended"] = rec
-    return info
+    info = export(scores_path(seed_dir, scorer.name), export_dir, rate=rec["removal_rate"], run=run.path, force=force)
+    return {**info, "recommended": rec}

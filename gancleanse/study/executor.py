@@ -5,17 +5,15 @@
 
 - ``local`` with ``workers=1``: in this process, in order (no start-up cost);
 - ``local`` with ``workers>1``: a spawn-based process pool on this machine;
-- ``ray``: Ray tasks, on the cluster at ``RAY_ADDRESS`` if set, else on a local Ray
-  instance started without dashboard or usage reporting. The local instance keeps its session
-  files (logs, sockets) under ``$RAY_TMPDIR/ray`` (Ray reads that variable itself; default
-  ``$TMPDIR/ray`` or ``/tmp/ray``); keep the path short, Ray's Unix socket paths beneath it
-  must stay under 107 characters.
+- ``ray``: Ray tasks, on the cluster at ``RAY_ADDRESS`` if set, else on a local Ray instance started without
+  dashboard or usage reporting. The local instance keeps its session files (logs, sockets) under
+  ``$RAY_TMPDIR/ray`` (Ray reads that variable itself; default ``$TMPDIR/ray`` or ``/tmp/ray``); keep the path
+  short, Ray's Unix socket paths beneath it must stay under 107 characters.
 
-Workers die with the process that started them: the pool's workers kill themselves when their
-parent goes away (``PR_SET_PDEATHSIG`` on Linux, and a watchdog thread polling the parent PID
-everywhere), and any exception in the parent while tasks run (``KeyboardInterrupt``, an error in
-the loop consuming the results, the consumer closing the generator) kills the workers at once
-instead of waiting for their tasks, then propagates. On Ray, pending tasks are cancelled.
+Workers die with the process that started them: pool workers kill themselves when their parent goes away
+(``PR_SET_PDEATHSIG`` on Linux, a watchdog thread polling the parent PID everywhere), and any exception in the
+parent while tasks run (``KeyboardInterrupt``, an error in the consuming loop, the generator closed) kills the
+workers at once instead of waiting for their tasks, then propagates. On Ray, pending tasks are cancelled.
 
 Every job is deterministic on its own (its seeds, indices and latents come from the run
 directory, and it sets the recorded thread count), so results do not depend on the executor.
@@ -31,6 +29,7 @@ import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import suppress
 from typing import Any, Callable, Hashable, Iterable, Iterator
 
 from tqdm.auto import tqdm
@@ -49,33 +48,27 @@ def run_tasks(fn: Callable[..., Any], tasks: Iterable[tuple[Hashable, tuple]], *
     if workers < 1:
         raise GancleanseError(f"--workers must be at least 1, got {workers}")
     bar = tqdm(total=len(tasks), desc=desc, unit="job", disable=not progress or not tasks, leave=False)
-    source = None
+    source = (_ray(fn, tasks, workers) if executor == "ray" else _pool(fn, tasks, workers) if workers > 1
+              else ((key, fn(*args)) for key, args in tasks))
     try:
-        if executor == "ray":
-            source = _ray(fn, tasks, workers)
-        elif workers == 1:
-            source = ((key, fn(*args)) for key, args in tasks)
-        else:
-            source = _pool(fn, tasks, workers)
         for item in source:
             bar.update()
             yield item
     finally:
-        if hasattr(source, "close"):
-            # Closed here, not whenever it is garbage collected: a pool or Ray source stops its
-            # workers now when the consumer stops early or raises.
-            source.close()
+        # Closed here, not whenever it is garbage collected: a pool or Ray source stops its
+        # workers now when the consumer stops early or raises.
+        source.close()
         bar.close()
 
 
 # ---------------------------------------------------------------------- local process pool
 WATCHDOG_INTERVAL = 0.5  # seconds between a worker's checks that its parent still runs
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): a signal for this process when its parent dies
 
 
 def _pool(fn, tasks, workers) -> Iterator[tuple[Hashable, Any]]:
     ctx = multiprocessing.get_context("spawn")  # fork after torch's thread pools can deadlock
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                               initargs=(os.getpid(),))
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),))
     try:
         pending = {pool.submit(fn, *args): key for key, args in tasks}
         while pending:
@@ -91,59 +84,45 @@ def _pool(fn, tasks, workers) -> Iterator[tuple[Hashable, Any]]:
 
 def _kill_workers(pool: ProcessPoolExecutor) -> None:
     """SIGKILL the pool's workers now (not after their running tasks), then shut the pool down."""
-    # ``_processes`` (pid -> Process) is private, but it is the only handle on the workers:
-    # the public API can only cancel tasks not yet started and wait for the running ones.
-    # The processes are started in submit() in the thread driving this generator, so the
-    # mapping is complete here.
-    processes = list((getattr(pool, "_processes", None) or {}).values())
+    # ``_processes`` (pid -> Process) is private, but it is the only handle on the workers (the public
+    # API can only cancel tasks not yet started and wait for the running ones). submit() starts them
+    # in the thread driving this generator, so the mapping is complete here.
     killed = False
-    for p in processes:
+    for p in list((getattr(pool, "_processes", None) or {}).values()):
         try:
             p.kill()
             killed = True
         except (OSError, ValueError, AttributeError):
             pass  # already gone or closed
-    # With the workers dead the pool's manager thread notices at once, fails the remaining
-    # futures and releases the queues, so waiting for it takes milliseconds (and frees the
-    # queues' semaphores, which would otherwise be reported as leaked at exit). Without a
-    # handle on them, do not wait: the workers end with this process (see _worker_init).
+    # With the workers dead the pool's manager thread notices at once, fails the remaining futures
+    # and releases the queues, so waiting takes milliseconds (and frees the queues' semaphores, else
+    # reported as leaked at exit). Without a handle on them, do not wait: see _worker_init.
     pool.shutdown(wait=killed, cancel_futures=True)
 
 
 def _worker_init(parent_pid: int) -> None:
     """Runs first in every pool worker: die with the parent, however it ends."""
     if sys.platform.startswith("linux"):
-        try:
+        with suppress(OSError, AttributeError):
             import ctypes
 
-            PR_SET_PDEATHSIG = 1
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     # PDEATHSIG fires when the *thread* that created this process exits, not only when the whole
     # parent does (so a run_tasks generator must be driven from one thread, which it is), and
     # exists only on Linux: the watchdog covers the rest.
     if os.getppid() != parent_pid:  # the parent died before the signal was armed
         os._exit(1)
-    threading.Thread(target=_watch_parent, args=(parent_pid,), name="gancleanse-parent-watchdog",
-                     daemon=True).start()
-    # tqdm's default lock is a multiprocessing RLock: a named semaphore that a killed worker
-    # cannot unlink, which the resource tracker then reports as leaked. A worker's progress bars
-    # (disabled anyway) need only a thread lock.
-    try:
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="gancleanse-parent-watchdog", daemon=True).start()
+    # tqdm's default lock is a multiprocessing RLock: a named semaphore that a killed worker cannot
+    # unlink (reported as leaked). A worker's progress bars (disabled anyway) need only a thread lock.
+    with suppress(Exception):  # cosmetic only
         from tqdm import tqdm
 
         tqdm.set_lock(threading.RLock())
-    except Exception:  # noqa: BLE001 - cosmetic only
-        pass
-    # Interrupting the parent from a terminal sends SIGINT to the whole process group; the
-    # parent decides what to do and kills the workers, so they must not die half-way on their own
-    # with a traceback each.
-    try:
+    # Interrupting the parent from a terminal sends SIGINT to the whole process group; the parent
+    # kills the workers, which must not die half-way on their own with a traceback each.
+    with suppress(OSError, ValueError):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except (OSError, ValueError):
-        pass
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -163,13 +142,11 @@ def _ray(fn, tasks, workers) -> Iterator[tuple[Hashable, Any]]:
     saved_env = {k: os.environ.get(k) for k in ("RAY_USAGE_STATS_ENABLED", "RAY_AUTH_TOKEN")}
     if started_here:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                  "configure_logging": False}
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
         if not address:
             kwargs["num_cpus"] = max(workers, 1)
             if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
-                # A local instance authenticates with a fresh in-memory token, so Ray does not
-                # write a token file into the user's home directory.
+                # A fresh in-memory token, so Ray writes no token file into the user's home directory.
                 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
         ray.init(address=address or None, **kwargs)
     refs: dict = {}
@@ -181,14 +158,11 @@ def _ray(fn, tasks, workers) -> Iterator[tuple[Hashable, Any]]:
             for ref in done:
                 yield refs.pop(ref), ray.get(ref)
     except BaseException:
-        # On a cluster the tasks would run on after we are gone; a local instance is shut down
-        # below, which stops its workers anyway.
+        # On a cluster the tasks would run on after we are gone; a local instance is shut down below.
         if not started_here or address:
             for ref in refs:
-                try:
+                with suppress(Exception):  # best effort while propagating the original error
                     ray.cancel(ref, force=True)
-                except Exception:  # noqa: BLE001 - best effort while propagating the original error
-                    pass
         raise
     finally:
         if started_here:

@@ -1,7 +1,6 @@
 """The study directory: its layout, its markers, and the provenance of what it stores.
 
-What ``gancleanse.run`` is to a run directory, this module is to a study directory; the
-orchestrator, ``verify`` and the report all read the study through it::
+What ``gancleanse.run`` is to a run directory, this module is to a study directory::
 
     DIR/study.json                  marks DIR as a gancleanse study (resume and --force trust only these)
     DIR/config.toml                 the study config
@@ -70,25 +69,30 @@ def retrain_key(seed: int, scorer: str | None = None, rate: float = 0.0) -> str:
     return f"seed{seed}_none" if scorer is None else f"seed{seed}_{scorer}_r{rate:g}"
 
 
-def removal_digest(removed: Sequence[int]) -> str:
-    return hashlib.sha256(",".join(map(str, sorted(removed))).encode()).hexdigest()
-
-
 def provenance(run_id: str, removed: Sequence[int] | None = None, retrain: str | None = None) -> dict[str, Any]:
     """What a stored retrain records about where it came from (None: the original, no retrain)."""
     if removed is None:
         return {"run_id": run_id}
-    return {"run_id": run_id, "removed": removal_digest(removed), "retrain": retrain}
+    digest = hashlib.sha256(",".join(map(str, sorted(removed))).encode()).hexdigest()
+    return {"run_id": run_id, "removed": digest, "retrain": retrain}
 
 
 def read_json(path: Path) -> Any:
     """A small JSON file of the study (None when missing, unreadable or not JSON)."""
     try:
-        if not path.is_file() or path.stat().st_size > JSON_MAX_BYTES:
-            return None
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError):
+        return load_json(path) if path.is_file() else None
+    except GancleanseError:
         return None
+
+
+def load_json(path: Path) -> Any:
+    """A small JSON file (never parse a huge one); unreadable: an error naming it as a stored retrain."""
+    try:
+        if path.stat().st_size > JSON_MAX_BYTES:
+            raise ValueError(f"larger than {JSON_MAX_BYTES} bytes")
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as e:
+        raise GancleanseError(f"{path}: unreadable stored retrain ({e}); delete it to recompute it") from None
 
 
 # ------------------------------------------------------------------------ the directory
@@ -138,17 +142,11 @@ def read_check(path: Path) -> dict[str, Any] | None:
 
 def read_part(path: Path, metrics: Sequence[str]) -> dict[str, Any]:
     """A stored retrain's metric values: every metric of the study on both splits, finite."""
-    try:
-        if path.stat().st_size > JSON_MAX_BYTES:
-            raise ValueError(f"larger than {JSON_MAX_BYTES} bytes")
-        rec = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError) as e:
-        raise GancleanseError(f"{path}: unreadable stored retrain ({e}); delete it to recompute it") from None
+    rec = load_json(path)
     for m in metrics:
         values = rec.get(m) if isinstance(rec, dict) else None
-        if not (isinstance(values, dict) and all(isinstance(values.get(k), (int, float))
-                                                 and not isinstance(values.get(k), bool)
-                                                 and math.isfinite(values[k]) for k in ("test", "valid"))):
+        numbers = [values.get(k) for k in ("test", "valid")] if isinstance(values, dict) else [None]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
             raise GancleanseError(f"{path}: no finite test and valid values of {m}; delete it to recompute it")
     if not isinstance(rec.get("provenance"), dict):
         raise GancleanseError(f"{path}: does not name the run it came from; delete it to recompute it")

@@ -1,12 +1,11 @@
 """LDS, the linear datamodeling score: do a scorer's values add up to the effect of removing a set?
 
-Draw S random subsets, each a fraction F of the training split (seeded), retrain the
-recorded window without each, and correlate (Spearman) the predicted effect of the removal,
-the sum of the scorer's values over the subset, with the actual change of the metric. Both
-sides are taken in the "improvement" direction (harmfulness, and the change signed by the
-metric's direction), so every scorer is read alike: for ITD and AID this is the correlation
-of the summed influence with the actual change. An oracle scores 1; a random scorer about 0.
-The interval is a percentile bootstrap over the subsets.
+Draw S random subsets, each a fraction F of the training split (seeded), retrain the recorded
+window without each, and correlate (Spearman) the predicted effect of the removal, the sum of the
+scorer's values over the subset, with the actual change of the metric. Both sides are taken in the
+"improvement" direction (harmfulness, and the change signed by the metric's direction), so every
+scorer is read alike: for ITD and AID this is the correlation of the summed influence with the
+actual change. An oracle scores 1; a random scorer about 0. The interval is a percentile bootstrap.
 """
 
 from __future__ import annotations
@@ -19,8 +18,10 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 from scipy.stats import spearmanr
 
-from ..specs import HIGHER_IS_BETTER
 from ..errors import GancleanseError
+from ..files import write_json_atomic
+from ..influence import score, variant_arguments, variants
+from ..specs import direction, metric_spec, scorer_spec
 from .trust import bootstrap_interval, seconds_per_epoch
 from .validate import removal_changes
 
@@ -57,16 +58,12 @@ def lds_statistic(predicted: Sequence[float], actual: Sequence[float], seed: int
 def lds(run: "Run", rankings: Sequence["Scores"], metric: str, *, subsets: int = 50, fraction: float = 0.1,
         seed: int = 0, names: Sequence[str] | None = None, batched: bool | None = None,
         progress: bool = False) -> dict[str, Any]:
-    """LDS of each ranking against retraining without ``subsets`` random fractions of the data.
-
-    ``names``: the rankings' labels in the result (default: the method, with its features).
-    """
+    """LDS of each ranking (labelled ``names``) against retraining without ``subsets`` random fractions."""
     started = time.perf_counter()
     removals = random_subsets(run.n_train, subsets, fraction, seed)
     changes = removal_changes(run, removals, [metric], batched=batched, progress=progress)[metric]
     seconds = time.perf_counter() - started
-    sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
-    benefit = [sign * c for c in changes]
+    benefit = [direction(metric) * c for c in changes]
     if names is None:
         names = [s.method + (f"-{s.info['features']}" if "features" in s.info else "") for s in rankings]
     if len(set(names)) != len(rankings):
@@ -84,18 +81,12 @@ def lds(run: "Run", rankings: Sequence["Scores"], metric: str, *, subsets: int =
 def compare_methods(run: "Run", metric: str, methods: Sequence[str], *, subsets: int = 50,
                     fraction: float = 0.1, seed: int = 0, out: Path | None = None, progress: bool = True,
                     options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """LDS of every variant of ``methods`` on one run (``gancleanse.api.lds``): feature scorers on
-    raw data, and on the classifier's features where the run has them. ``options``: per method,
-    its options (dataclass or mapping), recorded in the result."""
-    from ..files import write_json_atomic
-    from ..influence import score, variant_arguments, variants
-    from ..specs import metric_spec, scorer_spec
-
+    """LDS of every variant of ``methods`` on one run (``gancleanse.api.lds``; feature scorers on every feature
+    space of the run). ``options``: per method, its options (dataclass or mapping), recorded in the result."""
     metric_spec(metric)
     options = dict(options or {})
-    for method in options:
-        if method not in methods:
-            raise GancleanseError(f"options for {method}, which the compared methods do not include")
+    if unknown := [method for method in options if method not in methods]:
+        raise GancleanseError(f"options for {unknown[0]}, which the compared methods do not include")
     typed = {m: scorer_spec(m).options.from_mapping(o) for m, o in options.items()}
     random_subsets(run.n_train, subsets, fraction, seed)  # bad sizes fail before any scoring
     rankings = [score(run, method, seed=seed, progress=progress, options=typed.get(method),

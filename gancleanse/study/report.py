@@ -1,9 +1,8 @@
 """The study report: one self-contained HTML page rebuilt from a study directory.
 
-Everything comes from what the study wrote (results, summary, score files, the first
-seed's training data and generated samples), so ``gancleanse report DIR`` can rebuild it
-at any time. Figures are PNG data URIs and the style is inline, so the single file can be
-archived or mailed alone. A section whose inputs are missing becomes a short note.
+Everything comes from what the study wrote (results, summary, score files, the first seed's training
+data and generated samples), so ``gancleanse report DIR`` can rebuild it at any time. Figures are PNG
+data URIs and the style inline, so the file can be archived alone. Missing inputs give a short note.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ import html
 import io
 import json
 import math
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,19 +62,19 @@ def write_report(study_dir: Path) -> Path:
         raise GancleanseError(f"{results} has no rows: the study did not finish")
     summary_path = study_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else summarize(rows)
-    cfg = _config(study_dir / "config.toml")
+    cfg = None  # an unreadable config leaves "?" in the header and a note in the config section
+    with suppress(GancleanseError):
+        cfg = load_config(study_dir / "config.toml")
     seed = rows[0]["seed"]  # the study keeps generated samples for its first seed only
-    body = [
-        _header(study_dir, rows, summary, cfg),
-        _section("plots", "Change of the test metric vs removal rate", lambda: _plots(summary["by_rate"])),
-        _section("table", "Summary table", lambda: _tables(summary)),
-        _section("trust", "Trust check: does each ranking agree with retraining?", lambda: _trust(summary)),
-        _section("scores", f"Harmful and helpful training instances (seed {seed})",
-                 lambda: _scores(study_dir, rows, seed)),
-        _section("samples", f"Generated samples before and after cleansing (seed {seed}, same latents)",
-                 lambda: _samples(study_dir, rows, seed)),
-        _section("config", "Config", lambda: _config_text(study_dir / "config.toml")),
-    ]
+    body = [_header(study_dir, rows, summary, cfg),
+            _section("plots", "Change of the test metric vs removal rate", lambda: _plots(summary["by_rate"])),
+            _section("table", "Summary table", lambda: _tables(summary)),
+            _section("trust", "Trust check: does each ranking agree with retraining?", lambda: _trust(summary)),
+            _section("scores", f"Harmful and helpful training instances (seed {seed})",
+                     lambda: _scores(study_dir, rows, seed)),
+            _section("samples", f"Generated samples before and after cleansing (seed {seed}, same latents)",
+                     lambda: _samples(study_dir, rows, seed)),
+            _section("config", "Config", lambda: _config_text(study_dir / "config.toml"))]
     page = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             '<meta name="viewport" content="width=device-width,initial-scale=1">'
             f"<title>gancleanse report: {_escape(study_dir.name)}</title><style>{CSS}</style></head>\n"
@@ -97,8 +97,8 @@ def _direction(metric: str) -> str:
     return "higher is better" if direction(metric) > 0 else "lower is better"
 
 
-def _format_p(p: float | None) -> str:
-    return "n/a" if p is None else f"{p:.3g}"
+def _number(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def _rate(rate: float) -> str:
@@ -111,13 +111,6 @@ def _unique(values: list[Any]) -> list[Any]:
 
 def _note(text: str) -> str:
     return f'<p class="note">{_escape(text)}</p>'
-
-
-def _config(path: Path) -> Config | None:
-    try:
-        return load_config(path)
-    except GancleanseError:
-        return None
 
 
 def _section(anchor: str, title: str, build: Callable[[], str]) -> str:
@@ -135,19 +128,18 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _img(b64: str, alt: str, title: str = "", pixels: bool = False) -> str:
-    cls = ' class="pixels"' if pixels else ""
-    return f'<img src="data:image/png;base64,{b64}" alt="{_escape(alt)}" title="{_escape(title or alt)}"{cls}>'
-
-
-def _figure(img: str, caption: str) -> str:
+def _figure(b64: str, alt: str, caption: str, title: str = "", pixels: bool = False) -> str:
+    """A card with a PNG (base64) and its caption (HTML); ``pixels``: drawn without smoothing."""
+    img = (f'<img src="data:image/png;base64,{b64}" alt="{_escape(alt)}" title="{_escape(title or alt)}"'
+           + (' class="pixels"' if pixels else "") + ">")
     return f'<div class="card"><figure>{img}<figcaption>{caption}</figcaption></figure></div>'
 
 
-def _new_figure(width: float, height: float) -> Any:
+def _new_axes(width: float, height: float) -> tuple[Any, Any]:
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
-    return Figure(figsize=(width, height))
+    fig = Figure(figsize=(width, height))
+    return fig, fig.add_subplot()
 
 
 def _dot(n: int) -> float:
@@ -157,9 +149,7 @@ def _dot(n: int) -> float:
 
 def _as_images(x: np.ndarray) -> np.ndarray | None:
     """(N, C, H, W) for image-shaped data, None for vectors."""
-    if x.ndim == 3:
-        return x[:, None]
-    return x if x.ndim == 4 else None
+    return x[:, None] if x.ndim == 3 else x if x.ndim == 4 else None
 
 
 def _grid_png(images: np.ndarray, cols: int = 8) -> str:
@@ -177,11 +167,9 @@ def _grid_png(images: np.ndarray, cols: int = 8) -> str:
         r, q = divmod(k, cols)
         canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = x[k]
     canvas = canvas.repeat(scale, axis=0).repeat(scale, axis=1)
+    gray = canvas.shape[-1] == 1  # (vmin and vmax do not apply to RGB)
     buf = io.BytesIO()
-    if canvas.shape[-1] == 1:
-        imsave(buf, canvas[..., 0], cmap="gray", vmin=0.0, vmax=1.0, format="png")
-    else:
-        imsave(buf, canvas, format="png")
+    imsave(buf, canvas[..., 0] if gray else canvas, cmap="gray" if gray else None, vmin=0.0, vmax=1.0, format="png")
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -192,24 +180,14 @@ def _training_data(run_dir: Path) -> np.ndarray:
     return Run.open(run_dir, device="cpu").splits.split("train").numpy()
 
 
-def _load_samples(path: Path) -> np.ndarray:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))["samples"].double().numpy()
-
-
 # ------------------------------------------------------------------------ sections
 def _header(study_dir: Path, rows: list[Row], summary: dict[str, Any], cfg: Config | None) -> str:
-    scorers = _unique(f"{r['method']}-{r['score_metric']}" for r in rows)
-    facts = {
-        "data": cfg.data.name if cfg else "?",
-        "training instances": cfg.data.n_train if cfg else "?",
-        "seeds": ", ".join(str(s) for s in _unique(r["seed"] for r in rows)),
-        "evaluated on": ", ".join(_label(m) for m in _unique(r["eval_metric"] for r in rows)),
-        "scorers": ", ".join(scorers),
-        "removal rates": ", ".join(_rate(x) for x in sorted(_unique(r["removal_rate"] for r in rows))),
-        "retrain": cfg.cleanse.retrain if cfg else "?",
-    }
+    facts = {"data": cfg.data.name if cfg else "?", "training instances": cfg.data.n_train if cfg else "?",
+             "seeds": ", ".join(str(s) for s in _unique(r["seed"] for r in rows)),
+             "evaluated on": ", ".join(_label(m) for m in _unique(r["eval_metric"] for r in rows)),
+             "scorers": ", ".join(_unique(f"{r['method']}-{r['score_metric']}" for r in rows)),
+             "removal rates": ", ".join(_rate(x) for x in sorted(_unique(r["removal_rate"] for r in rows))),
+             "retrain": cfg.cleanse.retrain if cfg else "?"}
     fact_html = "".join(f"<span>{_escape(k)}: <b>{_escape(v)}</b></span>" for k, v in facts.items())
     lines = [_headline(m, summary) for m in _unique(r["eval_metric"] for r in rows)]
     return (f'<header id="summary"><h1>Cleansing study: {_escape(study_dir.name)}</h1>'
@@ -229,29 +207,25 @@ def _headline(metric: str, summary: dict[str, Any]) -> str:
     text = (f"{head}{verdict}: <b>{_escape(best['method'])}-{_escape(best['score_metric'])}</b> removing "
             f"{_rate(best['removal_rate'])} ({best['n_removed']} instances): mean change "
             f"<b>{best['mean_delta']:+.3g}</b> &plusmn; {best['std_delta']:.2g} over {best['n_seeds']} "
-            f"seed(s), p = {_format_p(best['p_value'])}.")
-    chosen = [e for e in summary["rate_chosen_on_validation"] if e["eval_metric"] == metric
-              and (e["method"], e["score_metric"]) == (best["method"], best["score_metric"])]
-    if chosen:
-        c = chosen[0]
+            f"seed(s), p = {_number(best['p_value'], '.3g')}.")
+    c = next((e for e in summary["rate_chosen_on_validation"] if e["eval_metric"] == metric
+              and (e["method"], e["score_metric"]) == (best["method"], best["score_metric"])), None)
+    if c is not None:
         text += (f" With the rate chosen on the validation split per seed (rates "
                  f"{', '.join(_rate(r) for r in c['chosen_rates'])}): {c['mean_delta']:+.3g} &plusmn; "
-                 f"{c['std_delta']:.2g}, p = {_format_p(c['p_value'])}.")
+                 f"{c['std_delta']:.2g}, p = {_number(c['p_value'], '.3g')}.")
     return f'<div class="card headline {"good" if good else "bad"}">{text}</div>'
 
 
 def _plots(by_rate: list[Row]) -> str:
     cards = []
     for metric in _unique(e["eval_metric"] for e in by_rate):
-        fig = _new_figure(5.6, 3.6)
-        ax = fig.add_subplot()
+        fig, ax = _new_axes(5.6, 3.6)
         entries = [e for e in by_rate if e["eval_metric"] == metric]
         for scorer in _unique((e["method"], e["score_metric"]) for e in entries):
             es = sorted((e for e in entries if (e["method"], e["score_metric"]) == scorer),
                         key=lambda e: e["removal_rate"])
-            x = np.array([100 * e["removal_rate"] for e in es])
-            m = np.array([e["mean_delta"] for e in es])
-            s = np.array([e["std_delta"] for e in es])
+            x, m, s = np.array([(100 * e["removal_rate"], e["mean_delta"], e["std_delta"]) for e in es]).T
             (line,) = ax.plot(x, m, marker="o", ms=4, label="-".join(scorer))
             ax.fill_between(x, m - s, m + s, color=line.get_color(), alpha=0.18, lw=0)
         ax.axhline(0.0, color="black", ls="--", lw=0.8)
@@ -261,51 +235,50 @@ def _plots(by_rate: list[Row]) -> str:
         ax.legend(fontsize=8)
         ax.set_title(f"{_label(metric)}: mean ± std across seeds", fontsize=10)
         caption = f"Above the dashed line is {'better' if direction(metric) > 0 else 'worse'}."
-        cards.append(_figure(_img(_png(fig), f"change of {_label(metric)} vs removal rate"), caption))
+        cards.append(_figure(_png(fig), f"change of {_label(metric)} vs removal rate", caption))
     return f'<div class="row">{"".join(cards)}</div>'
 
 
 def _tables(summary: dict[str, Any]) -> str:
-    def row_class(e: Row) -> str:
-        change = direction(e["eval_metric"]) * e["mean_delta"]
-        sig = " sig" if e["p_value"] is not None and e["p_value"] < 0.05 else ""
-        return ("good" if change > 0 else "bad" if change < 0 else "zero") + sig
-
     checks = {(c["method"], c["score_metric"]): c for c in summary.get("checks", [])}
 
-    def trust(e: Row) -> str:
+    def row(e: Row, middle: str) -> str:
+        """A table row: the scorer, ``middle``, then the change, its std and p, and the trust check."""
+        change = direction(e["eval_metric"]) * e["mean_delta"]
+        sig = " sig" if e["p_value"] is not None and e["p_value"] < 0.05 else ""
         c = checks.get((e["method"], e["score_metric"]))
-        if c is None:
-            return '<td class="trust">&ndash;</td>'
-        tau = "n/a" if c["mean_kendall_tau"] is None else f'{c["mean_kendall_tau"]:.2f}'
-        weak = c["n_flagged"] > 0
-        return f'<td class="trust{" weak" if weak else ""}">{tau} ({c["n_trusted"]}/{len(c["seeds"])})</td>'
+        trust = ('<td class="trust">&ndash;</td>' if c is None else
+                 f'<td class="trust{" weak" if c["n_flagged"] > 0 else ""}">'
+                 f'{_number(c["mean_kendall_tau"], ".2f")} ({c["n_trusted"]}/{len(c["seeds"])})</td>')
+        return (f'<tr class="{"good" if change > 0 else "bad" if change < 0 else "zero"}{sig}">{_scorer_cells(e)}'
+                f'{middle}<td class="chg">{e["mean_delta"]:+.3g}</td><td>{e["std_delta"]:.2g}</td>'
+                f'<td class="p">{_number(e["p_value"], ".3g")}</td>{trust}</tr>')
 
-    by_rate = "".join(
-        f'<tr class="{row_class(e)}"><td class="l">{_escape(e["method"])}</td><td class="l">{_escape(e["score_metric"])}</td>'
-        f'<td class="l">{_escape(_label(e["eval_metric"]))}</td><td>{_rate(e["removal_rate"])}</td>'
-        f'<td>{e["n_removed"]}</td><td>{e["mean_before"]:.4g}</td><td class="chg">{e["mean_delta"]:+.3g}</td>'
-        f'<td>{e["std_delta"]:.2g}</td><td class="p">{_format_p(e["p_value"])}</td>{trust(e)}</tr>'
-        for e in summary["by_rate"])
-    chosen = "".join(
-        f'<tr class="{row_class(e)}"><td class="l">{_escape(e["method"])}</td><td class="l">{_escape(e["score_metric"])}</td>'
-        f'<td class="l">{_escape(_label(e["eval_metric"]))}</td><td>{", ".join(_rate(r) for r in e["chosen_rates"])}</td>'
-        f'<td class="chg">{e["mean_delta"]:+.3g}</td><td>{e["std_delta"]:.2g}</td>'
-        f'<td class="p">{_format_p(e["p_value"])}</td>{trust(e)}</tr>'
-        for e in summary["rate_chosen_on_validation"])
+    by_rate = "".join(row(e, f'<td>{_rate(e["removal_rate"])}</td><td>{e["n_removed"]}</td>'
+                             f'<td>{e["mean_before"]:.4g}</td>') for e in summary["by_rate"])
+    chosen = "".join(row(e, f'<td>{", ".join(_rate(r) for r in e["chosen_rates"])}</td>')
+                     for e in summary["rate_chosen_on_validation"])
     return (
         '<p>Change = after &minus; before on the test split, averaged over seeds; green: improved in the '
         "metric's direction, red: worse; p: one-sample t-test of the per-seed changes against 0 "
         "(bold below 0.05); trust: the scorer's mean Kendall tau against retraining in its trust check "
         "(seeds where the check trusts it / seeds; see below).</p>"
-        '<div class="card"><table id="by-rate"><thead><tr><th class="l">method</th><th class="l">scored on</th>'
-        '<th class="l">metric</th><th>rate</th><th>removed</th><th>mean before</th><th>mean change</th>'
-        f"<th>std</th><th>p</th><th>trust</th></tr></thead><tbody>{by_rate}</tbody></table></div>"
-        "<h3>Removal rate chosen on the validation split (per seed; the change is on the test split)</h3>"
-        '<div class="card"><table id="chosen"><thead><tr><th class="l">method</th><th class="l">scored on</th>'
-        '<th class="l">metric</th><th>chosen rates</th><th>mean change</th><th>std</th><th>p</th><th>trust</th>'
-        "</tr></thead>"
-        f"<tbody>{chosen}</tbody></table></div>")
+        + _table("by-rate", "metric", ["rate", "removed", "mean before", "mean change", "std", "p", "trust"], by_rate)
+        + "<h3>Removal rate chosen on the validation split (per seed; the change is on the test split)</h3>"
+        + _table("chosen", "metric", ["chosen rates", "mean change", "std", "p", "trust"], chosen))
+
+
+def _scorer_cells(entry: Row, metric_key: str = "eval_metric") -> str:
+    """The method, scored-on and metric cells that open a row of every table."""
+    return (f'<td class="l">{_escape(entry["method"])}</td><td class="l">{_escape(entry["score_metric"])}</td>'
+            f'<td class="l">{_escape(_label(entry[metric_key]))}</td>')
+
+
+def _table(table_id: str, metric_heading: str, headings: list[str], body: str) -> str:
+    """A card with a table whose rows open with ``_scorer_cells``, then ``headings``' columns."""
+    head = "".join(f'<th class="l">{h}</th>' for h in ("method", "scored on", metric_heading))
+    head += "".join(f"<th>{h}</th>" for h in headings)
+    return f'<div class="card"><table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _trust(summary: dict[str, Any]) -> str:
@@ -320,10 +293,7 @@ def _trust(summary: dict[str, Any]) -> str:
             f"estimator (ITD, AID) whose interval's lower bound is below {TRUST_THRESHOLD}: on that seed its "
             "ranking agrees only weakly with retraining; to try: smooth activations, a shorter traced window, "
             "a larger check. Baselines do not predict single removals; their taus are a reference (random: "
-            "about 0).</p>"
-            '<div class="card"><table id="trust-checks"><thead><tr><th class="l">method</th><th class="l">scored on</th>'
-            '<th class="l">checked on</th>' + "".join(f"<th>seed {s}</th>" for s in seeds)
-            + f"<th>mean tau</th></tr></thead><tbody>{body}</tbody></table></div>")
+            "about 0).</p>" + _table("trust-checks", "checked on", [f"seed {s}" for s in seeds] + ["mean tau"], body))
 
 
 def _trust_row(check: dict[str, Any], seeds: list[int]) -> str:
@@ -334,12 +304,11 @@ def _trust_row(check: dict[str, Any], seeds: list[int]) -> str:
             cells.append("<td>&ndash;</td>")
             continue
         tau, iv, trusted = per_seed[s]
-        text = "n/a" if tau is None else f"{tau:.2f}" + (f" [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else "")
+        text = _number(tau, ".2f") + (f" [{iv[0]:.2f}, {iv[1]:.2f}]" if iv and tau is not None else "")
         weak = flagged({"trusted": trusted, "method": check["method"]})
         cells.append(f'<td class="{"weak" if weak else ""}">{_escape(text)}</td>')
-    mean = "n/a" if check["mean_kendall_tau"] is None else f'{check["mean_kendall_tau"]:.2f}'
-    return (f'<tr><td class="l">{_escape(check["method"])}</td><td class="l">{_escape(check["score_metric"])}</td>'
-            f'<td class="l">{_escape(_label(check["check_metric"]))}</td>{"".join(cells)}<td>{mean}</td></tr>')
+    mean = _number(check["mean_kendall_tau"], ".2f")
+    return f'<tr>{_scorer_cells(check, "check_metric")}{"".join(cells)}<td>{mean}</td></tr>'
 
 
 def _scores(study_dir: Path, rows: list[Row], seed: int) -> str:
@@ -369,24 +338,22 @@ def _scores(study_dir: Path, rows: list[Row], seed: int) -> str:
             for label, idx in (("most harmful", order[:GRID_COUNT]), ("most helpful", order[::-1][:GRID_COUNT])):
                 ids = ", ".join(str(int(i)) for i in idx)
                 named = ", ".join(keys[i] for i in idx)
-                img = _img(_grid_png(images[idx]), f"{name}: {label} training images", f"indices: {ids}", pixels=True)
-                cards.append(_figure(img, f"<b>{_escape(name)}</b>: the {len(idx)} {label} (row by row): "
-                                          f"<span class=\"keys\">{_escape(named)}</span>"))
+                cards.append(_figure(_grid_png(images[idx]), f"{name}: {label} training images",
+                                     f"<b>{_escape(name)}</b>: the {len(idx)} {label} (row by row): "
+                                     f"<span class=\"keys\">{_escape(named)}</span>", f"indices: {ids}", pixels=True))
         else:
-            cards.append(_figure(_img(_harm_scatter(x, harm, order[:top_k]), f"{name}: harmfulness"),
+            cards.append(_figure(_harm_scatter(x, harm, order[:top_k]), f"{name}: harmfulness",
                                  f"<b>{_escape(name)}</b>: training set coloured by harmfulness (red: removal "
                                  f"predicted to help); circled: the {top_k} most harmful."))
     return f'<div class="row">{"".join(cards)}</div>'
 
 
 def _harm_scatter(x: np.ndarray, harm: np.ndarray, marked: np.ndarray) -> str:
-    fig = _new_figure(5.0, 4.2)
-    ax = fig.add_subplot()
+    fig, ax = _new_axes(5.0, 4.2)
     lim = float(np.abs(harm).max()) or 1.0
     front = np.argsort(np.abs(harm), kind="stable")  # the most extreme colours are drawn last, on top
     pts = ax.scatter(x[front, 0], x[front, 1], c=harm[front], cmap="RdBu_r", vmin=-lim, vmax=lim, s=_dot(len(x)))
-    ax.scatter(x[marked, 0], x[marked, 1], s=60, facecolors="none", edgecolors="black", lw=0.9,
-               label="most harmful")
+    ax.scatter(x[marked, 0], x[marked, 1], s=60, facecolors="none", edgecolors="black", lw=0.9, label="most harmful")
     ax.set_aspect("equal", adjustable="datalim")
     ax.legend(fontsize=8, loc="upper right")
     fig.colorbar(pts, ax=ax, label="harmfulness (> 0: removal predicted to help)")
@@ -395,6 +362,8 @@ def _harm_scatter(x: np.ndarray, harm: np.ndarray, marked: np.ndarray) -> str:
 
 def _samples(study_dir: Path, rows: list[Row], seed: int) -> str:
     """The original GAN's samples beside those after the best removal of each metric (this seed)."""
+    from safetensors.torch import load_file
+
     parts = study_dir / "parts"
     panels: dict[str, list[str]] = {retrain_key(seed): []}
     for metric in _unique(r["eval_metric"] for r in rows):
@@ -404,35 +373,33 @@ def _samples(study_dir: Path, rows: list[Row], seed: int) -> str:
             key = retrain_key(seed, f"{b['method']}-{b['score_metric']}", b["removal_rate"])
             panels.setdefault(key, []).append(f"best for {_label(metric)}: {b['method']}-{b['score_metric']} "
                                               f"removing {_rate(b['removal_rate'])} ({b['delta']:+.3g})")
-    titles = {k: "original GAN (nothing removed)" if k == retrain_key(seed) else "; ".join(v) for k, v in panels.items()}
-    samples = {k: _load_samples(p) for k in panels if (p := parts / f"{k}.samples.safetensors").is_file()}
+    titles = {k: "original GAN (nothing removed)" if k == retrain_key(seed) else "; ".join(v)
+              for k, v in panels.items()}
+    samples = {k: load_file(str(p))["samples"].double().numpy()
+               for k in panels if (p := parts / f"{k}.samples.safetensors").is_file()}
     cards = [_note(f"{k}.samples.safetensors is missing ({titles[k]}).") for k in panels if k not in samples]
     if not samples:
         return "".join(cards)
     first = next(iter(samples.values()))
     if _as_images(first) is not None:
-        for k, s in samples.items():
-            cards.append(_figure(_img(_grid_png(_as_images(s)), titles[k], pixels=True), _escape(titles[k])))
+        cards += [_figure(_grid_png(_as_images(s)), titles[k], _escape(titles[k]), pixels=True)
+                  for k, s in samples.items()]
     elif first.shape[1:] == (2,):
         real = _training_data(study_dir / "seeds" / f"seed_{seed}" / "run")
         both = np.concatenate([real, *samples.values()])
         pad = 0.05 * (both.max(0) - both.min(0))
         lo, hi = both.min(0) - pad, both.max(0) + pad
         for k, s in samples.items():
-            fig = _new_figure(4.2, 4.2)
-            ax = fig.add_subplot()
+            fig, ax = _new_axes(4.2, 4.2)
             ax.scatter(real[:, 0], real[:, 1], s=_dot(len(real)), color="#b8bec9", label="training data")
             ax.scatter(s[:, 0], s[:, 1], s=14, color="#d9480f", label="generated")
-            ax.set_xlim(lo[0], hi[0])
-            ax.set_ylim(lo[1], hi[1])
+            ax.set(xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]))
             ax.legend(fontsize=8, loc="upper right")
-            cards.append(_figure(_img(_png(fig), titles[k]), _escape(titles[k])))
+            cards.append(_figure(_png(fig), titles[k], _escape(titles[k])))
     else:
         return _note(f"No picture for samples of shape {tuple(first.shape[1:])}.")
     return f'<div class="row">{"".join(cards)}</div>'
 
 
 def _config_text(path: Path) -> str:
-    if not path.is_file():
-        return _note(f"{path.name} is missing.")
-    return f"<pre>{_escape(path.read_text())}</pre>"
+    return f"<pre>{_escape(path.read_text())}</pre>" if path.is_file() else _note(f"{path.name} is missing.")

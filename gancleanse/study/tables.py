@@ -20,6 +20,7 @@ RESULT_COLUMNS = ["seed", "method", "score_metric", "eval_metric", "removal_rate
                   "before", "after", "delta", "valid_before", "valid_after", "valid_delta"]
 SUMMARY_COLUMNS = ["method", "score_metric", "eval_metric", "removal_rate", "n_removed", "n_seeds",
                    "mean_before", "mean_after", "mean_delta", "std_delta", "p_value"]
+CHECK_COLUMNS = ("kendall_tau", "kendall_tau_interval", "pearson", "trusted")  # per seed, in the trust table
 
 
 def write_results(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -33,6 +34,14 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return [{k: int(v) if k in ints else float(v) if k in floats else v for k, v in r.items()} for r in rows]
 
 
+def _group(rows: list[dict[str, Any]], fields: Sequence[str]) -> dict[tuple, list[dict[str, Any]]]:
+    """``rows`` by their values of ``fields``, in order of first appearance."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[f] for f in fields), []).append(r)
+    return groups
+
+
 def _stats(deltas: list[float]) -> dict[str, Any]:
     d = np.asarray(deltas, dtype=np.float64)
     p = float(ttest_1samp(d, 0.0).pvalue) if len(d) > 1 and np.ptp(d) > 0 else None
@@ -43,22 +52,14 @@ def _stats(deltas: list[float]) -> dict[str, Any]:
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per (method, score metric, eval metric, rate): mean/std of the change and a t-test vs 0;
     plus the journal protocol: per seed the rate with the best validation change, its test change."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["method"], r["score_metric"], r["eval_metric"], r["removal_rate"]), []).append(r)
-    table = []
-    for (method, sm, em, rate), rs in sorted(groups.items()):
-        table.append({"method": method, "score_metric": sm, "eval_metric": em, "removal_rate": rate,
-                      "n_removed": rs[0]["n_removed"], "mean_before": float(np.mean([r["before"] for r in rs])),
-                      "mean_after": float(np.mean([r["after"] for r in rs])), **_stats([r["delta"] for r in rs])})
-    selected: dict[tuple, list[dict]] = {}
-    for r in rows:
-        selected.setdefault((r["method"], r["score_metric"], r["eval_metric"], r["seed"]), []).append(r)
-    chosen: dict[tuple, list[dict]] = {}
-    for (method, sm, em, seed), rs in selected.items():
-        sign = direction(em)
-        best = max(rs, key=lambda r: (sign * r["valid_delta"], -r["removal_rate"]))
-        chosen.setdefault((method, sm, em), []).append(best)
+    scorer = ("method", "score_metric", "eval_metric")
+    table = [{"method": method, "score_metric": sm, "eval_metric": em, "removal_rate": rate,
+              "n_removed": rs[0]["n_removed"], "mean_before": float(np.mean([r["before"] for r in rs])),
+              "mean_after": float(np.mean([r["after"] for r in rs])), **_stats([r["delta"] for r in rs])}
+             for (method, sm, em, rate), rs in sorted(_group(rows, scorer + ("removal_rate",)).items())]
+    best_per_seed = [max(rs, key=lambda r: (direction(r["eval_metric"]) * r["valid_delta"], -r["removal_rate"]))
+                     for rs in _group(rows, scorer + ("seed",)).values()]
+    chosen = _group(best_per_seed, scorer)
     protocol = [{"method": method, "score_metric": sm, "eval_metric": em,
                  "chosen_rates": [r["removal_rate"] for r in rs], **_stats([r["delta"] for r in rs])}
                 for (method, sm, em), rs in sorted(chosen.items())]
@@ -68,10 +69,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def recommend(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per evaluated metric, the scorer and removal rate whose mean change on the *validation*
     split is best (random removal excluded: it is a control, not a cleansing), with its test change."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if r["n_removed"] > 0 and r["method"] != "random":
-            groups.setdefault((r["eval_metric"], r["method"], r["score_metric"], r["removal_rate"]), []).append(r)
+    groups = _group([r for r in rows if r["n_removed"] > 0 and r["method"] != "random"],
+                    ("eval_metric", "method", "score_metric", "removal_rate"))
     best: dict[str, dict[str, Any]] = {}
     for (em, method, sm, rate), rs in sorted(groups.items()):
         sign = direction(em)
@@ -84,8 +83,6 @@ def recommend(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [best[em] for em in sorted(best)]
 
 
-
-
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
     write_csv_atomic(out / "summary.csv", SUMMARY_COLUMNS,
                      (["" if r[k] is None else r[k] for k in SUMMARY_COLUMNS] for r in summary["by_rate"]))
@@ -93,8 +90,7 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
 
 
 def check_table(study: StudyDir, seeds: list[int], scorers: Sequence[str]) -> list[dict[str, Any]]:
-    """Per scorer (``method-variant``): its trust check on every seed (tau, interval, Pearson,
-    trusted) and the mean tau."""
+    """Per scorer (``method-variant``): its trust check on every seed (tau, interval, Pearson, trusted), mean tau."""
     per_seed = {s: read_check(study.seed_dir(s) / CHECK_FILE) for s in seeds}
     table = []
     for name in scorers:
@@ -103,15 +99,10 @@ def check_table(study: StudyDir, seeds: list[int], scorers: Sequence[str]) -> li
         if not checks:
             continue
         taus = [c["kendall_tau"] for _, c in checks if c["kendall_tau"] is not None]
-        table.append({
-            "method": method, "score_metric": variant, "check_metric": checks[0][1]["metric"],
-            "k": checks[0][1]["k"], "seeds": [s for s, _ in checks],
-            "kendall_tau": [c["kendall_tau"] for _, c in checks],
-            "kendall_tau_interval": [c["kendall_tau_interval"] for _, c in checks],
-            "pearson": [c["pearson"] for _, c in checks],
-            "trusted": [c["trusted"] for _, c in checks],
-            "mean_kendall_tau": float(np.mean(taus)) if taus else None,
-            "n_trusted": sum(bool(c["trusted"]) for _, c in checks),
-            "n_flagged": sum(flagged(c) for _, c in checks),
-        })
+        table.append({"method": method, "score_metric": variant, "check_metric": checks[0][1]["metric"],
+                      "k": checks[0][1]["k"], "seeds": [s for s, _ in checks],
+                      **{field: [c[field] for _, c in checks] for field in CHECK_COLUMNS},
+                      "mean_kendall_tau": float(np.mean(taus)) if taus else None,
+                      "n_trusted": sum(bool(c["trusted"]) for _, c in checks),
+                      "n_flagged": sum(flagged(c) for _, c in checks)})
     return table

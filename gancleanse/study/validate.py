@@ -9,22 +9,28 @@ soon as it finishes (``OUT.parts/``), so an interrupted validation resumes where
 
 from __future__ import annotations
 
-import json
 import math
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+import torch
 from scipy.stats import kendalltau, pearsonr
 
+from ..device import local_workers
 from ..errors import GancleanseError
 from ..files import write_json_atomic
+from ..influence import score
+from ..locks import DirectoryLock
 from .executor import run_tasks
+from .layout import load_json
 
 if TYPE_CHECKING:
     from ..run import Run
 
 JACCARD_FRACTION = 0.05  # per side: the paper's jaccard_size = 0.1 in total
+RETRAIN_CHUNK = 64  # retrains per part handed to a worker (and kept when a validation is resumable)
 
 
 def extreme_set(values: Sequence[float], per_side: int) -> set[int]:
@@ -41,10 +47,8 @@ def jaccard_of_extremes(estimated: Sequence[float], actual: Sequence[float],
 
 
 def random_jaccard(n: int, fraction: float = JACCARD_FRACTION) -> float:
-    """Expected Jaccard index of two independent uniformly random m-subsets of n (m = 2 * per side).
-
-    The overlap k is hypergeometric; Jaccard = k / (2m - k). For n = 200, m = 20: 0.0538.
-    """
+    """Expected Jaccard index of two independent uniformly random m-subsets of n (m = 2 * per side):
+    the overlap k is hypergeometric, Jaccard = k / (2m - k). For n = 200, m = 20: 0.0538."""
     per_side = max(1, int(round(n * fraction)))
     m = min(2 * per_side, n)
     total = math.comb(n, m)
@@ -59,12 +63,9 @@ def _defined(value: float) -> float | None:
 
 def accuracy(estimated: Sequence[float], actual: Sequence[float]) -> dict[str, float]:
     est, act = np.asarray(estimated, dtype=np.float64), np.asarray(actual, dtype=np.float64)
-    return {
-        "kendall_tau": _defined(kendalltau(est, act).statistic),
-        "pearson": _defined(pearsonr(est, act).statistic) if np.ptp(est) > 0 and np.ptp(act) > 0 else None,
-        "jaccard": jaccard_of_extremes(est, act),
-        "random_jaccard": random_jaccard(len(act)),
-    }
+    return {"kendall_tau": _defined(kendalltau(est, act).statistic),
+            "pearson": _defined(pearsonr(est, act).statistic) if np.ptp(est) > 0 and np.ptp(act) > 0 else None,
+            "jaccard": jaccard_of_extremes(est, act), "random_jaccard": random_jaccard(len(act))}
 
 
 def choose_instances(estimate: np.ndarray, k: int, seed: int, extremes: bool) -> list[int]:
@@ -72,40 +73,29 @@ def choose_instances(estimate: np.ndarray, k: int, seed: int, extremes: bool) ->
     n = len(estimate)
     if not 2 <= k <= n:
         raise GancleanseError(f"--instances must be between 2 and the training size {n}, got {k}")
-    rng = np.random.default_rng(seed)
     chosen: list[int] = []
     if extremes:
         order = np.argsort(estimate, kind="stable")
         half = k // 2
         chosen = order[:half // 2].tolist() + order[n - (half - half // 2):].tolist()
     rest = np.setdiff1d(np.arange(n), chosen)
-    chosen += rng.choice(rest, size=k - len(chosen), replace=False).tolist()
+    chosen += np.random.default_rng(seed).choice(rest, size=k - len(chosen), replace=False).tolist()
     return sorted(int(i) for i in chosen)
-
-
-RETRAIN_CHUNK = 64  # retrains per part handed to a worker (and kept when a validation is resumable)
 
 
 def counterfactual_deltas(run: "Run", indices: list[int], metrics: Sequence[str], from_epoch: int | None,
                           batched: bool | None) -> dict[str, list[float]]:
-    """Per metric, the change after retraining without each one instance, forked off one shared
-    replay and each retrained state evaluated on every metric (a top-level function so that
-    process pools can pickle it)."""
+    """``removal_changes`` of each one instance from ``from_epoch`` (None: the window); top level, to pickle."""
     start = run.window_start if from_epoch is None else run.epoch_start_step(from_epoch)
-    before, after = retrained_values(run, [[j] for j in indices], metrics, start=start, batched=batched)
-    return {m: [a - before[m] for a in values] for m, values in after.items()}
+    return removal_changes(run, [[j] for j in indices], metrics, start=start, batched=batched)
 
 
 def retrained_values(run: "Run", removals: Sequence[Sequence[int]], metrics: Sequence[str], *,
                      split: str = "valid", start: int | None = None, batched: bool | None = None,
                      progress: bool = False) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Each metric on ``split`` before (the recorded final state) and after retraining without
-    each removal set, from ``start`` (default: the window start). The retrains fork off one
-    shared replay in groups that fit in memory (``retrain.retrain_groups``; ``batched``: each
-    group advanced by one vmapped step; None: where that pays, see ``retrain.vmap_pays``), and
-    each group's states are evaluated on every metric as soon as it finishes."""
-    import torch
-
+    """Each metric on ``split`` before (the recorded final state) and after retraining without each removal set
+    from ``start`` (default: the window start), forked off one shared replay in groups that fit in memory
+    (``retrain.retrain_groups``; ``batched``: one vmapped step per group; None: where that pays)."""
     from ..metrics import make_metric
     from ..training.retrain import retrain_groups
 
@@ -121,14 +111,14 @@ def retrained_values(run: "Run", removals: Sequence[Sequence[int]], metrics: Seq
         for k, state in zip(rows, states):
             for m, ev in evaluators.items():
                 values[m][k] = ev.value(state)
-    after: dict[str, list[float]] = values  # type: ignore[assignment]
-    return before, after
+    return before, values  # type: ignore[return-value]  (every entry filled)
 
 
 def removal_changes(run: "Run", removals: Sequence[Sequence[int]], metrics: Sequence[str], *,
-                    batched: bool | None = None, progress: bool = False) -> dict[str, list[float]]:
+                    start: int | None = None, batched: bool | None = None,
+                    progress: bool = False) -> dict[str, list[float]]:
     """Actual V(without the set) - V(with it) on the validation split, per removal set and metric."""
-    before, after = retrained_values(run, removals, metrics, batched=batched, progress=progress)
+    before, after = retrained_values(run, removals, metrics, start=start, batched=batched, progress=progress)
     return {m: [a - before[m] for a in values] for m, values in after.items()}
 
 
@@ -147,26 +137,16 @@ def chunks(jobs: list[tuple[int, int | None]], workers: int) -> list[tuple[int |
 def retrain_all(run: "Run", jobs: list[tuple[int, int | None]], metrics: Sequence[str], parts: Path, *,
                 executor: str, workers: int, progress: bool, batched: bool | None = False
                 ) -> dict[str, dict[tuple[int, int | None], float]]:
-    """Per metric, the actual deltas for (instance, from_epoch) pairs, reusing those already
-    stored in ``parts`` (one file per retrain and metric; a retrain serves every metric).
-
-    Each stored retrain names the run it came from (its seal); retrains of another run, or
-    of an earlier training at the same path, are never reused: they are recomputed and
-    overwritten. A stored retrain that is not what this code writes is an error naming it.
-    """
-    from ..device import local_workers
-    from ..locks import DirectoryLock
-
+    """Per metric, the actual deltas for (instance, from_epoch) pairs, reusing those stored in ``parts`` (a file
+    per retrain and metric) that name this run (their seal): those of another run, or of an earlier training at
+    the same path, are recomputed and overwritten; one not as this code writes it is an error naming it."""
     metrics = list(dict.fromkeys(metrics))
     workers = local_workers(run.device, workers, executor)
     parts.mkdir(parents=True, exist_ok=True)
     with DirectoryLock(parts, "validation"):
-        done: dict[str, dict[tuple[int, int | None], float]] = {m: {} for m in metrics}
-        for m in metrics:
-            for f in sorted(parts.glob(f"{m}_i*_e*.json")):
-                rec = read_part(f)
-                if rec["run_id"] == run.id and rec["metric"] == m:
-                    done[m][(rec["index"], rec["from_epoch"])] = rec["delta"]
+        stored = {m: [read_part(f) for f in sorted(parts.glob(f"{m}_i*_e*.json"))] for m in metrics}
+        done = {m: {(r["index"], r["from_epoch"]): r["delta"] for r in records
+                    if r["run_id"] == run.id and r["metric"] == m} for m, records in stored.items()}
         todo = chunks([(j, e) for j, e in jobs if any((j, e) not in done[m] for m in metrics)], workers)
         tasks = [((e, tuple(js)), (run, js, metrics, e, batched)) for e, js in todo]
         for (e, js), deltas in run_tasks(counterfactual_deltas, tasks, executor=executor, workers=workers,
@@ -182,12 +162,10 @@ def retrain_all(run: "Run", jobs: list[tuple[int, int | None]], metrics: Sequenc
 
 def read_part(path: Path) -> dict[str, Any]:
     """One stored retrain, checked: the fields this code writes, a finite delta."""
-    try:
-        rec = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise GancleanseError(f"{path}: unreadable stored retrain ({e}); delete it to recompute it") from None
+    rec = load_json(path)
     ok = (isinstance(rec, dict) and isinstance(rec.get("index"), int) and isinstance(rec.get("metric"), str)
-          and isinstance(rec.get("run_id"), str) and (rec.get("from_epoch") is None or isinstance(rec["from_epoch"], int))
+          and isinstance(rec.get("run_id"), str)
+          and (rec.get("from_epoch") is None or isinstance(rec["from_epoch"], int))
           and isinstance(rec.get("delta"), (int, float)) and not isinstance(rec.get("delta"), bool))
     if not ok:
         raise GancleanseError(f"{path}: not a stored retrain of this gancleanse version (fields index, from_epoch, "
@@ -213,8 +191,7 @@ def scatter_plot(path: Path, panels: list[dict[str, Any]], title: str) -> None:
         ax.scatter(act, est, s=14, alpha=0.8)
         lo, hi = float(min(est.min(), act.min())), float(max(est.max(), act.max()))
         ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
-        ax.set_xlabel("actual change (retraining)")
-        ax.set_ylabel("estimated change")
+        ax.set(xlabel="actual change (retraining)", ylabel="estimated change")
         ax.set_title(f"{p['label']}\ntau {_fmt(p['kendall_tau'])}  r {_fmt(p['pearson'])}  J {p['jaccard']:.2f}",
                      fontsize=9)
         ax.ticklabel_format(style="sci", scilimits=(-3, 3))
@@ -228,8 +205,8 @@ def scatter_plot(path: Path, panels: list[dict[str, Any]], title: str) -> None:
 def counterfactual_changes(run: "Run", removals: Sequence[Sequence[int]], metric: str, *, start: int,
                            split: str = "valid", batched: bool | None = None,
                            progress: bool = False) -> list[dict[str, Any]]:
-    """Retrain the recorded trajectory from step ``start`` without each removal set (one shared
-    replay, each retrain forked where it first differs) and report the metric before and after."""
+    """Retrain the recorded trajectory from step ``start`` without each removal set (one shared replay,
+    each retrain forked where it first differs) and report the metric before and after."""
     before, after = retrained_values(run, removals, [metric], split=split, start=start, batched=batched,
                                      progress=progress)
     return [{"metric": metric, "removed": list(r), "before": before[metric], "after": a, "delta": a - before[metric]}
@@ -239,18 +216,12 @@ def counterfactual_changes(run: "Run", removals: Sequence[Sequence[int]], metric
 def validate(run: "Run", metric: str, method: str, instances: int, *, seed: int = 0, extremes: bool = False,
              horizons: bool = False, executor: str = "local", workers: int = 1, out: Path | None = None,
              progress: bool = True, options: Any = None, batched: bool = False) -> dict[str, Any]:
-    """Compare estimated with actual (retrained) metric changes for ``instances`` instances
-    (``gancleanse.api.validate`` says what is written)."""
-    import tempfile
-
-    from ..influence import score
-
+    """Compare estimated with actual (retrained) metric changes of ``instances`` instances (see ``api.validate``)."""
     if horizons and method != "itd":
         raise GancleanseError("--horizons needs --method itd (one backward sweep gives every horizon)")
     scores = score(run, method, metric, progress=progress, options=options)
     chosen = choose_instances(scores.influence, instances, seed, extremes)
-    steps_per_epoch = run.steps_per_epoch
-    final_epoch, first_epoch = run.final_step // steps_per_epoch, run.window_start // steps_per_epoch
+    final_epoch, first_epoch = run.final_step // run.steps_per_epoch, run.window_start // run.steps_per_epoch
     traced = sorted(scores.horizons) if horizons else [final_epoch - first_epoch]
     jobs = [(j, final_epoch - k) for k in traced for j in chosen]
     with tempfile.TemporaryDirectory() as tmp:
@@ -266,12 +237,10 @@ def validate(run: "Run", metric: str, method: str, instances: int, *, seed: int 
 
     main = panel(traced[-1])
     result: dict[str, Any] = {
-        "metric": metric, "method": method, "run": str(run.path), "instances": chosen,
-        "n_instances": len(chosen), "seed": seed, "extremes": extremes,
+        "metric": metric, "method": method, "run": str(run.path), "instances": chosen, "n_instances": len(chosen),
+        "seed": seed, "extremes": extremes,
         **{k: main[k] for k in ("kendall_tau", "pearson", "jaccard", "random_jaccard", "epochs_traced")},
-        "estimated": main["estimated"], "actual": main["actual"],
-        "estimate_info": scores.info,
-    }
+        "estimated": main["estimated"], "actual": main["actual"], "estimate_info": scores.info}
     if horizons:
         result["horizons"] = {str(k): panel(k) for k in traced}
     if out:

@@ -1,20 +1,19 @@
 """The one pure training step shared by training, replay, counterfactuals and ITD.
 
-``Dynamics.step(state, batch, weights)`` maps the full training state (both players'
-parameters, both optimizer states and the optional generator average) to the next one.
-Instance weights enter only the discriminator's real term with the fixed denominator B:
+``Dynamics.step(state, batch, weights)`` maps the full training state (both players' parameters, both
+optimizer states and the optional generator average) to the next one. Instance weights enter only the
+discriminator's real term with the fixed denominator B:
 
     L_D = (1/B) [ sum_i w_i l_real(D(x_i)) + sum_z l_fake(D(G(z))) ] + (lambda_D / 2) ||W_D||^2
 
-so ``w_j = 0`` is exactly "x_j dropped from its minibatch", and d(state')/dw is what ITD
-needs. The R1 penalty on real instances, (gamma/2B) sum_i w_i ||grad_x D(x_i)||^2, carries the
-same weights (removing an instance removes its penalty too); R2 is the same penalty on the
-generated samples. With lazy regularization (``r1_every`` = k) both apply every k-th step,
-scaled by k, as in StyleGAN2. A conditional GAN's instance is the pair (x_i, y_i): its label
-goes with it into D's real term and its R1 term, so the same weight removes both; generated
-samples carry their own recorded labels. Because the step is a function of tensors only,
-``torch.func.vjp`` of it yields in one call both the adjoint of the previous state and every
-per-instance term of the batch.
+so ``w_j = 0`` is exactly "x_j dropped from its minibatch", and d(state')/dw is what ITD needs. The R1
+penalty on real instances, (gamma/2B) sum_i w_i ||grad_x D(x_i)||^2, carries the same weights (removing
+an instance removes its penalty too); R2 is the same penalty on the generated samples. With lazy
+regularization (``r1_every`` = k) both apply every k-th step, scaled by k, as in StyleGAN2. A
+conditional GAN's instance is the pair (x_i, y_i): its label goes with it into D's real term and its R1
+term, so the same weight removes both; generated samples carry their own recorded labels. Because the
+step is a function of tensors only, ``torch.func.vjp`` of it yields in one call both the adjoint of the
+previous state and every per-instance term of the batch.
 
 Names: ``pd`` / ``pg`` are the discriminator's / generator's parameters (theta_D, theta_G).
 """
@@ -53,9 +52,8 @@ def gather_batch(stored: torch.Tensor, labels: torch.Tensor | None, idx: torch.T
                  latents: tuple[torch.Tensor, torch.Tensor],
                  gen_labels: tuple[torch.Tensor | None, torch.Tensor | None],
                  device: torch.device, dtype: torch.dtype) -> StepBatch:
-    """Step ``step``'s batch: minibatch ``idx`` of the stored training split (and its labels),
-    gathered on ``device`` and made floats there, with the step's latents and generated
-    labels. The one assembly that training and every replay share."""
+    """Step ``step``'s batch: minibatch ``idx`` of the stored training split (and labels), gathered and made
+    floats on ``device``, with the step's latents and generated labels; training and every replay share it."""
     rows = idx.to(device)
     (z_d, z_g), (c_d, c_g) = latents, gen_labels
     return StepBatch(as_float(stored[rows], dtype), z_d.to(device, dtype), z_g.to(device, dtype), step,
@@ -65,11 +63,7 @@ def gather_batch(stored: torch.Tensor, labels: torch.Tensor | None, idx: torch.T
 
 def l2_penalty(params: Params) -> torch.Tensor:
     """(1/2) sum of squared weights; vectors (biases, norm gains) are not decayed."""
-    total = 0.0
-    for p in params.values():
-        if p.ndim >= 2:
-            total = total + 0.5 * (p * p).sum()
-    return total
+    return sum((0.5 * (p * p).sum() for p in params.values() if p.ndim >= 2), 0.0)
 
 
 @dataclass(frozen=True)
@@ -97,26 +91,24 @@ class Dynamics:
                    train.r1_gamma, train.r2_gamma, train.r1_every)
 
     # ----------------------------------------------------------------- losses
-    def loss_d(self, pd: Params, pg: Params, x: torch.Tensor, z: torch.Tensor,
-               w: torch.Tensor, count: int | None = None, y: torch.Tensor | None = None,
-               c: torch.Tensor | None = None) -> torch.Tensor:
-        """Discriminator loss with per-instance real weights and the fixed denominator.
+    def loss_d(self, pd: Params, pg: Params, x: torch.Tensor, z: torch.Tensor, w: torch.Tensor,
+               count: int | None = None, y: torch.Tensor | None = None, c: torch.Tensor | None = None) -> torch.Tensor:
+        """Discriminator loss with per-instance real weights and the fixed denominator. ``count``: the
+        step, for lazy penalties; None applies them at their average strength (the stationary game that
+        AID solves). ``y`` / ``c``: labels of the reals / fakes (conditional GANs)."""
+        return self.loss_d_on_fakes(pd, x, self.models.generate(pg, z, c), w, count, y, c)
 
-        ``count``: the step, for lazy penalties; None applies them at their average strength
-        (the stationary game that AID solves). ``y`` / ``c``: labels of the reals / fakes
-        (conditional GANs).
-        """
-        fake_x = self.models.generate(pg, z, c)
+    def loss_d_on_fakes(self, pd: Params, x: torch.Tensor, fake: torch.Tensor, w: torch.Tensor, count: int | None,
+                        y: torch.Tensor | None, c: torch.Tensor | None) -> torch.Tensor:
+        """``loss_d`` with the generated samples given as values."""
         real = d_real_term(self.loss, self.models.discriminate(pd, x, y))
-        fake = d_fake_term(self.loss, self.models.discriminate(pd, fake_x, c))
-        value = ((w * real).sum() + fake.sum()) / x.shape[0]
+        value = ((w * real).sum() + d_fake_term(self.loss, self.models.discriminate(pd, fake, c)).sum()) / x.shape[0]
         if self.weight_decay_d:
             value = value + self.weight_decay_d * l2_penalty(pd)
-        return value + self.gradient_penalties(pd, x, fake_x, w, count, y, c)
+        return value + self.gradient_penalties(pd, x, fake, w, count, y, c)
 
-    def gradient_penalties(self, pd: Params, x: torch.Tensor, fake: torch.Tensor, w: torch.Tensor,
-                           count: int | None, y: torch.Tensor | None = None,
-                           c: torch.Tensor | None = None) -> torch.Tensor | float:
+    def gradient_penalties(self, pd: Params, x: torch.Tensor, fake: torch.Tensor, w: torch.Tensor, count: int | None,
+                           y: torch.Tensor | None = None, c: torch.Tensor | None = None) -> torch.Tensor | float:
         """R1 on the real batch (weighted per instance) and R2 on the generated one, both over B."""
         total: torch.Tensor | float = 0.0
         lazy = 1.0 if count is None else (float(self.r1_every) if count % self.r1_every == 0 else 0.0)
@@ -141,30 +133,15 @@ class Dynamics:
 
     def simultaneous_gradients(self, pd: Params, pg: Params, batch: StepBatch, w: torch.Tensor
                                ) -> tuple[tuple[Params, torch.Tensor], tuple[Params, torch.Tensor]]:
-        """(dL_D/dtheta_D, L_D), (dL_G/dtheta_G, L_G) at the same point, with G(z) computed
-        once (the players share their latents here).
-
-        The same values as ``grad_and_value`` of ``loss_d`` and ``loss_g`` separately, bitwise
-        on CPU (tested). G's backward needs only the input gradient of D on the fakes, so it
-        gets a backward of its own through D's fake branch: one more forward of D on the
-        fakes, but no weight gradients and no real branch in that pass (a joint backward
-        of both losses would compute both twice).
-        """
+        """(dL_D/dtheta_D, L_D), (dL_G/dtheta_G, L_G) at the same point, with G(z) computed once (the
+        players share their latents here): bitwise the values of ``loss_d`` and ``loss_g`` apart (CPU,
+        tested). G's backward needs only D's input gradient on the fakes, so it gets a backward of its own
+        through D's fake branch: one more forward of D on the fakes, but no weight gradients and no real
+        branch in that pass (a joint backward of both losses would compute both twice)."""
         fake, pull_g = vjp(lambda params_g: self.models.generate(params_g, batch.z_d, batch.c_d), pg)
-
-        def loss_d(pd: Params) -> torch.Tensor:  # the fakes enter as values here
-            real = d_real_term(self.loss, self.models.discriminate(pd, batch.x, batch.y))
-            logits_fake = self.models.discriminate(pd, fake, batch.c_d)
-            value = ((w * real).sum() + d_fake_term(self.loss, logits_fake).sum()) / batch.x.shape[0]
-            if self.weight_decay_d:
-                value = value + self.weight_decay_d * l2_penalty(pd)
-            return value + self.gradient_penalties(pd, batch.x, fake, w, batch.count, batch.y, batch.c_d)
-
-        def loss_g_of_fakes(fake: torch.Tensor) -> torch.Tensor:
-            return g_term(self.loss, self.models.discriminate(pd, fake, batch.c_d)).mean()
-
-        grad_d, value_d = grad_and_value(loss_d)(pd)
-        grad_fake, value_g = grad_and_value(loss_g_of_fakes)(fake)
+        grad_d, value_d = grad_and_value(self.loss_d_on_fakes)(pd, batch.x, fake, w, batch.count, batch.y, batch.c_d)
+        grad_fake, value_g = grad_and_value(
+            lambda fakes: g_term(self.loss, self.models.discriminate(pd, fakes, batch.c_d)).mean())(fake)
         (grad_g,) = pull_g(grad_fake)
         if self.weight_decay_g:
             decay_grad, decay_value = grad_and_value(l2_penalty)(pg)

@@ -1,9 +1,8 @@
 """Per-sample GAN loss terms on discriminator logits.
 
-Each function returns one value per sample so that the discriminator's real term can be
-weighted instance by instance (the weights are how removal is expressed and differentiated).
-Every loss is one row of ``TERMS``: its discriminator terms on reals and fakes and its
-generator term.
+Each term returns one value per sample so that the discriminator's real term can be weighted
+instance by instance (the weights are how removal is expressed and differentiated). Every loss
+is one row of ``TERMS``: its discriminator terms on reals and fakes and its generator term.
 """
 
 from __future__ import annotations
@@ -20,36 +19,8 @@ def _neg_log_sigmoid(logits: torch.Tensor) -> torch.Tensor:
     return F.softplus(-logits)  # -log sigmoid(l)
 
 
-def _neg_log_one_minus_sigmoid(logits: torch.Tensor) -> torch.Tensor:
-    return F.softplus(logits)  # -log(1 - sigmoid(l))
-
-
-def _log_one_minus_sigmoid(logits: torch.Tensor) -> torch.Tensor:
-    return -F.softplus(logits)  # log(1 - sigmoid(l)): the saturating generator loss
-
-
-def _negated(logits: torch.Tensor) -> torch.Tensor:
-    return -logits
-
-
-def _identity(logits: torch.Tensor) -> torch.Tensor:
-    return logits
-
-
-def _hinge_real(logits: torch.Tensor) -> torch.Tensor:
-    return F.relu(1.0 - logits)
-
-
-def _hinge_fake(logits: torch.Tensor) -> torch.Tensor:
-    return F.relu(1.0 + logits)
-
-
 def _squared_to_one(logits: torch.Tensor) -> torch.Tensor:
     return 0.5 * (logits - 1.0) ** 2
-
-
-def _squared_to_zero(logits: torch.Tensor) -> torch.Tensor:
-    return 0.5 * logits**2
 
 
 class LossTerms(NamedTuple):
@@ -58,14 +29,14 @@ class LossTerms(NamedTuple):
     g: Term  # generator on generated samples
 
 
+# F.softplus(l) = -log(1 - sigmoid(l)); minmax's generator term is its negation, log(1 - sigmoid(l)).
 TERMS: dict[str, LossTerms] = {
-    "modified_minmax": LossTerms(_neg_log_sigmoid, _neg_log_one_minus_sigmoid, _neg_log_sigmoid),  # non-saturating G
-    "minmax": LossTerms(_neg_log_sigmoid, _neg_log_one_minus_sigmoid, _log_one_minus_sigmoid),
-    "wasserstein": LossTerms(_negated, _identity, _negated),
-    "hinge": LossTerms(_hinge_real, _hinge_fake, _negated),
-    "ls": LossTerms(_squared_to_one, _squared_to_zero, _squared_to_one),
+    "modified_minmax": LossTerms(_neg_log_sigmoid, F.softplus, _neg_log_sigmoid),  # non-saturating G
+    "minmax": LossTerms(_neg_log_sigmoid, F.softplus, lambda logits: -F.softplus(logits)),
+    "wasserstein": LossTerms(torch.neg, lambda logits: logits, torch.neg),
+    "hinge": LossTerms(lambda logits: F.relu(1.0 - logits), lambda logits: F.relu(1.0 + logits), torch.neg),
+    "ls": LossTerms(_squared_to_one, lambda logits: 0.5 * logits**2, _squared_to_one),
 }
-LOSSES = tuple(TERMS)
 
 
 def loss_terms(kind: str) -> LossTerms:

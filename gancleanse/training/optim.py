@@ -1,11 +1,10 @@
 """Optimizers as pure transforms: ``update(grads, state, params, count) -> (params, state)``.
 
-The optimizer state (momentum buffer, Adam moments) is part of the training state that
-ITD differentiates, so nothing here mutates a tensor in place.
-
-Each optimizer also states its effective per-coordinate step sizes (``step_sizes``): near a
-fixed point its update is about theta <- theta - P grad, and AID damps its implicit
-derivative on that linearized training's time scale, so it needs P without knowing the rule.
+The optimizer state (momentum buffer, Adam moments) is part of the training state that ITD
+differentiates, so nothing here mutates a tensor in place. Each optimizer also states its effective
+per-coordinate step sizes (``step_sizes``): near a fixed point its update is about theta <- theta - P grad,
+and AID damps its implicit derivative on that linearized training's time scale, so it needs P without
+knowing the rule.
 """
 
 from __future__ import annotations
@@ -24,13 +23,15 @@ Tree = dict[str, torch.Tensor]
 class Optimizer(Protocol):
     def init(self, params: Tree) -> dict[str, Tree]: ...
 
-    def update(self, grads: Tree, state: dict[str, Tree], params: Tree,
-               count: int) -> tuple[Tree, dict[str, Tree]]: ...
+    def update(self, grads: Tree, state: dict[str, Tree], params: Tree, count: int) -> tuple[Tree, dict[str, Tree]]: ...
 
     def step_sizes(self, state: dict[str, Tree], params: Tree, count: int) -> Tree:
         """P per coordinate (float64, shaped like ``params``) with update ~ -P grad near a fixed
         point, given the optimizer ``state`` after ``count`` steps."""
-        ...
+
+
+def _constant_like(params: Tree, value: float) -> Tree:
+    return {k: torch.full_like(p, value, dtype=torch.float64) for k, p in params.items()}
 
 
 @dataclass(frozen=True)
@@ -40,13 +41,12 @@ class SGD:
     def init(self, params: Tree) -> dict[str, Tree]:
         return {}
 
-    def update(self, grads: Tree, state: dict[str, Tree], params: Tree,
-               count: int) -> tuple[Tree, dict[str, Tree]]:
+    def update(self, grads: Tree, state: dict[str, Tree], params: Tree, count: int) -> tuple[Tree, dict[str, Tree]]:
         return {k: p - self.lr * grads[k] for k, p in params.items()}, state
 
     def step_sizes(self, state: dict[str, Tree], params: Tree, count: int) -> Tree:
         """The learning rate, everywhere."""
-        return {k: torch.full_like(p, self.lr, dtype=torch.float64) for k, p in params.items()}
+        return _constant_like(params, self.lr)
 
 
 @dataclass(frozen=True)
@@ -59,15 +59,13 @@ class Momentum:
     def init(self, params: Tree) -> dict[str, Tree]:
         return {"buf": {k: torch.zeros_like(p) for k, p in params.items()}}
 
-    def update(self, grads: Tree, state: dict[str, Tree], params: Tree,
-               count: int) -> tuple[Tree, dict[str, Tree]]:
+    def update(self, grads: Tree, state: dict[str, Tree], params: Tree, count: int) -> tuple[Tree, dict[str, Tree]]:
         buf = {k: self.mu * state["buf"][k] + g for k, g in grads.items()}
         return {k: p - self.lr * buf[k] for k, p in params.items()}, {"buf": buf}
 
     def step_sizes(self, state: dict[str, Tree], params: Tree, count: int) -> Tree:
         """lr / (1 - mu): a steady gradient g moves the parameters by that times g per step."""
-        step = self.lr / max(1.0 - self.mu, 1e-12)
-        return {k: torch.full_like(p, step, dtype=torch.float64) for k, p in params.items()}
+        return _constant_like(params, self.lr / max(1.0 - self.mu, 1e-12))
 
 
 def safe_sqrt(v: torch.Tensor) -> torch.Tensor:
@@ -84,11 +82,9 @@ class Adam:
     eps: float
 
     def init(self, params: Tree) -> dict[str, Tree]:
-        return {"m": {k: torch.zeros_like(p) for k, p in params.items()},
-                "v": {k: torch.zeros_like(p) for k, p in params.items()}}
+        return {moment: {k: torch.zeros_like(p) for k, p in params.items()} for moment in ("m", "v")}
 
-    def update(self, grads: Tree, state: dict[str, Tree], params: Tree,
-               count: int) -> tuple[Tree, dict[str, Tree]]:
+    def update(self, grads: Tree, state: dict[str, Tree], params: Tree, count: int) -> tuple[Tree, dict[str, Tree]]:
         k = count + 1
         c1, c2 = 1.0 - self.beta1**k, 1.0 - self.beta2**k
         m = {n: self.beta1 * state["m"][n] + (1.0 - self.beta1) * g for n, g in grads.items()}

@@ -1,9 +1,8 @@
 """Training with recording: runs the pure step over the whole schedule and writes a run directory.
 
-Recorded for the window [record_from_epoch, epochs): each step's indices and latents, and
-checkpoints every ``checkpoint_every`` steps plus every epoch boundary, so that the reverse
-pass replays short segments instead of holding steps x parameters in memory.
-"""
+Recorded for the window [record_from_epoch, epochs): each step's indices and latents, and checkpoints
+every ``checkpoint_every`` steps plus every epoch boundary, so that the reverse pass replays short
+segments instead of holding steps x parameters in memory."""
 
 from __future__ import annotations
 
@@ -43,23 +42,20 @@ def check_finite(state: State, stats: dict[str, torch.Tensor], step: int, steps_
     named = {**stats, **{f"{p}/{k}": v for p in ("d", "g") for k, v in state[p].items()}}
     if bool(torch.stack([torch.isfinite(v).all() for v in named.values()]).all()):
         return
-    bad = [k for k in stats if not torch.isfinite(stats[k]).all()]
-    if not bad:
-        bad = [k for k, v in named.items() if not torch.isfinite(v).all()]
+    bad = [k for k in stats if not torch.isfinite(stats[k]).all()] or [
+        k for k, v in named.items() if not torch.isfinite(v).all()]
     if bad:
-        epoch = step // steps_per_epoch
         values = ", ".join(f"{k} = {float(v):.4g}" for k, v in stats.items())
-        raise TrainingDivergedError(
-            f"non-finite value in {', '.join(bad)} at step {step} (epoch {epoch}; {values}); "
-            "lower the learning rates or use a bounded loss")
+        raise TrainingDivergedError(f"non-finite value in {', '.join(bad)} at step {step} "
+                                    f"(epoch {step // steps_per_epoch}; {values}); "
+                                    "lower the learning rates or use a bounded loss")
 
 
 def with_user_inputs(cfg: Config, models: GANModules | None, data: Splits | None) -> Config:
     """The config of a run whose modules and/or data come from the Python API."""
     if data is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(
-            cfg.data, name="custom", path=None, n_train=data.train.shape[0], n_valid=data.valid.shape[0],
-            n_test=data.test.shape[0]))
+            cfg.data, name="custom", path=None, **{f"n_{name}": getattr(data, name).shape[0] for name in SPLIT_NAMES}))
     if models is not None:
         if cfg.model.conditional and not models.conditional:
             raise ConfigError("model.conditional = true, but the modules are not: pass "
@@ -73,9 +69,8 @@ def with_user_inputs(cfg: Config, models: GANModules | None, data: Splits | None
 
 def with_split_sizes(cfg: Config, splits: Splits) -> Config:
     """The config with the split sizes the data gave (an unset n_train takes the rest), checked."""
-    n = {name: int(getattr(splits, name).shape[0]) for name in SPLIT_NAMES}
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(
-        cfg.data, n_train=n["train"], n_valid=n["valid"], n_test=n["test"]))
+        cfg.data, **{f"n_{name}": int(getattr(splits, name).shape[0]) for name in SPLIT_NAMES}))
     cfg.validate("the training options")
     return cfg
 
@@ -83,10 +78,8 @@ def with_split_sizes(cfg: Config, splits: Splits) -> Config:
 def data_summary(splits: Splits) -> dict:
     """What run.json says of the data: split sizes, and for image files how many were read or skipped."""
     out: dict = {name: int(getattr(splits, name).shape[0]) for name in SPLIT_NAMES}
-    out["sample_shape"] = list(splits.sample_shape)
-    out["dtype"] = str(splits.train.dtype).removeprefix("torch.")
-    if splits.source is not None:
-        source = splits.source
+    out.update(sample_shape=list(splits.sample_shape), dtype=str(splits.train.dtype).removeprefix("torch."))
+    if (source := splits.source) is not None:
         out.update(format=source["format"], path=source["path"], n_files=source["n_files"],
                    n_read=source["n_read"], n_skipped=len(source["skipped"]), labels=source["labels"])
     return out
@@ -96,12 +89,10 @@ def start_parameters(cfg: Config, models: GANModules, initial: tuple[dict, dict]
                      ) -> tuple[tuple[dict, dict], dict, dict[str, torch.Tensor]]:
     """The starting (trainable D, trainable G), what run.json records of the init files, and
     the frozen constants (flat ``d/<name>`` / ``g/<name>``), which go into the modules."""
-    params = {"d": initial[0], "g": initial[1]}
     model = cfg.model
-    params, init_files = read_init(model, params)
+    params, init_files = read_init(model, {"d": initial[0], "g": initial[1]})
     config_chooses = model.train_only is not None or bool(model.frozen)  # else the modules' own choice
-    train_only = model.train_only if config_chooses else models.train_only
-    frozen = model.frozen if config_chooses else models.frozen
+    train_only, frozen = (model.train_only, model.frozen) if config_chooses else (models.train_only, models.frozen)
     trainable, constants = split_trainable(params, select_trainable(params, train_only, frozen))
     freeze(models, constants)
     flat = {f"{player}/{name}": value for player in ("d", "g") for name, value in constants[player].items()}
@@ -113,8 +104,7 @@ WINDOW_DRAWS = ("indices", "z_d", "z_g", "c_d", "c_g")  # what each window step 
 
 @dataclass
 class Training:
-    """Everything the step loop and the run directory need, prepared from the config, the data
-    and the modules (on the training device, under the training's thread count)."""
+    """What the step loop and the run directory need, from config, data and modules (on the training device)."""
 
     cfg: Config
     splits: Splits
@@ -149,8 +139,7 @@ class Training:
 
 @dataclass
 class Trajectory:
-    """What the step loop leaves: the final state and losses, the recorded window's draws
-    (indices, latents and generated labels of each step) and the timings."""
+    """What the step loop leaves: the final state and losses, each window step's draws, and the timings."""
 
     state: State
     stats: dict[str, torch.Tensor]
@@ -162,9 +151,7 @@ class Trajectory:
 def prepare_training(cfg: Config, models: GANModules | None, data: Splits | None, device: torch.device
                      ) -> Training:
     """Load the data, build (or take) the modules and their starting parameters, on ``device``."""
-    threads = torch.get_num_threads()
-    train = cfg.train
-    dtype = DTYPES[cfg.model.dtype]
+    train, dtype = cfg.train, DTYPES[cfg.model.dtype]
     splits = data if data is not None else load_data(cfg)
     cfg = with_split_sizes(cfg, splits)
     frequencies = None
@@ -181,12 +168,11 @@ def prepare_training(cfg: Config, models: GANModules | None, data: Splits | None
     schedule = Schedule(cfg.data.n_train, train.batch_size, cfg.model.z_dim, train.seed,
                         shared_latents=train.update == "simultaneous", label_frequencies=frequencies)
     return Training(cfg, splits, models, Dynamics.from_config(cfg, models), schedule, initial, init_files,
-                    constants, frequencies, device, dtype, threads)
+                    constants, frequencies, device, dtype, torch.get_num_threads())
 
 
 def write_inputs(stage: Path, training: Training, data: Splits | None) -> None:
-    """The files fixed before the first step: config, evaluation latents, user data, frozen
-    constants and the split keys."""
+    """The files fixed before the first step: config, evaluation latents, user data, constants, split keys."""
     cfg, splits = training.cfg, training.splits
     (stage / "checkpoints").mkdir()
     (stage / "config.toml").write_text(cfg.to_toml())
@@ -194,8 +180,7 @@ def write_inputs(stage: Path, training: Training, data: Splits | None) -> None:
     if data is not None:
         save_file(data.tensors(), str(stage / "data.safetensors"))
     if training.constants:
-        save_file({k: v.detach().cpu().contiguous() for k, v in training.constants.items()},
-                  str(stage / FROZEN_FILE))
+        save_file({k: v.detach().cpu().contiguous() for k, v in training.constants.items()}, str(stage / FROZEN_FILE))
     write_json_atomic(stage / "splits.json", {
         "source": splits.source, **{name: splits.key_list(name) for name in SPLIT_NAMES}})
 
@@ -208,15 +193,13 @@ def run_steps(stage: Path, training: Training, progress: bool) -> Trajectory:
     train_stored = training.splits.train.to(device)  # uint8 for images: a quarter of float32
     train_labels = training.splits.y_train.to(device) if training.frequencies is not None else None
     ones = torch.ones(training.cfg.train.batch_size, dtype=dtype, device=device)
-    state = dynamics.init_state(*training.initial)
-    trajectory = Trajectory(state, {}, time.perf_counter(), 0.0)
+    trajectory = Trajectory(dynamics.init_state(*training.initial), {}, time.perf_counter(), 0.0)
     bar = tqdm(total=total, desc="train", unit="step", disable=not progress, leave=False)
     with open(stage / "losses.jsonl", "w") as log:
         for step in range(total):
             if step in checkpoints:
                 save_state(trajectory.state, stage / "checkpoints" / checkpoint_name(step))
-            idx = schedule.indices(step)
-            latents, labels = schedule.latents(step), schedule.labels(step)
+            idx, latents, labels = schedule.indices(step), schedule.latents(step), schedule.labels(step)
             tic = time.perf_counter()
             batch = gather_batch(train_stored, train_labels, idx, step, latents, labels, device, dtype)
             trajectory.state, stats = dynamics.step(trajectory.state, batch, ones)
@@ -239,41 +222,28 @@ def run_steps(stage: Path, training: Training, progress: bool) -> Trajectory:
 def recorded_schedule(training: Training, trajectory: Trajectory) -> dict[str, torch.Tensor]:
     """schedule.safetensors: the window's indices and latents, and only the tensors that
     differ (a shared latent batch is stored once; labels only for a conditional GAN)."""
-    separate = not training.schedule.shared_latents
-    keys = ["indices", "z_d"] + (["z_g"] if separate else [])
-    if training.frequencies is not None:
-        keys += ["c_d"] + (["c_g"] if separate else [])
-    return {key: torch.stack(trajectory.window[key]) for key in keys}
+    shared, conditional = training.schedule.shared_latents, training.frequencies is not None
+    return {key: torch.stack(trajectory.window[key]) for key in WINDOW_DRAWS
+            if not (shared and key.endswith("_g")) and (conditional or not key.startswith("c_"))}
 
 
 def run_meta(stage: Path, training: Training, trajectory: Trajectory, user_data: bool) -> dict[str, Any]:
     """run.json before its seal: versions, sizes, the window, the checkpoints and every file's sha256."""
-    cfg, splits, train, constants = training.cfg, training.splits, training.cfg.train, training.constants
-    total = training.total_steps
+    cfg, splits, constants, total = training.cfg, training.splits, training.constants, training.total_steps
     files = ["config.toml", "eval_latents.safetensors", "splits.json", "schedule.safetensors",
              "losses.jsonl", *(f"checkpoints/{checkpoint_name(c)}" for c in training.checkpoints)]
-    if user_data:
-        files.append("data.safetensors")
-    if constants:
-        files.append(FROZEN_FILE)
+    files += (["data.safetensors"] if user_data else []) + ([FROZEN_FILE] if constants else [])
     frequencies = training.frequencies
-    labels = None if frequencies is None else {"classes": splits.n_classes, "frequencies": frequencies.tolist()}
+    labels = {} if frequencies is None else {"labels": {"classes": splits.n_classes,
+                                                        "frequencies": frequencies.tolist()}}
     return {
-        "format": FORMAT_VERSION,
-        "status": "complete",
-        "gancleanse": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": training.threads,
-        **devices.describe(training.device),
-        "n_train": cfg.data.n_train,
-        "steps_per_epoch": training.steps_per_epoch,
-        "total_steps": total,
-        "window": {"start_epoch": train.record_from_epoch, "start_step": training.window_start, "end_step": total},
-        "checkpoints": training.checkpoints,
-        "data_fingerprint": splits.fingerprint(),
-        "data": data_summary(splits),
-        **({} if labels is None else {"labels": labels}),
+        "format": FORMAT_VERSION, "status": "complete", "gancleanse": __version__, "torch": torch.__version__,
+        "python": platform.python_version(), "threads": training.threads, **devices.describe(training.device),
+        "n_train": cfg.data.n_train, "steps_per_epoch": training.steps_per_epoch, "total_steps": total,
+        "window": {"start_epoch": cfg.train.record_from_epoch, "start_step": training.window_start,
+                   "end_step": total},
+        "checkpoints": training.checkpoints, "data_fingerprint": splits.fingerprint(), "data": data_summary(splits),
+        **labels,
         "parameters": {player: {"trainable": sum(v.numel() for v in training.initial[i].values()),
                                 "frozen": sum(v.numel() for k, v in constants.items() if k.startswith(player + "/"))}
                        for i, player in enumerate(("d", "g"))},
@@ -286,12 +256,9 @@ def run_meta(stage: Path, training: Training, trajectory: Trajectory, user_data:
 
 def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, data: Splits | None = None,
           force: bool = False, progress: bool = True, device: str | None = None) -> Run:
-    """Train the GAN the config describes and record a run directory at ``out``.
-
-    ``models`` / ``data`` replace the config's architecture / dataset with the user's own
-    modules (initialized as given) and tensors (saved in the run directory). ``device``
-    overrides ``train.device`` (and is what the config records).
-    """
+    """Train the GAN the config describes and record a run directory at ``out``. ``models`` / ``data``
+    replace the config's architecture / dataset with the user's own modules (initialized as given) and
+    tensors (saved in the run directory). ``device`` overrides ``train.device`` (and the config records it)."""
     if device is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
     cfg = with_user_inputs(cfg, models, data).resolved()
@@ -305,6 +272,5 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
             save_file(recorded_schedule(training, trajectory), str(stage / "schedule.safetensors"))
             write_json_atomic(stage / "run.json", sealed(run_meta(stage, training, trajectory, data is not None)))
     # The config came from the caller, so its extractor is explicitly theirs to load.
-    cfg = training.cfg
-    return Run.open(out, models=training.models if cfg.model.arch == "custom" else None,
-                    extractor=cfg.metric.extractor, device=str(on))
+    return Run.open(out, models=training.models if training.cfg.model.arch == "custom" else None,
+                    extractor=training.cfg.metric.extractor, device=str(on))

@@ -1,9 +1,8 @@
 """Replay recorded steps from a checkpoint, optionally with instance weights changed.
 
-With all weights 1 this reproduces the recorded trajectory bitwise (CPU, same threads);
-with some weights 0 it is the counterfactual training "as if those instances were absent
-from their minibatches", over exactly the steps that ITD differentiates.
-"""
+With all weights 1 this reproduces the recorded trajectory bitwise (CPU, same threads); with some
+weights 0 it is the counterfactual training "as if those instances were absent from their
+minibatches", over exactly the steps that ITD differentiates."""
 
 from __future__ import annotations
 

@@ -1,16 +1,16 @@
 """Many counterfactual retrains of the recorded window, each started where it first differs.
 
-A retrain that down-weights some instances follows the recorded trajectory exactly until
-the first step whose minibatch holds one of them. ``retrain_groups`` therefore replays the
-unperturbed trajectory once and forks each retrain off it at its own first-use step, so a
-retrain costs only the steps after that point. Retrains run in groups, in the order of
-their fork steps and as many as fit in memory, and those of a group advance together:
+A retrain that down-weights some instances follows the recorded trajectory exactly until the first
+step whose minibatch holds one of them. ``retrain_groups`` therefore replays the unperturbed trajectory
+once and forks each retrain off it at its own first-use step, so a retrain costs only the steps after
+that point. Retrains run in groups, in the order of their fork steps and as many as fit in memory, and
+those of a group advance together:
 
-- ``vmap_steps=False``: one ``Dynamics.step`` per active retrain. Bitwise equal to replaying
-  each retrain from the window start (the same operations on the same values, on CPU).
-- ``vmap_steps=True``: one ``torch.func.vmap``-ed step over the group's active retrains;
-  equal to the sequential path to rounding (batched kernels sum in another order), and much
-  faster on small networks, whose steps are dominated by per-call overhead.
+- ``vmap_steps=False``: one ``Dynamics.step`` per active retrain. Bitwise equal to replaying each
+  retrain from the window start (the same operations on the same values, on CPU).
+- ``vmap_steps=True``: one ``torch.func.vmap``-ed step over the group's active retrains; equal to the
+  sequential path to rounding (batched kernels sum in another order), and much faster on small
+  networks, whose steps are dominated by per-call overhead.
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ def first_use_steps(run: Run, changed: torch.Tensor, start: int) -> torch.Tensor
     end = run.final_step
     first = torch.full((changed.shape[0],), end, dtype=torch.long)
     for step in range(end - 1, start - 1, -1):  # backwards: the earliest use wins
-        uses_changed = changed[:, run.indices(step)].any(dim=1)
-        first[uses_changed] = step
+        first[changed[:, run.indices(step)].any(dim=1)] = step
     return first
 
 
@@ -51,21 +50,16 @@ def late_start(run: Run, weights: torch.Tensor, start: int) -> int:
 
 
 def vmap_pays(run: Run) -> bool:
-    """Whether vmapped steps are faster: on small fully connected nets per-call overhead
-    dominates (3.6x at K = 64 on the 2D GAN); on CPU convolutions they are slower (1.3x
-    slower on the digits DCGAN at K = 8)."""
+    """Whether vmapped steps are faster: on small fully connected nets per-call overhead dominates (3.6x at
+    K = 64 on the 2D GAN); on CPU convolutions they are slower (1.3x slower on the digits DCGAN at K = 8)."""
     return run.cfg.model.arch == "mlp"
 
 
 def retrain_bytes(run: Run, state: State, vmap_steps: bool) -> int:
-    """Memory of one retrain of ``run`` (starting from ``state``) while it is in flight, an
-    estimate that errs high.
-
-    A forked retrain holds its state. A vmapped one also holds its share of the batched
-    step's activations: a built-in MLP's layer outputs, ReLU masks and their gradients
-    (4 tensors per layer) for D on the reals and twice on the fakes and for G, which is
-    what dominates on small nets.
-    """
+    """Memory of one retrain of ``run`` (from ``state``) in flight, an estimate that errs high. A forked
+    retrain holds its state; a vmapped one also its share of the batched step's activations: a built-in
+    MLP's layer outputs, ReLU masks and their gradients (4 tensors per layer) for D on the reals and
+    twice on the fakes and for G, which dominate on small nets."""
     held = sum(v.numel() * v.element_size() for v in flatten_state(state).values())
     if not vmap_steps:
         return held
@@ -77,11 +71,8 @@ def retrain_bytes(run: Run, state: State, vmap_steps: bool) -> int:
 def group_size(run: Run, state: State, vmap_steps: bool, budget: int | None = None) -> int:
     """How many retrains run together: as many as fit in ``budget`` bytes (default: half
     the memory available now), at most ``MAX_GROUP``."""
-    if budget is None:
-        budget = budget_bytes(None, run.device)
-    if budget is None:
-        return MAX_GROUP
-    return max(1, min(MAX_GROUP, budget // retrain_bytes(run, state, vmap_steps)))
+    budget = budget_bytes(None, run.device) if budget is None else budget
+    return MAX_GROUP if budget is None else max(1, min(MAX_GROUP, budget // retrain_bytes(run, state, vmap_steps)))
 
 
 MAX_GROUP = 1024  # a bound on one vmapped step's size, whatever the memory
@@ -92,21 +83,17 @@ def retrain_groups(run: Run, weights: torch.Tensor, start: int, *, vmap_steps: b
     """Final states of K retrains from ``start`` with instance weights ``weights`` (K, n_train),
     yielded a group at a time as (row indices, states).
 
-    Retrains are grouped in the order of their fork steps (``group`` per group; None: as
-    many as memory allows), and the unperturbed trajectory is replayed once for all groups:
-    each group forks off it and then runs to the window's end, and the next group resumes the
-    trajectory where the previous one's last fork left it. So every group runs at nearly
-    its full size, and no step of the recorded trajectory is replayed twice.
-    ``vmap_steps``: advance each group by one vmapped step (None: where that pays).
-    """
-    if vmap_steps is None:
-        vmap_steps = vmap_pays(run)
+    Retrains are grouped in the order of their fork steps (``group`` per group; None: as many as
+    memory allows). The unperturbed trajectory is replayed once for all groups: each group forks off
+    it and runs to the window's end, the next resumes it where the previous one's last fork left it,
+    so every group runs at nearly its full size and no recorded step is replayed twice.
+    ``vmap_steps``: advance each group by one vmapped step (None: where that pays)."""
+    vmap_steps = vmap_pays(run) if vmap_steps is None else vmap_steps
     end = run.final_step
     fork_step = first_use_steps(run, weights != 1, start).tolist()
     untouched = [k for k, fork in enumerate(fork_step) if fork == end]
     if untouched:  # no changed instance was used: the recorded final state
-        final = run.final_state()
-        yield untouched, [final for _ in untouched]
+        yield untouched, [run.final_state()] * len(untouched)
     forking = sorted((k for k, fork in enumerate(fork_step) if fork < end), key=fork_step.__getitem__)
     if not forking:
         return
@@ -128,12 +115,9 @@ def retrain_groups(run: Run, weights: torch.Tensor, start: int, *, vmap_steps: b
 
 def _run_group(run: Run, weights: torch.Tensor, fork_step: dict[int, int], at: int, state: State,
                vmap_steps: bool, bar: tqdm) -> tuple[list[int], list[State], State]:
-    """Run one group's retrains (row -> fork step, in fork order) to the window's end, forking
-    each off the trajectory ``state`` (at step ``at``) at its step.
-
-    Returns the rows in the order they forked, their final states, and the trajectory's state
-    at the group's last fork (where the next group resumes it).
-    """
+    """Run one group's retrains (row -> fork step, in fork order) to the window's end, each forked off
+    the trajectory ``state`` (at step ``at``) at its step. Returns the rows in fork order, their final
+    states, and the trajectory's state at the group's last fork (where the next group resumes it)."""
     dyn = run.dynamics
     ones = torch.ones(run.cfg.train.batch_size, dtype=run.dtype, device=run.device)
     stepper = vmap(lambda states, row_weights, batch: dyn.step(states, batch, row_weights)[0], in_dims=(0, 0, None))
@@ -178,8 +162,7 @@ def retrain_many(run: Run, weights: torch.Tensor, start: int, *, vmap_steps: boo
                  group: int | None = None, progress: bool = False) -> list[State]:
     """``retrain_groups``' final states, in the rows' order."""
     results: list[State | None] = [None] * weights.shape[0]
-    for rows, states in retrain_groups(run, weights, start, vmap_steps=vmap_steps, group=group,
-                                       progress=progress):
+    for rows, states in retrain_groups(run, weights, start, vmap_steps=vmap_steps, group=group, progress=progress):
         for k, final in zip(rows, states):
             results[k] = final
     return results  # type: ignore[return-value]

@@ -1,9 +1,8 @@
 """Deterministic minibatch order and latents, derived from the training seed alone.
 
-Never the global RNG: each epoch's permutation and each step's latents come from their
-own generator seeded by ``SeedSequence([seed, stream, counter])``, so any step can be
-regenerated in isolation (full retraining) and the recorded window can be checked
-against it. The remainder of an epoch that does not fill a batch is dropped.
+Never the global RNG: each epoch's permutation and each step's latents come from their own generator
+seeded by ``SeedSequence([seed, stream, counter])``, so any step can be regenerated in isolation (full
+retraining) and the recorded window checked against it. An epoch's remainder short of a batch is dropped.
 """
 
 from __future__ import annotations
@@ -25,8 +24,7 @@ def _generator(*words: int) -> torch.Generator:
 
 def eval_latents(seed: int, split: str, n: int, z_dim: int) -> torch.Tensor:
     """Fixed latents for evaluating a metric on one split (float64)."""
-    split_id = _EVAL_SPLITS[split]
-    return torch.randn(n, z_dim, generator=_generator(seed, _EVAL, split_id), dtype=torch.float64)
+    return torch.randn(n, z_dim, generator=_generator(seed, _EVAL, _EVAL_SPLITS[split]), dtype=torch.float64)
 
 
 def draw_labels(frequencies: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -36,17 +34,13 @@ def draw_labels(frequencies: torch.Tensor, n: int, gen: torch.Generator) -> torc
 
 def eval_labels(seed: int, split: str, n: int, frequencies: torch.Tensor) -> torch.Tensor:
     """Fixed labels of a conditional GAN's evaluation samples on one split (beside its latents)."""
-    split_id = _EVAL_SPLITS[split]
-    return draw_labels(frequencies, n, _generator(seed, _EVAL_LABEL, split_id))
+    return draw_labels(frequencies, n, _generator(seed, _EVAL_LABEL, _EVAL_SPLITS[split]))
 
 
 def solver_draw(seed: int, counter: int, n_train: int, size: int, z_dim: int,
                 frequencies: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Instance indices (without replacement), latents (float64) and, for a conditional GAN,
-    generated labels, for AID's Jacobian products.
-
-    A stream of its own, so that estimating influence never shifts the training's draws.
-    """
+    """Instance indices (without replacement), latents (float64) and, for a conditional GAN, generated
+    labels, for AID's Jacobian products: a stream of its own, so influence never shifts training's draws."""
     gen = _generator(seed, _SOLVER, counter)
     indices = torch.randperm(n_train, generator=gen)[:size]
     z = torch.randn(size, z_dim, generator=gen, dtype=torch.float64)
@@ -84,14 +78,11 @@ class Schedule:
         z_d = torch.randn(shape, generator=_generator(self.seed, _LATENT_D, step), dtype=torch.float64)
         if self.shared_latents:
             return z_d, z_d
-        z_g = torch.randn(shape, generator=_generator(self.seed, _LATENT_G, step), dtype=torch.float64)
-        return z_d, z_g
+        return z_d, torch.randn(shape, generator=_generator(self.seed, _LATENT_G, step), dtype=torch.float64)
 
     def labels(self, step: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Labels of each player's generated samples (None, None when unconditional).
-
-        Drawn from the training labels' frequencies and then fixed, like the latents: a
-        counterfactual retrain keeps them although the removed instance had a label."""
+        """Labels of each player's generated samples (None, None when unconditional), drawn from the training
+        labels' frequencies and then fixed like the latents: a counterfactual retrain keeps them."""
         if self.label_frequencies is None:
             return None, None
         c_d = draw_labels(self.label_frequencies, self.batch_size, _generator(self.seed, _LABEL_D, step))
