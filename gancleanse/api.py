@@ -14,6 +14,7 @@ from .config import Config, load_config
 from .data import Splits
 from .errors import GancleanseError
 from .export import summary_line as describe_export
+from .files import claimed_output as claim_output
 from .models import GANModules
 from .options import ScorerOptions
 from .run import Run
@@ -22,7 +23,7 @@ from .specs import DEFAULT_CHECK, metric_spec
 from .study.trust import describe as describe_check
 from .training import recorder
 
-__all__ = ["Config", "Run", "Scores", "cleanse", "counterfactual", "counterfactuals", "describe_check",
+__all__ = ["Config", "Run", "Scores", "claim_output", "cleanse", "counterfactual", "counterfactuals", "describe_check",
            "describe_export", "export", "influence", "is_study_path", "lds", "load_config", "on_device", "open_run",
            "report", "train", "validate", "verify"]
 

@@ -44,20 +44,6 @@ def describe_data(data: dict) -> str:
             f"{data['labels']}); {split}")
 
 
-def check_out(path: str, suffix: str, force: bool, option: str = "--out") -> Path:
-    """An output file path: it must end in ``suffix``; an existing file is replaced only with --force, and never a
-    directory. Checked before any work starts."""
-    out = Path(path)
-    if out.suffix.lower() != suffix:
-        raise GancleanseError(f"{option} {path}: must end in {suffix}")
-    for p in (out, out.with_suffix(".json")):
-        if p.is_dir():
-            raise GancleanseError(f"{option} {path}: {p} is a directory")
-        if (p.exists() or p.is_symlink()) and not force:
-            raise GancleanseError(f"{option} {path}: {p} exists (use --force to replace it)")
-    return out
-
-
 def _open(args: argparse.Namespace) -> api.Run:
     return api.open_run(args.run, extractor=args.extractor, device=args.device)
 
@@ -71,7 +57,7 @@ def _print_top(scores: api.Scores, k: int) -> None:
 
 
 def _cmd_influence(args: argparse.Namespace) -> None:
-    out = check_out(args.out, ".csv", args.force)
+    out = Path(args.out)
     run = _open(args)
     options = given_options(args, [args.method], option="--method").get(args.method)
     scores = api.influence(run, args.metric, args.method, features=args.features, seed=args.seed,
@@ -94,7 +80,6 @@ def _cmd_counterfactual(args: argparse.Namespace) -> None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> None:
-    check_out(args.out, ".json", args.force)
     options = given_options(args, [args.method], option="--method").get(args.method)
     res = api.validate(_open(args), args.metric, args.method, args.instances, seed=args.seed, extremes=args.extremes,
                        horizons=args.horizons, executor=args.executor, workers=args.workers, out=args.out,
@@ -109,8 +94,6 @@ def _cmd_validate(args: argparse.Namespace) -> None:
 
 
 def _cmd_lds(args: argparse.Namespace) -> None:
-    if args.out:
-        check_out(args.out, ".json", args.force)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -207,6 +190,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print(f"\nresults: {out / 'results.csv'}, {out / 'summary.csv'}\nreport:  {out / 'report.html'}")
 
 
+OUTPUTS = {"influence": ".csv", "validate": ".json", "lds": ".json"}  # commands writing the one file --out names
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {
     "train": ("train a GAN and record a run directory", train_arguments, _cmd_train),
     "influence": ("score every training instance", influence_arguments, _cmd_influence),
@@ -261,7 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning  # one line per warning; restored on exit
-            args.func(args)
+            suffix = OUTPUTS.get(args.command)
+            if suffix is None or args.out is None:
+                args.func(args)
+                return 0
+            with api.claim_output(args.out, suffix, args.force):  # held until the command ends
+                args.func(args)
             return 0
     except GancleanseError as e:
         print(f"gancleanse: error: {_one_line(str(e))}", file=sys.stderr)

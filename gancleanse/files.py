@@ -16,7 +16,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
-from .errors import RunDirError
+from .errors import GancleanseError, RunDirError
 from .locks import DirectoryLock
 
 STAGE_MARKER = ".gancleanse-stage"  # inside OUT.partial: the stage is ours to remove
@@ -35,8 +35,10 @@ def atomic_write(path: str | Path, *, binary: bool = False) -> Iterator[IO[Any]]
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": "", "encoding": "utf-8"})) as f:
             yield f
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a full disk: say which file could not be written
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
 
 
@@ -56,6 +58,26 @@ def write_csv_atomic(path: str | Path, header: Sequence[str], rows: Iterable[Seq
         w = csv.writer(f, lineterminator="\r\n")
         w.writerow(header)
         w.writerows([repr(float(v)) if isinstance(v, float) else v for v in row] for row in rows)
+
+
+@contextmanager
+def claimed_output(path: str | Path, suffix: str, force: bool, option: str = "--out") -> Iterator[Path]:
+    """An output file (and its ``.json`` beside it) claimed for a whole command, checked before any work starts.
+
+    A lock beside it (``.NAME.lock``) refuses a second writer, naming the holder, until the command ends: two
+    commands given the same output cannot both compute and the later silently replace the other's result. Under the
+    lock the path must end in ``suffix``, must not be a directory, and may exist only with ``force``.
+    """
+    out = Path(path)
+    if out.suffix.lower() != suffix:
+        raise GancleanseError(f"{option} {path}: must end in {suffix}")
+    with DirectoryLock(out.parent, "output", lock_name=f".{out.name}.lock", subject=f"{option} {path}"):
+        for p in (out, out.with_suffix(".json")):
+            if p.is_dir():
+                raise GancleanseError(f"{option} {path}: {p} is a directory")
+            if (p.exists() or p.is_symlink()) and not force:
+                raise GancleanseError(f"{option} {path}: {p} exists (use --force to replace it)")
+        yield out
 
 
 @contextmanager

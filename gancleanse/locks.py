@@ -50,9 +50,11 @@ _HELD_GUARD = threading.RLock()
 class DirectoryLock:
     """Exclusive, re-entrant (per process) write lock on ``directory`` (see the module doc)."""
 
-    def __init__(self, directory: str | os.PathLike, what: str = "run", *, lock_name: str = LOCK_NAME) -> None:
+    def __init__(self, directory: str | os.PathLike, what: str = "run", *, lock_name: str = LOCK_NAME,
+                 subject: str | None = None) -> None:
         self.directory = Path(directory)
         self.what = what
+        self.subject = subject or f"{what} directory {self.directory}"  # what a refusal names
         self.path = self.directory / lock_name
         self._acquired = False
         self._token: str | None = None
@@ -123,7 +125,7 @@ class DirectoryLock:
                 time.sleep(0.05)
                 continue
             if info is not None and _alive(info):
-                raise RunDirError(_held_message(self.directory, self.what, info, self.path))
+                raise RunDirError(_held_message(self.subject, info, self.path))
             # Stale (dead holder, or garbled): remove exactly the file we judged, then retry O_EXCL.
             if _read_raw(self.path) == raw:
                 self.path.unlink(missing_ok=True)
@@ -283,7 +285,7 @@ def _process_start(pid: int) -> int | None:
     return int(fields[19]) if fields and len(fields) > 19 else None  # field 22: starttime
 
 
-def _held_message(directory: Path, what: str, info: dict[str, Any], path: Path) -> str:
+def _held_message(subject: str, info: dict[str, Any], path: Path) -> str:
     command = " ".join(str(info.get("command", "")).split())  # one line
     if len(command) > 120:
         command = command[:117] + "..."
@@ -291,5 +293,5 @@ def _held_message(directory: Path, what: str, info: dict[str, Any], path: Path) 
     hint = "wait for it or stop it"
     if info["host"] != socket.gethostname() or os.name != "posix":  # liveness not checked
         hint += f"; if it no longer runs, delete {path}"
-    return (f"{what} directory {directory} is being written by {by} on {info['host']} "
+    return (f"{subject} is being written by {by} on {info['host']} "
             f"since {info.get('started', '?')}; {hint}")

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as tensors_to_bytes
 
 from ..config import Config
 from ..data import Splits
 from ..device import check_threads, local_workers
 from ..errors import ConfigError, GancleanseError, GancleanseWarning
-from ..files import write_json_atomic, write_text_atomic
+from ..files import atomic_write, write_json_atomic, write_text_atomic
 from ..influence import score, variant_arguments, variants
 from ..locks import DirectoryLock
 from ..models import GANModules
@@ -129,7 +129,8 @@ def retrain_and_evaluate(run: Run, removed: list[int], retrain: str, metrics: li
         with torch.no_grad():
             x = dyn.models.generate(dyn.eval_generator(state), run.eval_latents("test")[:SAMPLE_COUNT],
                                     None if labels is None else labels[:SAMPLE_COUNT])
-        save_file({"samples": x.detach().cpu().contiguous()}, samples_path)
+        with atomic_write(samples_path, binary=True) as f:
+            f.write(tensors_to_bytes({"samples": x.detach().cpu().contiguous()}))
     return out
 
 

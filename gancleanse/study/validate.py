@@ -20,7 +20,7 @@ from scipy.stats import kendalltau, pearsonr
 
 from ..device import local_workers
 from ..errors import GancleanseError
-from ..files import write_json_atomic
+from ..files import atomic_write, write_json_atomic
 from ..influence import score
 from ..locks import DirectoryLock
 from .executor import run_tasks
@@ -197,7 +197,8 @@ def scatter_plot(path: Path, panels: list[dict[str, Any]], title: str) -> None:
         ax.ticklabel_format(style="sci", scilimits=(-3, 3))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write(path, binary=True) as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
 
 
@@ -247,7 +248,12 @@ def validate(run: "Run", metric: str, method: str, instances: int, *, seed: int 
         out.parent.mkdir(parents=True, exist_ok=True)
         panels = [dict(p, label=f"{p['epochs_traced']} epoch(s) traced")
                   for p in (result["horizons"].values() if horizons else [main])]
-        scatter_plot(out.with_suffix(".png"), panels, f"{method} influence on {metric}: estimate vs retraining")
-        result["plot"] = out.with_suffix(".png").name
-        write_json_atomic(out, result)
+        plot = out.with_suffix(".png")
+        scatter_plot(plot, panels, f"{method} influence on {metric}: estimate vs retraining")
+        result["plot"] = plot.name
+        try:
+            write_json_atomic(out, result)
+        except BaseException:
+            plot.unlink(missing_ok=True)  # the plot alone would look like a finished validation
+            raise
     return result
