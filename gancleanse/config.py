@@ -21,11 +21,17 @@ from .specs import DEFAULT_CHECK, METHODS, METRICS
 from .toml_writer import dump_toml
 from .validation import INT64, checked, setting
 
+CONFIG_MAX_BYTES = 16 * 2**20  # a config is a few kB: never read a huge file as one
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 GAUSSIAN2D_N_TRAIN = 10000  # the paper's accuracy setting
 REPLICATE_SEEDS = 2**32  # added to the base seeds (< 2**63), so every sum fits torch.Generator.manual_seed (< 2**64)
 MAX_THREADS = 1024  # a static sanity bound (torch.set_num_threads(100000) crashes); see device.check_threads
+# Static bounds of the keys that decide an allocation, far beyond any machine's memory for the arrays they size; what
+# the memory available cannot hold is refused where it would be allocated (integrity.check_fits), naming the key.
+MAX_INSTANCES = 10**9  # split sizes, batch size, generated samples
+MAX_WIDTH = 2**24  # latent dimension, hidden units or channels, adapter rank
+MAX_LAYERS = 1024
 
 
 @dataclass
@@ -42,20 +48,20 @@ class DataConfig:
     resample: str = setting("lanczos", choices=("lanczos", "bicubic", "bilinear", "box", "hamming", "nearest"),
                             doc="images: filter of the resize to image_size")
     skip_bad_files: bool = setting(False, doc="images: skip (and report) unreadable files instead of failing")
-    n_train: int | None = setting(None, lo=1, doc="default: 10000 for gaussian2d, else every instance not in "
-                                  "the validation or test split")
-    n_valid: int = setting(1000, lo=1)
-    n_test: int = setting(1000, lo=1)
+    n_train: int | None = setting(None, lo=1, hi=MAX_INSTANCES, doc="default: 10000 for gaussian2d, else every "
+                                  "instance not in the validation or test split")
+    n_valid: int = setting(1000, lo=1, hi=MAX_INSTANCES)
+    n_test: int = setting(1000, lo=1, hi=MAX_INSTANCES)
     seed: int = setting(0, lo=0)
 
 
 @dataclass
 class ModelConfig:
     arch: str = setting("mlp", choices=("mlp", "dcgan", "custom"), doc="custom: modules given to the Python API")
-    z_dim: int = setting(10, lo=1)
-    g_hidden: int = setting(32, lo=1, doc="mlp: hidden units; dcgan: channels")
-    d_hidden: int = setting(64, lo=1, doc="mlp: hidden units; dcgan: channels")
-    layers: int = setting(2, lo=1, doc="hidden layers per network (mlp)")
+    z_dim: int = setting(10, lo=1, hi=MAX_WIDTH)
+    g_hidden: int = setting(32, lo=1, hi=MAX_WIDTH, doc="mlp: hidden units; dcgan: channels")
+    d_hidden: int = setting(64, lo=1, hi=MAX_WIDTH, doc="mlp: hidden units; dcgan: channels")
+    layers: int = setting(2, lo=1, hi=MAX_LAYERS, doc="hidden layers per network (mlp)")
     activation: str = setting("relu", choices=("relu", "elu", "softplus", "sigmoid", "leaky_relu", "tanh"))
     norm: str = setting("none", choices=("none", "layer"))
     bias: bool = setting(False)
@@ -63,8 +69,9 @@ class ModelConfig:
     train_only: list[str] | None = setting(None, doc="globs of the parameters that train, named d/<name> and "
                                            "g/<name> (default: all; only the adapters of a module with LoRA)")
     frozen: list[str] = setting([], doc="globs of parameters kept constant (after train_only)")
-    lora_rank: int = setting(0, lo=0, doc="low-rank adapters of this rank on the built-in mlp/dcgan's linear and "
-                             "conv layers (0 = off); only the adapters train unless train_only says otherwise")
+    lora_rank: int = setting(0, lo=0, hi=MAX_WIDTH, doc="low-rank adapters of this rank on the built-in mlp/dcgan's "
+                             "linear and conv layers (0 = off); only the adapters train unless train_only says "
+                             "otherwise")
     lora_targets: list[str] | None = setting(None, doc="globs of the layer names to adapt (default: all)")
     init: str | None = setting(None, doc="safetensors file of starting weights: generator.<name>, discriminator.<name>")
     init_g: str | None = setting(None, doc="safetensors state dict of the generator's starting weights")
@@ -77,7 +84,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     epochs: int = setting(50, lo=1)
-    batch_size: int = setting(100, lo=1)
+    batch_size: int = setting(100, lo=1, hi=MAX_INSTANCES)
     optimizer: str = setting("sgd", choices=("sgd", "momentum", "adam"))
     lr_d: float = setting(1e-3, lo=0.0, lo_open=True)
     lr_g: float = setting(1e-3, lo=0.0, lo_open=True)
@@ -105,7 +112,8 @@ class TrainConfig:
 
 @dataclass
 class MetricConfig:
-    n_samples: int | None = setting(None, lo=1, doc="generated samples per evaluation (default n_valid)")
+    n_samples: int | None = setting(None, lo=1, hi=MAX_INSTANCES, doc="generated samples per evaluation (default "
+                                    "n_valid)")
     bandwidth: float = setting(1.0, lo=0.0, lo_open=True)
     seed: int | None = setting(None, lo=0, doc="seed of the fixed evaluation latents (default train.seed)")
     extractor: str | None = setting(None, doc="TorchScript classifier/feature extractor file for is/fid/kid")
@@ -312,6 +320,8 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"config file not found: {path}")
     if not path.is_file():  # a FIFO or device could block or never end
         raise ConfigError(f"{path}: not a regular file")
+    if path.stat().st_size > CONFIG_MAX_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes, more than a config file may hold ({CONFIG_MAX_BYTES})")
     try:
         data = path.read_bytes()
         raw = tomllib.loads(data.decode("utf-8"))  # TOML is UTF-8 whatever the locale says

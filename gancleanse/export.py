@@ -8,10 +8,14 @@
   from no file (2D points, the bundled digits, tensors given to the API) is written as ``out/train.npz``;
 - ``removed.csv`` (``rank,key,index,harmfulness,influence``, most harmful first) and ``removed.png``, the
   removed images as the model saw them, labelled with rank and key;
-- ``export.json``: what was exported from which scores and run, and by which rule.
+- ``export.json``: what was exported from which scores and run, by which rule, and every file the export wrote,
+  sealed (the sha256 of its own content): ``force`` replaces ``out`` only when that seal verifies and ``out`` holds
+  nothing but those files, never because a file named export.json is in it.
 
 The validation and test splits are exported too with ``all_splits`` when they came from the same source (not
-from a separate ``reference_path``). Nothing is written unless the whole export succeeds.
+from a separate ``reference_path``). Before writing anything the source is checked against what the run was
+trained on (``data.source_check``), and ``out`` may not lie inside it (nor be it, nor contain it). Nothing is
+written unless the whole export succeeds.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ import os
 import shutil
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 import numpy as np
 
-from .errors import GancleanseError
-from .files import staged_directory, write_json_atomic
+from .errors import GancleanseError, RunDirError
+from .files import STAGE_MARKER, staged_directory, write_json_atomic
+from .integrity import seal_of, sealed
 from .scores import Scores, harmful_first
 
 if TYPE_CHECKING:
@@ -36,6 +41,7 @@ if TYPE_CHECKING:
 
 GRID_MAX = 64  # removed images drawn in removed.png
 MARKER = "export.json"
+MARKER_MAX_BYTES = 1 << 28  # an export.json read by --force: a crafted huge one is refused, not read whole
 
 
 def select(harmfulness: np.ndarray, *, rate: float | None = None, count: int | None = None,
@@ -73,25 +79,34 @@ def _source_path(scored_run: "Run", src: dict[str, Any] | None) -> Path:
 
 
 # --------------------------------------------------------------------------- writers
-def _copy_folder(src: Path, dst: Path, keys: Sequence[str], link: bool) -> None:
+def _copy_folder(src: Path, dst: Path, keys: Sequence[str], link: bool) -> int:
+    """Copy (or hard-link) the files ``keys``; returns how many symlinks were copied instead of linked (a hard
+    link to a symlink would be the link itself, dangling in the export when relative)."""
+    copied_links = 0
     for key in keys:
         target = dst / key
         target.parent.mkdir(parents=True, exist_ok=True)
-        if link:
+        if link and not (src / key).is_symlink():
             try:
                 os.link(src / key, target)
                 continue
             except OSError as e:
                 raise GancleanseError(f"cannot hard-link {src / key} into {dst} ({e}); "
                                       "export without --link to copy") from None
-        shutil.copy2(src / key, target)
+        if link:
+            copied_links += 1
+        shutil.copy2(src / key, target)  # a symlink: its target's bytes
     if (src / "dataset.json").is_file():
-        (dst / "dataset.json").write_bytes(_filtered_dataset_json((src / "dataset.json").read_bytes(), keys))
+        raw = (src / "dataset.json").read_bytes()
+        (dst / "dataset.json").write_bytes(_filtered_dataset_json(raw, keys, str(src / "dataset.json")))
+    return copied_links
 
 
-def _filtered_dataset_json(raw: bytes, keys: Sequence[str]) -> bytes:
+def _filtered_dataset_json(raw: bytes, keys: Sequence[str], where: str) -> bytes:
+    from .data.image_listing import dataset_json_labels
+
     meta = json.loads(raw)
-    if isinstance(meta, dict) and isinstance(meta.get("labels"), list):
+    if dataset_json_labels(raw, where) is not None:  # checked (train refuses a malformed one; older runs may not)
         keep = set(keys)
         meta = dict(meta, labels=[item for item in meta["labels"] if item[0] in keep])
     return (json.dumps(meta) + "\n").encode()
@@ -103,7 +118,7 @@ def _copy_zip(src: Path, dst: Path, keys: Sequence[str]) -> None:
             info = zin.getinfo(key)
             zout.writestr(info, zin.read(key), compress_type=info.compress_type)
         if "dataset.json" in zin.namelist():
-            zout.writestr("dataset.json", _filtered_dataset_json(zin.read("dataset.json"), keys))
+            zout.writestr("dataset.json", _filtered_dataset_json(zin.read("dataset.json"), keys, f"{src}:dataset.json"))
 
 
 def _rows(keys: Sequence[str]) -> np.ndarray:
@@ -115,12 +130,15 @@ def _rows(keys: Sequence[str]) -> np.ndarray:
 
 def _copy_arrays(src: Path, dst: Path, keys: Sequence[str], array: str | None) -> None:
     rows = _rows(keys)
-    if src.suffix.lower() == ".npy":
-        np.save(dst, np.load(src, allow_pickle=False)[rows])
-        return
-    with np.load(src, allow_pickle=False) as f:
-        n = f[array or "x"].shape[0]
-        arrays = {k: (f[k][rows] if f[k].ndim and f[k].shape[0] == n else f[k]) for k in f.files}
+    try:
+        if src.suffix.lower() == ".npy":
+            np.save(dst, np.load(src, allow_pickle=False)[rows])
+            return
+        with np.load(src, allow_pickle=False) as f:
+            n = f[array or "x"].shape[0]
+            arrays = {k: (f[k][rows] if f[k].ndim and f[k].shape[0] == n else f[k]) for k in f.files}
+    except ValueError as e:  # an object array, in a run trained before train refused them
+        raise GancleanseError(f"{src}: cannot be exported ({e})") from None
     np.savez(dst, **arrays)
 
 
@@ -195,15 +213,10 @@ def _removed_images(scored_run: "Run", src: dict[str, Any] | None, fmt: str,
     return None
 
 
-# ------------------------------------------------------------------------------- main
-def export(scores: str | Path | Scores, out: str | Path, *, rate: float | None = None,
-           count: int | None = None, min_harmfulness: float | None = None, run: str | Path | None = None,
-           link: bool = False, all_splits: bool = False, force: bool = False) -> dict[str, Any]:
-    """Write the cleaned training split of ``scores``' run to ``out``; returns what export.json says."""
-    table = scores if isinstance(scores, Scores) else Scores.load(scores)
-    scored_run = _open_run(table, run)
-    recorded = scored_run.recorded_splits
-    train_keys = recorded["train"]
+# ----------------------------------------------------------------------- what may be written
+def _check_belongs(table: Scores, scored_run: "Run") -> None:
+    """The scores must have been computed on this training of the run."""
+    train_keys = scored_run.recorded_splits["train"]
     n_scored = len(table.harmfulness)
     if len(train_keys) != n_scored or (table.keys is not None and table.keys != train_keys):
         raise GancleanseError(f"{table.path or 'the scores'} do not belong to run {scored_run.path}: "
@@ -214,6 +227,78 @@ def export(scores: str | Path | Scores, out: str | Path, *, rate: float | None =
         raise GancleanseError(f"{table.path or 'the scores'} were computed on another training than the run now at "
                               f"{scored_run.path} (SCORES.json names run {scored_on[:12]}..., "
                               f"the run is {scored_run.id[:12]}...)")
+
+
+def _check_source(scored_run: "Run", src: dict[str, Any] | None, out: Path) -> None:
+    """Before anything is written: ``out`` lies outside the data, and the data is what the run was trained on."""
+    data = scored_run.cfg.data
+    sources = ([src["path"]] + ([src["reference"]["path"]] if "reference" in src else []) if src
+               else [p for p in (data.path, data.reference_path) if p])
+    target = out.expanduser().resolve()
+    for source in sources:
+        real = Path(source).expanduser().resolve()
+        how = ("is" if target == real else "lies inside" if real in target.parents
+               else "contains" if target in real.parents else None)
+        if how:
+            raise GancleanseError(f"--out {out} {how} the data the run was trained on ({source}): export never "
+                                  "writes into its source; choose an output outside it")
+    if src is not None:
+        from .data.source_check import verify_source
+
+        verify_source(src, scored_run.path)
+    else:  # data from no file, or a run recorded without a source: the fingerprint of the values
+        scored_run.splits  # noqa: B018 - reloads the data and refuses it when changed
+
+
+def _is_earlier_export(path: Path) -> bool:
+    """``force`` replaces ``path`` only when it provably is an earlier export: its export.json's seal verifies
+    and it holds nothing but the files that export.json lists. Otherwise an error names ``path`` and why."""
+    from .integrity import open_regular
+
+    def refuse(why: str) -> NoReturn:
+        raise RunDirError(f"{path} is not provably an earlier gancleanse export ({why}): --force replaces only "
+                          "those; nothing in it was touched, choose another output path")
+
+    try:
+        with open_regular(path / MARKER) as f:
+            raw = f.read(MARKER_MAX_BYTES + 1)
+        meta = json.loads(raw) if len(raw) <= MARKER_MAX_BYTES else None
+        valid = (isinstance(meta, dict) and isinstance(meta.get("files"), list)
+                 and all(isinstance(name, str) for name in meta["files"]) and meta.get("seal") == seal_of(meta))
+    except (OSError, ValueError, RecursionError):
+        valid = False
+    if not valid:
+        refuse(f"no {MARKER} with a valid seal")
+    listed = set(meta["files"]) | {MARKER}
+    folders = {parent.as_posix() for name in listed for parent in Path(name).parents}
+    for dirpath, dirnames, filenames in os.walk(path):
+        rel = Path(dirpath).relative_to(path)
+        for name in dirnames:
+            if (rel / name).as_posix() not in folders or os.path.islink(Path(dirpath) / name):
+                refuse(f"{(rel / name).as_posix()!r} is not one of its folders")
+        for name in filenames:
+            if (rel / name).as_posix() not in listed or not os.path.isfile(Path(dirpath) / name) \
+                    or os.path.islink(Path(dirpath) / name):
+                refuse(f"{(rel / name).as_posix()!r} is not one of the files it wrote")
+    return True
+
+
+def _written_files(stage: Path) -> list[str]:
+    """Every file written into the stage so far, as paths relative to it (the stage's own marker aside)."""
+    return sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*")
+                  if not p.is_dir() and p.name != STAGE_MARKER)
+
+
+# ------------------------------------------------------------------------------- main
+def export(scores: str | Path | Scores, out: str | Path, *, rate: float | None = None,
+           count: int | None = None, min_harmfulness: float | None = None, run: str | Path | None = None,
+           link: bool = False, all_splits: bool = False, force: bool = False) -> dict[str, Any]:
+    """Write the cleaned training split of ``scores``' run to ``out``; returns what export.json says."""
+    table = scores if isinstance(scores, Scores) else Scores.load(scores)
+    scored_run = _open_run(table, run)
+    _check_belongs(table, scored_run)
+    recorded = scored_run.recorded_splits
+    train_keys = recorded["train"]
     removed = select(table.harmfulness, rate=rate, count=count, min_harmfulness=min_harmfulness)
     gone = set(removed)
     kept_keys = [k for i, k in enumerate(train_keys) if i not in gone]
@@ -226,13 +311,14 @@ def export(scores: str | Path | Scores, out: str | Path, *, rate: float | None =
             raise GancleanseError("--all-splits: the validation and test splits came from data.reference_path, "
                                   "a different dataset; export the training split alone")
         extra = recorded["valid"] + recorded["test"]
-    points = None  # the training points of 2D data, for removed.png
-    with staged_directory(out, force=force, is_ours=lambda p: (p / MARKER).is_file(), what="export") as stage:
+    _check_source(scored_run, src, out)
+    points, copied_links = None, 0  # the training points of 2D data, for removed.png
+    with staged_directory(out, force=force, is_ours=_is_earlier_export, what="export") as stage:
         if fmt in ("folder", "zip", "npy", "npz"):
             source_path = _source_path(scored_run, src)
             target = stage / source_path.name
             if fmt == "folder":
-                _copy_folder(source_path, target, kept_keys + extra, link)
+                copied_links = _copy_folder(source_path, target, kept_keys + extra, link)
             elif fmt == "zip":
                 _copy_zip(source_path, target, kept_keys + extra)
             else:
@@ -248,15 +334,17 @@ def export(scores: str | Path | Scores, out: str | Path, *, rate: float | None =
                 w.writerow([r, train_keys[i], i, repr(float(table.harmfulness[i])), repr(float(table.influence[i]))])
         drew = bool(removed) and removed_picture(stage / "removed.png", images, points, removed, train_keys,
                                                  table.harmfulness)
-        info = {"format": fmt, "output": target.name, "scores": str(table.path) if table.path else None,
-                "run": str(scored_run.path), "rule": {"rate": rate, "count": count, "min_harmfulness": min_harmfulness},
-                "metric": table.info.get("metric"), "method": table.info.get("method"),
-                "n_train": len(train_keys), "n_removed": len(removed), "n_exported": len(kept_keys) + len(extra),
-                "all_splits": all_splits, "link": link, "removed_png": drew,
-                "source": None if src is None else {k: src[k] for k in ("path", "digest") if k in src}}
+        info = sealed({"format": fmt, "output": target.name, "scores": str(table.path) if table.path else None,
+                       "run": str(scored_run.path), "rule": {"rate": rate, "count": count,
+                                                             "min_harmfulness": min_harmfulness},
+                       "metric": table.info.get("metric"), "method": table.info.get("method"),
+                       "n_train": len(train_keys), "n_removed": len(removed),
+                       "n_exported": len(kept_keys) + len(extra), "all_splits": all_splits, "link": link,
+                       "symlinks_copied": copied_links, "removed_png": drew,
+                       "source": None if src is None else {k: src[k] for k in ("path", "digest") if k in src},
+                       "files": _written_files(stage)})
         write_json_atomic(stage / MARKER, info)
-    info["path"] = str(out / info["output"])
-    return info
+    return {**info, "path": str(out / info["output"])}
 
 
 def _write_tensors(scored_run: "Run", target: Path, kept: list[int]) -> np.ndarray:
@@ -271,8 +359,10 @@ def _write_tensors(scored_run: "Run", target: Path, kept: list[int]) -> np.ndarr
 
 
 def summary_line(info: dict[str, Any]) -> str:
+    copied = info.get("symlinks_copied")
     return (f"exported {info['n_exported']} of {info['n_train']} training instances "
-            f"({info['n_removed']} removed) to {info['path']}")
+            f"({info['n_removed']} removed) to {info['path']}"
+            + (f"; {copied} symlinked file(s) copied, not hard-linked" if copied else ""))
 
 
 __all__ = ["export", "select", "summary_line"]

@@ -13,9 +13,10 @@ Layout (all tensors in safetensors)::
 
 A run is written under ``RUN.partial`` (locked by its writer) and renamed only when complete, with
 ``"status": "complete"`` in run.json, so an interrupted run is never taken for a finished one. run.json
-records the sha256 of every other file and is sealed (``gancleanse.integrity``); every read below
-verifies the bytes it parses. The format's facts and checks live in ``run_format``, the (de)serialization
-of states in ``state_files``; this module opens a run and serves what it recorded.
+records the sha256 and size of every other file and is sealed (``gancleanse.integrity``); every read below
+verifies the bytes it parses and reads a regular file, never more than run.json records. The format's facts
+and checks live in ``run_format``, the (de)serialization of states in ``state_files``; this module opens a
+run and serves what it recorded.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from .integrity import read_verified
 from .models import GANModules, build_models
 from .models.trainable import freeze
 from .run_format import (DTYPES, EVAL_SPLITS, FROZEN_FILE, check_label_tensors, check_meta_against_config,
-                         checkpoint_name, is_index_tensor, read_meta)
+                         check_sizes, checkpoint_name, is_index_tensor, read_meta)
 from .state_files import parse_tensors, to_device, unflatten_state
 from .training.dynamics import Dynamics, State, StepBatch, gather_batch
 from .training.schedule import Schedule
@@ -56,6 +57,12 @@ def torch_threads(n: int | None) -> Iterator[None]:
     finally:
         if torch.get_num_threads() != old:
             torch.set_num_threads(old)
+
+
+def read_recorded(path: Path, meta: dict[str, Any], name: str) -> bytes:
+    """The bytes of the run's file ``name``, verified against its recorded sha256 and read up to its recorded size
+    (a run from before sizes were recorded: the cap of its kind)."""
+    return read_verified(path, name, meta["files"].get(name), meta.get("sizes", {}).get(name))
 
 
 @dataclass
@@ -83,12 +90,13 @@ class Run:
             hint = f" ({partial} exists: that run did not finish)" if partial.exists() else ""
             raise RunDirError(f"run directory not found: {path}{hint}")
         meta = read_meta(path)
-        text = read_verified(path, "config.toml", meta["files"].get("config.toml"))
+        text = read_recorded(path, meta, "config.toml")
         try:
             cfg = Config.from_dict(tomllib.loads(text.decode("utf-8")), source=str(path / "config.toml"))
         except (ValueError, UnicodeDecodeError) as e:
             raise RunDirError(f"{path / 'config.toml'}: unreadable ({e})") from None
         check_meta_against_config(meta, cfg, str(path / "run.json"))
+        check_sizes(cfg)  # a crafted config must not make a reader allocate what the machine cannot hold
         chosen = devices.use(devices.resolve(device or cfg.train.device))
         devices.warn_if_other_kind(str(meta.get("device", "cpu")), chosen, path)
         run = cls(path, cfg, meta, None if extractor is None else str(extractor), chosen)
@@ -118,7 +126,7 @@ class Run:
 
     def read(self, name: str) -> bytes:
         """The verified bytes of the run's file ``name`` (relative, e.g. "checkpoints/step_...")."""
-        return read_verified(self.path, name, self.meta["files"].get(name))
+        return read_recorded(self.path, self.meta, name)
 
     def read_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """The run's safetensors file ``name``: verified, parsed and finite."""

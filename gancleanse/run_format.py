@@ -1,6 +1,7 @@
 """The run directory's format facts, defined once for what training writes and what ``Run.open`` /
 ``verify`` accept: the format version, the checkpoint names and steps, the fields run.json must carry
-(sealed), the numbers it derives from the config, and the evaluation latents (and labels) file.
+(sealed), the numbers it derives from the config, the memory its size keys ask for, and the evaluation latents (and
+labels) file.
 """
 
 from __future__ import annotations
@@ -10,17 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from .config import Config
+from .config import GAUSSIAN2D_N_TRAIN, Config
 from .errors import RunDirError
-from .integrity import seal_of
+from .integrity import RUN_JSON_MAX_BYTES, check_fits, read_bounded, seal_of
+from .state_files import save_tensors
 from .training.schedule import eval_labels, eval_latents
 
 FORMAT_VERSION = 2  # 2: content hashes and seal in run.json
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 FROZEN_FILE = "frozen.safetensors"  # parameters that do not train: constants, saved once
 EVAL_SPLITS = ("valid", "test")
+GAUSSIAN2D_ROW_BYTES = 16  # two float64 coordinates per instance, all splits drawn at once
 
 META_FIELDS: dict[str, type] = {
     "format": int, "status": str, "threads": int, "n_train": int, "steps_per_epoch": int, "total_steps": int,
@@ -34,7 +36,8 @@ def checkpoint_name(step: int) -> str:
 def window_checkpoints(window_start: int, total: int, every: int, steps_per_epoch: int) -> list[int]:
     """Checkpoint steps: the window start, every ``every`` steps, every epoch start, the end."""
     steps = set(range(window_start, total, every))
-    steps |= {s for s in range(window_start, total) if s % steps_per_epoch == 0}
+    if steps_per_epoch:  # the epoch starts in the window, without visiting every step
+        steps |= set(range(-(-window_start // steps_per_epoch) * steps_per_epoch, total, steps_per_epoch))
     steps |= {0, window_start, total}
     return sorted(steps)
 
@@ -42,7 +45,7 @@ def window_checkpoints(window_start: int, total: int, every: int, steps_per_epoc
 def is_run_dir(path: Path) -> bool:
     """Whether ``path`` holds a gancleanse run (its run.json says so), whatever its state."""
     try:
-        meta = json.loads((path / "run.json").read_text())
+        meta = json.loads(read_bounded(path / "run.json", RUN_JSON_MAX_BYTES))
     except (OSError, ValueError):
         return False
     return isinstance(meta, dict) and "format" in meta and "status" in meta and "n_train" in meta
@@ -51,10 +54,10 @@ def is_run_dir(path: Path) -> bool:
 def read_meta(path: Path) -> dict[str, Any]:
     """run.json of ``path``: parsed, complete, of this format, sealed, with well-typed fields."""
     meta_path = path / "run.json"
-    if not meta_path.is_file():
+    if not (meta_path.exists() or meta_path.is_symlink()):
         raise RunDirError(f"{path} is not a gancleanse run directory (no run.json)")
     try:
-        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+        meta = json.loads(read_bounded(meta_path, RUN_JSON_MAX_BYTES, "the cap on run.json").decode("utf-8"))
     except OSError as e:
         raise RunDirError(f"{meta_path}: cannot read it ({e.strerror or e})") from None
     except ValueError as e:
@@ -75,7 +78,19 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise RunDirError(f"{meta_path}: {e}") from None
     if seal != meta["seal"]:
         raise RunDirError(f"{meta_path} was edited after training (its seal does not match its content)")
+    check_file_records(meta["files"], meta.get("sizes", {}), str(meta_path))
     return meta
+
+
+def check_file_records(hashes: dict[str, Any], sizes: Any, label: str) -> None:
+    """Every recorded file lies inside the run, and a recorded size (runs since sizes were recorded) is a byte count:
+    a reader never reads outside the run nor more than that."""
+    for name in hashes:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise RunDirError(f"{label}: {name!r} names a file outside the run directory")
+    if not isinstance(sizes, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                              for v in sizes.values()):
+        raise RunDirError(f"{label}: field 'sizes' must map file names to byte counts")
 
 
 def check_meta_against_config(meta: dict[str, Any], cfg: Config, label: str) -> None:
@@ -88,11 +103,13 @@ def check_meta_against_config(meta: dict[str, Any], cfg: Config, label: str) -> 
     for key, value in expected.items():
         if meta[key] != value:
             raise RunDirError(f"{label}: {key} = {meta[key]!r} disagrees with config.toml ({value!r})")
-    checkpoints = window_checkpoints(start, total, train.checkpoint_every, steps_per_epoch)
-    if meta["checkpoints"] != checkpoints:
+    # the steps checkpointed every checkpoint_every and at every epoch start: never list more than run.json holds
+    at_least = max(len(range(start, total, train.checkpoint_every)), len(range(start, total, steps_per_epoch or 1)) - 1)
+    if at_least > len(meta["checkpoints"]) or meta["checkpoints"] != window_checkpoints(
+            start, total, train.checkpoint_every, steps_per_epoch):
         raise RunDirError(f"{label}: the checkpoint steps disagree with config.toml")
     for name in ["config.toml", "schedule.safetensors", "eval_latents.safetensors", "splits.json",
-                 *(f"checkpoints/{checkpoint_name(c)}" for c in checkpoints)]:
+                 *(f"checkpoints/{checkpoint_name(c)}" for c in meta["checkpoints"])]:
         if not isinstance(meta["files"].get(name), str):
             raise RunDirError(f"{label}: no sha256 recorded for {name}")
 
@@ -110,6 +127,20 @@ def check_label_tensors(tensors: dict[str, torch.Tensor], names: tuple[str, ...]
             raise RunDirError(f"{label}: {name} must hold int64 labels in 0..{n_classes - 1}")
 
 
+def check_sizes(cfg: Config) -> None:
+    """Refuse, before anything is allocated, size keys whose arrays the memory available cannot hold, naming the key:
+    gaussian2d's splits (drawn at once) and the evaluation latents (and labels) of both splits."""
+    data, metric = cfg.data, cfg.metric
+    if data.name == "gaussian2d":
+        sizes = {"data.n_train": data.n_train or GAUSSIAN2D_N_TRAIN, "data.n_valid": data.n_valid,
+                 "data.n_test": data.n_test}
+        key = max(sizes, key=lambda k: sizes[k])
+        check_fits(key, sizes[key], sum(sizes.values()) * GAUSSIAN2D_ROW_BYTES, "the gaussian2d splits")
+    key, n = ("metric.n_samples", metric.n_samples) if metric.n_samples is not None else ("data.n_valid", data.n_valid)
+    per_sample = 8 * cfg.model.z_dim + (8 if cfg.model.conditional else 0)
+    check_fits(key, n, len(EVAL_SPLITS) * n * per_sample, "the evaluation latents (metric.n_samples per split)")
+
+
 def write_eval_latents(cfg: Config, stage: Path, label_frequencies: torch.Tensor | None = None) -> None:
     """The fixed evaluation latents of both splits, and generated labels for a conditional GAN."""
     cfg = cfg.resolved()
@@ -118,4 +149,4 @@ def write_eval_latents(cfg: Config, stage: Path, label_frequencies: torch.Tensor
     if label_frequencies is not None:
         tensors.update({f"{split}_labels": eval_labels(metric.seed, split, metric.n_samples, label_frequencies)
                         for split in EVAL_SPLITS})
-    save_file(tensors, str(stage / "eval_latents.safetensors"))
+    save_tensors(tensors, stage / "eval_latents.safetensors")

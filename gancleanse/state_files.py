@@ -1,15 +1,18 @@
 """Training states as flat tensor files: the (de)serialization of checkpoints.
 
 A state is nested dicts of tensors (``{"d": {...}, "opt_d": {"m": {...}}, ...}``); on disk it is one
-safetensors file whose keys are the paths joined by ``/``. Errors name the file, so a damaged run says which.
+safetensors file whose keys are the paths joined by ``/``. Errors name the file, so a damaged run says which, and
+so does a failed write (a full disk), through ``writing``.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
@@ -45,9 +48,26 @@ def unflatten_state(flat: dict[str, torch.Tensor]) -> State:
     return {k: nested.get(k, {}) for k in STATE_KEYS if k in nested or k.startswith("opt_")}
 
 
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """A failed write of the run file ``path`` (a full disk, a read-only directory) as one line naming it; the staged
+    run directory it is written in is then removed whole."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise RunDirError(f"{path}: cannot write it ({reason})") from None
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A run's safetensors file; a failed write is an error naming it."""
+    with writing(path):
+        save_file(tensors, str(path))
+
+
 def save_state(state: State, path: Path) -> None:
     """Checkpoints are written from CPU copies, so a run opens on any device."""
-    save_file({k: v.detach().cpu() for k, v in flatten_state(state).items()}, str(path))
+    save_tensors({k: v.detach().cpu() for k, v in flatten_state(state).items()}, path)
 
 
 def to_device(tree: Any, device: torch.device) -> Any:

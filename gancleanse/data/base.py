@@ -13,6 +13,8 @@ import torch
 from ..errors import DataError
 
 SPLIT_NAMES = ("train", "valid", "test")
+MAX_LABEL = 2**31  # labels read from files lie in 0 .. MAX_LABEL - 1
+MAX_CLASSES = 2**16  # a conditional GAN embeds each class: at most this many (labels 0 .. MAX_CLASSES - 1)
 
 
 def as_float(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -37,7 +39,8 @@ class Splits:
 
     Index ``j`` of ``train`` is instance ``j`` in every score file and removal list; its stable name is
     ``keys["train"][j]`` (a file's relative path, or ``#i`` for row ``i`` of an array). Samples are float64, or
-    uint8 pixels for image files (see ``as_float``). ``source``: where image files came from, for export.
+    uint8 pixels for image files (see ``as_float``). ``source``: the file(s) the data came from and their hashes,
+    for export (``data.source_check``).
     """
 
     train: torch.Tensor
@@ -77,7 +80,8 @@ class Splits:
         return counts / counts.sum()
 
     def check_conditional(self) -> None:
-        """A conditional GAN needs non-negative integer labels on every split."""
+        """A conditional GAN needs integer labels 0 .. MAX_CLASSES - 1 on every split, checked before the label
+        embeddings and frequencies are allocated."""
         missing = [name for name in SPLIT_NAMES if self.labels(name) is None]
         if missing:
             raise DataError(f"model.conditional = true needs labels on every split; the {', '.join(missing)} "
@@ -88,6 +92,9 @@ class Splits:
             if y.numel() and int(y.min()) < 0:
                 raise DataError(f"model.conditional = true needs class labels 0, 1, ...; the {name} split has "
                                 f"label {int(y.min())}")
+            if y.numel() and int(y.max()) >= MAX_CLASSES:
+                raise DataError(f"model.conditional = true supports at most {MAX_CLASSES} classes (labels 0.."
+                                f"{MAX_CLASSES - 1}); the {name} split has label {int(y.max())}")
 
     def split_stored(self, name: str) -> torch.Tensor:
         """The split ``name`` as stored (uint8 pixels for image files)."""

@@ -12,16 +12,19 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 import numpy as np
 
 from ..errors import DataError
+from ..integrity import open_regular
+from .base import MAX_LABEL
 
 # Pillow formats that only identify files or need external programs: never image data here.
 NOT_IMAGES = {".bufr", ".grib", ".h5", ".hdf", ".eps", ".ps", ".mpeg", ".mpg", ".emf", ".wmf"}
 DATASET_JSON = "dataset.json"
 PILLOW_FORMATS = "PNG, JPEG, WebP, BMP, TIFF, ... anything Pillow opens"  # for "no images found" errors
+READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error)  # what reading one file or member can raise
 
 
 def image_extensions() -> frozenset[str]:
@@ -39,13 +42,32 @@ class Listing:
     kind: str  # "folder" | "zip"
     path: Path
     keys: list[str]
-    read: Callable[[str], bytes]
+    open: Callable[[str], IO[bytes]]  # a binary stream of one file's bytes (hashing streams; decoding reads it whole)
     dataset_json: bytes | None = None
     close: Callable[[], None] = field(default=lambda: None)
+
+    def read(self, key: str) -> bytes:
+        """The bytes of the file ``key``; an OSError when it cannot be read (a damaged zip member included)."""
+        try:
+            with self.open(key) as f:
+                return f.read()
+        except READ_ERRORS as e:
+            if isinstance(e, OSError):
+                raise
+            raise OSError(f"damaged zip member ({e})") from None
 
     def member_name(self, key: str) -> str:
         """Where the file ``key`` is, for messages: a path, or ``archive.zip:member``."""
         return str(self.path / key) if self.kind == "folder" else f"{self.path}:{key}"
+
+
+def _utf8_key(key: str, where: Path) -> str:
+    """A key is written to JSON and CSV files as UTF-8: a name whose bytes are not UTF-8 is refused."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{where}: the file name {ascii(key)} is not valid UTF-8; rename it") from None
+    return key
 
 
 def _visible(parts: tuple[str, ...]) -> bool:
@@ -68,10 +90,15 @@ def list_folder(root: Path) -> Listing:
         rel_dir = Path(dirpath).relative_to(root)
         for filename in filenames:
             if _visible((filename,)) and Path(filename).suffix.lower() in extensions:
-                keys.append((rel_dir / filename).as_posix())
-    meta = root / DATASET_JSON
-    return Listing("folder", root, sorted(keys), lambda key: (root / key).read_bytes(),
-                   meta.read_bytes() if meta.is_file() else None)
+                keys.append(_utf8_key((rel_dir / filename).as_posix(), root))
+    meta, meta_bytes = root / DATASET_JSON, None
+    if meta.is_file():
+        try:
+            with open_regular(meta) as f:
+                meta_bytes = f.read()
+        except OSError as e:
+            raise DataError(f"{meta}: cannot read it ({e.strerror or e})") from None
+    return Listing("folder", root, sorted(keys), lambda key: open_regular(root / key), meta_bytes)
 
 
 def list_zip(path: Path) -> Listing:
@@ -80,19 +107,27 @@ def list_zip(path: Path) -> Listing:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
         raise DataError(f"{path}: not a readable zip archive ({e})") from None
+    except UnicodeDecodeError as e:  # a member name flagged UTF-8 that is not
+        raise DataError(f"{path}: a member name is not valid UTF-8 ({ascii(e.object[:200])}); rename it") from None
     extensions = image_extensions()
     names = archive.namelist()
     keys = sorted(n for n in names
                   if not n.endswith("/") and _visible(tuple(n.split("/"))) and Path(n).suffix.lower() in extensions)
-
-    def read(key: str) -> bytes:
+    used = set(keys) | {DATASET_JSON}
+    seen: set[str] = set()
+    for name in names:  # zipfile reads the last of two same-named members: which one the user meant is unknown
+        if name in seen and name in used:
+            archive.close()
+            raise DataError(f"{path}: the member {name!r} appears twice in the zip; keep one of them")
+        seen.add(name)
+    listing = Listing("zip", path, keys, archive.open, None, archive.close)
+    if DATASET_JSON in names:
         try:
-            return archive.read(key)
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
-            raise OSError(f"damaged zip member ({e})") from None
-
-    meta = archive.read(DATASET_JSON) if DATASET_JSON in names else None
-    return Listing("zip", path, keys, read, meta, archive.close)
+            listing.dataset_json = listing.read(DATASET_JSON)
+        except OSError as e:
+            archive.close()
+            raise DataError(f"{path}:{DATASET_JSON}: cannot read it ({e})") from None
+    return listing
 
 
 def open_listing(path: Path) -> Listing:
@@ -104,30 +139,42 @@ def open_listing(path: Path) -> Listing:
     raise DataError(f"data.path = {str(path)!r} is neither a directory nor a .zip, .npy or .npz file")
 
 
-def dataset_json_label_array(listing: Listing, keys: list[str], source: str) -> np.ndarray | None:
-    """Labels of ``keys`` from the listing's ``dataset.json`` (``{"labels": [[key, int], ...]}``);
-    None without one or with ``{"labels": null}``."""
-    if listing.dataset_json is None:
-        return None
+def dataset_json_labels(raw: bytes, where: str) -> dict[str, int] | None:
+    """{key: label} of a dataset.json (``{"labels": [["rel/path.png", 3], ...]}``), None for ``{"labels": null}``.
+    Checked when it enters (``train``), so that ``export`` can filter it later: JSON, that structure, each key
+    once, each label an integer in 0 .. MAX_LABEL - 1."""
     try:
-        meta = json.loads(listing.dataset_json)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"{source}/{DATASET_JSON}: not valid JSON ({e})") from None
-    labels = meta.get("labels") if isinstance(meta, dict) else None
+        meta = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise DataError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{where}: must be a JSON object like {{\"labels\": [...]}}, got a {type(meta).__name__}")
+    labels = meta.get("labels")
     if labels is None:
         return None
     if not isinstance(labels, list):
-        raise DataError(f"{source}/{DATASET_JSON}: 'labels' must be a list of [path, label] pairs or null")
-    table = {}
-    for item in labels:
+        raise DataError(f"{where}: 'labels' must be a list of [path, label] pairs or null")
+    table: dict[str, int] = {}
+    for i, item in enumerate(labels):
         if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
-                and isinstance(item[1], int) and not isinstance(item[1], bool) and item[1] >= 0):
-            raise DataError(f"{source}/{DATASET_JSON}: each label must be [\"relative/path.png\", "
-                            f"non-negative integer], got {item!r}")
+                and isinstance(item[1], int) and not isinstance(item[1], bool)):
+            raise DataError(f"{where}: labels[{i}] must be [\"relative/path.png\", integer label], "
+                            f"got {repr(item)[:80]}")
+        if not 0 <= item[1] < MAX_LABEL:
+            raise DataError(f"{where}: labels[{i}] gives {item[0]!r} the label {item[1]}, outside 0..{MAX_LABEL - 1}")
+        if item[0] in table:
+            raise DataError(f"{where}: labels[{i}] labels {item[0]!r} a second time")
         table[item[0]] = item[1]
+    return table
+
+
+def dataset_json_label_array(table: dict[str, int] | None, keys: list[str], where: str) -> np.ndarray | None:
+    """Labels of ``keys`` from a checked dataset.json's ``table``; None without one or with ``{"labels": null}``."""
+    if table is None:
+        return None
     missing = [k for k in keys if k not in table]
     if missing:
-        raise DataError(f"{source}/{DATASET_JSON} has no label for {missing[0]!r} ({len(missing)} image(s) unlabelled)")
+        raise DataError(f"{where} has no label for {missing[0]!r} ({len(missing)} image(s) unlabelled)")
     return np.array([table[k] for k in keys], dtype=np.int64)
 
 

@@ -17,8 +17,10 @@ import numpy as np
 from ..config import DataConfig
 from ..errors import ConfigError, DataError, GancleanseWarning
 from .image_convert import Converter, channels_first, convert_array
-from .image_listing import DATASET_JSON, PILLOW_FORMATS, Listing, dataset_json_label_array, folder_labels, open_listing
-from .images import as_labels
+from .image_listing import (DATASET_JSON, PILLOW_FORMATS, Listing, dataset_json_label_array, dataset_json_labels,
+                            folder_labels, open_listing)
+from .images import as_labels, check_npz_members
+from .source_check import SourceDigest, row_hashes
 
 MAX_REPORTED = 5  # skipped files named in a warning
 
@@ -66,24 +68,28 @@ class PixelBuffer:
 
 
 def decode_files(listing: Listing, cfg: DataConfig, progress: bool = False
-                 ) -> tuple[np.ndarray, list[str], list[tuple[str, str]], str]:
-    """Decode every listed file: (pixels (N, C, S, S), kept keys, skipped (key, reason), digest). The digest,
-    a sha256 over every listed file's key and bytes (and dataset.json), changes when any file does. A file
-    that cannot be decoded is an error naming it, unless ``skip_bad_files``; no image at all is an error."""
+                 ) -> tuple[np.ndarray, list[str], list[tuple[str, str]], SourceDigest]:
+    """Decode every listed file: (pixels (N, C, S, S), kept keys, skipped (key, reason), hashes). The hashes, a
+    sha256 over every listed file's key and bytes (and dataset.json) and a short one per key, change when any file
+    does. A file that cannot be read or decoded is an error naming it, unless ``skip_bad_files``; no image at all
+    is an error."""
     from PIL import Image
     from tqdm.auto import tqdm
 
     convert = Converter(cfg)
-    digest = hashlib.sha256()
-    if listing.dataset_json is not None:
-        digest.update(DATASET_JSON.encode() + b"\0" + hashlib.sha256(listing.dataset_json).digest())
+    sums = SourceDigest(listing.dataset_json)
     buffer, skipped = PixelBuffer(len(listing.keys)), []
     for key in tqdm(listing.keys, desc="read images", unit="img", disable=not progress, leave=False):
         try:
             raw = listing.read(key)
-        except OSError as e:
-            raise DataError(f"{listing.path}: cannot read {key!r} ({e})") from None
-        digest.update(key.encode() + b"\0" + hashlib.sha256(raw).digest())
+        except OSError as e:  # a dangling symlink, a FIFO, a damaged zip member
+            if not cfg.skip_bad_files:
+                raise DataError(f"{listing.path}: cannot read {key!r} ({e.strerror or e}); fix or remove it, or "
+                                "set data.skip_bad_files = true") from None
+            skipped.append((key, f"cannot read: {e.strerror or e}"))
+            sums.add(key, None)
+            continue
+        sums.add(key, hashlib.sha256(raw).digest())
         try:
             img = convert(raw)
         except (OSError, ValueError, SyntaxError, MemoryError, Image.DecompressionBombError) as e:
@@ -98,11 +104,12 @@ def decode_files(listing: Listing, cfg: DataConfig, progress: bool = False
         what = "readable images" if listing.keys else "image files"
         raise DataError(f"{listing.path}: no {what} found" + (
             f" ({len(skipped)} unreadable)" if skipped else f" ({PILLOW_FORMATS})"))
-    return buffer.array(), buffer.keys, skipped, digest.hexdigest()
+    return buffer.array(), buffer.keys, skipped, sums
 
 
 def read_array_file(path: Path) -> tuple[np.ndarray, np.ndarray | None, str | None]:
-    """(images, labels or None, array name in the .npz) of a .npy or .npz file."""
+    """(images, labels or None, array name in the .npz) of a .npy or .npz file. Every array of an .npz must be
+    numeric (``export`` copies them all): an object array is refused here, naming it."""
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
@@ -115,6 +122,7 @@ def read_array_file(path: Path) -> tuple[np.ndarray, np.ndarray | None, str | No
         if name is None:
             raise DataError(f"{path}: no image array named 'x' or 'arr_0' (found: "
                             f"{', '.join(sorted(names)) or 'none'})")
+        check_npz_members(path, f.zip)
         try:
             return f[name], (f["y"] if "y" in names else None), name
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
@@ -129,24 +137,27 @@ def read_source(path_text: str, cfg: DataConfig, role: str, progress: bool = Fal
     if path.is_file() and path.suffix.lower() in (".npy", ".npz"):
         return _read_array_source(cfg, path)
     listing = open_listing(path)
-    try:
-        x, keys, skipped, digest = decode_files(listing, cfg, progress)
+    meta = listing.member_name(DATASET_JSON)
+    try:  # dataset.json is checked whatever data.labels says: export filters it
+        table = None if listing.dataset_json is None else dataset_json_labels(listing.dataset_json, meta)
+        x, keys, skipped, sums = decode_files(listing, cfg, progress)
     finally:
         listing.close()
     labels, label_names = None, None
     if cfg.labels == "folders":
         labels, label_names = folder_labels(keys, str(path))
     elif cfg.labels == "auto":
-        labels = dataset_json_label_array(listing, keys, str(path))
+        labels = dataset_json_label_array(table, keys, meta)
     if skipped:
         names = ", ".join(f"{key} ({reason})" for key, reason in skipped[:MAX_REPORTED])
         more = f" and {len(skipped) - MAX_REPORTED} more" if len(skipped) > MAX_REPORTED else ""
         warnings.warn(f"{path}: skipped {len(skipped)} unreadable image file(s): {names}{more}",
                       GancleanseWarning, stacklevel=2)
     source = {"format": listing.kind, "path": str(path.resolve()), "n_files": len(listing.keys),
-              "n_read": len(keys), "skipped": [list(s) for s in skipped], "digest": digest,
+              "n_read": len(keys), "skipped": [list(s) for s in skipped], "digest": sums.hexdigest(),
               "has_dataset_json": listing.dataset_json is not None, "label_names": label_names,
-              "labels": "none" if labels is None else cfg.labels if cfg.labels != "auto" else DATASET_JSON}
+              "labels": "none" if labels is None else cfg.labels if cfg.labels != "auto" else DATASET_JSON,
+              "sha256": sums.keys}
     return Images(x, labels, keys, source)
 
 
@@ -156,6 +167,7 @@ def _read_array_source(cfg: DataConfig, path: Path) -> Images:
     source_name = f"{path}:{name}" if name else str(path)
     if cfg.labels == "folders":
         raise ConfigError(f"data.labels = 'folders' needs an image folder or zip; {path} is an array file")
+    rows = row_hashes(raw, y)
     x = convert_array(channels_first(raw, source_name), cfg, source_name)
     del raw
     labels = as_labels(y, x.shape[0], f"{path}:y").numpy() if y is not None and cfg.labels != "none" else None
@@ -165,5 +177,5 @@ def _read_array_source(cfg: DataConfig, path: Path) -> Images:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     source = {"format": path.suffix.lower()[1:], "path": str(path.resolve()), "array": name,
               "n_files": 1, "n_read": int(x.shape[0]), "skipped": [], "digest": digest,
-              "labels": "none" if labels is None else "y", "label_names": None}
+              "labels": "none" if labels is None else "y", "label_names": None, "rows": rows}
     return Images(x, labels, [f"#{i}" for i in range(x.shape[0])], source)

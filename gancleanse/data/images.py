@@ -7,6 +7,10 @@ generator's tanh output; ``image_files`` shares the checks and counts but keeps 
 from __future__ import annotations
 
 import warnings
+import zipfile
+import zlib
+from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -14,7 +18,7 @@ import torch.nn.functional as F
 
 from ..config import DataConfig
 from ..errors import DataError, GancleanseWarning
-from .base import Splits, permutation, row_keys
+from .base import MAX_LABEL, Splits, permutation, row_keys
 
 
 def check_images(x: np.ndarray, source: str) -> np.ndarray:
@@ -56,14 +60,47 @@ def to_tensor(x: np.ndarray) -> torch.Tensor:
 
 
 def as_labels(y: np.ndarray, n: int, source: str) -> torch.Tensor:
-    """Integer class labels, one per image, as int64."""
+    """Integer class labels in 0 .. MAX_LABEL - 1, one per image, as int64 (checked before any conversion:
+    2**70 as a float would wrap around silently)."""
     y = np.asarray(y)
     if y.ndim != 1 or y.shape[0] != n:
         raise DataError(f"{source}: labels must have shape ({n},) to match the images, got {tuple(y.shape)}")
     if not np.issubdtype(y.dtype, np.integer):
         if not (np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y))):
             raise DataError(f"{source}: labels must be integers, got dtype {y.dtype}")
+    outside = np.flatnonzero((y < 0) | (y >= MAX_LABEL))
+    if outside.size:
+        i = int(outside[0])
+        raise DataError(f"{source}: label {int(y[i])} of row {i} is outside 0..{MAX_LABEL - 1}")
     return torch.from_numpy(y.astype(np.int64))
+
+
+def npy_header(f: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, Fortran order, dtype) from the header of a .npy stream, which is left at the data."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(f)
+
+
+def check_npz_members(path: Path, archive: zipfile.ZipFile) -> None:
+    """Every member of an .npz must be an array of numbers (``export`` copies them all), checked from the headers
+    alone: an object array or a member that is no array is refused by name. A damaged member is left to the
+    reader that loads it (its message names the damage)."""
+    for member in archive.namelist():
+        name = member.removesuffix(".npy")
+        try:
+            if not member.endswith(".npy"):
+                raise ValueError("no .npy member")
+            with archive.open(member) as f:
+                dtype = npy_header(f)[2]
+        except ValueError as e:
+            raise DataError(f"{path}: member {name!r} is not a NumPy array ({e}); save the file with "
+                            "numpy.savez") from None
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error):
+            continue
+        if dtype.hasobject:
+            raise DataError(f"{path}: the array {name!r} holds Python objects (dtype {dtype}); store numeric "
+                            "arrays only")
 
 
 def resize(x: torch.Tensor, size: int | None, clamp: bool = True) -> torch.Tensor:

@@ -6,6 +6,7 @@ unchanged. The split is seeded by ``data.seed``.
 
 from __future__ import annotations
 
+import dataclasses
 import zipfile
 import zlib
 from pathlib import Path
@@ -15,8 +16,10 @@ import numpy as np
 
 from ..config import DataConfig
 from ..errors import ConfigError, DataError
+from ..integrity import sha256_file
 from .base import Splits
-from .images import as_labels, check_images, seeded_split
+from .images import as_labels, check_images, check_npz_members, seeded_split
+from .source_check import row_hashes
 
 
 def require_path(cfg: DataConfig) -> Path:
@@ -37,6 +40,7 @@ def read_npz(path: Path) -> dict[str, Any]:
             raise DataError(f"{path}: a single .npy array, not an .npz archive; save it with "
                             "numpy.savez(path, x=images, y=labels)")
         with loaded as f:
+            check_npz_members(path, f.zip)
             arrays = {k: f[k] for k in f.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise DataError(f"{path}: not a readable .npz file ({e})") from None
@@ -56,4 +60,9 @@ def npz(cfg: DataConfig) -> Splits:
                         "store the images as x (and optional labels as y)")
     x = check_images(arrays["x"], f"{path}:x")
     y = as_labels(arrays["y"], x.shape[0], f"{path}:y") if "y" in arrays else None
-    return seeded_split(cfg, x, y, str(path))
+    splits = seeded_split(cfg, x, y, str(path))
+    # what export verifies the file against; no "digest": the fingerprint stays the one of the values
+    source = {"format": "npz", "path": str(path.resolve()), "array": "x", "n_files": 1, "n_read": int(x.shape[0]),
+              "skipped": [], "labels": "none" if y is None else "y", "label_names": None,
+              "file_sha256": sha256_file(path), "rows": row_hashes(arrays["x"], arrays.get("y"))}
+    return dataclasses.replace(splits, source=source)

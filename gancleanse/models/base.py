@@ -14,6 +14,7 @@ from torch.func import functional_call
 
 from ..config import Config, ModelConfig
 from ..errors import ConfigError
+from ..integrity import check_fits
 from .dcgan import DCGANDiscriminator, DCGANGenerator
 from .lora import is_adapter, lora
 from .mlp import MLPDiscriminator, MLPGenerator
@@ -136,8 +137,24 @@ def build_models(cfg: Config, sample_shape: tuple[int, ...], n_classes: int | No
     build = ARCHITECTURES.get(model.arch)
     if build is None:
         raise ConfigError(f"model.arch = {model.arch!r} is not available in this build")
-    generator, discriminator = build(model, sample_shape, n_classes if model.conditional else 0)
+    classes = n_classes if model.conditional else 0
+    check_model_fits(build, model, sample_shape, classes)
+    generator, discriminator = build(model, sample_shape, classes)
     if model.lora_rank:
         lora(discriminator, model.lora_rank, targets=model.lora_targets, seed=1)
         lora(generator, model.lora_rank, targets=model.lora_targets, seed=2)
     return GANModules(generator, discriminator, model.z_dim, conditional=model.conditional)
+
+
+def check_model_fits(build: Callable[[ModelConfig, tuple[int, ...], int], tuple[nn.Module, nn.Module]],
+                     model: ModelConfig, sample_shape: tuple[int, ...], classes: int) -> None:
+    """Refuse widths whose parameters the memory available cannot hold, before allocating them: the pair is built
+    on the meta device first (no memory, no random draw), and each player's parameters need a float32 template and
+    their values in ``model.dtype`` at least."""
+    with torch.device("meta"):
+        generator, discriminator = build(model, sample_shape, classes)
+    value_bytes = 8 if model.dtype == "float64" else 4
+    for role, module, key in (("generator", generator, "g_hidden"), ("discriminator", discriminator, "d_hidden")):
+        n = sum(p.numel() for p in module.parameters())
+        check_fits(f"model.{key}", getattr(model, key), n * (4 + value_bytes),
+                   f"the {role}'s {n} parameters (model.layers = {model.layers}, model.z_dim = {model.z_dim})")

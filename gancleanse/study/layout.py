@@ -12,7 +12,8 @@ What ``gancleanse.run`` is to a run directory, this module is to a study directo
     DIR/results.csv, summary.csv, summary.json, report.html
 
 A stored file is reused only when it names the run (by its id) and the removed set (by a
-digest) it was computed for, so a resumed study never takes a stale result for a new one.
+digest) it was computed for, so a resumed study never takes a stale result for a new one. Its JSON
+and config files are read through ``integrity.read_bounded``: regular files only, up to a cap.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any, Sequence
 from ..config import Config
 from ..errors import ConfigError, GancleanseError
 from ..files import write_json_atomic
+from ..integrity import UNRECORDED_MAX_BYTES, read_bounded
 
 STUDY_MARKER = "study.json"
 STUDY_KIND = "gancleanse study"
@@ -88,9 +90,7 @@ def read_json(path: Path) -> Any:
 def load_json(path: Path) -> Any:
     """A small JSON file (never parse a huge one); unreadable: an error naming it as a stored retrain."""
     try:
-        if path.stat().st_size > JSON_MAX_BYTES:
-            raise ValueError(f"larger than {JSON_MAX_BYTES} bytes")
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return json.loads(read_bounded(path, JSON_MAX_BYTES, "the cap on stored JSON").decode("utf-8"))
     except (OSError, ValueError) as e:
         raise GancleanseError(f"{path}: unreadable stored retrain ({e}); delete it to recompute it") from None
 
@@ -117,8 +117,9 @@ def open_study_dir(out: Path, cfg: Config) -> None:
         config_path = out / "config.toml"
         if config_path.is_file():
             try:
-                same = Config.from_dict(tomllib.loads(config_path.read_text())) == cfg
-            except (ConfigError, ValueError):
+                text = read_bounded(config_path, UNRECORDED_MAX_BYTES["config.toml"], "the cap on config.toml")
+                same = Config.from_dict(tomllib.loads(text.decode("utf-8"))) == cfg
+            except (ConfigError, OSError, ValueError):
                 same = False
             if not same:
                 raise ConfigError(f"{out} holds a study with a different config; use a new directory")

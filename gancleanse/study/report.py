@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 from contextlib import suppress
 from pathlib import Path
@@ -23,7 +22,7 @@ from ..errors import GancleanseError
 from ..files import write_text_atomic
 from ..scores import Scores
 from ..specs import METRIC_SPECS, direction
-from .layout import retrain_key, scores_path
+from .layout import read_json, retrain_key, scores_path
 from .tables import read_results, summarize
 from .trust import TRUST_THRESHOLD, flagged
 
@@ -61,7 +60,8 @@ def write_report(study_dir: Path) -> Path:
     if not rows:
         raise GancleanseError(f"{results} has no rows: the study did not finish")
     summary_path = study_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else summarize(rows)
+    summary = read_json(summary_path)  # bounded; a missing or damaged one is rebuilt from results.csv
+    summary = summary if isinstance(summary, dict) and "by_rate" in summary else summarize(rows)
     cfg = None  # an unreadable config leaves "?" in the header and a note in the config section
     with suppress(GancleanseError):
         cfg = load_config(study_dir / "config.toml")

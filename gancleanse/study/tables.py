@@ -5,19 +5,23 @@ recommendation, and the trust-check table."""
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from scipy.stats import ttest_1samp
 
+from ..errors import GancleanseError
 from ..files import write_csv_atomic, write_json_atomic
+from ..integrity import read_bounded
 from ..specs import direction
 from .layout import CHECK_FILE, StudyDir, read_check
 from .trust import flagged
 
 RESULT_COLUMNS = ["seed", "method", "score_metric", "eval_metric", "removal_rate", "n_removed",
                   "before", "after", "delta", "valid_before", "valid_after", "valid_delta"]
+RESULTS_MAX_BYTES = 256 * 2**20  # one row per seed, scorer, rate and metric: never anywhere near this
 SUMMARY_COLUMNS = ["method", "score_metric", "eval_metric", "removal_rate", "n_removed", "n_seeds",
                    "mean_before", "mean_after", "mean_delta", "std_delta", "p_value"]
 CHECK_COLUMNS = ("kendall_tau", "kendall_tau_interval", "pearson", "trusted")  # per seed, in the trust table
@@ -28,8 +32,11 @@ def write_results(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
+    try:
+        text = read_bounded(path, RESULTS_MAX_BYTES, "the cap on results.csv").decode("utf-8")
+    except (OSError, ValueError) as e:
+        raise GancleanseError(f"{path}: cannot read the study's results ({e})") from None
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
     ints, floats = {"seed", "n_removed"}, set(RESULT_COLUMNS[4:]) - {"n_removed"}
     return [{k: int(v) if k in ints else float(v) if k in floats else v for k, v in r.items()} for r in rows]
 

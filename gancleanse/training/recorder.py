@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..version import __version__
@@ -27,12 +26,12 @@ from ..data.base import SPLIT_NAMES
 from ..errors import ConfigError, TrainingDivergedError
 from ..models import GANModules, build_models
 from ..models.trainable import freeze, read_init, select_trainable, split_trainable
-from ..integrity import file_hashes, sealed
+from ..integrity import check_fits, file_hashes, file_sizes, sealed
 from ..files import staged_directory, write_json_atomic
 from ..run import Run, torch_threads
-from ..run_format import (DTYPES, FORMAT_VERSION, FROZEN_FILE, checkpoint_name, is_run_dir, window_checkpoints,
-                          write_eval_latents)
-from ..state_files import save_state, to_device
+from ..run_format import (DTYPES, FORMAT_VERSION, FROZEN_FILE, check_sizes, checkpoint_name, is_run_dir,
+                          window_checkpoints, write_eval_latents)
+from ..state_files import save_state, save_tensors, to_device, writing
 from .dynamics import Dynamics, State, gather_batch
 from .schedule import Schedule
 
@@ -136,6 +135,15 @@ class Training:
         return window_checkpoints(self.window_start, self.total_steps, self.cfg.train.checkpoint_every,
                                   self.steps_per_epoch)
 
+    def check_window_fits(self) -> None:
+        """The window's draws stay in memory until training ends, then are stacked (twice their size): refused
+        before the first step when the memory available cannot hold them."""
+        steps, train, z_dim = self.total_steps - self.window_start, self.cfg.train, self.cfg.model.z_dim
+        players = 1 if self.schedule.shared_latents else 2
+        per_step = train.batch_size * (8 + players * 8 * z_dim + (players * 8 if self.frequencies is not None else 0))
+        check_fits("train.record_from_epoch", train.record_from_epoch, 2 * steps * per_step,
+                   f"the recorded window's draws ({steps} steps from epoch {train.record_from_epoch})")
+
 
 @dataclass
 class Trajectory:
@@ -174,15 +182,18 @@ def prepare_training(cfg: Config, models: GANModules | None, data: Splits | None
 def write_inputs(stage: Path, training: Training, data: Splits | None) -> None:
     """The files fixed before the first step: config, evaluation latents, user data, constants, split keys."""
     cfg, splits = training.cfg, training.splits
-    (stage / "checkpoints").mkdir()
-    (stage / "config.toml").write_text(cfg.to_toml())
+    with writing(stage / "checkpoints"):
+        (stage / "checkpoints").mkdir()
+    with writing(stage / "config.toml"):
+        (stage / "config.toml").write_text(cfg.to_toml())
     write_eval_latents(cfg, stage, training.frequencies)
     if data is not None:
-        save_file(data.tensors(), str(stage / "data.safetensors"))
+        save_tensors(data.tensors(), stage / "data.safetensors")
     if training.constants:
-        save_file({k: v.detach().cpu().contiguous() for k, v in training.constants.items()}, str(stage / FROZEN_FILE))
-    write_json_atomic(stage / "splits.json", {
-        "source": splits.source, **{name: splits.key_list(name) for name in SPLIT_NAMES}})
+        save_tensors({k: v.detach().cpu().contiguous() for k, v in training.constants.items()}, stage / FROZEN_FILE)
+    with writing(stage / "splits.json"):
+        write_json_atomic(stage / "splits.json", {
+            "source": splits.source, **{name: splits.key_list(name) for name in SPLIT_NAMES}})
 
 
 def run_steps(stage: Path, training: Training, progress: bool) -> Trajectory:
@@ -195,7 +206,8 @@ def run_steps(stage: Path, training: Training, progress: bool) -> Trajectory:
     ones = torch.ones(training.cfg.train.batch_size, dtype=dtype, device=device)
     trajectory = Trajectory(dynamics.init_state(*training.initial), {}, time.perf_counter(), 0.0)
     bar = tqdm(total=total, desc="train", unit="step", disable=not progress, leave=False)
-    with open(stage / "losses.jsonl", "w") as log:
+    # a failed checkpoint write names the checkpoint (its error is no OSError); any other failed write is the log's
+    with writing(stage / "losses.jsonl"), open(stage / "losses.jsonl", "w") as log:
         for step in range(total):
             if step in checkpoints:
                 save_state(trajectory.state, stage / "checkpoints" / checkpoint_name(step))
@@ -250,7 +262,7 @@ def run_meta(stage: Path, training: Training, trajectory: Trajectory, user_data:
         "init": training.init_files,
         "seconds": {"train": time.perf_counter() - trajectory.started, "window_steps": trajectory.window_seconds},
         "final_losses": {k: float(v) for k, v in trajectory.stats.items()},
-        "files": file_hashes(stage, files),
+        "files": file_hashes(stage, files), "sizes": file_sizes(stage, files),
     }
 
 
@@ -261,16 +273,20 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
     tensors (saved in the run directory). ``device`` overrides ``train.device`` (and the config records it)."""
     if device is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
-    cfg = with_user_inputs(cfg, models, data).resolved()
+    cfg = with_user_inputs(cfg, models, data)
+    check_sizes(cfg)  # before the data or the evaluation latents are allocated
+    cfg = cfg.resolved()
     check_threads(cfg.train.threads)
     on = devices.use(devices.resolve(cfg.train.device))
     with torch_threads(cfg.train.threads):
         training = prepare_training(cfg, models, data, on)
+        training.check_window_fits()
         with staged_directory(Path(out), force=force, is_ours=is_run_dir) as stage:
             write_inputs(stage, training, data)
             trajectory = run_steps(stage, training, progress)
-            save_file(recorded_schedule(training, trajectory), str(stage / "schedule.safetensors"))
-            write_json_atomic(stage / "run.json", sealed(run_meta(stage, training, trajectory, data is not None)))
+            save_tensors(recorded_schedule(training, trajectory), stage / "schedule.safetensors")
+            with writing(stage / "run.json"):
+                write_json_atomic(stage / "run.json", sealed(run_meta(stage, training, trajectory, data is not None)))
     # The config came from the caller, so its extractor is explicitly theirs to load.
     return Run.open(out, models=training.models if training.cfg.model.arch == "custom" else None,
                     extractor=training.cfg.metric.extractor, device=str(on))
