@@ -101,6 +101,9 @@ def test_a_full_disk_leaves_no_partial_output_and_names_the_file(run, tmp_path, 
         def write(self, data) -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
 
+        def __getattr__(self, name: str):  # os.fdopen is patched for every module: reading still works
+            return getattr(self.file, name)
+
         def __enter__(self):
             return self
 
