@@ -31,6 +31,15 @@ def tiny_config(**sections: dict[str, Any]) -> Config:
     return Config.from_dict(raw)
 
 
+def train_toml(directory: Path, config: str) -> Path:
+    """A run trained by the command line from TOML text (``directory/cfg.toml``); returns its directory."""
+    from gancleanse.cli import main
+
+    (directory / "cfg.toml").write_text(config)
+    assert main(["train", str(directory / "cfg.toml"), "--out", str(directory / "run"), "-q"]) == 0
+    return directory / "run"
+
+
 def make_run(tmp_path: Path, name: str = "run", **sections: dict[str, Any]) -> gc.Run:
     return gc.train(tiny_config(**sections), tmp_path / name, progress=False)
 

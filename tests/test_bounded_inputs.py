@@ -23,9 +23,11 @@ from safetensors import SafetensorError
 
 from gancleanse import integrity
 from gancleanse.cli import main
+
+from conftest import train_toml
 from gancleanse.integrity import seal_of
 from gancleanse.toml_writer import dump_toml
-from test_integrity import CONFIG, FINAL, assert_refused, edit_meta, meta_set
+from test_integrity import CONFIG, FINAL, assert_refused, damaged_copy, edit_meta, meta_set
 
 TIMEOUT = 120  # seconds; every case takes a few
 GUARD_BYTES = 4 * 2**30  # the most memory a case may add: a regression fails with MemoryError, the machine lives
@@ -69,10 +71,7 @@ def run_main(argv: list[str]) -> int:
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("bounded")
-    (d / "cfg.toml").write_text(CONFIG)
-    assert main(["train", str(d / "cfg.toml"), "--out", str(d / "run"), "-q"]) == 0
-    return d / "run"
+    return train_toml(tmp_path_factory.mktemp("bounded"), CONFIG)
 
 
 # ------------------------------------------------------------- crafted run directories
@@ -133,14 +132,6 @@ RUN_CASES: dict[str, tuple[Callable[[Path], None], str]] = {
 }
 
 
-def crafted_copy(pristine: Path, tmp_path: Path, craft: Callable[[Path], None], capsys) -> Path:  # noqa: ANN001
-    run = tmp_path / "run"
-    shutil.copytree(pristine, run)
-    craft(run)
-    capsys.readouterr()
-    return run
-
-
 # influence reads every file but splits.json (the data's keys come from the data itself)
 COMMAND_CASES = [(command, case) for case in sorted(RUN_CASES) for command in ("verify", "influence")
                  if command == "verify" or RUN_CASES[case][1] != "splits.json"]
@@ -149,7 +140,7 @@ COMMAND_CASES = [(command, case) for case in sorted(RUN_CASES) for command in ("
 @pytest.mark.parametrize(("command", "case"), COMMAND_CASES)
 def test_a_crafted_run_directory_is_refused_without_hanging(command, case, pristine, tmp_path, capsys):
     craft, names = RUN_CASES[case]
-    run = crafted_copy(pristine, tmp_path, craft, capsys)
+    run = damaged_copy(pristine, tmp_path, craft, capsys)
     out = tmp_path / "scores.csv"
     argv = ["verify", str(run), "-q"] if command == "verify" else [
         "influence", "--check", "0", str(run), "--out", str(out), "-q"]
@@ -159,7 +150,7 @@ def test_a_crafted_run_directory_is_refused_without_hanging(command, case, prist
 
 def test_a_run_without_recorded_sizes_still_verifies(pristine, tmp_path, capsys):
     """Runs trained before sizes were recorded open, replay and verify as before (bounded by the caps)."""
-    run = crafted_copy(pristine, tmp_path, lambda r: edit_meta(lambda m: m.pop("sizes"), reseal=True)(r), capsys)
+    run = damaged_copy(pristine, tmp_path, lambda r: edit_meta(lambda m: m.pop("sizes"), reseal=True)(r), capsys)
     assert run_main(["verify", str(run), "-q"]) == 0
     assert "every check passed" in capsys.readouterr().out
 

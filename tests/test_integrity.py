@@ -13,6 +13,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from gancleanse.cli import main
+
+from conftest import train_toml
 from gancleanse.integrity import seal_of
 
 CONFIG = """
@@ -43,10 +45,7 @@ START = "checkpoints/step_00000006.safetensors"
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("integrity")
-    (d / "cfg.toml").write_text(CONFIG)
-    assert main(["train", str(d / "cfg.toml"), "--out", str(d / "run"), "-q"]) == 0
-    return d / "run"
+    return train_toml(tmp_path_factory.mktemp("integrity"), CONFIG)
 
 
 # ----------------------------------------------------------------------- corruptions

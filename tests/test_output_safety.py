@@ -12,25 +12,11 @@ from pathlib import Path
 
 import pytest
 
+import gancleanse as gc
 from gancleanse.cli import main
 
-CONFIG = """
-[data]
-n_train = 40
-n_valid = 20
-n_test = 20
-[model]
-activation = "softplus"
-g_hidden = 6
-d_hidden = 6
-z_dim = 2
-[train]
-epochs = 2
-batch_size = 10
-record_from_epoch = 1
-[metric]
-n_samples = 20
-"""
+from conftest import tiny_config
+
 COMMANDS = {  # a command that writes the one file --out names, and that file's name
     "influence": (["influence", "{run}", "--method", "random", "--check", "0", "-q"], "scores.csv"),
     "validate": (["validate", "{run}", "--instances", "2", "-q"], "valid.json"),
@@ -40,10 +26,7 @@ COMMANDS = {  # a command that writes the one file --out names, and that file's 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("outputs")
-    (d / "cfg.toml").write_text(CONFIG)
-    assert main(["train", str(d / "cfg.toml"), "--out", str(d / "run"), "-q"]) == 0
-    return d / "run"
+    return gc.train(tiny_config(), tmp_path_factory.mktemp("outputs") / "run", progress=False).path
 
 
 def one_line_error(capsys, *words: str) -> None:

@@ -18,7 +18,7 @@ from gancleanse.cli import main
 from gancleanse.errors import ConfigError, NonFiniteError, RunDirError
 from gancleanse.metrics import make_metric
 
-from conftest import tiny_config
+from conftest import tiny_config, train_toml
 
 SMALL = """
 [data]
@@ -120,10 +120,7 @@ def test_a_failed_training_leaves_nothing(tmp_path, capsys):
 # ----------------------------------------------------------------------- --out
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("safety")
-    (d / "cfg.toml").write_text(SMALL)
-    assert main(["train", str(d / "cfg.toml"), "--out", str(d / "run"), "-q"]) == 0
-    return d / "run"
+    return train_toml(tmp_path_factory.mktemp("safety"), SMALL)
 
 
 @pytest.mark.parametrize("command, name, words", [
