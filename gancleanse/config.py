@@ -123,6 +123,8 @@ class MetricConfig:
     classifier_epochs: int = setting(80, lo=1, doc="Adam epochs of the is/fid/kid classifier")
     classifier_lr: float = setting(1e-2, lo=0.0, lo_open=True)
     classifier_batch_size: int = setting(128, lo=1)
+    chunk_size: int = setting(256, lo=1, hi=MAX_INSTANCES, doc="generated samples whose graphs metrics hold at once: "
+                              "memory does not grow with n_samples; values change only by round-off")
 
 
 @dataclass

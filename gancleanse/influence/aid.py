@@ -148,7 +148,7 @@ class GameOperator:
 
 def metric_target(metric: Metric, state: State) -> Tree:
     """grad V at ``state`` for the (d, g) blocks; the generator average's block joins g's."""
-    g = grad(metric.fn)(state)
+    g = metric.gradient(state)
     ema = g.get("ema_g")
     return {"d": dict(g["d"]), "g": dict(g["g"]) if ema is None else {k: v + ema[k] for k, v in g["g"].items()}}
 

@@ -25,7 +25,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from torch.func import grad, vjp
+from torch.func import vjp
 from tqdm.auto import tqdm
 
 from ..options import ITDOptions
@@ -52,8 +52,9 @@ class ITDResult:
 
 
 def metric_gradient(metric: Metric, state: State) -> State:
-    """dV/d(state), a tree shaped like the state (zero where V does not depend on it)."""
-    return grad(metric.fn)(state)
+    """dV/d(state), a tree shaped like the state (zero where V does not depend on it), in the metric's chunks
+    of generated samples (memory does not grow with their count)."""
+    return metric.gradient(state)
 
 
 def itd_influence(run: Run, metric: Metric, *, memory_gb: float | None = None,

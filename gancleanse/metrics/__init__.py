@@ -1,12 +1,19 @@
 """GAN evaluation metrics, each a differentiable function of the training state.
 
-``make_metric(name, run, split)`` binds a metric to a run's fixed evaluation latents and real split,
-returning a callable ``state -> scalar tensor`` that ITD differentiates. Each name has one builder in
-``BUILDERS``; what a metric is (label, direction, what it needs) lives in ``gancleanse.specs``.
+``make_metric(name, run, split)`` binds a metric to a run's fixed evaluation latents and real split, returning
+a ``Metric``: its value, and its gradient with respect to the training state that ITD and AID start from. Each
+name has one builder in ``BUILDERS``; what a metric is (label, direction, what it needs) lives in ``gancleanse.specs``.
 
 ``is``, ``log_is``, ``fid`` and ``kid`` see generated images through a frozen classifier (``classifier.py``:
 trained on the run's labelled training split and cached in the run directory, or the TorchScript file
 ``metric.extractor``).
+
+Memory: a metric is V(state) = S(Y) + R(state), with Y the stacked per-sample outputs (features, logits, samples or
+discriminator logits) of the generated samples and S a statistic of all rows. ``Metric.value`` and
+``Metric.gradient`` take the generated samples ``chunk_size`` at a time: Y without a graph, dS/dY on Y as a
+leaf (small: n x d), then one VJP per chunk through extractor and generator, summed. Only one chunk's graph is
+alive at once, so memory does not grow with ``metric.n_samples``; ``Metric.fn`` is the same V in one
+differentiable full batch (the reference the chunked path is tested against).
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import torch
+from torch.func import grad, vjp
+from torch.utils._pytree import tree_leaves
 
 from ..errors import ConfigError, NonFiniteError
 from .all_kde import average_log_likelihood
@@ -26,24 +35,74 @@ if TYPE_CHECKING:
     from .classifier import FeatureModel
 
 
+DEFAULT_CHUNK_SIZE = 256  # generated samples whose graph is held at once (the default of [metric] chunk_size)
+Rows = Callable[["State", slice], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class Metric:
-    """A scalar function of the training state (its direction: ``gancleanse.specs``)."""
+    """V(state) = statistic(Y) + rest(state), Y = ``outputs(state, rows)`` stacked over the generated samples
+    (its direction: ``gancleanse.specs``); ``statistic_gradient``: dS/dY in closed form (default: autograd)."""
 
     name: str
     split: str
-    fn: Callable[["State"], torch.Tensor]
+    outputs: Rows
+    n_samples: int
+    statistic: Callable[[torch.Tensor], torch.Tensor]
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    statistic_gradient: Callable[[torch.Tensor], torch.Tensor] | None = None
+    rest: Callable[["State"], torch.Tensor] | None = None
 
-    def __call__(self, state: "State") -> torch.Tensor:
-        return self.fn(state)
+    def fn(self, state: "State") -> torch.Tensor:
+        """V in one differentiable full batch (memory grows with the sample count: the reference path)."""
+        v = self.statistic(self.outputs(state, slice(None)))
+        return v if self.rest is None else v + self.rest(state)
+
+    __call__ = fn
+
+    def _chunks(self) -> list[slice]:
+        return [slice(i, i + self.chunk_size) for i in range(0, self.n_samples, self.chunk_size)]
+
+    @torch.no_grad()
+    def _all_outputs(self, state: "State") -> torch.Tensor:
+        """Y, written chunk by chunk into one buffer: keeping each chunk's output instead interleaves small
+        live blocks with the freed graphs, and the heap then grew by 17 kB per sample (measured)."""
+        first, *rest = self._chunks()
+        part = self.outputs(state, first)
+        out = part.new_empty((self.n_samples, *part.shape[1:]))
+        out[first] = part
+        for rows in rest:
+            out[rows] = self.outputs(state, rows)
+        return out
 
     def value(self, state: "State") -> float:
-        """The metric as a number; NaN or infinity is an error, never a result."""
+        """The metric as a number, in chunks without a graph; NaN or infinity is an error, never a result."""
         with torch.no_grad():
-            v = float(self.fn(state))
+            v = self.statistic(self._all_outputs(state))
+            v = float(v if self.rest is None else v + self.rest(state))
         if not math.isfinite(v):
             raise NonFiniteError(f"metric {self.name} on the {self.split} split evaluated to {v}")
         return v
+
+    def gradient(self, state: "State") -> "State":
+        """dV/d(state), a tree shaped like the state (zero where V does not depend on it), one chunk's
+        graph at a time."""
+        y = self._all_outputs(state)
+        if self.statistic_gradient is not None:
+            dy = self.statistic_gradient(y)
+        else:
+            leaf = y.requires_grad_(True)
+            with torch.enable_grad():
+                (dy,) = torch.autograd.grad(self.statistic(leaf), leaf)
+        total = grad(self.rest)(state) if self.rest is not None else None
+        for rows in self._chunks():
+            (part,) = vjp(lambda s: self.outputs(s, rows), state)[1](dy[rows].to(y.dtype))
+            if total is None:
+                total = part
+            else:  # in place, for the same reason as in _all_outputs
+                for acc, add in zip(tree_leaves(total), tree_leaves(part)):
+                    acc.add_(add)
+        return total
 
 
 @dataclass(frozen=True)
@@ -57,34 +116,47 @@ class MetricInputs:
     z: torch.Tensor
     c: torch.Tensor | None
     dynamics: "Dynamics"
+    chunk_size: int
 
-    def generate(self, state: "State") -> torch.Tensor:
-        """The generated samples the metric sees (the generator average when there is one)."""
-        return self.dynamics.models.generate(self.dynamics.eval_generator(state), self.z, self.c)
+    def generate(self, state: "State", rows: slice = slice(None)) -> torch.Tensor:
+        """The generated samples ``rows`` the metric sees (the generator average when there is one)."""
+        c = None if self.c is None else self.c[rows]
+        return self.dynamics.models.generate(self.dynamics.eval_generator(state), self.z[rows], c)
 
-    def metric(self, fn: Callable[["State"], torch.Tensor]) -> Metric:
-        return Metric(self.name, self.split, fn)
+    def metric(self, outputs: Rows, statistic: Callable[[torch.Tensor], torch.Tensor], **parts: Any) -> Metric:
+        return Metric(self.name, self.split, outputs, self.z.shape[0], statistic, self.chunk_size, **parts)
 
 
-def make_metric(name: str, run: "Run", split: str = "valid") -> Metric:
-    """The metric ``name`` on ``split`` ("valid" or "test") of ``run``'s data."""
+def make_metric(name: str, run: "Run", split: str = "valid", chunk_size: int | None = None) -> Metric:
+    """The metric ``name`` on ``split`` ("valid" or "test") of ``run``'s data; ``chunk_size``: generated samples
+    per chunk of ``Metric.value`` and ``Metric.gradient`` (default the run's ``[metric] chunk_size``; the result
+    depends on it only by round-off)."""
     builder = BUILDERS.get(name)
     if builder is None:
         raise ConfigError(f"unknown metric {name!r} (known: {', '.join(BUILDERS)})")
+    chunk_size = run.cfg.metric.chunk_size if chunk_size is None else chunk_size
+    if int(chunk_size) < 1:
+        raise ConfigError(f"metric chunk size must be at least 1, got {chunk_size}")
     return builder(MetricInputs(name, run, split, run.real(split), run.eval_latents(split), run.eval_labels(split),
-                                run.dynamics))
+                                run.dynamics, int(chunk_size)))
 
 
 def _all(inputs: MetricInputs) -> Metric:
     bandwidth = inputs.run.cfg.metric.bandwidth
-    return inputs.metric(lambda state: average_log_likelihood(inputs.real, inputs.generate(state), bandwidth))
+    return inputs.metric(inputs.generate, lambda samples: average_log_likelihood(inputs.real, samples, bandwidth))
 
 
 def _loss_d(inputs: MetricInputs) -> Metric:
-    from .loss_d import discriminator_loss
+    from .loss_d import fake_term, real_term_and_decay
 
-    x, y = inputs.real.to(inputs.run.dtype), inputs.run.labels(inputs.split)
-    return inputs.metric(lambda state: discriminator_loss(inputs.dynamics, state, x, inputs.z, y, inputs.c))
+    dyn, x, y = inputs.dynamics, inputs.real.to(inputs.run.dtype), inputs.run.labels(inputs.split)
+
+    def fake_logits(state: "State", rows: slice) -> torch.Tensor:
+        return dyn.models.discriminate(state["d"], inputs.generate(state, rows), None if inputs.c is None
+                                       else inputs.c[rows])
+
+    return inputs.metric(fake_logits, lambda logits: fake_term(dyn, logits),
+                         rest=lambda state: real_term_and_decay(dyn, state, x, y))
 
 
 # Real-split quantities of the classifier metrics, computed once per (run data, split, model).
@@ -94,8 +166,7 @@ Cached = TypeVar("Cached")
 
 
 def _feature_model(inputs: MetricInputs) -> "FeatureModel":
-    """The frozen classifier of IS / log IS / FID / KID; it sees the generated images in one
-    full batch (memory grows with ``metric.n_samples``)."""
+    """The frozen classifier of IS / log IS / FID / KID."""
     from .classifier import extractor_file, load_feature_model
 
     run = inputs.run
@@ -118,7 +189,7 @@ def _cached(inputs: MetricInputs, model: "FeatureModel", what: tuple, compute: C
 
 def _real_features(inputs: MetricInputs, model: "FeatureModel") -> torch.Tensor:
     """The real split's features, evaluated once without a graph and cached."""
-    return _cached(inputs, model, ("features",), lambda: model.evaluate(inputs.real)[0])
+    return _cached(inputs, model, ("features",), lambda: model.evaluate(inputs.real, inputs.chunk_size)[0])
 
 
 def _inception(inputs: MetricInputs) -> Metric:
@@ -128,7 +199,8 @@ def _inception(inputs: MetricInputs) -> Metric:
     score = inception_score if inputs.name == "is" else log_inception_score
     splits = inputs.run.cfg.metric.is_splits
     check_splits(splits, inputs.z.shape[0])
-    return inputs.metric(lambda state: score(model.logits(inputs.generate(state)), splits))
+    return inputs.metric(lambda state, rows: model.logits(inputs.generate(state, rows)),
+                         lambda logits: score(logits, splits))
 
 
 def _fid(inputs: MetricInputs) -> Metric:
@@ -137,18 +209,20 @@ def _fid(inputs: MetricInputs) -> Metric:
     model = _feature_model(inputs)
     ridge, n = inputs.run.cfg.metric.fid_ridge, inputs.z.shape[0]
     ref = _cached(inputs, model, ("fid", ridge, n), lambda: fid_reference(_real_features(inputs, model), ridge, n))
-    return inputs.metric(lambda state: frechet_distance(ref, model.features(inputs.generate(state))))
+    return inputs.metric(lambda state, rows: model.features(inputs.generate(state, rows)),
+                         lambda features: frechet_distance(ref, features))
 
 
 def _kid(inputs: MetricInputs) -> Metric:
-    from .kid import kernel_inception_distance, real_kernel_mean
+    from .kid import kernel_inception_distance, kid_gradient, real_kernel_mean
 
     model = _feature_model(inputs)
-    degree = inputs.run.cfg.metric.kid_degree
+    degree, chunk = inputs.run.cfg.metric.kid_degree, inputs.chunk_size
     real = _real_features(inputs, model)
     real_term = _cached(inputs, model, ("kid", degree), lambda: real_kernel_mean(real, degree))
-    return inputs.metric(lambda state: kernel_inception_distance(real, model.features(inputs.generate(state)),
-                                                                 degree, real_term))
+    return inputs.metric(lambda state, rows: model.features(inputs.generate(state, rows)),
+                         lambda features: kernel_inception_distance(real, features, degree, real_term, chunk),
+                         statistic_gradient=lambda features: kid_gradient(real, features, degree, chunk))
 
 
 BUILDERS: dict[str, Callable[[MetricInputs], Metric]] = {
