@@ -340,3 +340,14 @@ def test_a_full_disk_during_train_is_one_line_and_leaves_nothing(case, tmp_path,
     assert_refused(code, err, names)
     assert "No space left on device" in err, err
     assert_nothing_written(tmp_path)
+
+
+def test_the_metric_classifier_refuses_a_class_count_it_cannot_hold():
+    import torch
+
+    from gancleanse.errors import DataError
+    from gancleanse.metrics.classifier import count_classes
+
+    assert count_classes(torch.tensor([0, 3]), torch.tensor([1])) == 4
+    with pytest.raises(DataError, match=r"at most 65536 classes .* found label 1073741824"):
+        count_classes(torch.tensor([0, 2**30]))  # one output per class: a terabyte-sized layer

@@ -55,7 +55,7 @@ from safetensors.torch import save as tensors_to_bytes
 from torch import nn
 
 from ..config import MetricConfig
-from ..data.base import as_float
+from ..data.base import MAX_CLASSES, as_float
 from ..errors import ConfigError, DataError
 from ..files import atomic_write, write_json_atomic
 
@@ -162,7 +162,11 @@ def count_classes(*labels: torch.Tensor | None) -> int:
     lo = min(int(y.min()) for y in present)
     if lo < 0:
         raise DataError(f"class labels must be non-negative integers, found {lo}")
-    return max(2, max(int(y.max()) for y in present) + 1)
+    hi = max(int(y.max()) for y in present)
+    if hi >= MAX_CLASSES:  # one output per class: a label of 2**30 would ask for a terabyte-sized layer
+        raise DataError(f"the metric classifier supports at most {MAX_CLASSES} classes (labels 0..{MAX_CLASSES - 1}); "
+                        f"found label {hi}")
+    return max(2, hi + 1)
 
 
 def classifier_settings(cfg: MetricConfig, seed: int, sample_shape: tuple[int, ...], n_classes: int,
