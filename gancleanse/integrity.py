@@ -41,8 +41,8 @@ class UnboundedFile(OSError):
 
 
 def sha256_file(path: str | Path) -> str:
-    """Streamed sha256 of a file (constant memory for any size)."""
-    with open(path, "rb") as f:
+    """Streamed sha256 of a regular file (constant memory for any size; a FIFO or device is refused, not waited on)."""
+    with open_regular(path) as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..config import DataConfig
 from ..errors import ConfigError, DataError, GancleanseWarning
+from ..integrity import sha256_file
 from .image_convert import Converter, channels_first, convert_array
 from .image_listing import (DATASET_JSON, PILLOW_FORMATS, Listing, dataset_json_label_array, dataset_json_labels,
                             folder_labels, open_listing)
@@ -173,8 +174,7 @@ def _read_array_source(cfg: DataConfig, path: Path) -> Images:
     labels = as_labels(y, x.shape[0], f"{path}:y").numpy() if y is not None and cfg.labels != "none" else None
     if not x.flags.writeable:
         x = x.copy()
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    digest = sha256_file(path)
     source = {"format": path.suffix.lower()[1:], "path": str(path.resolve()), "array": name,
               "n_files": 1, "n_read": int(x.shape[0]), "skipped": [], "digest": digest,
               "labels": "none" if labels is None else "y", "label_names": None, "rows": rows}
