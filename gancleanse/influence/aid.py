@@ -146,9 +146,8 @@ class GameOperator:
         return (ju if self.scale is None else self.scale * ju) + self.damping * u
 
 
-def metric_target(metric: Metric, state: State) -> Tree:
-    """grad V at ``state`` for the (d, g) blocks; the generator average's block joins g's."""
-    g = metric.gradient(state)
+def metric_target(g: State) -> Tree:
+    """grad V (a state tree) as the (d, g) blocks of the game; the generator average's block joins g's."""
     ema = g.get("ema_g")
     return {"d": dict(g["d"]), "g": dict(g["g"]) if ema is None else {k: v + ema[k] for k, v in g["g"].items()}}
 
@@ -294,8 +293,8 @@ def aid_solve(run: Run, metric: Metric, options: AIDOptions, *, seed: int = 0, s
             scale, damping, facts = None, options.damping, {"damping": options.damping}
         facts.update(tol=options.tol, operator_size=size, seed=seed)
         draw = operator_draws(run, params, damping, scale, seed)
-        metric_value = metric.value(state)
-        target = flatten(metric_target(metric, state)).to(torch.float64)
+        metric_value, gradient = metric.value_and_gradient(state)
+        target = flatten(metric_target(gradient)).to(torch.float64)
         op = draw(0, size)
         bar = tqdm(total=iterations, desc=f"aid {solver}", unit="it", disable=not progress, leave=False)
         problem = AdjointProblem(op, target, iterations, options, seed, draw, run.n_train, bar)

@@ -76,8 +76,7 @@ def itd_influence(run: Run, metric: Metric, *, memory_gb: float | None = None,
 
     with torch_threads(run.threads):
         final = run.final_state()
-        metric_value = metric.value(final)
-        u = metric_gradient(metric, final)
+        metric_value, u = metric.value_and_gradient(final)
         per_step, _ = graph_bytes(lambda: forward(run.load_state(segments[-1][0]), segments[-1][0]), device)
         stretch = steps_within(budget_bytes(memory_gb, device), per_step, max(b - a for a, b in segments))
         bar = tqdm(total=run.final_step - run.window_start, desc="itd", unit="step",

@@ -77,9 +77,12 @@ class Metric:
 
     def value(self, state: "State") -> float:
         """The metric as a number, in chunks without a graph; NaN or infinity is an error, never a result."""
-        with torch.no_grad():
-            v = self.statistic(self._all_outputs(state))
-            v = float(v if self.rest is None else v + self.rest(state))
+        return self._value_of(self._all_outputs(state), state)
+
+    @torch.no_grad()
+    def _value_of(self, y: torch.Tensor, state: "State") -> float:
+        v = self.statistic(y)
+        v = float(v if self.rest is None else v + self.rest(state))
         if not math.isfinite(v):
             raise NonFiniteError(f"metric {self.name} on the {self.split} split evaluated to {v}")
         return v
@@ -87,7 +90,12 @@ class Metric:
     def gradient(self, state: "State") -> "State":
         """dV/d(state), a tree shaped like the state (zero where V does not depend on it), one chunk's
         graph at a time."""
+        return self.value_and_gradient(state)[1]
+
+    def value_and_gradient(self, state: "State") -> tuple[float, "State"]:
+        """``value`` and ``gradient`` from one pass of the generator over the samples (not one pass each)."""
         y = self._all_outputs(state)
+        value = self._value_of(y, state)
         if self.statistic_gradient is not None:
             dy = self.statistic_gradient(y)
         else:
@@ -102,7 +110,7 @@ class Metric:
             else:  # in place, for the same reason as in _all_outputs
                 for acc, add in zip(tree_leaves(total), tree_leaves(part)):
                     acc.add_(add)
-        return total
+        return value, total
 
 
 @dataclass(frozen=True)
