@@ -253,16 +253,14 @@ def _check_source(scored_run: "Run", src: dict[str, Any] | None, out: Path) -> N
 def _is_earlier_export(path: Path) -> bool:
     """``force`` replaces ``path`` only when it provably is an earlier export: its export.json's seal verifies
     and it holds nothing but the files that export.json lists. Otherwise an error names ``path`` and why."""
-    from .integrity import open_regular
+    from .integrity import read_bounded
 
     def refuse(why: str) -> NoReturn:
         raise RunDirError(f"{path} is not provably an earlier gancleanse export ({why}): --force replaces only "
                           "those; nothing in it was touched, choose another output path")
 
     try:
-        with open_regular(path / MARKER) as f:
-            raw = f.read(MARKER_MAX_BYTES + 1)
-        meta = json.loads(raw) if len(raw) <= MARKER_MAX_BYTES else None
+        meta = json.loads(read_bounded(path / MARKER, MARKER_MAX_BYTES, f"the cap on {MARKER}"))
         valid = (isinstance(meta, dict) and isinstance(meta.get("files"), list)
                  and all(isinstance(name, str) for name in meta["files"]) and meta.get("seal") == seal_of(meta))
     except (OSError, ValueError, RecursionError):
