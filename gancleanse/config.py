@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import ConfigError, GancleanseWarning
 from .options import AIDOptions, IsolationForestOptions, ITDOptions, KNNOptions, ScorerOptions
-from .specs import DEFAULT_CHECK, METHODS, METRICS
+from .specs import DEFAULT_CHECK, EVALUATION_METRICS, FEATURE_CHOICES, METHODS, METRICS
 from .toml_writer import dump_toml
 from .validation import INT64, checked, setting
 
@@ -104,6 +104,8 @@ class TrainConfig:
     seed: int = setting(0, lo=0)
     record_from_epoch: int | None = setting(None, lo=0, doc="first epoch of the recorded window")
     checkpoint_every: int = setting(25, lo=1, doc="steps between replay checkpoints in the window")
+    resume_every: int | None = setting(None, lo=1, doc="steps between resume checkpoints kept while training "
+                                       "(default: every epoch); an interrupted train resumes from the last one")
     device: str = setting("auto", doc="auto (CUDA when available), cpu, cuda or cuda:N; every command's "
                           "--device overrides it")
     threads: int = setting(1, lo=1, hi=MAX_THREADS, doc="torch CPU threads for training and every replay "
@@ -116,13 +118,24 @@ class MetricConfig:
                                     "n_valid)")
     bandwidth: float = setting(1.0, lo=0.0, lo_open=True)
     seed: int | None = setting(None, lo=0, doc="seed of the fixed evaluation latents (default train.seed)")
-    extractor: str | None = setting(None, doc="TorchScript classifier/feature extractor file for is/fid/kid")
+    features: str = setting("auto", choices=FEATURE_CHOICES, doc="the network is/fid/kid see images through: "
+                            "auto = torchscript when metric.extractor is set, else classifier for labelled images, "
+                            "else inception when its weights are found, else self_supervised")
+    weights: str | None = setting(None, doc="Inception-v3 weights (the published state dict, .pth or .safetensors); "
+                                  "default: the torch hub checkpoint cache under either published file name")
+    extractor: str | None = setting(None, doc="TorchScript classifier/feature extractor file (features = torchscript)")
     is_splits: int = setting(1, lo=1)
     kid_degree: int = setting(3, lo=1)
     fid_ridge: float = setting(1e-6, lo=0.0)
     classifier_epochs: int = setting(80, lo=1, doc="Adam epochs of the is/fid/kid classifier")
     classifier_lr: float = setting(1e-2, lo=0.0, lo_open=True)
     classifier_batch_size: int = setting(128, lo=1)
+    encoder_epochs: int = setting(30, lo=1, doc="epochs of the self-supervised encoder (features = self_supervised)")
+    encoder_lr: float = setting(1e-3, lo=0.0, lo_open=True)
+    encoder_batch_size: int = setting(256, lo=2)
+    encoder_temperature: float = setting(0.5, lo=0.0, lo_open=True, doc="contrastive (NT-Xent) temperature")
+    precision_recall_k: int = setting(3, lo=1, doc="k of the k-NN manifolds of precision and recall")
+    density_coverage_k: int = setting(5, lo=1, doc="k of the k-NN balls of density and coverage")
     chunk_size: int = setting(256, lo=1, hi=MAX_INSTANCES, doc="generated samples whose graphs metrics hold at once: "
                               "memory does not grow with n_samples; values change only by round-off")
 
@@ -134,6 +147,8 @@ class CleanseConfig:
     removal_rates: list[float] = setting([0.0, 0.01, 0.05, 0.1], lo=0.0, hi=1, hi_open=True)
     seeds: list[int] = setting([0, 1, 2], lo=0, hi=REPLICATE_SEEDS, hi_open=True,
                                doc="one replicate per seed, added to data.seed, train.seed and metric.seed")
+    evaluate: list[str] = setting([], doc="evaluation-only metrics of the retrained "
+                                  "GANs (not scored): precision, recall, density, coverage in the metric's features")
     retrain: str = setting("window", choices=("window", "full"))
     check: int = setting(DEFAULT_CHECK, lo=0, hi=INT64, hi_open=True,
                          doc="trust check per seed and scorer: retrains without this many instances (at most the "
@@ -262,9 +277,10 @@ class Config:
         if c.check == 1:
             raise ConfigError(f"{source}: cleanse.check = 1: a trust check needs at least 2 instances (0: off)")
         for key, what, known in (("metrics", "metric", METRICS), ("methods", "method", METHODS),
-                                 ("removal_rates", "removal rate", None), ("seeds", "seed", None)):
+                                 ("removal_rates", "removal rate", None), ("seeds", "seed", None),
+                                 ("evaluate", "evaluation metric", EVALUATION_METRICS)):
             values = getattr(c, key)
-            if not values:
+            if not values and key != "evaluate":
                 raise ConfigError(f"{source}: cleanse.{key} is empty: list at least one {what}")
             seen: set = set()
             for v in values:

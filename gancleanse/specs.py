@@ -47,7 +47,14 @@ def direction(metric: str) -> float:
     return 1.0 if metric_spec(metric).higher_is_better else -1.0
 
 
-FEATURES = ("raw", "classifier")
+FEATURE_SPACES = ("classifier", "inception", "self_supervised", "torchscript")
+"""The networks a feature metric sees generated images through (``gancleanse.features``, one module each);
+``[metric] features`` picks one, or ``auto``."""
+FEATURE_CHOICES = ("auto", *FEATURE_SPACES)
+FEATURES = ("raw", *FEATURE_CHOICES)
+"""What isolation_forest / knn_density fit on: the raw data, or a feature space."""
+EVALUATION_METRICS = ("precision", "recall", "density", "coverage")
+"""Evaluation-only metrics of studies (``[cleanse] evaluate``): what cleansing costs in fidelity and diversity."""
 
 
 @dataclass(frozen=True)
