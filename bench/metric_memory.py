@@ -52,7 +52,7 @@ def prepare(run_dir: Path, n_samples: int, side: int, threads: int) -> None:
     """Train the run and its metric classifier (both cached in ``run_dir``), unless already there."""
     import gancleanse as gc
     from gancleanse.config import Config
-    from gancleanse.metrics.classifier import load_or_train_classifier
+    from gancleanse.features.classifier import load_or_train_classifier
 
     if not (run_dir / "run.json").is_file():
         gc.train(Config.from_dict(config(n_samples, side, threads)), run_dir, progress=False)

@@ -55,8 +55,7 @@ def main() -> None:
         run_dir = Path(args.workdir) / f"{args.setup}-seed{seed}"
         run = gc.Run.open(run_dir) if (run_dir / "run.json").is_file() else gc.train(cfg, run_dir, progress=False)
         epoch = seconds_per_epoch(run)
-        image = run.has_classifier_features
-        names, rankings = score_all(run, metric, image, cfg, seed)
+        names, rankings = score_all(run, metric, run.feature_space, cfg, seed)
         tic = time.perf_counter()
         checks = trust_checks(run, rankings, [metric] * len(rankings), args.check, seed=seed)
         check_s = time.perf_counter() - tic
@@ -98,12 +97,12 @@ def main() -> None:
     Path(args.workdir, f"{args.setup}-summary.json").write_text(json.dumps(rows, indent=1))
 
 
-def score_all(run: gc.Run, metric: str, image: bool, cfg: gc.Config, seed: int) -> tuple[list[str], list[gc.Scores]]:
+def score_all(run: gc.Run, metric: str, space: str | None, cfg: gc.Config, seed: int) -> tuple[list[str], list[gc.Scores]]:
     """Every scorer (AID with the example's own options), plus AID damped on the recorded window
     in the optimizer's own step sizes (Adam: lr / (sqrt(v_hat) + eps)) where the example sets a damping."""
     names, out = [], []
     for method in METHODS:
-        for v in variants(method, [metric], image):
+        for v in variants(method, [metric], space):
             options = cfg.cleanse.scorer_options(method)
             out.append(gc.influence(run, method=method, seed=seed, check=0, progress=False, **variant_arguments(method, v),
                                     **options))

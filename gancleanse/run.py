@@ -75,15 +75,17 @@ class Run:
     meta: dict[str, Any]
     extractor: str | None = None  # a TorchScript file the user named explicitly (it runs code)
     device: torch.device = torch.device("cpu")  # where replays, influence and metrics compute
+    features: str | None = None  # the metrics' feature space when given at open (else [metric] features)
 
     @classmethod
     def open(cls, path: str | Path, models: GANModules | None = None, extractor: str | Path | None = None,
-             device: str | None = None) -> "Run":
+             device: str | None = None, features: str | None = None) -> "Run":
         """Open a finished run; ``models`` are required for runs trained with user modules.
         ``extractor``: the TorchScript feature extractor for is/fid/kid. Loading one runs code, so it is
         never taken from the run's stored config: a run whose config names one needs it named here (the
         CLI's ``--extractor``). ``device``: where to compute (default: ``train.device``); another kind
-        than the recorded one works, with a warning (not bitwise)."""
+        than the recorded one works, with a warning (not bitwise). ``features``: the metrics' feature space
+        (``gancleanse.features``; default ``[metric] features``)."""
         path = Path(path)
         if not path.is_dir():
             partial = path.with_name(path.name + ".partial")
@@ -99,7 +101,7 @@ class Run:
         check_sizes(cfg)  # a crafted config must not make a reader allocate what the machine cannot hold
         chosen = devices.use(devices.resolve(device or cfg.train.device))
         devices.warn_if_other_kind(str(meta.get("device", "cpu")), chosen, path)
-        run = cls(path, cfg, meta, None if extractor is None else str(extractor), chosen)
+        run = cls(path, cfg, meta, None if extractor is None else str(extractor), chosen, features)
         if models is not None:
             if models.conditional != cfg.model.conditional:
                 raise ConfigError(f"{path} was trained with {'' if cfg.model.conditional else 'un'}conditional "
@@ -110,7 +112,7 @@ class Run:
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle what reopens the run in another process (caches are rebuilt there)."""
-        state = {key: getattr(self, key) for key in ("path", "cfg", "meta", "extractor", "device")}
+        state = {key: getattr(self, key) for key in ("path", "cfg", "meta", "extractor", "device", "features")}
         if self.cfg.model.arch == "custom":
             state["models"] = self.models
         return state
@@ -223,16 +225,19 @@ class Run:
         return self.splits.key_list("train")
 
     @property
-    def has_classifier_features(self) -> bool:
-        """Whether the metrics' classifier features (is/fid/kid, ``--features classifier``) exist: always
-        with an extractor named at ``open``, never with one only the config names; else the run's own
-        classifier needs labelled images (N, C, H, W) of at least 4x4 (its two 2x pools)."""
-        if self.extractor:
-            return True
-        if self.cfg.metric.extractor:
-            return False
-        splits = self.splits
-        return splits.train.ndim == 4 and splits.y_train is not None and min(splits.sample_shape[1:]) >= 4
+    def has_features(self) -> bool:
+        """Whether the metrics have a feature space (is/fid/kid, ``--features`` other than raw): images, or an
+        extractor named at ``open`` (``gancleanse.features.has_features``)."""
+        from .features import has_features
+
+        return has_features(self)
+
+    @property
+    def feature_space(self) -> str | None:
+        """The metrics' feature space (``gancleanse.features.resolve``) where it can load, else None."""
+        from .features import resolve
+
+        return resolve(self).space if self.has_features else None  # type: ignore[union-attr]
 
     @cached_property
     def _schedule(self) -> dict[str, torch.Tensor]:

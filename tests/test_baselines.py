@@ -13,7 +13,7 @@ import gancleanse as gc
 from gancleanse.cli import main
 from gancleanse.config import Config
 from gancleanse.errors import ConfigError
-from gancleanse.metrics.classifier import load_or_train_classifier
+from gancleanse.features.classifier import load_or_train_classifier
 
 
 def _planted_run(tmp_path):
@@ -114,9 +114,10 @@ def test_registry_serves_config_cli_and_api_alike(tmp_path, run_factory):
     assert config.METHODS == METHODS == tuple(SCORERS)
     for spec in SCORERS.values():
         assert callable(importlib.import_module(f"gancleanse.influence.{spec.module}").score)
-    assert variants("itd", ["fid", "is"], True) == ["fid", "is"]
-    assert variants("knn_density", ["fid"], True) == ["raw", "classifier"]
-    assert variants("knn_density", ["fid"], False) == ["raw"] and variants("discriminator", ["fid"], True) == ["none"]
+    assert variants("itd", ["fid", "is"], "classifier") == ["fid", "is"]
+    assert variants("knn_density", ["fid"], "classifier") == ["raw", "classifier"]
+    assert variants("knn_density", ["fid"], "inception") == ["raw", "inception"]
+    assert variants("knn_density", ["fid"], None) == ["raw"] and variants("discriminator", ["fid"], "x") == ["none"]
     run = run_factory()
     with pytest.raises(ConfigError, match="applies to isolation_forest and knn_density, not itd"):
         gc.influence(run, "all", "itd", features="raw", check=0, progress=False)

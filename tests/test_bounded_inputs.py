@@ -346,7 +346,7 @@ def test_the_metric_classifier_refuses_a_class_count_it_cannot_hold():
     import torch
 
     from gancleanse.errors import DataError
-    from gancleanse.metrics.classifier import count_classes
+    from gancleanse.features.classifier import count_classes
 
     assert count_classes(torch.tensor([0, 3]), torch.tensor([1])) == 4
     with pytest.raises(DataError, match=r"at most 65536 classes .* found label 1073741824"):

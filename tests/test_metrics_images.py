@@ -18,15 +18,11 @@ from torch import nn
 import gancleanse as gc
 from gancleanse.config import Config, MetricConfig
 from gancleanse.errors import ConfigError, DataError
-from gancleanse.metrics import classifier as clf
+from gancleanse.features import classifier as clf
+from gancleanse.features.base import FeatureModel, freeze
+from gancleanse.features.classifier import SmallCNN, cached_classifier
+from gancleanse.features.torchscript import load_extractor
 from gancleanse.metrics import make_metric
-from gancleanse.metrics.classifier import (
-    FeatureModel,
-    SmallCNN,
-    cached_classifier,
-    freeze,
-    load_extractor,
-)
 from gancleanse.metrics.fid import (
     fid_reference,
     frechet_distance,
@@ -380,5 +376,5 @@ def test_make_metric_with_an_extractor(digits_run: gc.Run, tmp_path: Path) -> No
 
 def test_classifier_metrics_refuse_2d_data(run_factory) -> None:
     run = run_factory()
-    with pytest.raises(ConfigError, match="labelled image data"):
+    with pytest.raises(ConfigError, match="need image data"):
         make_metric("fid", run)

@@ -28,7 +28,7 @@ def score(run: "Run", method: str, metric: str = "all", *, features: str | None 
           progress: bool = True, options: "ScorerOptions | Mapping[str, Any] | None" = None,
           **option_values: Any) -> "Scores":
     """Score every training instance of ``run`` with ``method``: finite, keyed by instance, naming the run.
-    ``features`` ("raw" by default, or "classifier") only for feature scorers; ``options``: the scorer's
+    ``features`` only for feature scorers: "raw" (default) or a feature space (``gancleanse.features``); ``options``: the scorer's
     options dataclass (``gancleanse.options``), a mapping of its fields, or its fields as keywords."""
     spec = scorer_spec(method)
     metric_spec(metric)
@@ -63,11 +63,12 @@ def check_finite(scores: "Scores", run: "Run") -> None:
                                  f"{int(bad.sum())} non-finite value(s) (instances {first}); nothing was written")
 
 
-def variants(method: str, metrics: list[str] | tuple[str, ...], classifier_features: bool) -> list[str]:
-    """What ``method`` is scored with: each metric, each feature space of the run, or nothing ("none")."""
+def variants(method: str, metrics: list[str] | tuple[str, ...], space: str | None) -> list[str]:
+    """What ``method`` is scored with: each metric, the raw data and the run's feature space ``space``
+    (``Run.feature_space``; None: none), or nothing ("none")."""
     uses = scorer_spec(method).uses
     if uses == "features":
-        return list(FEATURES) if classifier_features else ["raw"]
+        return ["raw", space] if space else ["raw"]
     return list(metrics) if uses == "metric" else ["none"]
 
 

@@ -4,9 +4,9 @@
 a ``Metric``: its value, and its gradient with respect to the training state that ITD and AID start from. Each
 name has one builder in ``BUILDERS``; what a metric is (label, direction, what it needs) lives in ``gancleanse.specs``.
 
-``is``, ``log_is``, ``fid`` and ``kid`` see generated images through a frozen classifier (``classifier.py``:
-trained on the run's labelled training split and cached in the run directory, or the TorchScript file
-``metric.extractor``).
+``is``, ``log_is``, ``fid`` and ``kid`` see generated images through the frozen network of the run's feature
+space (``gancleanse.features``: the trained classifier, Inception-v3, the self-supervised encoder or a
+TorchScript file).
 
 Memory: a metric is V(state) = S(Y) + R(state), with Y the stacked per-sample outputs (features, logits, samples or
 discriminator logits) of the generated samples and S a statistic of all rows. ``Metric.value`` and
@@ -32,7 +32,7 @@ from .all_kde import average_log_likelihood
 if TYPE_CHECKING:
     from ..run import Run
     from ..training.dynamics import Dynamics, State
-    from .classifier import FeatureModel
+    from ..features import FeatureModel
 
 
 DEFAULT_CHUNK_SIZE = 256  # generated samples whose graph is held at once (the default of [metric] chunk_size)
@@ -174,14 +174,14 @@ Cached = TypeVar("Cached")
 
 
 def _feature_model(inputs: MetricInputs) -> "FeatureModel":
-    """The frozen classifier of IS / log IS / FID / KID."""
-    from .classifier import extractor_file, load_feature_model
+    """The frozen network of the run's feature space (``gancleanse.features``)."""
+    from ..features import load_feature_model
 
-    run = inputs.run
-    if extractor_file(run) is None and (inputs.real.ndim != 4 or run.splits.y_train is None):
-        raise ConfigError(f"metric {inputs.name!r} needs labelled image data (or metric.extractor), not "
-                          f"available for data.name = {run.cfg.data.name!r}")
-    return load_feature_model(run)
+    model = load_feature_model(inputs.run)
+    if inputs.name in ("is", "log_is") and not model.has_logits:
+        raise ConfigError(f"metric {inputs.name!r} needs class logits; the {model.space} feature space has none "
+                          "(use fid or kid, or features = inception / classifier)")
+    return model
 
 
 def _cached(inputs: MetricInputs, model: "FeatureModel", what: tuple, compute: Callable[[], Cached]) -> Cached:

@@ -52,10 +52,10 @@ class Scorer:
         return f"{self.method}-{self.variant}"
 
 
-def scorers_for(cfg: Config, classifier_features: bool) -> list[Scorer]:
+def scorers_for(cfg: Config, space: str | None) -> list[Scorer]:
     """Every (method, variant) the study scores with: see ``gancleanse.influence.variants``."""
     return [Scorer(method, v) for method in cfg.cleanse.methods
-            for v in variants(method, cfg.cleanse.metrics, classifier_features)]
+            for v in variants(method, cfg.cleanse.metrics, space)]
 
 
 def replicate_config(cfg: Config, seed: int) -> Config:
@@ -77,7 +77,7 @@ def train_and_score(cfg: Config, seed_dir: Path, seed: int, scorers: list[Scorer
         run = Run.open(run_dir, models=models, extractor=cfg.metric.extractor)
     else:
         run = recorder.train(cfg, run_dir, models=models, data=data, force=True, progress=False)
-    scorers = scorers if scorers is not None else scorers_for(cfg, run.has_classifier_features)
+    scorers = scorers if scorers is not None else scorers_for(cfg, run.feature_space)
     for scorer in scorers:
         path = scores_path(seed_dir, scorer.name)
         if path.is_file() and stored_run_id(path.with_suffix(".json")) == run.id:
@@ -176,7 +176,7 @@ def run_study(cfg: Config, out: Path, *, models: GANModules | None = None, data:
         runs = dict(run_tasks(train_and_score, jobs, executor=executor, workers=workers, progress=progress,
                               desc="train+score"))
         _warn_unconverged_aid(study, list(cfg.cleanse.seeds))
-        scorers = scorers_for(cfg, runs[cfg.cleanse.seeds[0]].has_classifier_features)
+        scorers = scorers_for(cfg, runs[cfg.cleanse.seeds[0]].feature_space)
         keys = _retrain_all(cfg, study, runs, scorers, executor, workers, progress)
         rows = _result_rows(cfg, study, runs, scorers, keys)
         write_results(out / "results.csv", rows)

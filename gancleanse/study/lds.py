@@ -91,7 +91,7 @@ def compare_methods(run: "Run", metric: str, methods: Sequence[str], *, subsets:
     random_subsets(run.n_train, subsets, fraction, seed)  # bad sizes fail before any scoring
     rankings = [score(run, method, seed=seed, progress=progress, options=typed.get(method),
                       **variant_arguments(method, v))
-                for method in dict.fromkeys(methods) for v in variants(method, [metric], run.has_classifier_features)]
+                for method in dict.fromkeys(methods) for v in variants(method, [metric], run.feature_space)]
     result = lds(run, rankings, metric, subsets=subsets, fraction=fraction, seed=seed, progress=progress)
     result["scorer_seconds"] = {k: s.info.get("seconds") for k, s in zip(result["scorers"], rankings)}
     result["options"] = {m: o.given() for m, o in typed.items() if o.given()}
