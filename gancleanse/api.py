@@ -12,20 +12,21 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .config import Config, load_config
 from .data import Splits
-from .errors import GancleanseError
+from .errors import ConfigError, GancleanseError
 from .export import summary_line as describe_export
+from .features import summary_line as describe_features
 from .files import claimed_output as claim_output
 from .models import GANModules
 from .options import ScorerOptions
 from .run import Run
 from .scores import Scores
-from .specs import DEFAULT_CHECK, metric_spec
+from .specs import DEFAULT_CHECK, metric_spec, scorer_spec
 from .study.trust import describe as describe_check
 from .training import recorder
 
 __all__ = ["Config", "Run", "Scores", "claim_output", "cleanse", "counterfactual", "counterfactuals", "describe_check",
-           "describe_export", "export", "influence", "is_study_path", "lds", "load_config", "on_device", "open_run",
-           "report", "train", "validate", "verify"]
+           "describe_export", "describe_features", "download_weights", "export", "influence", "is_study_path", "lds",
+           "load_config", "on_device", "open_run", "report", "train", "validate", "verify"]
 
 Options = ScorerOptions | Mapping[str, Any] | None
 
@@ -40,9 +41,12 @@ def on_device(cfg: Config, device: str | None) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
 
 
-def open_run(run: Run | str | Path, *, extractor: str | Path | None = None, device: str | None = None) -> Run:
-    """An open run: ``run`` itself, or the run directory at that path."""
-    return run if isinstance(run, Run) else Run.open(run, extractor=extractor, device=device)
+def open_run(run: Run | str | Path, *, extractor: str | Path | None = None, device: str | None = None,
+             features: str | None = None) -> Run:
+    """An open run: ``run`` itself, or the run directory at that path; ``features``: its metrics' feature space
+    (``gancleanse.features``; default ``[metric] features``)."""
+    opened = run if isinstance(run, Run) else Run.open(run, extractor=extractor, device=device)
+    return opened.with_features(features)
 
 
 def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, data: Splits | None = None,
@@ -63,9 +67,12 @@ def influence(run: Run | str | Path, metric: str = "all", method: str = "itd", *
     """Score every training instance of ``run`` (``gancleanse.specs.SCORERS``).
 
     ``itd`` / ``aid``: influence on ``metric`` (validation split). Baselines: ``isolation_forest`` and ``knn_density``
-    on ``features`` ("raw" data or "classifier" features), ``discriminator`` (the trained D's logit) and ``random``
+    on ``features`` ("raw" data by default, or a feature space), ``discriminator`` (the trained D's logit) and ``random``
     (seeded); ``metric`` is then what their trust check measures. ``options``: the scorer's options dataclass
     (``gancleanse.options``) or a mapping; keywords are the same options one by one.
+
+    ``features``: a feature space (``gancleanse.features``: auto, classifier, inception, self_supervised,
+    torchscript) is also the one ``metric`` is computed in; "raw" only for the feature scorers.
 
     ``check = K``: the trust check (``gancleanse.study.trust``): K retrains, Kendall tau and Pearson against the actual
     change of ``metric`` with 90% intervals, in ``scores.info["check"]``; an ``UntrustedScoresWarning`` when the ranking
@@ -75,10 +82,13 @@ def influence(run: Run | str | Path, metric: str = "all", method: str = "itd", *
 
     if options is not None and option_values:
         raise GancleanseError("give a scorer's options either as options= or as keywords, not both")
-    run = open_run(run)
+    feature_scorer = scorer_spec(method).uses == "features"
+    if features == "raw" and not feature_scorer:
+        raise ConfigError(f"features = 'raw' applies to isolation_forest and knn_density, not {method}")
+    run = open_run(run, features=None if features == "raw" else features)
     check = min(DEFAULT_CHECK, run.n_train) if check is None else check
-    return checked_scores(run, method, metric, features=features, seed=seed, check=check, progress=progress,
-                          options=options if options is not None else dict(option_values))
+    return checked_scores(run, method, metric, features=features if feature_scorer else None, seed=seed,
+                          check=check, progress=progress, options=options if options is not None else dict(option_values))
 
 
 def parse_indices(text: str, n_train: int) -> list[int]:
@@ -230,6 +240,17 @@ def verify(path: str | Path, *, replay: bool = True, device: str | None = None,
     run = open_for_replay(path, device)
     verify_run(run, replay=replay, report=report, progress=progress)
     return run.path
+
+
+def download_weights(name: str = "inception", *, to: str | Path | None = None, url: str | None = None) -> Path:
+    """Download the published weights of feature space ``name`` (only "inception") to ``to`` (default: the torch
+    hub checkpoint cache, where ``features = inception`` finds them), checked against the published sha256 and
+    written atomically; an existing file with the right hash is kept. The only function that uses a network."""
+    from .features.weights import download_inception
+
+    if name != "inception":
+        raise ConfigError(f"unknown weights {name!r} (known: inception)")
+    return download_inception(None if to is None else Path(to), **({} if url is None else {"url": url}))
 
 
 def is_study_path(path: str | Path) -> bool:

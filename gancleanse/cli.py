@@ -19,7 +19,7 @@ from typing import Callable, NoReturn
 from . import api
 from .cli_arguments import (cleanse_arguments, counterfactual_arguments, demo_arguments, export_arguments,
                             given_options, influence_arguments, lds_arguments, report_arguments, train_arguments,
-                            validate_arguments, verify_arguments)
+                            validate_arguments, verify_arguments, weights_arguments)
 from .config import embedded_config
 from .errors import GancleanseError
 from .specs import METHODS
@@ -44,8 +44,10 @@ def describe_data(data: dict) -> str:
             f"{data['labels']}); {split}")
 
 
-def _open(args: argparse.Namespace) -> api.Run:
-    return api.open_run(args.run, extractor=args.extractor, device=args.device)
+def _open(args: argparse.Namespace, features: bool = True) -> api.Run:
+    """The run named on the command line (``features``: with its metrics in ``--features``)."""
+    return api.open_run(args.run, extractor=args.extractor, device=args.device,
+                        features=args.features if features else None)
 
 
 def _print_top(scores: api.Scores, k: int) -> None:
@@ -58,7 +60,7 @@ def _print_top(scores: api.Scores, k: int) -> None:
 
 def _cmd_influence(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    run = _open(args)
+    run = _open(args, features=False)  # api.influence applies --features (it may mean raw data)
     options = given_options(args, [args.method], option="--method").get(args.method)
     scores = api.influence(run, args.metric, args.method, features=args.features, seed=args.seed,
                            check=args.check, progress=not args.quiet, options=options)
@@ -67,6 +69,9 @@ def _cmd_influence(args: argparse.Namespace) -> None:
     scores.save(out, run)
     if args.top:
         _print_top(scores, min(args.top, run.n_train))
+    for key in ("metric_features", "feature_model"):
+        if key in scores.info:
+            print(api.describe_features(scores.info[key]), file=sys.stderr)
     if "check" in scores.info:
         print(api.describe_check(scores.info["check"]), file=sys.stderr)
     print(f"wrote {args.out} ({run.n_train} rows) in {scores.info.get('seconds', 0.0):.1f} s", file=sys.stderr)
@@ -174,6 +179,11 @@ def _cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {api.report(args.dir)}")
 
 
+def _cmd_weights(args: argparse.Namespace) -> None:
+    path = api.download_weights(args.name, to=args.to, url=args.url)
+    print(f"{args.name} weights: {path}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     out = Path(args.out)
     cfg = api.on_device(embedded_config("demo"), args.device)
@@ -202,6 +212,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "export": ("write the training data minus the most harmful instances in its format", export_arguments, _cmd_export),
     "report": ("regenerate DIR/report.html from a study's outputs", report_arguments, _cmd_report),
     "verify": ("check a run or study: hashes, schedule, latents, bitwise replay", verify_arguments, _cmd_verify),
+    "weights": ("download a feature network's published weights once (the only command that uses a network)",
+                weights_arguments, _cmd_weights),
     "demo": ("the main job: a reduced 2D cleansing study on the embedded default", demo_arguments, _cmd_demo),
 }
 

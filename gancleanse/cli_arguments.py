@@ -8,7 +8,7 @@ import dataclasses
 from typing import Any, Callable, Iterable
 
 from .errors import GancleanseError
-from .specs import DEFAULT_CHECK, METHODS, METRICS, SCORERS
+from .specs import DEFAULT_CHECK, FEATURE_CHOICES, FEATURES, METHODS, METRICS, SCORERS
 from .validation import declared_type
 
 
@@ -75,10 +75,17 @@ def _common(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
 
-def _on_run(sp: argparse.ArgumentParser) -> None:
+FEATURES_HELP = ("the network is/log_is/fid/kid see images through: auto, classifier (trained on the labels), "
+                 "inception (the FID standard's weights file), self_supervised (trained here without labels), "
+                 "torchscript (--extractor); default: the run's [metric] features")
+
+
+def _on_run(sp: argparse.ArgumentParser, features: tuple[str, ...] = FEATURE_CHOICES,
+            features_help: str = FEATURES_HELP) -> None:
     """What every command that reads a run directory takes."""
     sp.add_argument("run", help="run directory written by `gancleanse train`")
     sp.add_argument("--metric", choices=METRICS, default="all")
+    sp.add_argument("--features", choices=features, default=None, help=features_help)
     sp.add_argument("--extractor", default=None, metavar="FILE.pt",
                     help="TorchScript feature extractor for is/log_is/fid/kid (loading it runs its code, so a "
                          "run's stored metric.extractor is used only when named here)")
@@ -98,14 +105,14 @@ def train_arguments(sp: argparse.ArgumentParser) -> None:
 
 
 def influence_arguments(sp: argparse.ArgumentParser) -> None:
-    _on_run(sp)
+    _on_run(sp, FEATURES, FEATURES_HELP.replace("default: the run's [metric] features", "also what isolation_forest"
+                                                " / knn_density fit on (default: raw data for them, else the run's "
+                                                "[metric] features)"))
     sp.add_argument("--method", choices=METHODS, default="itd")
     _output(sp, "SCORES.csv (index,influence,harmfulness,key; SCORES.json beside it says what produced it)")
     sp.add_argument("--horizons", action="store_true",
                     help="also write the estimate for every number of epochs traced back (SCORES.horizons.csv)")
     sp.add_argument("--top", type=positive_int, default=0, metavar="K", help="print the K most harmful instances")
-    sp.add_argument("--features", choices=("raw", "classifier"), default=None,
-                    help="isolation_forest / knn_density: raw data (default) or the metric classifier's features")
     sp.add_argument("--seed", type=seed, default=0, help="random / isolation_forest / aid / trust-check seed")
     sp.add_argument("--check", type=int, default=None, metavar="K",
                     help=f"trust check: retrain without K instances (half from the ranking's extremes) and report "
@@ -185,6 +192,13 @@ def verify_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("run", help="run directory written by `gancleanse train`, or a study directory")
     sp.add_argument("--no-replay", action="store_true", help="skip replaying the recorded window")
     _common(sp)
+
+
+def weights_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("name", choices=("inception",), help="inception: the Inception-v3 weights of the FID standard")
+    sp.add_argument("--to", default=None, metavar="PATH",
+                    help="file to write (default: the torch hub checkpoint cache, where features = inception looks)")
+    sp.add_argument("--url", default=None, help="another address serving the same file (its sha256 is checked)")
 
 
 def demo_arguments(sp: argparse.ArgumentParser) -> None:

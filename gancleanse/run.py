@@ -21,6 +21,7 @@ run and serves what it recorded.
 
 from __future__ import annotations
 
+import copy
 import json
 import tomllib
 from contextlib import contextmanager
@@ -231,6 +232,17 @@ class Run:
         from .features import has_features
 
         return has_features(self)
+
+    def with_features(self, space: str | None) -> "Run":
+        """This run with its metrics in feature space ``space`` (None: unchanged); caches are shared."""
+        if space is None or space == self.features:
+            return self
+        from .features import check_space
+
+        other = copy.copy(self)
+        other.features = check_space(space)
+        other.__dict__.pop("_feature_models", None)
+        return other
 
     @property
     def feature_space(self) -> str | None:

@@ -37,12 +37,15 @@ class Choice:
     reason: str
 
 
-def requested(run: "Run") -> str:
-    """The space asked for: ``Run.open(features=...)`` / ``--features``, else ``[metric] features``."""
-    space = run.features or run.cfg.metric.features
+def check_space(space: str) -> str:
     if space not in FEATURE_CHOICES:
         raise ConfigError(f"unknown feature space {space!r} (known: {', '.join(FEATURE_CHOICES)})")
     return space
+
+
+def requested(run: "Run") -> str:
+    """The space asked for: ``Run.open(features=...)`` / ``--features``, else ``[metric] features``."""
+    return check_space(run.features or run.cfg.metric.features)
 
 
 def _images(run: "Run") -> bool:
@@ -130,12 +133,32 @@ def load_feature_model(run: "Run", space: str | None = None) -> FeatureModel:
         space = choice.space
     if space not in LOADERS:
         raise ConfigError(f"unknown feature space {space!r} (known: {', '.join(FEATURE_SPACES)})")
-    return LOADERS[space](run).to(run.device)
+    loaded = run.__dict__.setdefault("_feature_models", {})  # one load (and hash of the weights) per open run
+    if space not in loaded:
+        loaded[space] = LOADERS[space](run).to(run.device)
+    return loaded[space]
+
+
+def metric_features(run: "Run") -> dict:
+    """What a feature metric's outputs record: the space, why it was chosen, the network's file and hash."""
+    choice = resolve(run)
+    if choice is None:
+        return {}
+    return {**describe(load_feature_model(run, choice.space)), "chosen": choice.reason}
 
 
 def describe(model: FeatureModel) -> dict:
     """What outputs record about a feature model: its space, key, source and the file's hash or settings."""
     return {"space": model.space, "key": model.key, "source": model.source, **model.record}
+
+
+def summary_line(record: dict) -> str:
+    """One line on the network a metric used: space, why, and the file with its sha256 (or the cache)."""
+    if not record:
+        return "features: none"
+    where = f"{record['file']} (sha256 {record['sha256'][:16]}...)" if "sha256" in record else record.get("source", "")
+    chosen = f" [{record['chosen']}]" if "chosen" in record else ""
+    return f"features: {record['space']}{chosen}, from {where}"
 
 
 def training_features(run: "Run", space: str | None = None) -> np.ndarray:

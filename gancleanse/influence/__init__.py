@@ -37,10 +37,7 @@ def score(run: "Run", method: str, metric: str = "all", *, features: str | None 
     typed = spec.options.from_mapping(options if options is not None else option_values, scorer=method)
     kwargs: dict[str, Any] = {}
     if spec.uses == "features":
-        features = features or "raw"
-        if features not in FEATURES:
-            raise ConfigError(f"unknown features {features!r} (available: {', '.join(FEATURES)})")
-        kwargs["features"] = features
+        kwargs["features"] = _scorer_features(run, features or "raw")
     elif features is not None:
         raise ConfigError(f"features = {features!r} applies to isolation_forest and knn_density, not {method}")
     module = importlib.import_module(f"{__name__}.{spec.module}")
@@ -48,7 +45,33 @@ def score(run: "Run", method: str, metric: str = "all", *, features: str | None 
     check_finite(scores, run)
     scores.keys = run.train_keys
     scores.info["run_id"] = run.id
+    _record_features(scores, run, spec.uses, kwargs.get("features"))
     return scores
+
+
+def _scorer_features(run: "Run", features: str) -> str:
+    """A feature scorer's features: "raw", or a feature space ("auto" resolved to the run's own)."""
+    if features not in FEATURES:
+        raise ConfigError(f"unknown features {features!r} (available: {', '.join(FEATURES)})")
+    if features != "auto":
+        return features
+    from ..features import resolve
+
+    choice = resolve(run)
+    if choice is None:
+        raise ConfigError(f"features = auto: data.name = {run.cfg.data.name!r} has no feature space (samples of "
+                          f"shape {run.splits.sample_shape}); use features = raw")
+    return choice.space
+
+
+def _record_features(scores: "Scores", run: "Run", uses: str, features: str | None) -> None:
+    """Which network the scores saw images through (space, file, sha256), so every number names its weights."""
+    from ..features import describe, load_feature_model, metric_features
+
+    if uses == "metric" and metric_spec(scores.metric).needs == "features":
+        scores.info["metric_features"] = metric_features(run)
+    elif uses == "features" and features not in (None, "raw"):
+        scores.info["feature_model"] = describe(load_feature_model(run, features))
 
 
 def check_finite(scores: "Scores", run: "Run") -> None:

@@ -95,6 +95,10 @@ def compare_methods(run: "Run", metric: str, methods: Sequence[str], *, subsets:
     result = lds(run, rankings, metric, subsets=subsets, fraction=fraction, seed=seed, progress=progress)
     result["scorer_seconds"] = {k: s.info.get("seconds") for k, s in zip(result["scorers"], rankings)}
     result["options"] = {m: o.given() for m, o in typed.items() if o.given()}
+    if metric_spec(metric).needs == "features":
+        from ..features import metric_features
+
+        result["metric_features"] = metric_features(run)
     if out is not None:
         write_json_atomic(out, result)
     return result

@@ -23,6 +23,7 @@ from ..errors import GancleanseError
 from ..files import atomic_write, write_json_atomic
 from ..influence import score
 from ..locks import DirectoryLock
+from ..specs import metric_spec
 from .executor import run_tasks
 from .layout import load_json
 
@@ -242,6 +243,10 @@ def validate(run: "Run", metric: str, method: str, instances: int, *, seed: int 
         "seed": seed, "extremes": extremes,
         **{k: main[k] for k in ("kendall_tau", "pearson", "jaccard", "random_jaccard", "epochs_traced")},
         "estimated": main["estimated"], "actual": main["actual"], "estimate_info": scores.info}
+    if metric_spec(metric).needs == "features":
+        from ..features import metric_features
+
+        result["metric_features"] = metric_features(run)
     if horizons:
         result["horizons"] = {str(k): panel(k) for k in traced}
     if out:
