@@ -100,7 +100,8 @@ def _output(sp: argparse.ArgumentParser, what: str, required: bool = True) -> No
 def train_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("config", help="TOML config file")
     sp.add_argument("--out", required=True, help="run directory to create")
-    sp.add_argument("--force", action="store_true", help="replace an existing run directory")
+    sp.add_argument("--force", action="store_true", help="replace an existing run directory, or start an interrupted "
+                    "training over instead of resuming it")
     _common(sp)
 
 

@@ -105,7 +105,8 @@ class TrainConfig:
     record_from_epoch: int | None = setting(None, lo=0, doc="first epoch of the recorded window")
     checkpoint_every: int = setting(25, lo=1, doc="steps between replay checkpoints in the window")
     resume_every: int | None = setting(None, lo=1, doc="steps between resume checkpoints kept while training "
-                                       "(default: every epoch); an interrupted train resumes from the last one")
+                                       "(default: every epoch, or about every 10 minutes of work, whichever comes "
+                                       "first); an interrupted train resumes from the last one")
     device: str = setting("auto", doc="auto (CUDA when available), cpu, cuda or cuda:N; every command's "
                           "--device overrides it")
     threads: int = setting(1, lo=1, hi=MAX_THREADS, doc="torch CPU threads for training and every replay "

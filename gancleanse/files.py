@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import secrets
 from contextlib import contextmanager, suppress
@@ -20,6 +21,7 @@ from .errors import GancleanseError, RunDirError
 from .locks import DirectoryLock
 
 STAGE_MARKER = ".gancleanse-stage"  # inside OUT.partial: the stage is ours to remove
+TEMPORARY_NAME = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")  # atomic_write's temporaries: .NAME.<random>.tmp
 
 
 @contextmanager
@@ -80,15 +82,27 @@ def claimed_output(path: str | Path, suffix: str, force: bool, option: str = "--
         yield out
 
 
+def remove_temporaries(directory: Path) -> None:
+    """The temporaries of ``atomic_write`` that a killed writer left in ``directory`` (a stage kept to resume), never
+    part of its output; its subdirectories are not searched."""
+    for path in directory.iterdir():
+        if TEMPORARY_NAME.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink()
+
+
 @contextmanager
 def staged_directory(out: Path, force: bool = False, *, is_ours: Callable[[Path], bool],
-                     what: str = "run") -> Iterator[Path]:
+                     what: str = "run", resume: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a staging directory ``OUT.partial`` that becomes ``out`` only if the block finishes.
 
     A lock beside ``out`` (``.OUT.lock``, held through the final rename) keeps a second writer out; a stage left by a
     writer that died is removed only if it carries our marker. ``force`` replaces an existing ``out`` only when
     ``is_ours(out)`` (a directory gancleanse wrote): never a user's file or directory. On any error the stage is
     removed, so nothing half-written remains.
+
+    ``resume`` makes the stage resumable (long work that an interruption should not throw away): a dead writer's stage
+    is offered to it (unless ``force``), True keeps it for the block to continue, False removes it, and an error it
+    raises refuses the stage and leaves it as it is; an interrupted block (Ctrl-C, SIGTERM) keeps its stage too.
     """
     out = Path(out)
     stage = out.with_name(out.name + ".partial")
@@ -104,8 +118,11 @@ def staged_directory(out: Path, force: bool = False, *, is_ours: Callable[[Path]
         if stage.exists() or stage.is_symlink():
             if stage.is_symlink() or not stage.is_dir() or not (stage / STAGE_MARKER).is_file():
                 raise RunDirError(f"{stage} exists and was not left by gancleanse; remove or rename it")
-            shutil.rmtree(stage)  # a writer that died left it (a live one would hold the lock)
-        stage.mkdir(parents=True)
+            if force or resume is None or not resume(stage):
+                shutil.rmtree(stage)  # a writer that died left it (a live one would hold the lock)
+            else:
+                remove_temporaries(stage)
+        stage.mkdir(parents=True, exist_ok=stage.is_dir())
         (stage / STAGE_MARKER).write_text(f"{os.getpid()}\n")
         try:
             yield stage
@@ -113,6 +130,7 @@ def staged_directory(out: Path, force: bool = False, *, is_ours: Callable[[Path]
             if out.exists():
                 shutil.rmtree(out)
             os.replace(stage, out)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
+        except BaseException as e:
+            if resume is None or isinstance(e, Exception):  # an interruption is not the work's failure
+                shutil.rmtree(stage, ignore_errors=True)
             raise

@@ -2,12 +2,12 @@
 
 Recorded for the window [record_from_epoch, epochs): each step's indices and latents, and checkpoints
 every ``checkpoint_every`` steps plus every epoch boundary, so that the reverse pass replays short
-segments instead of holding steps x parameters in memory."""
+segments instead of holding steps x parameters in memory. Resume checkpoints (``resume.py``) let a killed
+training continue where it stopped when rerun, and finish with the same files as one never stopped."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import time
 from dataclasses import dataclass, field
@@ -33,6 +33,7 @@ from ..run_format import (DTYPES, FORMAT_VERSION, FROZEN_FILE, check_sizes, chec
                           window_checkpoints, write_eval_latents)
 from ..state_files import save_state, save_tensors, to_device, writing
 from .dynamics import Dynamics, State, gather_batch
+from .resume import RESUME_FILE, Progress, ResumeRule, check_resumable, fingerprint, load_resume, save_resume
 from .schedule import Schedule
 
 
@@ -117,6 +118,7 @@ class Training:
     device: torch.device
     dtype: torch.dtype
     threads: int
+    data_fingerprint: str  # run.json's hash of the data, computed once
 
     @property
     def steps_per_epoch(self) -> int:
@@ -176,7 +178,12 @@ def prepare_training(cfg: Config, models: GANModules | None, data: Splits | None
     schedule = Schedule(cfg.data.n_train, train.batch_size, cfg.model.z_dim, train.seed,
                         shared_latents=train.update == "simultaneous", label_frequencies=frequencies)
     return Training(cfg, splits, models, Dynamics.from_config(cfg, models), schedule, initial, init_files,
-                    constants, frequencies, device, dtype, torch.get_num_threads())
+                    constants, frequencies, device, dtype, torch.get_num_threads(), splits.fingerprint())
+
+
+def write_config(stage: Path, cfg: Config) -> None:
+    with writing(stage / "config.toml"):
+        (stage / "config.toml").write_text(cfg.to_toml())
 
 
 def write_inputs(stage: Path, training: Training, data: Splits | None) -> None:
@@ -184,8 +191,7 @@ def write_inputs(stage: Path, training: Training, data: Splits | None) -> None:
     cfg, splits = training.cfg, training.splits
     with writing(stage / "checkpoints"):
         (stage / "checkpoints").mkdir()
-    with writing(stage / "config.toml"):
-        (stage / "config.toml").write_text(cfg.to_toml())
+    write_config(stage, cfg)
     write_eval_latents(cfg, stage, training.frequencies)
     if data is not None:
         save_tensors(data.tensors(), stage / "data.safetensors")
@@ -196,39 +202,79 @@ def write_inputs(stage: Path, training: Training, data: Splits | None) -> None:
             "source": splits.source, **{name: splits.key_list(name) for name in SPLIT_NAMES}})
 
 
-def run_steps(stage: Path, training: Training, progress: bool) -> Trajectory:
-    """Every training step: checkpoints and the window's draws recorded, one loss line per step."""
+def start_or_resume(stage: Path, training: Training, data: Splits | None) -> tuple[State, Progress]:
+    """The state and progress to start from: a kept stage's resume checkpoint (its fingerprint checked when the stage
+    was kept), else step 0 after writing the inputs. A resumed stage gets this config.toml: keys that do not change the
+    trajectory (``resume_every``, ``[cleanse]``) may differ, and the run records the config that finished it."""
+    if (stage / RESUME_FILE).is_file():
+        write_config(stage, training.cfg)
+        return load_resume(stage, training.dynamics.init_state(*training.initial), training.device)
+    write_inputs(stage, training, data)
+    return training.dynamics.init_state(*training.initial), Progress()
+
+
+def step_draws(schedule: Schedule, step: int) -> tuple[torch.Tensor, tuple, tuple]:
+    """Step ``step``'s (indices, latents, generated labels): what its batch uses and the window records."""
+    return schedule.indices(step), schedule.latents(step), schedule.labels(step)
+
+
+def run_steps(stage: Path, training: Training, progress: bool, start: tuple[State, Progress],
+              fingerprint_now: dict[str, Any]) -> Trajectory:
+    """Every training step from the start's: checkpoints, the window's draws and resume checkpoints recorded, one
+    loss line per step (the resumed steps' lines written again from the resume checkpoint)."""
     device, dtype, schedule, dynamics = training.device, training.dtype, training.schedule, training.dynamics
     total, window_start, checkpoints = training.total_steps, training.window_start, training.checkpoints
     steps_per_epoch = training.steps_per_epoch
     train_stored = training.splits.train.to(device)  # uint8 for images: a quarter of float32
     train_labels = training.splits.y_train.to(device) if training.frequencies is not None else None
     ones = torch.ones(training.cfg.train.batch_size, dtype=dtype, device=device)
-    trajectory = Trajectory(dynamics.init_state(*training.initial), {}, time.perf_counter(), 0.0)
-    bar = tqdm(total=total, desc="train", unit="step", disable=not progress, leave=False)
+    state, done = start
+    trajectory = Trajectory(state, {}, time.perf_counter() - done.seconds, done.window_seconds)
+    for step in range(window_start, done.step):  # the window's draws before the resume point, drawn again
+        record_draws(trajectory, step_draws(schedule, step))
+    rule = ResumeRule(training.cfg.train.resume_every, steps_per_epoch, total)
+    bar = tqdm(total=total, initial=done.step, desc="train", unit="step", disable=not progress, leave=False)
     # a failed checkpoint write names the checkpoint (its error is no OSError); any other failed write is the log's
     with writing(stage / "losses.jsonl"), open(stage / "losses.jsonl", "w") as log:
-        for step in range(total):
+        for step in range(done.step):
+            log.write(done.log_line(step, steps_per_epoch))
+        for step in range(done.step, total):
             if step in checkpoints:
                 save_state(trajectory.state, stage / "checkpoints" / checkpoint_name(step))
-            idx, latents, labels = schedule.indices(step), schedule.latents(step), schedule.labels(step)
+            if step > done.step and rule.due(step):
+                save_progress(stage, trajectory, done, step, fingerprint_now)
+                rule.saved()
+            idx, latents, labels = draws = step_draws(schedule, step)
             tic = time.perf_counter()
             batch = gather_batch(train_stored, train_labels, idx, step, latents, labels, device, dtype)
             trajectory.state, stats = dynamics.step(trajectory.state, batch, ones)
             trajectory.stats = stats
             if step >= window_start:
                 trajectory.window_seconds += time.perf_counter() - tic
-                for key, drawn in zip(WINDOW_DRAWS, (idx, *latents, *labels)):
-                    trajectory.window[key].append(drawn)
+                record_draws(trajectory, draws)
             check_finite(trajectory.state, stats, step, steps_per_epoch)
-            log.write(json.dumps({"step": step, "epoch": step // steps_per_epoch,
-                                  **{k: float(v) for k, v in stats.items()}}) + "\n")
+            done.record({k: float(v) for k, v in stats.items()})
+            log.write(done.log_line(step, steps_per_epoch))
             bar.update()
             if step % 50 == 0:
                 bar.set_postfix(loss_d=f"{float(stats['loss_d']):.3f}", loss_g=f"{float(stats['loss_g']):.3f}")
     bar.close()
     save_state(trajectory.state, stage / "checkpoints" / checkpoint_name(total))
     return trajectory
+
+
+def record_draws(trajectory: Trajectory, draws: tuple[torch.Tensor, tuple, tuple]) -> None:
+    idx, latents, labels = draws
+    for key, drawn in zip(WINDOW_DRAWS, (idx, *latents, *labels)):
+        trajectory.window[key].append(drawn)
+
+
+def save_progress(stage: Path, trajectory: Trajectory, done: Progress, step: int, fingerprint_now: dict[str, Any]
+                  ) -> None:
+    """The resume checkpoint before step ``step``: the state, the losses so far and the time spent."""
+    done.step, done.seconds = step, time.perf_counter() - trajectory.started
+    done.window_seconds = trajectory.window_seconds
+    save_resume(stage, trajectory.state, done, fingerprint_now)
 
 
 def recorded_schedule(training: Training, trajectory: Trajectory) -> dict[str, torch.Tensor]:
@@ -254,7 +300,8 @@ def run_meta(stage: Path, training: Training, trajectory: Trajectory, user_data:
         "n_train": cfg.data.n_train, "steps_per_epoch": training.steps_per_epoch, "total_steps": total,
         "window": {"start_epoch": cfg.train.record_from_epoch, "start_step": training.window_start,
                    "end_step": total},
-        "checkpoints": training.checkpoints, "data_fingerprint": splits.fingerprint(), "data": data_summary(splits),
+        "checkpoints": training.checkpoints, "data_fingerprint": training.data_fingerprint,
+        "data": data_summary(splits),
         **labels,
         "parameters": {player: {"trainable": sum(v.numel() for v in training.initial[i].values()),
                                 "frozen": sum(v.numel() for k, v in constants.items() if k.startswith(player + "/"))}
@@ -270,7 +317,11 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
           force: bool = False, progress: bool = True, device: str | None = None) -> Run:
     """Train the GAN the config describes and record a run directory at ``out``. ``models`` / ``data``
     replace the config's architecture / dataset with the user's own modules (initialized as given) and
-    tensors (saved in the run directory). ``device`` overrides ``train.device`` (and the config records it)."""
+    tensors (saved in the run directory). ``device`` overrides ``train.device`` (and the config records it).
+
+    A training killed part-way leaves ``OUT.partial`` with a resume checkpoint: the same call resumes it (the same
+    config keys that shape training, data, starting parameters and device; anything else is refused, naming it), and
+    ``force`` starts over, replacing a finished ``out`` too."""
     if device is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
     cfg = with_user_inputs(cfg, models, data)
@@ -281,12 +332,15 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
     with torch_threads(cfg.train.threads):
         training = prepare_training(cfg, models, data, on)
         training.check_window_fits()
-        with staged_directory(Path(out), force=force, is_ours=is_run_dir) as stage:
-            write_inputs(stage, training, data)
-            trajectory = run_steps(stage, training, progress)
+        now = fingerprint(training.cfg, training.splits, training.data_fingerprint, training.initial,
+                          training.constants, on)
+        with staged_directory(Path(out), force=force, is_ours=is_run_dir,
+                              resume=lambda stage: check_resumable(stage, now)) as stage:
+            trajectory = run_steps(stage, training, progress, start_or_resume(stage, training, data), now)
             save_tensors(recorded_schedule(training, trajectory), stage / "schedule.safetensors")
             with writing(stage / "run.json"):
                 write_json_atomic(stage / "run.json", sealed(run_meta(stage, training, trajectory, data is not None)))
+            (stage / RESUME_FILE).unlink(missing_ok=True)  # the finished run holds what an uninterrupted one holds
     # The config came from the caller, so its extractor is explicitly theirs to load.
     return Run.open(out, models=training.models if training.cfg.model.arch == "custom" else None,
                     extractor=training.cfg.metric.extractor, device=str(on))
