@@ -32,19 +32,41 @@ METRIC_SPECS: dict[str, MetricSpec] = {m.name: m for m in (
     MetricSpec("loss_d", "D loss", False, "discriminator"),  # the discriminator loss on held-out data
 )}
 METRICS = tuple(METRIC_SPECS)
-HIGHER_IS_BETTER = {m.name: m.higher_is_better for m in METRIC_SPECS.values()}
+"""The scorable metrics: what influence is computed on and studies score and recommend by."""
 FEATURE_METRICS = tuple(m.name for m in METRIC_SPECS.values() if m.needs == "features")
+EVALUATION_SPECS: dict[str, MetricSpec] = {m.name: m for m in (
+    MetricSpec("precision", "precision", True, "features"),  # generated samples inside the real k-NN manifold
+    MetricSpec("recall", "recall", True, "features"),  # real samples inside the generated k-NN manifold
+    MetricSpec("density", "density", True, "features"),  # real k-NN balls holding each generated sample, / k
+    MetricSpec("coverage", "coverage", True, "features"),  # real k-NN balls holding a generated sample
+)}
+EVALUATION_METRICS = tuple(EVALUATION_SPECS)
+"""Evaluation-only metrics of studies (``[cleanse] evaluate``): what cleansing costs in fidelity and diversity.
+Counts without a gradient, so never scored on (``metric_spec`` refuses them) and never recommended by."""
+HIGHER_IS_BETTER = {m.name: m.higher_is_better for m in (*METRIC_SPECS.values(), *EVALUATION_SPECS.values())}
 
 
 def metric_spec(name: str) -> MetricSpec:
+    """A scorable metric's spec; an evaluation-only one is refused with the reason."""
+    if name in EVALUATION_SPECS:
+        raise ConfigError(f"metric {name!r} is evaluation only (list it in [cleanse] evaluate); it cannot be "
+                          f"scored on (scorable: {', '.join(METRICS)})")
     if name not in METRIC_SPECS:
         raise ConfigError(f"unknown metric {name!r} (known: {', '.join(METRICS)})")
     return METRIC_SPECS[name]
 
 
+def evaluated_spec(name: str) -> MetricSpec:
+    """The spec of any metric a study reports: a scorable or an evaluation-only one."""
+    spec = METRIC_SPECS.get(name) or EVALUATION_SPECS.get(name)
+    if spec is None:
+        raise ConfigError(f"unknown metric {name!r} (known: {', '.join((*METRICS, *EVALUATION_METRICS))})")
+    return spec
+
+
 def direction(metric: str) -> float:
     """+1 where higher is better, -1 where lower is: harmfulness = direction x influence."""
-    return 1.0 if metric_spec(metric).higher_is_better else -1.0
+    return 1.0 if evaluated_spec(metric).higher_is_better else -1.0
 
 
 FEATURE_SPACES = ("classifier", "inception", "self_supervised", "torchscript")
@@ -53,8 +75,6 @@ FEATURE_SPACES = ("classifier", "inception", "self_supervised", "torchscript")
 FEATURE_CHOICES = ("auto", *FEATURE_SPACES)
 FEATURES = ("raw", *FEATURE_CHOICES)
 """What isolation_forest / knn_density fit on: the raw data, or a feature space."""
-EVALUATION_METRICS = ("precision", "recall", "density", "coverage")
-"""Evaluation-only metrics of studies (``[cleanse] evaluate``): what cleansing costs in fidelity and diversity."""
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ name has one builder in ``BUILDERS``; what a metric is (label, direction, what i
 
 ``is``, ``log_is``, ``fid`` and ``kid`` see generated images through the frozen network of the run's feature
 space (``gancleanse.features``: the trained classifier, Inception-v3, the self-supervised encoder or a
-TorchScript file).
+TorchScript file), and so do ``precision``, ``recall``, ``density`` and ``coverage`` (``manifold``): these are
+evaluation only (``gancleanse.specs.EVALUATION_METRICS``), counts whose ``value`` studies report; they have no
+gradient and are never scored on.
 
 Memory: a metric is V(state) = S(Y) + R(state), with Y the stacked per-sample outputs (features, logits, samples or
 discriminator logits) of the generated samples and S a statistic of all rows. ``Metric.value`` and
@@ -27,6 +29,7 @@ from torch.func import grad, vjp
 from torch.utils._pytree import tree_leaves
 
 from ..errors import ConfigError, NonFiniteError
+from ..specs import EVALUATION_METRICS
 from .all_kde import average_log_likelihood
 
 if TYPE_CHECKING:
@@ -233,5 +236,18 @@ def _kid(inputs: MetricInputs) -> Metric:
                          statistic_gradient=lambda features: kid_gradient(real, features, degree, chunk))
 
 
+def _manifold(inputs: MetricInputs) -> Metric:
+    """precision, recall, density or coverage (``manifold``): evaluation only, their value without a gradient."""
+    from .manifold import K_SETTINGS, manifold_statistic, real_manifold
+
+    model = _feature_model(inputs)
+    k = getattr(inputs.run.cfg.metric, K_SETTINGS[inputs.name])
+    reference = _cached(inputs, model, ("manifold", k),
+                        lambda: real_manifold(_real_features(inputs, model), k, inputs.chunk_size))
+    return inputs.metric(lambda state, rows: model.features(inputs.generate(state, rows)),
+                         manifold_statistic(inputs.name, reference, inputs.chunk_size))
+
+
 BUILDERS: dict[str, Callable[[MetricInputs], Metric]] = {
-    "all": _all, "is": _inception, "log_is": _inception, "fid": _fid, "kid": _kid, "loss_d": _loss_d}
+    "all": _all, "is": _inception, "log_is": _inception, "fid": _fid, "kid": _kid, "loss_d": _loss_d,
+    **dict.fromkeys(EVALUATION_METRICS, _manifold)}

@@ -4,9 +4,11 @@ For each replicate seed: train with recording; score every training instance wit
 scorer; for each removal rate remove the top floor(N * rate) by harmfulness; retrain
 (``window``: the recorded window from its checkpoint, same minibatches and latents; ``full``:
 from initialization, same schedule); evaluate every metric on the test and validation splits
-(the latter chooses a rate the journal's way). Directory format: ``study.layout``; tables:
-``study.tables``. Removing nothing is a real replay too (bitwise equal to the recorded
-training on CPU), so a zero removal rate gives a delta of exactly 0, not by construction.
+(the latter chooses a rate the journal's way), and so the evaluation-only metrics of
+``[cleanse] evaluate`` (precision, recall, density, coverage): reported beside the others, never
+scored on or chosen by. Directory format: ``study.layout``; tables: ``study.tables``. Removing
+nothing is a real replay too (bitwise equal to the recorded training on CPU), so a zero removal
+rate gives a delta of exactly 0, not by construction.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from ..specs import FEATURE_METRICS, scorer_spec
 from ..training import recorder
 from . import trust
 from .executor import run_tasks
-from .layout import (CHECK_FILE, StudyDir, mark_study, open_study_dir, part_matches, provenance, read_check,
-                     read_json, read_part, retrain_key, scores_path, stored_run_id)
+from .layout import (CHECK_FILE, StudyDir, evaluated, mark_study, open_study_dir, part_matches, provenance,
+                     read_check, read_json, read_part, retrain_key, scores_path, stored_run_id)
 from .tables import check_table, summarize, write_results, write_summary
 
 SAMPLE_COUNT = 64  # generated samples kept per retrain of the first seed, for the report
@@ -76,7 +78,7 @@ def train_and_score(cfg: Config, seed_dir: Path, seed: int, scorers: list[Scorer
     if (run_dir / "run.json").is_file():  # the study's own config names the extractor: explicit
         run = Run.open(run_dir, models=models, extractor=cfg.metric.extractor)
     else:
-        run = recorder.train(cfg, run_dir, models=models, data=data, force=True, progress=False)
+        run = recorder.train(cfg, run_dir, models=models, data=data, progress=False)  # resumes a killed one
     scorers = scorers if scorers is not None else scorers_for(cfg, run.feature_space)
     for scorer in scorers:
         path = scores_path(seed_dir, scorer.name)
@@ -135,7 +137,8 @@ def retrain_and_evaluate(run: Run, removed: list[int], retrain: str, metrics: li
 
 
 def evaluate(run: Run, state: Any, metrics: list[str]) -> dict[str, Any]:
-    """Every metric of ``state`` on the test and validation splits."""
+    """Every metric of ``state`` on the test and validation splits: the scored ones and the evaluation-only
+    ones (``layout.evaluated``) alike, each by its ``Metric.value``."""
     from ..metrics import make_metric
 
     return {m: {split: make_metric(m, run, split).value(state) for split in ("test", "valid")} for m in metrics}
@@ -146,11 +149,11 @@ def prepare_study(cfg: Config, models: GANModules | None = None, data: Splits | 
     """The study's config, resolved and checked once, before anything is written."""
     cfg = recorder.with_user_inputs(cfg, models, data).resolved().validate()
     check_threads(cfg.train.threads)
-    needs_features = [m for m in cfg.cleanse.metrics if m in FEATURE_METRICS]
+    needs_features = [m for m in cfg.cleanse.metrics if m in FEATURE_METRICS] + list(cfg.cleanse.evaluate)
     two_d = cfg.data.name == "gaussian2d" or (data is not None and data.train.ndim < 3)
     if needs_features and two_d and not cfg.metric.extractor:
-        raise ConfigError(f"cleanse.metrics {needs_features} need image data (or metric.extractor); "
-                          f"data.name = {cfg.data.name!r} has 2D points")
+        raise ConfigError(f"cleanse metrics {needs_features} need image data (or metric.extractor) for their "
+                          f"feature space; data.name = {cfg.data.name!r} has 2D points")
     for key in ("path", "reference_path"):
         value = getattr(cfg.data, key)
         if value is not None and not Path(value).expanduser().exists():
@@ -190,7 +193,8 @@ def run_study(cfg: Config, out: Path, *, models: GANModules | None = None, data:
 def _retrain_all(cfg: Config, study: StudyDir, runs: dict[int, Run], scorers: list[Scorer], executor: str,
                  workers: int, progress: bool) -> dict[tuple, tuple[str, int]]:
     """Step 2: one retrain per (seed, scorer, rate), rate 0 one shared replay per seed, a stored one reused if of
-    this seed's run and removed set. Returns per (seed, scorer, rate) the retrain's key and how many it removed."""
+    this seed's run and removed set and holding every evaluated metric. Returns per (seed, scorer, rate) the
+    retrain's key and how many it removed."""
     seeds = list(cfg.cleanse.seeds)
     study.parts.mkdir(exist_ok=True)
     jobs, keys, planned = [], {}, set()
@@ -200,7 +204,7 @@ def _retrain_all(cfg: Config, study: StudyDir, runs: dict[int, Run], scorers: li
         if key in planned or (stored.is_file() and part_matches(stored, runs[s].id, removed, cfg)):
             return
         planned.add(key)
-        jobs.append((key, (runs[s], removed, cfg.cleanse.retrain, list(cfg.cleanse.metrics), samples)))
+        jobs.append((key, (runs[s], removed, cfg.cleanse.retrain, evaluated(cfg), samples)))
 
     for s in seeds:
         for scorer in scorers:
@@ -224,13 +228,14 @@ def _retrain_all(cfg: Config, study: StudyDir, runs: dict[int, Run], scorers: li
 
 def _result_rows(cfg: Config, study: StudyDir, runs: dict[int, Run], scorers: list[Scorer],
                  keys: dict[tuple, tuple[str, int]]) -> list[dict[str, Any]]:
-    """Step 3: one row per (seed, scorer, rate, metric): test and validation before and after."""
-    metrics = cfg.cleanse.metrics
+    """Step 3: one row per (seed, scorer, rate, metric): test and validation before and after, for the scored
+    and the evaluation-only metrics (every scorer's rows name its scored variant; evaluation metrics score none)."""
+    metrics = evaluated(cfg)
     rows = []
     for s in cfg.cleanse.seeds:
         original = study.original(s)
         if not (original.is_file() and part_matches(original, runs[s].id, None, cfg)):
-            write_json_atomic(original, {**evaluate(runs[s], runs[s].final_state(), list(metrics)),
+            write_json_atomic(original, {**evaluate(runs[s], runs[s].final_state(), metrics),
                                          "provenance": provenance(runs[s].id)})
         base = read_part(original, metrics)
         for scorer in scorers:

@@ -12,12 +12,15 @@ What ``gancleanse.run`` is to a run directory, this module is to a study directo
     DIR/results.csv, summary.csv, summary.json, report.html
 
 A stored file is reused only when it names the run (by its id) and the removed set (by a
-digest) it was computed for, so a resumed study never takes a stale result for a new one. Its JSON
-and config files are read through ``integrity.read_bounded``: regular files only, up to a cap.
+digest) it was computed for, so a resumed study never takes a stale result for a new one; a stored
+retrain also needs every metric the study evaluates (a study resumed with an evaluation-only metric
+added to its config retrains the parts that lack it). Its JSON and config files are read through
+``integrity.read_bounded``: regular files only, up to a cap.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -106,8 +109,15 @@ def mark_study(out: Path) -> None:
         write_json_atomic(out / STUDY_MARKER, {"kind": STUDY_KIND, "format": 1})
 
 
+def _resumable(cfg: Config) -> Config:
+    """What must not change for a study to resume: all but its evaluation-only metrics (a stored retrain without
+    one of those is recomputed, ``part_matches``)."""
+    return dataclasses.replace(cfg, cleanse=dataclasses.replace(cfg.cleanse, evaluate=[]))
+
+
 def open_study_dir(out: Path, cfg: Config) -> None:
-    """Create or resume the study directory ``out``: never a directory of something else."""
+    """Create or resume the study directory ``out``: never a directory of something else; its config may differ
+    from the stored one only in ``[cleanse] evaluate``."""
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise ConfigError(f"--out {out} exists and is not a directory")
@@ -118,7 +128,7 @@ def open_study_dir(out: Path, cfg: Config) -> None:
         if config_path.is_file():
             try:
                 text = read_bounded(config_path, UNRECORDED_MAX_BYTES["config.toml"], "the cap on config.toml")
-                same = Config.from_dict(tomllib.loads(text.decode("utf-8"))) == cfg
+                same = _resumable(Config.from_dict(tomllib.loads(text.decode("utf-8")))) == _resumable(cfg)
             except (ConfigError, OSError, ValueError):
                 same = False
             if not same:
@@ -141,13 +151,22 @@ def read_check(path: Path) -> dict[str, Any] | None:
     return rec if ok else None
 
 
+def evaluated(cfg: Config) -> list[str]:
+    """Every metric a study evaluates on both splits: the scored ones, then the evaluation-only ones."""
+    return [*cfg.cleanse.metrics, *cfg.cleanse.evaluate]
+
+
+def _has_values(rec: Any, metric: str) -> bool:
+    values = rec.get(metric) if isinstance(rec, dict) else None
+    numbers = [values.get(k) for k in ("test", "valid")] if isinstance(values, dict) else [None]
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers)
+
+
 def read_part(path: Path, metrics: Sequence[str]) -> dict[str, Any]:
     """A stored retrain's metric values: every metric of the study on both splits, finite."""
     rec = load_json(path)
     for m in metrics:
-        values = rec.get(m) if isinstance(rec, dict) else None
-        numbers = [values.get(k) for k in ("test", "valid")] if isinstance(values, dict) else [None]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
+        if not _has_values(rec, m):
             raise GancleanseError(f"{path}: no finite test and valid values of {m}; delete it to recompute it")
     if not isinstance(rec.get("provenance"), dict):
         raise GancleanseError(f"{path}: does not name the run it came from; delete it to recompute it")
@@ -155,7 +174,9 @@ def read_part(path: Path, metrics: Sequence[str]) -> dict[str, Any]:
 
 
 def part_matches(path: Path, run_id: str, removed: Sequence[int] | None, cfg: Config) -> bool:
-    """Whether a stored retrain belongs to this run and removed set (None: the original, no retrain)."""
-    stored = read_part(path, cfg.cleanse.metrics)["provenance"]
+    """Whether a stored retrain belongs to this run and removed set (None: the original, no retrain) and holds
+    every evaluation-only metric of the study: one stored before ``[cleanse] evaluate`` named it is recomputed."""
+    rec = read_part(path, cfg.cleanse.metrics)
     expected = provenance(run_id, removed, cfg.cleanse.retrain)
-    return all(stored.get(k) == v for k, v in expected.items())
+    return (all(rec["provenance"].get(k) == v for k, v in expected.items())
+            and all(_has_values(rec, m) for m in cfg.cleanse.evaluate))

@@ -21,9 +21,9 @@ from ..config import Config, load_config
 from ..errors import GancleanseError
 from ..files import write_text_atomic
 from ..scores import Scores
-from ..specs import METRIC_SPECS, direction
+from ..specs import EVALUATION_METRICS, direction, evaluated_spec
 from .layout import read_json, retrain_key, scores_path
-from .tables import read_results, summarize
+from .tables import read_results, scored, summarize
 from .trust import TRUST_THRESHOLD, flagged
 
 GRID_COUNT = 32  # most harmful / most helpful training images shown per scorer
@@ -69,6 +69,9 @@ def write_report(study_dir: Path) -> Path:
     body = [_header(study_dir, rows, summary, cfg),
             _section("plots", "Change of the test metric vs removal rate", lambda: _plots(summary["by_rate"])),
             _section("table", "Summary table", lambda: _tables(summary)),
+            *([_section("evaluation", "What cleansing costs in fidelity and diversity (evaluation only)",
+                        lambda: _evaluation(summary["by_rate"]))]
+              if any(e["eval_metric"] in EVALUATION_METRICS for e in summary["by_rate"]) else []),
             _section("trust", "Trust check: does each ranking agree with retraining?", lambda: _trust(summary)),
             _section("scores", f"Harmful and helpful training instances (seed {seed})",
                      lambda: _scores(study_dir, rows, seed)),
@@ -90,7 +93,9 @@ def _escape(text: Any) -> str:
 
 
 def _label(metric: str) -> str:
-    return METRIC_SPECS[metric].label if metric in METRIC_SPECS else metric
+    with suppress(GancleanseError):
+        return evaluated_spec(metric).label
+    return metric
 
 
 def _direction(metric: str) -> str:
@@ -189,7 +194,7 @@ def _header(study_dir: Path, rows: list[Row], summary: dict[str, Any], cfg: Conf
              "removal rates": ", ".join(_rate(x) for x in sorted(_unique(r["removal_rate"] for r in rows))),
              "retrain": cfg.cleanse.retrain if cfg else "?"}
     fact_html = "".join(f"<span>{_escape(k)}: <b>{_escape(v)}</b></span>" for k, v in facts.items())
-    lines = [_headline(m, summary) for m in _unique(r["eval_metric"] for r in rows)]
+    lines = [_headline(m, summary) for m in _unique(r["eval_metric"] for r in scored(rows))]
     return (f'<header id="summary"><h1>Cleansing study: {_escape(study_dir.name)}</h1>'
             f'<div class="card facts">{fact_html}</div>\n{"".join(lines)}</header>\n')
 
@@ -214,6 +219,12 @@ def _headline(metric: str, summary: dict[str, Any]) -> str:
         text += (f" With the rate chosen on the validation split per seed (rates "
                  f"{', '.join(_rate(r) for r in c['chosen_rates'])}): {c['mean_delta']:+.3g} &plusmn; "
                  f"{c['std_delta']:.2g}, p = {_number(c['p_value'], '.3g')}.")
+    at_best = [e for e in summary["by_rate"] if e["eval_metric"] in EVALUATION_METRICS and
+               all(e[k] == best[k] for k in ("method", "score_metric", "removal_rate"))]
+    if at_best:
+        text += " At that removal (evaluation only): " + ", ".join(
+            f"{_escape(_label(e['eval_metric']))} {e['mean_before']:.3g} &rarr; {e['mean_after']:.3g} "
+            f"({e['mean_delta']:+.3g})" for e in at_best) + "."
     return f'<div class="card headline {"good" if good else "bad"}">{text}</div>'
 
 
@@ -255,7 +266,7 @@ def _tables(summary: dict[str, Any]) -> str:
                 f'<td class="p">{_number(e["p_value"], ".3g")}</td>{trust}</tr>')
 
     by_rate = "".join(row(e, f'<td>{_rate(e["removal_rate"])}</td><td>{e["n_removed"]}</td>'
-                             f'<td>{e["mean_before"]:.4g}</td>') for e in summary["by_rate"])
+                             f'<td>{e["mean_before"]:.4g}</td>') for e in scored(summary["by_rate"]))
     chosen = "".join(row(e, f'<td>{", ".join(_rate(r) for r in e["chosen_rates"])}</td>')
                      for e in summary["rate_chosen_on_validation"])
     return (
@@ -266,6 +277,33 @@ def _tables(summary: dict[str, Any]) -> str:
         + _table("by-rate", "metric", ["rate", "removed", "mean before", "mean change", "std", "p", "trust"], by_rate)
         + "<h3>Removal rate chosen on the validation split (per seed; the change is on the test split)</h3>"
         + _table("chosen", "metric", ["chosen rates", "mean change", "std", "p", "trust"], chosen))
+
+
+def _evaluation(by_rate: list[Row]) -> str:
+    """Per evaluation-only metric, scorer and rate: mean before, after and change, beside the change of each
+    scored metric at the same scorer and rate."""
+    targets = _unique(e["eval_metric"] for e in scored(by_rate))
+    change = {(e["method"], e["score_metric"], e["removal_rate"], e["eval_metric"]): e["mean_delta"]
+              for e in scored(by_rate)}
+
+    def row(e: Row) -> str:
+        sign = direction(e["eval_metric"]) * e["mean_delta"]
+        beside = "".join(f'<td>{_number(change.get((e["method"], e["score_metric"], e["removal_rate"], t)), "+.3g")}'
+                         "</td>" for t in targets)
+        return (f'<tr class="{"good" if sign > 0 else "bad" if sign < 0 else "zero"}">{_scorer_cells(e)}'
+                f'<td>{_rate(e["removal_rate"])}</td><td>{e["n_removed"]}</td><td>{e["mean_before"]:.4g}</td>'
+                f'<td>{e["mean_after"]:.4g}</td><td class="chg">{e["mean_delta"]:+.3g}</td>'
+                f'<td>{e["std_delta"]:.2g}</td><td class="p">{_number(e["p_value"], ".3g")}</td>{beside}</tr>')
+
+    body = "".join(row(e) for e in by_rate if e["eval_metric"] in EVALUATION_METRICS)
+    return ("<p>k-nearest-neighbour manifolds of the test images and the generated samples in the run's feature "
+            "space, all higher is better: precision and density, how much of the generated set lies among real "
+            "images (fidelity); recall and coverage, how much of the real set the generated one reaches "
+            "(diversity). They are measured, never scored on or chosen by: a removal that improves the scored "
+            "metric while recall or coverage falls traded diversity for fidelity. The last columns repeat the "
+            "scored metrics' mean change at the same scorer and rate.</p>"
+            + _table("evaluation-only", "metric", ["rate", "removed", "mean before", "mean after", "mean change",
+                                                   "std", "p", *(f"change in {_label(t)}" for t in targets)], body))
 
 
 def _scorer_cells(entry: Row, metric_key: str = "eval_metric") -> str:
@@ -366,7 +404,7 @@ def _samples(study_dir: Path, rows: list[Row], seed: int) -> str:
 
     parts = study_dir / "parts"
     panels: dict[str, list[str]] = {retrain_key(seed): []}
-    for metric in _unique(r["eval_metric"] for r in rows):
+    for metric in _unique(r["eval_metric"] for r in scored(rows)):
         cands = [r for r in rows if r["seed"] == seed and r["eval_metric"] == metric and r["n_removed"] > 0]
         if cands:
             b = max(cands, key=lambda r: direction(metric) * r["delta"])

@@ -1,6 +1,11 @@
 """The study's tables: results.csv (one row per seed, scorer, rate and metric), its summaries
 (mean change, std and t-test per rate; the rate chosen on the validation split), the
-recommendation, and the trust-check table."""
+recommendation, and the trust-check table.
+
+Evaluation-only metrics (``[cleanse] evaluate``: precision, recall, density, coverage) have rows in
+results.csv and ``by_rate`` (summary.csv) like the scored ones, for every scorer: what each removal
+cost or gained in fidelity and diversity. They are not chosen on: the rate chosen on the validation
+split and the recommendation concern the scored metrics (``[cleanse] metrics``) only."""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from scipy.stats import ttest_1samp
 from ..errors import GancleanseError
 from ..files import write_csv_atomic, write_json_atomic
 from ..integrity import read_bounded
-from ..specs import direction
+from ..specs import EVALUATION_METRICS, direction
 from .layout import CHECK_FILE, StudyDir, read_check
 from .trust import flagged
 
@@ -58,14 +63,15 @@ def _stats(deltas: list[float]) -> dict[str, Any]:
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per (method, score metric, eval metric, rate): mean/std of the change and a t-test vs 0;
-    plus the journal protocol: per seed the rate with the best validation change, its test change."""
+    plus the journal protocol on each scored metric: per seed the rate with the best validation
+    change, its test change."""
     scorer = ("method", "score_metric", "eval_metric")
     table = [{"method": method, "score_metric": sm, "eval_metric": em, "removal_rate": rate,
               "n_removed": rs[0]["n_removed"], "mean_before": float(np.mean([r["before"] for r in rs])),
               "mean_after": float(np.mean([r["after"] for r in rs])), **_stats([r["delta"] for r in rs])}
              for (method, sm, em, rate), rs in sorted(_group(rows, scorer + ("removal_rate",)).items())]
     best_per_seed = [max(rs, key=lambda r: (direction(r["eval_metric"]) * r["valid_delta"], -r["removal_rate"]))
-                     for rs in _group(rows, scorer + ("seed",)).values()]
+                     for rs in _group(scored(rows), scorer + ("seed",)).values()]
     chosen = _group(best_per_seed, scorer)
     protocol = [{"method": method, "score_metric": sm, "eval_metric": em,
                  "chosen_rates": [r["removal_rate"] for r in rs], **_stats([r["delta"] for r in rs])}
@@ -73,10 +79,16 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"by_rate": table, "rate_chosen_on_validation": protocol, "recommended": recommend(rows)}
 
 
+def scored(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the scored metrics (evaluation-only metrics left out)."""
+    return [r for r in rows if r["eval_metric"] not in EVALUATION_METRICS]
+
+
 def recommend(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per evaluated metric, the scorer and removal rate whose mean change on the *validation*
-    split is best (random removal excluded: it is a control, not a cleansing), with its test change."""
-    groups = _group([r for r in rows if r["n_removed"] > 0 and r["method"] != "random"],
+    """Per scored metric, the scorer and removal rate whose mean change on the *validation* split is best
+    (random removal excluded: it is a control, not a cleansing), with its test change. Evaluation-only
+    metrics recommend nothing: ``evaluation_deltas`` gives their mean test change at the recommended removal."""
+    groups = _group([r for r in scored(rows) if r["n_removed"] > 0 and r["method"] != "random"],
                     ("eval_metric", "method", "score_metric", "removal_rate"))
     best: dict[str, dict[str, Any]] = {}
     for (em, method, sm, rate), rs in sorted(groups.items()):
@@ -87,6 +99,11 @@ def recommend(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry["improves_validation"] = sign * entry["mean_valid_delta"] > 0
         if em not in best or sign * entry["mean_valid_delta"] > sign * best[em]["mean_valid_delta"]:
             best[em] = entry
+    costs = _group([r for r in rows if r["eval_metric"] in EVALUATION_METRICS], ("method", "score_metric", "removal_rate"))
+    for entry in best.values():
+        at = costs.get((entry["method"], entry["score_metric"], entry["removal_rate"]), [])
+        entry["evaluation_deltas"] = {em: float(np.mean([r["delta"] for r in rs]))
+                                      for (em,), rs in _group(at, ("eval_metric",)).items()}
     return [best[em] for em in sorted(best)]
 
 
