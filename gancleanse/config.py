@@ -285,6 +285,9 @@ class Config:
                 raise ConfigError(f"{source}: cleanse.{key} is empty: list at least one {what}")
             seen: set = set()
             for v in values:
+                if key == "metrics" and v in EVALUATION_METRICS:
+                    raise ConfigError(f"{source}: cleanse.metrics lists {v!r}, which is evaluation only: list it in "
+                                      "cleanse.evaluate")
                 if known is not None and v not in known:
                     raise ConfigError(f"{source}: cleanse.{key} has unknown {what} {v!r} (known: {', '.join(known)})")
                 if v in seen:

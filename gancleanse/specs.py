@@ -75,6 +75,21 @@ FEATURE_SPACES = ("classifier", "inception", "self_supervised", "torchscript")
 FEATURE_CHOICES = ("auto", *FEATURE_SPACES)
 FEATURES = ("raw", *FEATURE_CHOICES)
 """What isolation_forest / knn_density fit on: the raw data, or a feature space."""
+SPACE_LABELS = {"classifier": "classifier", "torchscript": "TorchScript extractor",
+                "self_supervised": "self-supervised encoder"}
+
+
+def metric_label(metric: str, space: str | None = None) -> str:
+    """How outputs name ``metric`` computed in feature ``space``: FID / KID / IS only in the Inception network of
+    the standard; in another network the network is named, and in the self-supervised encoder's features the
+    Frechet distance is "FD (self-supervised encoder)", never FID (it is not comparable with published FID)."""
+    spec = METRIC_SPECS.get(metric) or EVALUATION_SPECS.get(metric)
+    label = spec.label if spec else metric
+    if spec is None or spec.needs != "features" or space not in SPACE_LABELS:
+        return label
+    if space == "self_supervised" and label in ("FID", "KID"):
+        label = label.replace("I", "", 1)  # FID -> FD, KID -> KD: no Inception involved
+    return f"{label} ({SPACE_LABELS[space]})"
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,7 @@ def test_report_shows_the_evaluation_metrics(study):
     rows = re.findall(r'<tr class="[^"]*"><td class="l">([^<]*)</td><td class="l">([^<]*)</td>'
                       r'<td class="l">([^<]*)</td><td>([^<]*)</td>', section)
     assert len(rows) == len(SCORERS) * 2 * 3
-    assert {r[2] for r in rows} == {"precision", "recall"}
+    assert {r[2] for r in rows} == {"precision (classifier)", "recall (classifier)"}  # named with their features
     changes = [float(c) for c in re.findall(r'<td class="chg">([^<]*)</td>', section)]
     expected = [e["mean_delta"] for e in summary["by_rate"] if e["eval_metric"] in ("precision", "recall")]
     assert changes == pytest.approx(expected, rel=1e-2, abs=1e-12)

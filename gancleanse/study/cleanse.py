@@ -31,7 +31,7 @@ from ..locks import DirectoryLock
 from ..models import GANModules
 from ..run import Run
 from ..scores import Scores
-from ..specs import FEATURE_METRICS, scorer_spec
+from ..specs import FEATURE_METRICS, evaluated_spec, scorer_spec
 from ..training import recorder
 from . import trust
 from .executor import run_tasks
@@ -181,10 +181,13 @@ def run_study(cfg: Config, out: Path, *, models: GANModules | None = None, data:
         _warn_unconverged_aid(study, list(cfg.cleanse.seeds))
         scorers = scorers_for(cfg, runs[cfg.cleanse.seeds[0]].feature_space)
         keys = _retrain_all(cfg, study, runs, scorers, executor, workers, progress)
-        rows = _result_rows(cfg, study, runs, scorers, keys)
+        networks = feature_networks(cfg, runs)
+        rows = _result_rows(cfg, study, runs, scorers, keys, networks)
         write_results(out / "results.csv", rows)
         summary = summarize(rows)
         summary["checks"] = check_table(study, list(cfg.cleanse.seeds), [scorer.name for scorer in scorers])
+        if networks:
+            summary["features"] = networks
         _warn_untrusted(summary["checks"])
         write_summary(out, summary)
         return summary
@@ -227,12 +230,13 @@ def _retrain_all(cfg: Config, study: StudyDir, runs: dict[int, Run], scorers: li
 
 
 def _result_rows(cfg: Config, study: StudyDir, runs: dict[int, Run], scorers: list[Scorer],
-                 keys: dict[tuple, tuple[str, int]]) -> list[dict[str, Any]]:
+                 keys: dict[tuple, tuple[str, int]], networks: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Step 3: one row per (seed, scorer, rate, metric): test and validation before and after, for the scored
     and the evaluation-only metrics (every scorer's rows name its scored variant; evaluation metrics score none)."""
     metrics = evaluated(cfg)
     rows = []
     for s in cfg.cleanse.seeds:
+        network = networks.get(str(s), {})
         original = study.original(s)
         if not (original.is_file() and part_matches(original, runs[s].id, None, cfg)):
             write_json_atomic(original, {**evaluate(runs[s], runs[s].final_state(), metrics),
@@ -248,8 +252,20 @@ def _result_rows(cfg: Config, study: StudyDir, runs: dict[int, Run], scorers: li
                     rows.append({"seed": s, "method": scorer.method, "score_metric": scorer.variant,
                                  "eval_metric": m, "removal_rate": rate, "n_removed": n,
                                  "before": b, "after": a, "delta": a - b,
-                                 "valid_before": vb, "valid_after": va, "valid_delta": va - vb})
+                                 "valid_before": vb, "valid_after": va, "valid_delta": va - vb,
+                                 "features": f"{network['space']}:{network['key']}"
+                                 if network and evaluated_spec(m).needs == "features" else ""})
     return rows
+
+
+def feature_networks(cfg: Config, runs: dict[int, Run]) -> dict[str, dict[str, Any]]:
+    """Per seed, the network the study's feature metrics were computed in (``features.metric_features``:
+    space, file or cache, sha256, why chosen); empty when no evaluated metric needs one."""
+    from ..features import metric_features
+
+    if not any(evaluated_spec(m).needs == "features" for m in evaluated(cfg)):
+        return {}
+    return {str(s): metric_features(runs[s]) for s in cfg.cleanse.seeds}
 
 
 def _warn_untrusted(checks: list[dict[str, Any]]) -> None:

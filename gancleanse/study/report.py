@@ -7,11 +7,9 @@ data URIs and the style inline, so the file can be archived alone. Missing input
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import math
 from contextlib import suppress
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +19,8 @@ from ..config import Config, load_config
 from ..errors import GancleanseError
 from ..files import write_text_atomic
 from ..scores import Scores
-from ..specs import EVALUATION_METRICS, direction, evaluated_spec
+from ..specs import EVALUATION_METRICS, direction, metric_label
+from .figures import as_images, dot, escape, figure, grid_png, new_axes, png
 from .layout import read_json, retrain_key, scores_path
 from .tables import read_results, scored, summarize
 from .trust import TRUST_THRESHOLD, flagged
@@ -66,6 +65,19 @@ def write_report(study_dir: Path) -> Path:
     with suppress(GancleanseError):
         cfg = load_config(study_dir / "config.toml")
     seed = rows[0]["seed"]  # the study keeps generated samples for its first seed only
+    networks = summary.get("features")
+    first = next(iter(networks.values()), {}) if isinstance(networks, dict) and networks else {}
+    token = _SPACE.set(first.get("space") if isinstance(first, dict) else None)
+    try:
+        page = _page(study_dir, rows, summary, cfg, seed)
+    finally:
+        _SPACE.reset(token)
+    out = study_dir / "report.html"
+    write_text_atomic(out, page)
+    return out
+
+
+def _page(study_dir: Path, rows: list[Row], summary: dict[str, Any], cfg: Config | None, seed: int) -> str:
     body = [_header(study_dir, rows, summary, cfg),
             _section("plots", "Change of the test metric vs removal rate", lambda: _plots(summary["by_rate"])),
             _section("table", "Summary table", lambda: _tables(summary)),
@@ -78,24 +90,19 @@ def write_report(study_dir: Path) -> Path:
             _section("samples", f"Generated samples before and after cleansing (seed {seed}, same latents)",
                      lambda: _samples(study_dir, rows, seed)),
             _section("config", "Config", lambda: _config_text(study_dir / "config.toml"))]
-    page = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             '<meta name="viewport" content="width=device-width,initial-scale=1">'
-            f"<title>gancleanse report: {_escape(study_dir.name)}</title><style>{CSS}</style></head>\n"
+            f"<title>gancleanse report: {escape(study_dir.name)}</title><style>{CSS}</style></head>\n"
             f"<body><main>\n{''.join(body)}</main></body></html>\n")
-    out = study_dir / "report.html"
-    write_text_atomic(out, page)
-    return out
 
 
 # ------------------------------------------------------------------------- helpers
-def _escape(text: Any) -> str:
-    return html.escape(str(text), quote=True)
+_SPACE: ContextVar[str | None] = ContextVar("feature_space", default=None)  # of the report being written
 
 
 def _label(metric: str) -> str:
-    with suppress(GancleanseError):
-        return evaluated_spec(metric).label
-    return metric
+    """The metric's name in the study's feature space (``specs.metric_label``: FD, not FID, in an encoder's)."""
+    return metric_label(metric, _SPACE.get())
 
 
 def _direction(metric: str) -> str:
@@ -115,7 +122,7 @@ def _unique(values: list[Any]) -> list[Any]:
 
 
 def _note(text: str) -> str:
-    return f'<p class="note">{_escape(text)}</p>'
+    return f'<p class="note">{escape(text)}</p>'
 
 
 def _section(anchor: str, title: str, build: Callable[[], str]) -> str:
@@ -124,58 +131,7 @@ def _section(anchor: str, title: str, build: Callable[[], str]) -> str:
         content = build()
     except (OSError, ValueError, KeyError, RuntimeError, GancleanseError) as err:
         content = _note(f"Not available: {err}")
-    return f'<section id="{anchor}"><h2>{_escape(title)}</h2>\n{content}</section>\n'
-
-
-def _png(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _figure(b64: str, alt: str, caption: str, title: str = "", pixels: bool = False) -> str:
-    """A card with a PNG (base64) and its caption (HTML); ``pixels``: drawn without smoothing."""
-    img = (f'<img src="data:image/png;base64,{b64}" alt="{_escape(alt)}" title="{_escape(title or alt)}"'
-           + (' class="pixels"' if pixels else "") + ">")
-    return f'<div class="card"><figure>{img}<figcaption>{caption}</figcaption></figure></div>'
-
-
-def _new_axes(width: float, height: float) -> tuple[Any, Any]:
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
-
-    fig = Figure(figsize=(width, height))
-    return fig, fig.add_subplot()
-
-
-def _dot(n: int) -> float:
-    """Marker area that keeps a scatter of ``n`` points readable (smaller dots for more points)."""
-    return float(np.clip(3000.0 / n, 1.0, 12.0))
-
-
-def _as_images(x: np.ndarray) -> np.ndarray | None:
-    """(N, C, H, W) for image-shaped data, None for vectors."""
-    return x[:, None] if x.ndim == 3 else x if x.ndim == 4 else None
-
-
-def _grid_png(images: np.ndarray, cols: int = 8) -> str:
-    """Images (n, C, H, W) in [-1, 1] tiled row-major with 1-pixel gaps, enlarged to about 32 px each."""
-    from matplotlib.image import imsave
-
-    n, c, h, w = images.shape
-    scale = max(1, 32 // max(h, w))
-    cols = min(cols, n)
-    rows = math.ceil(n / cols)
-    x = np.clip((images + 1.0) / 2.0, 0.0, 1.0).transpose(0, 2, 3, 1)
-    x = x if c == 3 else x[..., :1]
-    canvas = np.ones((rows * (h + 1) + 1, cols * (w + 1) + 1, x.shape[-1]))
-    for k in range(n):
-        r, q = divmod(k, cols)
-        canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = x[k]
-    canvas = canvas.repeat(scale, axis=0).repeat(scale, axis=1)
-    gray = canvas.shape[-1] == 1  # (vmin and vmax do not apply to RGB)
-    buf = io.BytesIO()
-    imsave(buf, canvas[..., 0] if gray else canvas, cmap="gray" if gray else None, vmin=0.0, vmax=1.0, format="png")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return f'<section id="{anchor}"><h2>{escape(title)}</h2>\n{content}</section>\n'
 
 
 def _training_data(run_dir: Path) -> np.ndarray:
@@ -186,16 +142,26 @@ def _training_data(run_dir: Path) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------ sections
+def _network_fact(networks: Any) -> dict[str, str]:
+    """The header's "features" fact: the network of the feature metrics (per seed when they differ), with the
+    hash of its weights file or the key of its cached weights."""
+    if not isinstance(networks, dict) or not networks:
+        return {}
+    described = {f"{r.get('space')} ({'sha256 ' + str(r['sha256'])[:12] if 'sha256' in r else r.get('key')})"
+                 for r in networks.values() if isinstance(r, dict)}
+    return {"features": "; ".join(sorted(described))}
+
+
 def _header(study_dir: Path, rows: list[Row], summary: dict[str, Any], cfg: Config | None) -> str:
     facts = {"data": cfg.data.name if cfg else "?", "training instances": cfg.data.n_train if cfg else "?",
              "seeds": ", ".join(str(s) for s in _unique(r["seed"] for r in rows)),
              "evaluated on": ", ".join(_label(m) for m in _unique(r["eval_metric"] for r in rows)),
              "scorers": ", ".join(_unique(f"{r['method']}-{r['score_metric']}" for r in rows)),
              "removal rates": ", ".join(_rate(x) for x in sorted(_unique(r["removal_rate"] for r in rows))),
-             "retrain": cfg.cleanse.retrain if cfg else "?"}
-    fact_html = "".join(f"<span>{_escape(k)}: <b>{_escape(v)}</b></span>" for k, v in facts.items())
+             "retrain": cfg.cleanse.retrain if cfg else "?", **_network_fact(summary.get("features"))}
+    fact_html = "".join(f"<span>{escape(k)}: <b>{escape(v)}</b></span>" for k, v in facts.items())
     lines = [_headline(m, summary) for m in _unique(r["eval_metric"] for r in scored(rows))]
-    return (f'<header id="summary"><h1>Cleansing study: {_escape(study_dir.name)}</h1>'
+    return (f'<header id="summary"><h1>Cleansing study: {escape(study_dir.name)}</h1>'
             f'<div class="card facts">{fact_html}</div>\n{"".join(lines)}</header>\n')
 
 
@@ -203,13 +169,13 @@ def _headline(metric: str, summary: dict[str, Any]) -> str:
     """The best (scorer, rate) on the test split, and the scorer's result at validation-chosen rates."""
     sign = direction(metric)
     candidates = [e for e in summary["by_rate"] if e["eval_metric"] == metric and e["n_removed"] > 0]
-    head = f"<b>{_escape(_label(metric))}</b> ({_direction(metric)}): "
+    head = f"<b>{escape(_label(metric))}</b> ({_direction(metric)}): "
     if not candidates:
         return f'<div class="card headline">{head}no removal rate removed any instance.</div>'
     best = max(candidates, key=lambda e: sign * e["mean_delta"])
     good = sign * best["mean_delta"] > 0
     verdict = "best" if good else "no scorer improved it on average; least bad"
-    text = (f"{head}{verdict}: <b>{_escape(best['method'])}-{_escape(best['score_metric'])}</b> removing "
+    text = (f"{head}{verdict}: <b>{escape(best['method'])}-{escape(best['score_metric'])}</b> removing "
             f"{_rate(best['removal_rate'])} ({best['n_removed']} instances): mean change "
             f"<b>{best['mean_delta']:+.3g}</b> &plusmn; {best['std_delta']:.2g} over {best['n_seeds']} "
             f"seed(s), p = {_number(best['p_value'], '.3g')}.")
@@ -223,7 +189,7 @@ def _headline(metric: str, summary: dict[str, Any]) -> str:
                all(e[k] == best[k] for k in ("method", "score_metric", "removal_rate"))]
     if at_best:
         text += " At that removal (evaluation only): " + ", ".join(
-            f"{_escape(_label(e['eval_metric']))} {e['mean_before']:.3g} &rarr; {e['mean_after']:.3g} "
+            f"{escape(_label(e['eval_metric']))} {e['mean_before']:.3g} &rarr; {e['mean_after']:.3g} "
             f"({e['mean_delta']:+.3g})" for e in at_best) + "."
     return f'<div class="card headline {"good" if good else "bad"}">{text}</div>'
 
@@ -231,7 +197,7 @@ def _headline(metric: str, summary: dict[str, Any]) -> str:
 def _plots(by_rate: list[Row]) -> str:
     cards = []
     for metric in _unique(e["eval_metric"] for e in by_rate):
-        fig, ax = _new_axes(5.6, 3.6)
+        fig, ax = new_axes(5.6, 3.6)
         entries = [e for e in by_rate if e["eval_metric"] == metric]
         for scorer in _unique((e["method"], e["score_metric"]) for e in entries):
             es = sorted((e for e in entries if (e["method"], e["score_metric"]) == scorer),
@@ -246,7 +212,7 @@ def _plots(by_rate: list[Row]) -> str:
         ax.legend(fontsize=8)
         ax.set_title(f"{_label(metric)}: mean ± std across seeds", fontsize=10)
         caption = f"Above the dashed line is {'better' if direction(metric) > 0 else 'worse'}."
-        cards.append(_figure(_png(fig), f"change of {_label(metric)} vs removal rate", caption))
+        cards.append(figure(png(fig), f"change of {_label(metric)} vs removal rate", caption))
     return f'<div class="row">{"".join(cards)}</div>'
 
 
@@ -308,8 +274,8 @@ def _evaluation(by_rate: list[Row]) -> str:
 
 def _scorer_cells(entry: Row, metric_key: str = "eval_metric") -> str:
     """The method, scored-on and metric cells that open a row of every table."""
-    return (f'<td class="l">{_escape(entry["method"])}</td><td class="l">{_escape(entry["score_metric"])}</td>'
-            f'<td class="l">{_escape(_label(entry[metric_key]))}</td>')
+    return (f'<td class="l">{escape(entry["method"])}</td><td class="l">{escape(entry["score_metric"])}</td>'
+            f'<td class="l">{escape(_label(entry[metric_key]))}</td>')
 
 
 def _table(table_id: str, metric_heading: str, headings: list[str], body: str) -> str:
@@ -344,7 +310,7 @@ def _trust_row(check: dict[str, Any], seeds: list[int]) -> str:
         tau, iv, trusted = per_seed[s]
         text = _number(tau, ".2f") + (f" [{iv[0]:.2f}, {iv[1]:.2f}]" if iv and tau is not None else "")
         weak = flagged({"trusted": trusted, "method": check["method"]})
-        cells.append(f'<td class="{"weak" if weak else ""}">{_escape(text)}</td>')
+        cells.append(f'<td class="{"weak" if weak else ""}">{escape(text)}</td>')
     mean = _number(check["mean_kendall_tau"], ".2f")
     return f'<tr>{_scorer_cells(check, "check_metric")}{"".join(cells)}<td>{mean}</td></tr>'
 
@@ -354,7 +320,7 @@ def _scores(study_dir: Path, rows: list[Row], seed: int) -> str:
     scorers = _unique(f"{r['method']}-{r['score_metric']}" for r in rows)
     influence = [s for s in scorers if s.split("-", 1)[0] in ("itd", "aid")]
     x = _training_data(seed_dir / "run")
-    images = _as_images(x)
+    images = as_images(x)
     if images is None and x.shape[1:] != (2,):
         return _note(f"No picture for training data of shape {tuple(x.shape[1:])}.")
     rates = [r["removal_rate"] for r in rows if r["removal_rate"] > 0]
@@ -376,26 +342,26 @@ def _scores(study_dir: Path, rows: list[Row], seed: int) -> str:
             for label, idx in (("most harmful", order[:GRID_COUNT]), ("most helpful", order[::-1][:GRID_COUNT])):
                 ids = ", ".join(str(int(i)) for i in idx)
                 named = ", ".join(keys[i] for i in idx)
-                cards.append(_figure(_grid_png(images[idx]), f"{name}: {label} training images",
-                                     f"<b>{_escape(name)}</b>: the {len(idx)} {label} (row by row): "
-                                     f"<span class=\"keys\">{_escape(named)}</span>", f"indices: {ids}", pixels=True))
+                cards.append(figure(grid_png(images[idx]), f"{name}: {label} training images",
+                                     f"<b>{escape(name)}</b>: the {len(idx)} {label} (row by row): "
+                                     f"<span class=\"keys\">{escape(named)}</span>", f"indices: {ids}", pixels=True))
         else:
-            cards.append(_figure(_harm_scatter(x, harm, order[:top_k]), f"{name}: harmfulness",
-                                 f"<b>{_escape(name)}</b>: training set coloured by harmfulness (red: removal "
+            cards.append(figure(_harm_scatter(x, harm, order[:top_k]), f"{name}: harmfulness",
+                                 f"<b>{escape(name)}</b>: training set coloured by harmfulness (red: removal "
                                  f"predicted to help); circled: the {top_k} most harmful."))
     return f'<div class="row">{"".join(cards)}</div>'
 
 
 def _harm_scatter(x: np.ndarray, harm: np.ndarray, marked: np.ndarray) -> str:
-    fig, ax = _new_axes(5.0, 4.2)
+    fig, ax = new_axes(5.0, 4.2)
     lim = float(np.abs(harm).max()) or 1.0
     front = np.argsort(np.abs(harm), kind="stable")  # the most extreme colours are drawn last, on top
-    pts = ax.scatter(x[front, 0], x[front, 1], c=harm[front], cmap="RdBu_r", vmin=-lim, vmax=lim, s=_dot(len(x)))
+    pts = ax.scatter(x[front, 0], x[front, 1], c=harm[front], cmap="RdBu_r", vmin=-lim, vmax=lim, s=dot(len(x)))
     ax.scatter(x[marked, 0], x[marked, 1], s=60, facecolors="none", edgecolors="black", lw=0.9, label="most harmful")
     ax.set_aspect("equal", adjustable="datalim")
     ax.legend(fontsize=8, loc="upper right")
     fig.colorbar(pts, ax=ax, label="harmfulness (> 0: removal predicted to help)")
-    return _png(fig)
+    return png(fig)
 
 
 def _samples(study_dir: Path, rows: list[Row], seed: int) -> str:
@@ -419,8 +385,8 @@ def _samples(study_dir: Path, rows: list[Row], seed: int) -> str:
     if not samples:
         return "".join(cards)
     first = next(iter(samples.values()))
-    if _as_images(first) is not None:
-        cards += [_figure(_grid_png(_as_images(s)), titles[k], _escape(titles[k]), pixels=True)
+    if as_images(first) is not None:
+        cards += [figure(grid_png(as_images(s)), titles[k], escape(titles[k]), pixels=True)
                   for k, s in samples.items()]
     elif first.shape[1:] == (2,):
         real = _training_data(study_dir / "seeds" / f"seed_{seed}" / "run")
@@ -428,16 +394,16 @@ def _samples(study_dir: Path, rows: list[Row], seed: int) -> str:
         pad = 0.05 * (both.max(0) - both.min(0))
         lo, hi = both.min(0) - pad, both.max(0) + pad
         for k, s in samples.items():
-            fig, ax = _new_axes(4.2, 4.2)
-            ax.scatter(real[:, 0], real[:, 1], s=_dot(len(real)), color="#b8bec9", label="training data")
+            fig, ax = new_axes(4.2, 4.2)
+            ax.scatter(real[:, 0], real[:, 1], s=dot(len(real)), color="#b8bec9", label="training data")
             ax.scatter(s[:, 0], s[:, 1], s=14, color="#d9480f", label="generated")
             ax.set(xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]))
             ax.legend(fontsize=8, loc="upper right")
-            cards.append(_figure(_png(fig), titles[k], _escape(titles[k])))
+            cards.append(figure(png(fig), titles[k], escape(titles[k])))
     else:
         return _note(f"No picture for samples of shape {tuple(first.shape[1:])}.")
     return f'<div class="row">{"".join(cards)}</div>'
 
 
 def _config_text(path: Path) -> str:
-    return f"<pre>{_escape(path.read_text())}</pre>" if path.is_file() else _note(f"{path.name} is missing.")
+    return f"<pre>{escape(path.read_text())}</pre>" if path.is_file() else _note(f"{path.name} is missing.")

@@ -25,7 +25,10 @@ from .layout import CHECK_FILE, StudyDir, read_check
 from .trust import flagged
 
 RESULT_COLUMNS = ["seed", "method", "score_metric", "eval_metric", "removal_rate", "n_removed",
-                  "before", "after", "delta", "valid_before", "valid_after", "valid_delta"]
+                  "before", "after", "delta", "valid_before", "valid_after", "valid_delta", "features"]
+"""``features``: the network a feature metric was computed in (``space:key``, the key a hash of its weights
+file or settings; SCORES.json and summary.json name the file and sha256), empty for the others."""
+FLOAT_COLUMNS = {"removal_rate", "before", "after", "delta", "valid_before", "valid_after", "valid_delta"}
 RESULTS_MAX_BYTES = 256 * 2**20  # one row per seed, scorer, rate and metric: never anywhere near this
 SUMMARY_COLUMNS = ["method", "score_metric", "eval_metric", "removal_rate", "n_removed", "n_seeds",
                    "mean_before", "mean_after", "mean_delta", "std_delta", "p_value"]
@@ -33,7 +36,7 @@ CHECK_COLUMNS = ("kendall_tau", "kendall_tau_interval", "pearson", "trusted")  #
 
 
 def write_results(path: Path, rows: list[dict[str, Any]]) -> None:
-    write_csv_atomic(path, RESULT_COLUMNS, ([r[k] for k in RESULT_COLUMNS] for r in rows))
+    write_csv_atomic(path, RESULT_COLUMNS, ([r.get(k, "") for k in RESULT_COLUMNS] for r in rows))
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
@@ -42,8 +45,8 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     except (OSError, ValueError) as e:
         raise GancleanseError(f"{path}: cannot read the study's results ({e})") from None
     rows = list(csv.DictReader(io.StringIO(text, newline="")))
-    ints, floats = {"seed", "n_removed"}, set(RESULT_COLUMNS[4:]) - {"n_removed"}
-    return [{k: int(v) if k in ints else float(v) if k in floats else v for k, v in r.items()} for r in rows]
+    ints = {"seed", "n_removed"}
+    return [{k: int(v) if k in ints else float(v) if k in FLOAT_COLUMNS else v for k, v in r.items()} for r in rows]
 
 
 def _group(rows: list[dict[str, Any]], fields: Sequence[str]) -> dict[tuple, list[dict[str, Any]]]:
