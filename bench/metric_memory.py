@@ -13,10 +13,17 @@ flat in N (target: within 15% of the 1,000-sample figure); in one batch it grew 
 Prints one row per N: peak MiB, the peak over the 1,000-sample (first) figure, seconds of the child and the FID.
 The trust check (--check) is off: it retrains the window K times and only evaluates the metric without a graph.
 
+A second section prints what the Inception feature space (``features = inception``) costs on this CPU: seconds per
+1,000 images of the FID Inception-v3 (gancleanse.features.inception), forward alone (the real split and metric
+values, no graph) and forward + VJP to the images (what a metric gradient pays per generated sample), at 1 and 2
+torch threads, the median of ``--inception-repeats`` timed batches of ``--inception-batch`` 32x32 RGB images after
+one untimed batch. The weights are random: the cost does not depend on their values.
+
 Usage:
   .venv/bin/python bench/metric_memory.py                # 28x28, as examples/digits.toml (about 10 min on 2 cores)
   .venv/bin/python bench/metric_memory.py --quick        # 8x8: the same counts in about 3 minutes on 2 cores
   .venv/bin/python bench/metric_memory.py --counts 1000 5000 --threads 2 --dir /tmp/mm --keep
+  .venv/bin/python bench/metric_memory.py --section inception   # the Inception timings alone (about 3 minutes)
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -93,6 +101,48 @@ def measure(run_dir: Path, threads: int) -> dict[str, Any]:
     return result
 
 
+def inception_seconds(threads: int, batch: int, repeats: int, side: int = 32) -> tuple[float, float]:
+    """Median seconds per 1,000 images of the Inception network: (forward without a graph, forward + VJP)."""
+    import torch
+
+    from gancleanse.features.base import freeze
+    from gancleanse.features.inception import InceptionV3
+
+    torch.set_num_threads(threads)
+    model = freeze(InceptionV3())
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, 3, side, side, generator=g) * 2 - 1
+    cotangents = (torch.randn(batch, 2048, generator=g), torch.randn(batch, 1008, generator=g))
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(images)
+
+    def forward_vjp() -> None:
+        x = images.clone().requires_grad_(True)
+        torch.autograd.grad(model(x), x, cotangents)
+
+    medians = []
+    for work in (forward, forward_vjp):
+        work()  # untimed: first-call allocations
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - started)
+        medians.append(statistics.median(times) / batch * 1000)
+    return medians[0], medians[1]
+
+
+def inception_section(batch: int, repeats: int) -> None:
+    rows = [(threads, *inception_seconds(threads, batch, repeats)) for threads in (1, 2)]
+    print(f"\nInception-v3 features (FID standard, 32x32 RGB resized to 299x299), float32, batch {batch}, "
+          f"median of {repeats}: seconds per 1,000 images")
+    print(f"{'threads':>8}{'forward':>10}{'fwd+VJP':>10}")
+    for threads, forward, forward_vjp in rows:
+        print(f"{threads:>8}{forward:>10.0f}{forward_vjp:>10.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--counts", type=int, nargs="+", default=[1000, 5000, 20000], help="metric.n_samples values")
@@ -100,11 +150,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="CPU threads of every child (default 2)")
     ap.add_argument("--dir", type=Path, help="folder for the runs (reused when already trained); kept")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder and print its path")
+    ap.add_argument("--section", choices=("all", "memory", "inception"), default="all",
+                    help="which tables to print (default both)")
+    ap.add_argument("--inception-batch", type=int, default=4, help="images per timed Inception batch (default 4)")
+    ap.add_argument("--inception-repeats", type=int, default=3, help="timed batches per median (default 3)")
     ap.add_argument("--child", nargs=2, metavar=("RUN", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(*args.child)
         return
+    if args.section in ("all", "memory"):
+        memory_section(args)
+    if args.section in ("all", "inception"):
+        inception_section(args.inception_batch, args.inception_repeats)
+
+
+def memory_section(args: argparse.Namespace) -> None:
+    """The peak-memory table (the child processes above)."""
     from gancleanse.metrics import DEFAULT_CHUNK_SIZE
 
     side = 8 if args.quick else 28

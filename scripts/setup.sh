@@ -12,4 +12,6 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 .venv/bin/python -m pip install --quiet -e ".[test,ray]"
+# torch-fidelity: the tests' reference Inception; without dependencies (torchvision's wheel does not import beside this CPU torch)
+.venv/bin/python -m pip install --quiet --no-deps "torch-fidelity==0.4.0"
 echo "gancleanse installed in .venv ($(.venv/bin/gancleanse --version))"
