@@ -158,7 +158,8 @@ def summary_line(record: dict) -> str:
         return "features: none"
     where = f"{record['file']} (sha256 {record['sha256'][:16]}...)" if "sha256" in record else record.get("source", "")
     chosen = f" [{record['chosen']}]" if "chosen" in record else ""
-    return f"features: {record['space']}{chosen}, from {where}"
+    channels = f"; {record['channels']}" if "channels" in record else ""
+    return f"features: {record['space']}{chosen}, from {where}{channels}"
 
 
 def training_features(run: "Run", space: str | None = None) -> np.ndarray:

@@ -336,4 +336,7 @@ def load_for_run(run: "Run") -> FeatureModel:
     if len(shape) != 3 or shape[0] not in (1, 3):
         raise DataError(f"the Inception feature space needs images (N, C, H, W) with C = 1 or 3; data.name = "
                         f"{run.cfg.data.name!r} has samples of shape {shape}")
-    return load_inception(path, torch.float64 if run.dtype == torch.float64 else torch.float32)
+    model = load_inception(path, torch.float64 if run.dtype == torch.float64 else torch.float32)
+    if shape[0] == 1:  # said in the record and on the command line, as torch-fidelity does it silently
+        model.record["channels"] = "grayscale images: the one channel replicated to RGB"
+    return model
