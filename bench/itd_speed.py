@@ -3,14 +3,17 @@
 For each model (the paper's 2D GAN on 10k instances, batch 100; a small conv GAN on digits;
 the same conv GAN fine-tuned through rank-8 adapters, ``dcgan-digits-lora8``, whose state,
 adjoint and graphs hold the adapters alone):
-  (a) reverse pass (ITD over the recorded window) / training the same window (replay), median of repeats;
+  (a) reverse pass (ITD over the recorded window) / training the same window (replay), for each way of
+      differentiating a step (``--reverse`` vjp, hvp, auto; the other lines time auto, the default),
+      medians of repeats interleaved across the four sides, and which way auto chose;
   (b) the reference approach (adjoint by double backprop plus one backward pass per instance per
       step) / ours, per reverse step, median over consecutive steps of the window: raw, and
       charged with the plain training step the reference needs to recover each step's state
       (it goes backwards in time, so it must replay the training to get there);
-  (c) peak resident memory (the process's own high-water mark, VmHWM) of the reverse pass, in
-      a fresh process, against replay alone, for two checkpoint intervals (memory follows the
-      segment length, not the window length);
+  (c) peak resident memory (the process's own high-water mark, VmHWM) of the reverse pass (the
+      default way, and the hvp way, which keeps states instead of graphs), in a fresh process,
+      against replay alone, for two checkpoint intervals (memory follows the segment length, not
+      the window length);
   (d) for the conv GAN: seconds per training epoch, and the time of each metric's gradient
       with respect to the state (the start of every reverse pass), also in training steps;
   (e) for the conv GAN, checkpoints every 10 steps: ITD with the default budget (memory_gb=None,
@@ -23,7 +26,10 @@ the DCGAN of examples/digits.toml at batch 100, one recorded epoch: seconds of t
 epoch, of ITD over it, and of validating by retraining without each of K single instances
 (gc.counterfactuals; K = 200 by default). Try it small first: --mnist-n 2000 --mnist-validate 4.
 
+With --ratios-only, (a) alone.
+
 Usage: .venv/bin/python bench/itd_speed.py [--quick] [--threads T] [--device cpu|cuda] [--setups NAME ...]
+           [--ratios-only]
            [--mnist | --mnist-only] [--mnist-n N] [--mnist-validate K] [--mnist-metric fid|loss_d]
 """
 
@@ -48,6 +54,7 @@ from gancleanse.device import check_threads
 from gancleanse.data import Splits
 from gancleanse.influence.itd import itd_influence, metric_gradient
 from gancleanse.metrics import Metric, make_metric
+from gancleanse.options import REVERSE_PASSES
 from gancleanse.training.dynamics import State, StepBatch
 from gancleanse.training.losses import d_real_term
 from gancleanse.training.replay import replay
@@ -133,12 +140,13 @@ def child_main(job: dict[str, Any]) -> None:
     torch.set_num_threads(job["threads"])
     run = gc.Run.open(job["run"], device=job.get("device"))
     metric = make_metric(job["metric"], run)
-    warm_up(run, job["mode"])
+    warm_up(run, job["mode"], job.get("reverse", "auto"))
     out: dict[str, Any] = {}
     seconds = []
     for _ in range(job["repeats"]):
         if job["mode"] == "itd":
-            res = itd_influence(run, metric, memory_gb=job.get("memory_gb"), progress=False)
+            res = itd_influence(run, metric, memory_gb=job.get("memory_gb"), progress=False,
+                                reverse=job.get("reverse", "auto"))
             seconds.append(res.seconds)
             out.update(stretch=res.stretch, graph_bytes_per_step=res.graph_bytes_per_step)
             if job.get("save"):
@@ -149,17 +157,24 @@ def child_main(job: dict[str, Any]) -> None:
     print(json.dumps(out))
 
 
-def warm_up(run: gc.Run, mode: str) -> None:
+def warm_up(run: gc.Run, mode: str, reverse: str = "auto") -> None:
     """One step as the job takes it, so that a timing does not carry first-call costs (torch.func's
-    is about a second): a VJP for ITD (one step's graph stays below any reverse pass's peak), a
+    is about a second): for ITD, a VJP (one step's graph stays below any reverse pass's peak; the hvp
+    way's check of its first step holds one too) and, the hvp way, a Hessian-vector-product step; a
     step without graph for replay (a graph would raise replay's peak)."""
     from torch.func import vjp
+
+    from gancleanse.training.adjoint import step_adjoint
 
     dyn = run.dynamics
     ones = torch.ones(run.cfg.train.batch_size, dtype=run.dtype, device=run.device)
     state, batch = run.load_state(run.window_start), run.batch(run.window_start)
     if mode == "itd":
         vjp(lambda s, w: dyn.step(s, batch, w), state, ones, has_aux=True)
+        if reverse == "hvp":
+            with torch.no_grad():
+                new, _, gradients = dyn.step_with_gradients(state, batch, ones)
+            step_adjoint(dyn, state, batch, ones, gradients, new["d"], new)  # any adjoint shaped like a state
     else:
         with torch.no_grad():
             dyn.step(state, batch, ones)
@@ -227,8 +242,27 @@ def time_reference(run: gc.Run, metric: Metric, n_steps: int) -> dict[str, float
 
 # --- one setup ----------------------------------------------------------------------------------
 
+def time_ways(run: gc.Run, metric: Metric, repeats: int) -> tuple[float, dict[str, float], list[str]]:
+    """Median seconds of training the window (replay) and of ITD over it each way (vjp, hvp, auto), the
+    repeats interleaved so that a slower stretch of the machine falls on every side; and auto's choices."""
+    replay(run, run.window_start)  # warm-up (the first torch.func call costs about a second)
+    for way in REVERSE_PASSES:
+        itd_influence(run, metric, progress=False, reverse=way)
+    seconds: dict[str, list[float]] = {"train": [], **{way: [] for way in REVERSE_PASSES}}
+    chose: list[str] = []
+    for _ in range(repeats):
+        seconds["train"].append(_timed(lambda: replay(run, run.window_start)))
+        for way in REVERSE_PASSES:
+            res = itd_influence(run, metric, progress=False, reverse=way)
+            seconds[way].append(res.seconds)
+            if way == "auto":
+                chose.append(res.reverse["reverse"])
+    t_train = statistics.median(seconds.pop("train"))
+    return t_train, {way: statistics.median(v) for way, v in seconds.items()}, chose
+
+
 def bench(name: str, spec: dict[str, Any], workdir: Path, threads: int, repeats: int, ref_steps: int,
-          device: str = "cpu") -> dict[str, Any]:
+          device: str = "cpu", ratios_only: bool = False) -> dict[str, Any]:
     sections, opts = split_spec(spec)
     metric_name = opts["metric_name"]
     cfg = Config.from_dict(config_dict(sections, threads, device))
@@ -237,10 +271,14 @@ def bench(name: str, spec: dict[str, Any], workdir: Path, threads: int, repeats:
         raise RuntimeError(f"{name}: the run recorded {run.threads} threads, not {threads}")
     metric = make_metric(metric_name, run)
     window = run.final_step - run.window_start
-    replay(run, run.window_start)  # warm-up (the first torch.func call costs about a second)
-    itd_influence(run, metric, progress=False)
-    t_train = statistics.median(_timed(lambda: replay(run, run.window_start)) for _ in range(repeats))
-    t_itd = statistics.median(_timed(lambda: itd_influence(run, metric, progress=False)) for _ in range(repeats))
+    t_train, t_ways, chose = time_ways(run, metric, repeats)
+    t_itd = t_ways["auto"]  # the default
+    ways = {"train_window_s": t_train, "itd_s_by_way": t_ways, "auto_chose": chose,
+            "ratio_itd_over_train_by_way": {way: t / t_train for way, t in t_ways.items()}}
+    if ratios_only:
+        return {"setup": name, "n_train": run.n_train, "batch": run.cfg.train.batch_size, "window_steps": window,
+                "metric": metric_name, "threads": threads, "itd_s": t_itd, "ratio_itd_over_train": t_itd / t_train,
+                **ways}
     ref = time_reference(run, metric, ref_steps)
     final = run.final_state()
     grad_s = {}
@@ -259,7 +297,8 @@ def bench(name: str, spec: dict[str, Any], workdir: Path, threads: int, repeats:
         job = {"run": str(mem_run.path), "metric": metric_name, "threads": threads, "repeats": repeats,
                "device": device}
         save = str(workdir / f"{name}-mem{every}-influence.pt") if every == BUDGET_EVERY else None
-        peak[every] = {"itd": in_child(mode="itd", save=save, **job), "replay": in_child(mode="replay", **job)}
+        peak[every] = {"itd": in_child(mode="itd", save=save, **job), "replay": in_child(mode="replay", **job),
+                       "itd_hvp": in_child(mode="itd", reverse="hvp", **job)}
 
     budget = None
     if opts.get("budget_line"):
@@ -275,8 +314,7 @@ def bench(name: str, spec: dict[str, Any], workdir: Path, threads: int, repeats:
 
     return {
         "setup": name, "n_train": run.n_train, "batch": run.cfg.train.batch_size, "window_steps": window,
-        "metric": metric_name, "threads": threads,
-        "train_window_s": t_train, "itd_s": t_itd, "ratio_itd_over_train": t_itd / t_train,
+        "metric": metric_name, "threads": threads, **ways, "itd_s": t_itd, "ratio_itd_over_train": t_itd / t_train,
         "reference": ref, "ours_step_s": t_itd / window,
         "ratio_reference_over_ours": ref["raw_s"] / (t_itd / window),
         "ratio_charged_reference_over_ours": ref["charged_s"] / (t_itd / window),
@@ -287,12 +325,20 @@ def bench(name: str, spec: dict[str, Any], workdir: Path, threads: int, repeats:
 
 def print_setup(r: dict[str, Any]) -> None:
     """One table for one setup."""
+    chose = ", ".join(f"{way} {r['auto_chose'].count(way)}x" for way in sorted(set(r["auto_chose"])))
+    rows: list[tuple[str, str]] = [("training the window (replay), s", f"{r['train_window_s']:.2f}")]
+    for way, seconds in r["itd_s_by_way"].items():
+        rows.append((f"ITD over the window, reverse {way}: s | / training",
+                     f"{seconds:.2f} | {r['ratio_itd_over_train_by_way'][way]:.2f}"))
+    rows.append(("  auto chose", chose))
+    if "reference" not in r:  # --ratios-only
+        print(f"\n{r['setup']}: n_train {r['n_train']}, batch {r['batch']}, window {r['window_steps']} steps, "
+              f"metric {r['metric']}, {r['threads']} thread(s), medians of interleaved repeats")
+        _table(rows)
+        return
     ref = r["reference"]
-    rows: list[tuple[str, str]] = [
-        ("ITD over the window, s", f"{r['itd_s']:.2f}"),
-        ("training the window (replay), s", f"{r['train_window_s']:.2f}"),
-        ("ITD / training", f"{r['ratio_itd_over_train']:.2f}"),
-        ("ours per reverse step, ms", f"{1e3 * r['ours_step_s']:.1f}"),
+    rows += [
+        ("ours per reverse step (auto), ms", f"{1e3 * r['ours_step_s']:.1f}"),
         (f"reference per reverse step, ms (median of {ref['steps']})", f"{1e3 * ref['raw_s']:.1f}"),
         ("  + plain training step to recover its state, ms", f"{1e3 * ref['replay_step_s']:.1f}"),
         ("  = reference charged with its replay, ms", f"{1e3 * ref['charged_s']:.1f}"),
@@ -300,8 +346,9 @@ def print_setup(r: dict[str, Any]) -> None:
         ("reference / ours, charged with replay", f"{r['ratio_charged_reference_over_ours']:.1f}"),
     ]
     for every, p in r["peak"].items():
-        rows.append((f"peak MB, checkpoint every {every}: ITD | replay (ITD stretch)",
-                     f"{p['itd']['peak_mb']:.0f} | {p['replay']['peak_mb']:.0f} ({p['itd']['stretch']} steps)"))
+        rows.append((f"peak MB, checkpoint every {every}: ITD (auto) | ITD hvp | replay (stretch: auto | hvp)",
+                     f"{p['itd']['peak_mb']:.0f} | {p['itd_hvp']['peak_mb']:.0f} | {p['replay']['peak_mb']:.0f} "
+                     f"({p['itd']['stretch']} | {p['itd_hvp']['stretch']} steps)"))
         if "cuda_peak_mb" in p["itd"]:
             rows.append((f"  CUDA allocator peak MB, checkpoint every {every}: ITD | replay",
                          f"{p['itd']['cuda_peak_mb']:.0f} | {p['replay'].get('cuda_peak_mb', 0):.0f}"))
@@ -435,6 +482,8 @@ def main() -> None:
                     help="torch CPU threads for every timing: training, replay, ITD, reference, metric gradients")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: every timing runs there")
     ap.add_argument("--setups", nargs="*", default=list(SETUPS), choices=list(SETUPS))
+    ap.add_argument("--ratios-only", action="store_true",
+                    help="only (a), ITD / training for each reverse way, without the reference and memory lines")
     ap.add_argument("--mnist", action="store_true", help="also the MNIST-sized timing")
     ap.add_argument("--mnist-only", action="store_true", help="only the MNIST-sized timing")
     ap.add_argument("--mnist-n", type=int, default=50000, help="training images of the MNIST-sized timing")
@@ -456,13 +505,14 @@ def main() -> None:
             _note(f"{name}: measuring")
             try:
                 results.append(bench(name, SETUPS[name], Path(tmp), args.threads, repeats, ref_steps,
-                                     args.device))
+                                     args.device, args.ratios_only))
             except gc.GancleanseError as e:
                 print(f"{name}: skipped ({e})", file=sys.stderr)
         if args.mnist or args.mnist_only:
             mnist = bench_mnist(Path(tmp), args.threads, args.mnist_n, args.mnist_validate, args.mnist_metric,
                                 args.device)
-    sources = {p[side]["peak_source"] for r in results for p in r["peak"].values() for side in ("itd", "replay")}
+    sources = {p[side]["peak_source"] for r in results for p in r.get("peak", {}).values()
+               for side in ("itd", "replay")}
     where = args.device if args.device == "cpu" else f"{args.device} ({torch.cuda.get_device_name(args.device)})"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) for every timing, device {where}")
     if sources:

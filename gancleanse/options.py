@@ -60,6 +60,9 @@ class ScorerOptions:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
 
 
+REVERSE_PASSES = ("auto", "vjp", "hvp")
+
+
 @dataclass(frozen=True)
 class ITDOptions(ScorerOptions):
     scorer: ClassVar[str] = "itd"
@@ -72,6 +75,12 @@ class ITDOptions(ScorerOptions):
         None, lo=0.0, lo_open=True, must="a positive number of gigabytes", metavar="GB",
         doc="memory for the reverse pass's graphs (default: half of what is available); a smaller budget "
             "replays each checkpoint segment once more, same result")
+    reverse: str = setting(
+        "auto", choices=REVERSE_PASSES, noun="reverse pass",
+        doc="how each step is differentiated: vjp (the VJP of the whole step, holding its graph), hvp (a "
+            "forward-over-reverse Hessian-vector product per player, keeping states instead of graphs: less "
+            "memory) or auto (times both on the first reverse step and keeps the faster); the influence agrees "
+            "to rounding")
 
 
 AID_SOLVERS = ("gmres", "cg", "neumann")

@@ -47,12 +47,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("reverse", ["vjp", "hvp"])
 @pytest.mark.parametrize("train", CASES)
 @pytest.mark.parametrize("metric_name", ["all", "loss_d"])
-def test_conditional_itd_equals_unrolled_autograd(tmp_path, train, metric_name):
+def test_conditional_itd_equals_unrolled_autograd(tmp_path, train, metric_name, reverse):
     run = conditional_run(tmp_path, train=train)
     expected = -unrolled_dV_dw(run, metric_name)
-    got = itd_influence(run, make_metric(metric_name, run), progress=False).influence
+    got = itd_influence(run, make_metric(metric_name, run), progress=False, reverse=reverse).influence
     assert expected.abs().max() > 0
     assert rel_err(got, expected) < 1e-8
 
@@ -159,14 +160,15 @@ def user_modules(seed: int = 0) -> gc.GANModules:
                          train_only=("*lora_*", "*embed*"))
 
 
-def test_r1_lora_and_conditional_together_are_exact_and_agree_with_retraining(tmp_path):
+@pytest.mark.parametrize("reverse", ["vjp", "hvp"])
+def test_r1_lora_and_conditional_together_are_exact_and_agree_with_retraining(tmp_path, reverse):
     data = labelled_points(n=180, seed=1)
     cfg = tiny_config(train={"update": "alternating", "epochs": 3, "lr_d": 0.1, "lr_g": 0.1, "r1_gamma": 0.5,
                              "record_from_epoch": 2})
     run = gc.train(cfg, tmp_path / "run", models=user_modules(), data=data, progress=False)
     assert run.cfg.model.conditional and run.cfg.model.arch == "custom"
     assert all(k.endswith(("lora_a", "lora_b", "embed.weight")) for p in ("d", "g") for k in run.final_state()[p])
-    est = itd_influence(run, make_metric("all", run), progress=False).influence
+    est = itd_influence(run, make_metric("all", run), progress=False, reverse=reverse).influence
     expected = -unrolled_dV_dw(run, "all")
     assert expected.abs().max() > 0 and rel_err(est, expected) < 1e-8
     chosen = [int(i) for i in torch.argsort(-est.abs())[:6]] + [0, 5, 11, 17]
@@ -190,7 +192,8 @@ def test_aid_and_the_discriminator_ranking_use_the_labels(tmp_path):
     assert np.allclose(ranked.harmfulness, -logits.detach().numpy(), rtol=0, atol=1e-12)
 
 
-def test_a_conditional_dcgan_on_digits_is_exact_for_fid(tmp_path):
+@pytest.mark.parametrize("reverse", ["vjp", "hvp"])
+def test_a_conditional_dcgan_on_digits_is_exact_for_fid(tmp_path, reverse):
     cfg = Config.from_dict({
         "data": {"name": "digits", "n_train": 60, "n_valid": 60, "n_test": 60, "seed": 4},
         "model": {"arch": "dcgan", "z_dim": 3, "g_hidden": 4, "d_hidden": 4, "activation": "softplus",
@@ -201,7 +204,7 @@ def test_a_conditional_dcgan_on_digits_is_exact_for_fid(tmp_path):
     })
     run = gc.train(cfg, tmp_path / "run", progress=False)
     assert run.meta["labels"]["classes"] == 10
-    est = itd_influence(run, make_metric("fid", run), progress=False).influence
+    est = itd_influence(run, make_metric("fid", run), progress=False, reverse=reverse).influence
     expected = -unrolled_dV_dw(run, "fid")
     assert expected.abs().max() > 0 and rel_err(est, expected) < 1e-8
 

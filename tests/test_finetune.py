@@ -25,8 +25,9 @@ ADAM_R1 = {"optimizer": "adam", "lr_d": 0.01, "lr_g": 0.01, "betas": [0.0, 0.99]
            "ema_beta": 0.9}
 
 
+@pytest.mark.parametrize("reverse", ["vjp", "hvp"])
 @pytest.mark.parametrize("train", [{"update": "alternating"}, {"update": "simultaneous", **ADAM_R1}])
-def test_frozen_subset_state_holds_only_what_trains_and_itd_is_exact(tmp_path, train):
+def test_frozen_subset_state_holds_only_what_trains_and_itd_is_exact(tmp_path, train, reverse):
     run = make_run(tmp_path, model={"frozen": ["g/net.0.*", "d/net.2.weight"]}, train=train)
     state = run.final_state()
     assert not any(k.startswith("net.0.") for k in state["g"]) and "net.2.weight" not in state["d"]
@@ -37,7 +38,7 @@ def test_frozen_subset_state_holds_only_what_trains_and_itd_is_exact(tmp_path, t
     # the frozen values are the initial ones and the modules compute with them
     assert torch.equal(dict(run.models.generator.named_parameters())["net.0.weight"], frozen["g/net.0.weight"])
     expected = -unrolled_dV_dw(run, "all")
-    got = itd_influence(run, make_metric("all", run), progress=False).influence
+    got = itd_influence(run, make_metric("all", run), progress=False, reverse=reverse).influence
     assert expected.abs().max() > 0 and rel_err(got, expected) < 1e-8
 
 
@@ -55,11 +56,12 @@ class MaskedSGD:
         return {k: p if k in self.still else p - self.lr * grads[k] for k, p in params.items()}, state
 
 
-def test_zero_learning_rate_on_a_subset_gives_the_frozen_influence(tmp_path, monkeypatch):
+@pytest.mark.parametrize("reverse", ["vjp", "hvp"])
+def test_zero_learning_rate_on_a_subset_gives_the_frozen_influence(tmp_path, monkeypatch, reverse):
     """Everything trainable, but G's first layer with learning rate 0: the same influence as
     with that layer frozen (its adjoint never reaches the instance weights)."""
     frozen = make_run(tmp_path, "frozen", model={"frozen": ["g/net.0.*"]})
-    reference = itd_influence(frozen, make_metric("all", frozen), progress=False).influence
+    reference = itd_influence(frozen, make_metric("all", frozen), progress=False, reverse=reverse).influence
 
     from gancleanse.training import dynamics
 
@@ -73,7 +75,7 @@ def test_zero_learning_rate_on_a_subset_gives_the_frozen_influence(tmp_path, mon
     everything = make_run(tmp_path, "everything")
     state = everything.final_state()
     assert torch.equal(state["g"]["net.0.weight"], everything.load_state(0)["g"]["net.0.weight"])
-    got = itd_influence(everything, make_metric("all", everything), progress=False).influence
+    got = itd_influence(everything, make_metric("all", everything), progress=False, reverse=reverse).influence
     assert reference.abs().max() > 0 and rel_err(got, reference) < 1e-10
 
 
@@ -120,8 +122,9 @@ def test_lora_starts_as_the_wrapped_module_and_keeps_its_hyperparameters():
         gc.lora(Generator(), rank=2, targets=["nothing*"])
 
 
+@pytest.mark.parametrize("reverse", ["vjp", "hvp"])
 @pytest.mark.parametrize("train", [{"update": "alternating"}, {"update": "simultaneous", **ADAM_R1, "r2_gamma": 0.5}])
-def test_lora_trains_only_adapters_and_itd_is_exact(tmp_path, train):
+def test_lora_trains_only_adapters_and_itd_is_exact(tmp_path, train, reverse):
     data = gc.Splits.random_split(torch.randn(60, 2, dtype=torch.float64), n_valid=20, n_test=20, seed=0)
     cfg = tiny_config(train=train)
     models = lora_modules()
@@ -132,7 +135,7 @@ def test_lora_trains_only_adapters_and_itd_is_exact(tmp_path, train):
     assert run.meta["parameters"]["g"] == {"trainable": (2 * 3 + 8 * 2) + (2 * 8 + 2 * 2), "frozen": 3 * 8 + 8 + 8 * 2 + 2}
     assert all(torch.equal(v, run.models.generator.get_parameter(n)) for n, v in base.items())  # not trained
     expected = -unrolled_dV_dw(run, "all")
-    got = itd_influence(run, make_metric("all", run), progress=False).influence
+    got = itd_influence(run, make_metric("all", run), progress=False, reverse=reverse).influence
     assert expected.abs().max() > 0 and rel_err(got, expected) < 1e-8
     # reopened with fresh modules of another seed: the run's frozen weights are put back in
     again = gc.Run.open(run.path, models=lora_modules(seed=9))
@@ -196,7 +199,8 @@ def test_pretrained_start_from_safetensors(tmp_path):
     assert json.loads((tmp_path / "second" / "run.json").read_text())["init"]["discriminator"]["sha256"] == digest
 
 
-def test_config_lora_on_a_pretrained_start_trains_adapters_only_and_itd_is_exact(tmp_path):
+@pytest.mark.parametrize("reverse", ["vjp", "hvp"])
+def test_config_lora_on_a_pretrained_start_trains_adapters_only_and_itd_is_exact(tmp_path, reverse):
     """[model] lora_rank on the built-in net, started from a plain pretrained file: the
     pretrained weights land under the adapters (as constants), which alone train."""
     first = make_run(tmp_path, "first")
@@ -217,7 +221,7 @@ def test_config_lora_on_a_pretrained_start_trains_adapters_only_and_itd_is_exact
     pre = first.models.generate(final["g"], z)
     assert torch.allclose(run.models.generate(start["g"], z), pre, rtol=1e-12, atol=1e-12)
     expected = -unrolled_dV_dw(run, "all")
-    got = itd_influence(run, make_metric("all", run), progress=False).influence
+    got = itd_influence(run, make_metric("all", run), progress=False, reverse=reverse).influence
     assert expected.abs().max() > 0 and rel_err(got, expected) < 1e-8
 
 

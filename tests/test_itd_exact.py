@@ -50,29 +50,35 @@ CASES = [
 ]
 
 
+REVERSE = ["vjp", "hvp"]  # each way of differentiating a step must be exact on its own
+
+
+@pytest.mark.parametrize("reverse", REVERSE)
 @pytest.mark.parametrize("update,optimizer,extra", CASES)
 @pytest.mark.parametrize("metric_name", ["all", "loss_d"])
-def test_itd_equals_unrolled_autograd(run_factory, update, optimizer, extra, metric_name):
+def test_itd_equals_unrolled_autograd(run_factory, update, optimizer, extra, metric_name, reverse):
     run = run_factory(train={"update": update, "optimizer": optimizer, **extra})
     expected = -unrolled_dV_dw(run, metric_name)
-    got = itd_influence(run, make_metric(metric_name, run), progress=False).influence
+    got = itd_influence(run, make_metric(metric_name, run), progress=False, reverse=reverse).influence
     assert expected.abs().max() > 0
     assert rel_err(got, expected) < 1e-8
 
 
+@pytest.mark.parametrize("reverse", REVERSE)
 @pytest.mark.parametrize("loss", ["minmax", "wasserstein", "hinge", "ls"])
-def test_itd_exact_for_every_loss(run_factory, loss):
+def test_itd_exact_for_every_loss(run_factory, loss, reverse):
     run = run_factory(train={"loss": loss, "update": "alternating", "lr_d": 0.02, "lr_g": 0.02})
     expected = -unrolled_dV_dw(run, "all")
-    got = itd_influence(run, make_metric("all", run), progress=False).influence
+    got = itd_influence(run, make_metric("all", run), progress=False, reverse=reverse).influence
     assert rel_err(got, expected) < 1e-8
 
 
+@pytest.mark.parametrize("reverse", REVERSE)
 @pytest.mark.parametrize("penalty", [{}, {"r1_gamma": 1.0, "r1_every": 2, "r2_gamma": 0.5}])
-def test_itd_matches_finite_differences_of_instance_weights(run_factory, penalty):
+def test_itd_matches_finite_differences_of_instance_weights(run_factory, penalty, reverse):
     run = run_factory(train={"update": "alternating", "optimizer": "adam", "lr_d": 0.01, "lr_g": 0.01, **penalty})
     metric = make_metric("all", run)
-    est = itd_influence(run, metric, progress=False).influence
+    est = itd_influence(run, metric, progress=False, reverse=reverse).influence
     eps = 1e-5
     for j in [0, 7, 23, 41, 59]:
         values = []
@@ -84,32 +90,34 @@ def test_itd_matches_finite_differences_of_instance_weights(run_factory, penalty
         assert abs(est[j].item() - fd) <= 1e-6 * est.abs().max().item() + 1e-7 * abs(fd), (j, est[j], fd)
 
 
-def test_horizon_snapshots_equal_shorter_windows(tmp_path):
+@pytest.mark.parametrize("reverse", REVERSE)
+def test_horizon_snapshots_equal_shorter_windows(tmp_path, reverse):
     from conftest import make_run
 
     long = make_run(tmp_path, "long", train={"epochs": 3, "record_from_epoch": 0})
     short = make_run(tmp_path, "short", train={"epochs": 3, "record_from_epoch": 2})
-    res = itd_influence(long, make_metric("all", long), progress=False)
+    res = itd_influence(long, make_metric("all", long), progress=False, reverse=reverse)
     assert sorted(res.horizons) == [1, 2, 3]
     assert torch.equal(res.horizons[3], res.influence)
-    ref = itd_influence(short, make_metric("all", short), progress=False).influence
+    ref = itd_influence(short, make_metric("all", short), progress=False, reverse=reverse).influence
     assert rel_err(res.horizons[1], ref) < 1e-12
     # The k=2 snapshot is the exact derivative of training where removal starts at epoch 1.
     expected = -unrolled_dV_dw(long, "all", start=long.epoch_start_step(1))
     assert rel_err(res.horizons[2], expected) < 1e-8
 
 
-def test_memory_budget_sets_the_stretch_and_never_the_result(run_factory):
-    """Segments whose graphs exceed the budget are split into stretches that fit; the
+@pytest.mark.parametrize("reverse", REVERSE)
+def test_memory_budget_sets_the_stretch_and_never_the_result(run_factory, reverse):
+    """Segments whose graphs (the hvp way: states) exceed the budget are split into stretches that fit; the
     influence and every horizon stay bit for bit those of whole segments."""
     run = run_factory(train={"update": "simultaneous", "optimizer": "adam", "lr_d": 0.01, "lr_g": 0.01,
                              "checkpoint_every": 5})
     metric = make_metric("all", run)
-    whole = itd_influence(run, metric, memory_gb=100.0, progress=False)
+    whole = itd_influence(run, metric, memory_gb=100.0, progress=False, reverse=reverse)
     assert whole.stretch == 5 and whole.graph_bytes_per_step > 0
     for steps in (1, 2, 3):  # a budget of `steps` graphs, with half a step to spare
         budget = (steps + 0.5) * whole.graph_bytes_per_step / 1e9
-        split = itd_influence(run, metric, memory_gb=budget, progress=False)
+        split = itd_influence(run, metric, memory_gb=budget, progress=False, reverse=reverse)
         assert split.stretch == max(1, int(budget * 1e9 // split.graph_bytes_per_step)) < 5
         assert torch.equal(split.influence, whole.influence)
         assert split.horizons.keys() == whole.horizons.keys()

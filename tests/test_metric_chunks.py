@@ -70,14 +70,16 @@ def test_kid_gradient_in_closed_form_equals_autograd(degree: int) -> None:
         assert float(value) == pytest.approx(float(kernel_inception_distance(real, fake.detach(), degree)), rel=1e-12)
 
 
+@pytest.mark.parametrize("reverse", ["vjp", "hvp"])
 @pytest.mark.parametrize("name", ["fid", "is"])
-def test_itd_in_chunks_equals_unrolled_autograd(dcgan_run: gc.Run, name: str) -> None:
+def test_itd_in_chunks_equals_unrolled_autograd(dcgan_run: gc.Run, name: str, reverse: str) -> None:
     from test_itd_exact import rel_err, unrolled_dV_dw
 
     expected = -unrolled_dV_dw(dcgan_run, name)  # the one-batch metric, differentiated through the window
     assert expected.abs().max() > 0
     for chunk in (5, 256):
-        got = itd_influence(dcgan_run, make_metric(name, dcgan_run, chunk_size=chunk), progress=False).influence
+        got = itd_influence(dcgan_run, make_metric(name, dcgan_run, chunk_size=chunk), progress=False,
+                            reverse=reverse).influence
         assert rel_err(got, expected) < 1e-8
 
 

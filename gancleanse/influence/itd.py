@@ -6,11 +6,13 @@
     influence_j ~= V(trained without j) - V(trained with j)
 
 Sweeping segments backwards: each segment between two checkpoints is replayed forward
-once with ``torch.func.vjp``, whose closures keep that segment's graphs; they are then
-applied in reverse. Memory is one stretch of graphs, never steps x parameters: where a
-segment's graphs would exceed the memory budget, it is first replayed without graphs,
+once, keeping what each step's reverse needs, which is then applied in reverse. The ``vjp``
+way keeps ``torch.func.vjp`` closures (that segment's graphs); the ``hvp`` way keeps states and
+gradients and differentiates each step by Hessian-vector products (``reverse.py``); ``auto`` times
+both on the first reverse step. Memory is one stretch, never steps x parameters: where a
+segment's stretch would exceed the memory budget, it is first replayed without graphs,
 keeping the states that start each stretch that fits (``memory.py``), at the price of that
-replay (about a quarter of the reverse pass's time), with the same result bit for bit. The same VJP
+replay (about a quarter of the reverse pass's time), with the same result bit for bit. Either way
 carries the adjoint through both players (the D<->G cross-Jacobian blocks), the optimizer
 state and the generator average, and yields the per-instance terms of the batch.
 
@@ -23,18 +25,19 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from torch.func import vjp
 from tqdm.auto import tqdm
 
-from ..options import ITDOptions
+from ..options import REVERSE_PASSES, ITDOptions
 from ..errors import ConfigError
 from ..metrics import Metric, make_metric
 from ..run import Run, torch_threads
 from ..scores import Scores
 from ..training.dynamics import State
 from ..memory import GB, budget_bytes, graph_bytes, steps_within
+from .reverse import HVPPass, ReversePass, VJPPass, choose
 from .surrogate import smoothed_relu
 
 
@@ -47,8 +50,9 @@ class ITDResult:
     horizons: dict[int, torch.Tensor] = field(default_factory=dict)  # epochs traced -> influence
     seconds: float = 0.0
     steps: int = 0
-    stretch: int = 0  # steps whose graphs were held at once
+    stretch: int = 0  # steps whose graphs (or, the hvp way, states) were held at once
     graph_bytes_per_step: int = 0
+    reverse: dict[str, Any] = field(default_factory=dict)  # the way used (and auto's trial, hvp's fallbacks)
 
 
 def metric_gradient(metric: Metric, state: State) -> State:
@@ -57,10 +61,13 @@ def metric_gradient(metric: Metric, state: State) -> State:
     return metric.gradient(state)
 
 
-def itd_influence(run: Run, metric: Metric, *, memory_gb: float | None = None,
-                  progress: bool = True) -> ITDResult:
+def itd_influence(run: Run, metric: Metric, *, memory_gb: float | None = None, progress: bool = True,
+                  reverse: str = "auto") -> ITDResult:
     """Trace the metric's gradient back through every recorded step of ``run``. ``memory_gb``: the budget for
-    the graphs held at once (default: half of the memory available at the start); the result does not depend on it."""
+    what the replay keeps for the reverse sweep at once (default: half of the memory available at the start);
+    the result does not depend on it. ``reverse``: how each step is differentiated (``reverse.py``)."""
+    if reverse not in REVERSE_PASSES:
+        raise ConfigError(f"unknown reverse pass {reverse!r} (available: {', '.join(REVERSE_PASSES)})")
     started = time.perf_counter()
     dyn, device, steps_per_epoch = run.dynamics, run.device, run.steps_per_epoch
     final_epoch = run.final_step // steps_per_epoch
@@ -68,42 +75,61 @@ def itd_influence(run: Run, metric: Metric, *, memory_gb: float | None = None,
     horizons: dict[int, torch.Tensor] = {}
     ckpts = [s for s in run.checkpoint_steps if s >= run.window_start]
     segments = list(zip(ckpts[:-1], ckpts[1:]))
+    longest = max(b - a for a, b in segments)
     ones = torch.ones(run.cfg.train.batch_size, dtype=run.dtype, device=device)
+    passes = {"vjp": VJPPass(dyn, run.batch, ones), "hvp": HVPPass(dyn, run.batch, ones)}
+    current: ReversePass = passes["hvp" if reverse == "hvp" else "vjp"]  # auto: the vjp way until its trial
+    trial: dict[str, float] | None = None
 
-    def forward(state: State, step: int):  # noqa: ANN202  (next state, its VJP closure)
-        batch = run.batch(step)
-        return vjp(lambda s, w: dyn.step(s, batch, w), state, ones, has_aux=True)[:2]
+    def plan(way: ReversePass) -> tuple[int, int]:  # (steps kept at once, bytes per step) for ``way``
+        probe = segments[-1][0]
+        per_step, _ = graph_bytes(lambda: way.forward(run.load_state(probe), probe), device)
+        return steps_within(budget_bytes(memory_gb, device), per_step, longest), per_step
 
     with torch_threads(run.threads):
-        final = run.final_state()
-        metric_value, u = metric.value_and_gradient(final)
-        per_step, _ = graph_bytes(lambda: forward(run.load_state(segments[-1][0]), segments[-1][0]), device)
-        stretch = steps_within(budget_bytes(memory_gb, device), per_step, max(b - a for a, b in segments))
+        metric_value, u = metric.value_and_gradient(run.final_state())
+        stretch, per_step = plan(current)
         bar = tqdm(total=run.final_step - run.window_start, desc="itd", unit="step",
                    disable=not progress, leave=False)
         for seg_start, seg_end in reversed(segments):
-            starts = {seg_start: run.load_state(seg_start)}
-            if seg_end - seg_start > stretch:  # replay without graphs, keeping each stretch's start
-                state = starts[seg_start]
-                with torch.no_grad():
-                    for step in range(seg_start, seg_end - 1):
-                        state = dyn.step(state, run.batch(step), ones)[0]
-                        if (step + 1 - seg_start) % stretch == 0:
-                            starts[step + 1] = state
+            replaying = current  # a segment is replayed one way throughout
+            starts = stretch_starts(run, seg_start, seg_end, stretch)
             for begin in sorted(starts, reverse=True):
-                state, closures = starts.pop(begin), []
+                state, tokens = starts.pop(begin), []
                 for step in range(begin, min(begin + stretch, seg_end)):
-                    state, vjp_fn = forward(state, step)
-                    closures.append(vjp_fn)
-                for step in range(begin + len(closures) - 1, begin - 1, -1):
-                    u, g_w = closures.pop()(u)
+                    state, token = replaying.forward(state, step)
+                    tokens.append(token)
+                for step in range(begin + len(tokens) - 1, begin - 1, -1):
+                    if reverse == "auto" and trial is None:
+                        current, (u, g_w), trial = choose(passes["vjp"], passes["hvp"], tokens.pop(), u,
+                                                          stretch < longest)
+                    else:
+                        u, g_w = replaying.backward(tokens.pop(), u)
                     influence.index_add_(0, run.indices(step).to(device), -g_w.to(torch.float64))
                     if step % steps_per_epoch == 0:
                         horizons[final_epoch - step // steps_per_epoch] = influence.clone()
                     bar.update()
+            if current is not replaying:  # auto chose hvp: size the next segments' stretches by its states
+                stretch, per_step = plan(current)
         bar.close()
+    used = {"reverse": current.name, **({"reverse_trial_seconds": trial} if trial else {}),
+            **(passes["hvp"].summary() if reverse != "vjp" else {})}
     return ITDResult(influence.cpu(), metric_value, {k: v.cpu() for k, v in horizons.items()},
-                     time.perf_counter() - started, run.final_step - run.window_start, stretch, per_step)
+                     time.perf_counter() - started, run.final_step - run.window_start, stretch, per_step, used)
+
+
+def stretch_starts(run: Run, seg_start: int, seg_end: int, stretch: int) -> dict[int, State]:
+    """The states that start each stretch of the segment: its checkpoint, and where the segment is longer than
+    ``stretch``, the states a replay without graphs reaches every ``stretch`` steps."""
+    starts = {seg_start: run.load_state(seg_start)}
+    if seg_end - seg_start > stretch:
+        state, ones = starts[seg_start], torch.ones(run.cfg.train.batch_size, dtype=run.dtype, device=run.device)
+        with torch.no_grad():
+            for step in range(seg_start, seg_end - 1):
+                state = run.dynamics.step(state, run.batch(step), ones)[0]
+                if (step + 1 - seg_start) % stretch == 0:
+                    starts[step + 1] = state
+    return starts
 
 
 def score(run: Run, metric: str, *, seed: int = 0, progress: bool = True,
@@ -112,17 +138,20 @@ def score(run: Run, metric: str, *, seed: int = 0, progress: bool = True,
 
     ``options.relu_smoothing`` = T: differentiate ReLU kinks as if smoothed over a width T (``smoothed_relu``;
     the trajectory is unchanged). On the paper's 2D ReLU GAN, T ~ 0.2 x the typical |pre-activation| raised
-    Kendall tau against retraining by 0.07 with 5 or 10 epochs traced, and not with 1. ``options.memory_gb``:
-    see ``itd_influence``."""
+    Kendall tau against retraining by 0.07 with 5 or 10 epochs traced, and not with 1. ``options.memory_gb``,
+    ``options.reverse``: see ``itd_influence``; the way used is recorded (``reverse``, with auto's trial timings
+    and the steps the hvp way had to differentiate by a VJP)."""
     options = options or ITDOptions()
     relu_smoothing, memory_gb = options.relu_smoothing, options.memory_gb
     with smoothed_relu(run.models, relu_smoothing) if relu_smoothing else nullcontext(None) as swapped:
         if swapped == 0:
             raise ConfigError("relu_smoothing: the run's generator and discriminator have no ReLU or LeakyReLU")
-        res = itd_influence(run, make_metric(metric, run, "valid"), memory_gb=memory_gb, progress=progress)
+        res = itd_influence(run, make_metric(metric, run, "valid"), memory_gb=memory_gb, progress=progress,
+                            reverse=options.reverse)
     info = {"metric_value": res.metric_value, "seconds": res.seconds, "steps": res.steps,
             "window_start_epoch": run.window_start // run.steps_per_epoch,
-            "steps_per_stretch": res.stretch, "graph_gb_per_step": res.graph_bytes_per_step / GB}
+            "steps_per_stretch": res.stretch, "graph_gb_per_step": res.graph_bytes_per_step / GB,
+            "reverse_requested": options.reverse, **res.reverse}
     if relu_smoothing:
         info["relu_smoothing"] = relu_smoothing
     return Scores.from_influence(metric, "itd", res.influence.numpy(),

@@ -166,6 +166,13 @@ class Dynamics:
     def step(self, state: State, batch: StepBatch, weights: torch.Tensor
              ) -> tuple[State, dict[str, torch.Tensor]]:
         """One training step; returns the next state and the two losses (before the step)."""
+        new, losses, _ = self.step_with_gradients(state, batch, weights)
+        return new, losses
+
+    def step_with_gradients(self, state: State, batch: StepBatch, weights: torch.Tensor
+                            ) -> tuple[State, dict[str, torch.Tensor], dict[str, Params]]:
+        """``step``, also returning the gradients each player's optimizer consumed ({"d", "g"}): the point
+        at which the Hessian-vector-product adjoint (``training/adjoint.py``) linearizes the optimizers."""
         pd, pg = state["d"], state["g"]
         if self.update == "simultaneous":  # both gradients at theta_t, from one forward
             (grad_d, loss_d), (grad_g, loss_g) = self.simultaneous_gradients(pd, pg, batch, weights)
@@ -178,6 +185,10 @@ class Dynamics:
         new_g, new_opt_g = self.opt_g.update(grad_g, state["opt_g"], pg, batch.count)
         new: State = {"d": new_d, "g": new_g, "opt_d": new_opt_d, "opt_g": new_opt_g}
         if "ema_g" in state:
-            beta = self.ema_beta
-            new["ema_g"] = {k: beta * average + (1.0 - beta) * new_g[k] for k, average in state["ema_g"].items()}
-        return new, {"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}
+            new["ema_g"] = self.averaged(state["ema_g"], new_g)
+        return new, {"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}, {"d": grad_d, "g": grad_g}
+
+    def averaged(self, average: Params, new_g: Params) -> Params:
+        """The generator average after a step that moved G to ``new_g``."""
+        beta = self.ema_beta
+        return {k: beta * value + (1.0 - beta) * new_g[k] for k, value in average.items()}
