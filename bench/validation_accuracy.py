@@ -12,8 +12,16 @@ over seeds beside the paper's row.
 derivative spread over a width T) and scores it against the same retrains.
 ``--aid gmres`` adds AID damped on each horizon's time scale (single-seed style; slow).
 
-Run dirs, retrains (``*.parts``), estimates and per-seed results are kept in ``--workdir``:
-a rerun with the same workdir resumes.
+``--setup mnist`` is the paper's own MNIST protocol on the real files in ../shared/data/mnist (``--data
+DIR`` elsewhere; the four gzipped IDX files): 10k / 10k / 10k, the 7-layer sigmoid + LayerNorm DCGAN,
+SGD lr 1e-3, batch 100, weight decay 1e-3, 50 epochs (all recorded; ITD sweeps the last max(k)), FID and
+log IS on 10k generated samples, k = 1, 5, 10. A seed costs many hours on a CPU (the retrains dominate:
+K instances x about k epochs each), so ``--instances`` says how many of the paper's 200 the run affords.
+``--smoke`` checks the same pipeline in minutes (1,000 images, 5 epochs, k = 1, 2, 6 instances, 1 seed;
+its numbers mean nothing).
+
+Run dirs (a killed training resumes), retrains (``*.parts``), estimates and per-seed results are kept in
+``--workdir``: a rerun with the same workdir and options resumes, and reuses every finished seed.
 
 Usage:
   .venv/bin/python bench/validation_accuracy.py --setup 2d --workdir /tmp/acc-relu \
@@ -22,6 +30,9 @@ Usage:
       --workdir /tmp/acc-softplus
   .venv/bin/python bench/validation_accuracy.py --setup digits --seeds 1 --instances 20 --horizons 1 5 \
       --aid gmres --aid-iterations 20 --aid-operator-size 200
+  .venv/bin/python bench/validation_accuracy.py --setup mnist --seeds 3 --instances 40 --workers 2 \
+      --workdir runs/acc-mnist                     # resumable across sittings
+  .venv/bin/python bench/validation_accuracy.py --setup mnist --smoke --workdir /tmp/acc-mnist-smoke
 """
 
 from __future__ import annotations
@@ -39,8 +50,10 @@ import numpy as np
 import torch
 
 import gancleanse as gc
+from cleansing_tables import MNIST_DIR, check_mnist
 from gancleanse.config import Config
 from gancleanse.data.base import as_float
+from gancleanse.files import atomic_write, write_json_atomic
 from gancleanse.influence.itd import itd_influence
 from gancleanse.influence.surrogate import smoothed_relu
 from gancleanse.metrics import make_metric
@@ -55,17 +68,34 @@ PAPER = {  # DESIGN.md section 3: ICLR 2021, 10 seeds, 200 instances; setup -> m
                           "jaccard": {1: 0.78, 5: 0.63, 10: 0.42, 20: 0.23, 50: 0.16}}},
 }
 
+PAPER["mnist"] = PAPER["digits"]
+
+DCGAN = {"arch": "dcgan", "z_dim": 32, "g_hidden": 32, "d_hidden": 32, "activation": "sigmoid", "norm": "layer",
+         "bias": True, "dtype": "float32"}  # the paper's 7-layer MNIST DCGAN
 SETUPS = {
     "2d": {"data": {"name": "gaussian2d", "n_train": 10000, "n_valid": 1000, "n_test": 1000},
            "model": {"activation": "relu"},
            "train": {"epochs": 50, "record_from_epoch": 0, "checkpoint_every": 50}},
     "digits": {"data": {"name": "digits", "n_train": 1000, "n_valid": 400, "n_test": 397, "image_size": 28},
-               "model": {"arch": "dcgan", "z_dim": 32, "g_hidden": 32, "d_hidden": 32, "activation": "sigmoid",
-                         "norm": "layer", "bias": True, "dtype": "float32"},
+               "model": DCGAN,
                "train": {"epochs": 20, "batch_size": 100, "weight_decay_d": 1e-3, "weight_decay_g": 1e-3,
                          "record_from_epoch": 0, "checkpoint_every": 10},
                "metric": {"n_samples": 400}},
+    # the ICLR 2021 protocol (METHOD_NOTES 3.1); data.path is added from --data. Checkpoints every epoch: the
+    # retrains fork off one replay from each horizon's start, an epoch boundary.
+    "mnist": {"data": {"name": "mnist", "n_train": 10000, "n_valid": 10000, "n_test": 10000},
+              "model": DCGAN,
+              "train": {"epochs": 50, "batch_size": 100, "optimizer": "sgd", "lr_d": 1e-3, "lr_g": 1e-3,
+                        "weight_decay_d": 1e-3, "weight_decay_g": 1e-3, "record_from_epoch": 0,
+                        "checkpoint_every": 100},
+              "metric": {"n_samples": 10000, "classifier_epochs": 50}},
 }
+SMOKE = {  # --smoke (mnist): the pipeline end to end in minutes, not the protocol
+    "spec": {"data": {"n_train": 1000, "n_valid": 500, "n_test": 500}, "train": {"epochs": 5},
+             "metric": {"n_samples": 500, "classifier_epochs": 2}},
+    "horizons": [1, 2], "instances": 6, "seeds": 1,
+}
+DEFAULT_METRICS = {"mnist": ["fid", "log_is"]}  # else the first of the paper's rows
 
 
 class LastEpochs:
@@ -102,8 +132,9 @@ def itd_horizons(run: gc.Run, metric: str, horizons: list[int], cache: Path, lab
                 raise SystemExit(f"--surrogate: the {label} model has no ReLU to smooth")
             res = itd_influence(view, m, progress=False)
     out = {k: res.horizons[k].numpy() for k in horizons}
-    np.savez(cache, run_id=run.id, horizons=np.array(horizons), seconds=res.seconds,
-             **{f"k{k}": v for k, v in out.items()})
+    with atomic_write(cache, binary=True) as f:
+        np.savez(f, run_id=run.id, horizons=np.array(horizons), seconds=res.seconds,
+                 **{f"k{k}": v for k, v in out.items()})
     return out, res.seconds
 
 
@@ -143,20 +174,48 @@ def variant_name(estimator: str, metric: str, metrics: list[str]) -> str:
     return estimator if metric == metrics[0] else f"{estimator} [{metric}]"
 
 
-def one_seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
-    started = time.perf_counter()
-    metrics = args.metrics
-    metric = metrics[0]
+def seed_config(args: argparse.Namespace, seed: int) -> tuple[Config, str]:
+    """The setup's config for ``seed`` (data draw and training), and the tag naming its files in the workdir."""
     spec = json.loads(json.dumps(SETUPS[args.setup]))
+    for section, values in (SMOKE["spec"] if args.smoke else {}).items():
+        spec[section].update(values)
+    if args.setup == "mnist":
+        spec["data"]["path"] = str(args.data.resolve())
     spec.setdefault("train", {})["seed"] = seed
     spec.setdefault("data", {})["seed"] = seed
     if args.activation:
         spec.setdefault("model", {})["activation"] = args.activation
     cfg = Config.from_dict(spec)
-    tag = f"{args.setup}-{cfg.model.activation}-seed{seed}"
+    return cfg, f"{args.setup}{'-smoke' if args.smoke else ''}-{cfg.model.activation}-seed{seed}"
+
+
+def request(args: argparse.Namespace) -> dict[str, Any]:
+    """What a seed's stored result was computed for: reused only when all of it matches."""
+    return {"setup": args.setup, "smoke": args.smoke, "activation": args.activation, "metrics": args.metrics,
+            "horizons": args.horizons, "instances": args.instances, "surrogate": args.surrogate,
+            "aid": [args.aid, args.aid_iterations, args.aid_operator_size]}
+
+
+def stored_result(path: Path, run_dir: Path, wanted: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished seed's result from an earlier sitting, if of the same request and of the run now in ``run_dir``."""
+    if not (path.is_file() and (run_dir / "run.json").is_file()):
+        return None
+    stored = json.loads(path.read_text())
+    if stored.get("request") != wanted or stored.get("run_id") != gc.Run.open(run_dir).id:
+        return None
+    return {**stored, "reused": True}
+
+
+def one_seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+    metrics = args.metrics
+    metric = metrics[0]
+    cfg, tag = seed_config(args, seed)
     run_dir = work / tag
+    if (stored := stored_result(work / f"{tag}.result.json", run_dir, request(args))) is not None:
+        return stored
     resumed = (run_dir / "run.json").is_file()
-    run = gc.Run.open(run_dir) if resumed else gc.train(cfg, run_dir, progress=False)
+    run = gc.Run.open(run_dir) if resumed else gc.train(cfg, run_dir, progress=args.progress)  # resumes a killed one
     epoch_seconds = run.meta["seconds"]["train"] / cfg.train.epochs
     final_epoch = run.final_step // run.steps_per_epoch
     horizons = [k for k in args.horizons if 1 <= k <= final_epoch - run.window_start // run.steps_per_epoch]
@@ -210,16 +269,17 @@ def one_seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
         "retrain_steps": sum(k * run.steps_per_epoch for k in horizons) * len(chosen),
         "epoch_seconds": epoch_seconds, "train_seconds": run.meta["seconds"]["train"], "run_resumed": resumed,
         "preactivation_median": preactivation_scale(run) if args.surrogate else None,
-        "wall_seconds": time.perf_counter() - started,
+        "wall_seconds": time.perf_counter() - started, "request": request(args),
     }
-    (work / f"{tag}.result.json").write_text(json.dumps(result, indent=1))
+    write_json_atomic(work / f"{tag}.result.json", result)
     return result
 
 
 def print_seed(r: dict[str, Any]) -> None:
     names = list(r["accuracy"])
     head = " ".join(f"{n + ' tau':>14} {'J':>5}" for n in names)
-    print(f"\nseed {r['seed']}: wall {r['wall_seconds']:.0f} s (training {r['train_seconds']:.0f} s, "
+    print(f"\nseed {r['seed']}{' (stored by an earlier sitting)' if r.get('reused') else ''}: "
+          f"wall {r['wall_seconds']:.0f} s (training {r['train_seconds']:.0f} s, "
           f"retrains {r['retrain_seconds']:.0f} s"
           + (f", {r['retrains_resumed']} resumed" if r["retrains_resumed"] else "")
           + ", estimates " + ", ".join(f"{n} {s:.0f} s" for n, s in r["estimate_seconds"].items()) + ")"
@@ -239,7 +299,9 @@ def print_summary(args: argparse.Namespace, results: list[dict[str, Any]]) -> No
     of_metric = results[0]["metrics"]
     horizons = results[0]["horizons"]
     n_inst = results[0]["instances"]
-    print(f"\n{args.setup}, activation {args.activation or SETUPS[args.setup].get('model', {}).get('activation')}, "
+    smoke = " SMOKE RUN (checks the pipeline; its numbers mean nothing)" if args.smoke else ""
+    activation = args.activation or SETUPS[args.setup].get("model", {}).get("activation")
+    print(f"\n{args.setup}{smoke}, activation {activation}, "
           f"metrics {', '.join(args.metrics)}: {len(results)} seed(s) "
           f"({', '.join(str(r['seed']) for r in results)}), K = {n_inst} instances; mean ± std over seeds")
     print(f"{'k':>4} | {'estimator':<16} | {'Kendall tau':>12} | {'Jaccard':>12}")
@@ -291,15 +353,15 @@ def print_summary(args: argparse.Namespace, results: list[dict[str, Any]]) -> No
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setup", choices=list(SETUPS), default="2d")
-    ap.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1 (data draw and training)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (data draw and training; default 10)")
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--activation", choices=["relu", "softplus", "elu"], default=None,
                     help="the model's activation (default: relu on 2d, the setup's own on digits)")
-    ap.add_argument("--instances", type=int, default=200)
-    ap.add_argument("--horizons", type=int, nargs="+", default=[1, 5, 10])
+    ap.add_argument("--instances", type=int, default=None, help="instances retrained per seed (default 200)")
+    ap.add_argument("--horizons", type=int, nargs="+", default=None, help="epochs traced back (default 1 5 10)")
     ap.add_argument("--metrics", nargs="+", default=None,
-                    help="metrics to estimate and retrain for (default: all on 2d, fid on digits; the "
-                         "paper's digits rows: fid log_is); the first one picks the instances")
+                    help="metrics to estimate and retrain for (default: all on 2d, fid on digits, fid log_is on "
+                         "mnist: the paper's MNIST rows); the first one picks the instances")
     ap.add_argument("--surrogate", type=float, nargs="*", default=[],
                     help="temperatures of kink-smoothed ReLU ITD, scored against the same retrains")
     ap.add_argument("--workers", type=int, default=1)
@@ -309,11 +371,22 @@ def main() -> None:
     ap.add_argument("--aid-operator-size", type=int, default=None,
                     help="instances per Jacobian product (keep small for image GANs)")
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--progress", action="store_true", help="retrain progress bars (stderr)")
+    ap.add_argument("--progress", action="store_true", help="training and retrain progress (stderr)")
+    ap.add_argument("--data", type=Path, default=MNIST_DIR, help="mnist: the directory of the four IDX files")
+    ap.add_argument("--smoke", action="store_true", help="mnist: a SMOKE RUN to check the pipeline "
+                    "(1,000 images, 5 epochs, k = 1 2, 6 instances, 1 seed unless given), not the protocol")
     args = ap.parse_args()
+    if args.smoke and args.setup != "mnist":
+        raise SystemExit("--smoke applies to --setup mnist")
+    if args.setup == "mnist":
+        check_mnist(args.data)
+    defaults = SMOKE if args.smoke else {"horizons": [1, 5, 10], "instances": 200, "seeds": 10}
+    for key, value in defaults.items():
+        if key != "spec" and getattr(args, key) is None:
+            setattr(args, key, value)
     torch.set_num_threads(args.threads)
     args.horizons = sorted(set(args.horizons))
-    args.metrics = list(dict.fromkeys(args.metrics or [next(iter(PAPER[args.setup]))]))
+    args.metrics = list(dict.fromkeys(args.metrics or DEFAULT_METRICS.get(args.setup, [next(iter(PAPER[args.setup]))])))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="gancleanse-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"{' '.join(sys.argv)}\nworkdir {work}", flush=True)

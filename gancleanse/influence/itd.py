@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..options import REVERSE_PASSES, ITDOptions
+from ..progress import current_job
 from ..errors import ConfigError
 from ..metrics import Metric, make_metric
 from ..run import Run, torch_threads
@@ -89,8 +90,9 @@ def itd_influence(run: Run, metric: Metric, *, memory_gb: float | None = None, p
     with torch_threads(run.threads):
         metric_value, u = metric.value_and_gradient(run.final_state())
         stretch, per_step = plan(current)
-        bar = tqdm(total=run.final_step - run.window_start, desc="itd", unit="step",
-                   disable=not progress, leave=False)
+        total = run.final_step - run.window_start
+        bar = tqdm(total=total, desc="itd", unit="step", disable=not progress, leave=False)
+        job = current_job()  # inside a study: the worker's step report
         for seg_start, seg_end in reversed(segments):
             replaying = current  # a segment is replayed one way throughout
             starts = stretch_starts(run, seg_start, seg_end, stretch)
@@ -109,6 +111,7 @@ def itd_influence(run: Run, metric: Metric, *, memory_gb: float | None = None, p
                     if step % steps_per_epoch == 0:
                         horizons[final_epoch - step // steps_per_epoch] = influence.clone()
                     bar.update()
+                    job.step(run.final_step - step, total)
             if current is not replaying:  # auto chose hvp: size the next segments' stretches by its states
                 stretch, per_step = plan(current)
         bar.close()

@@ -8,7 +8,9 @@ from initialization, same schedule); evaluate every metric on the test and valid
 ``[cleanse] evaluate`` (precision, recall, density, coverage): reported beside the others, never
 scored on or chosen by. Directory format: ``study.layout``; tables: ``study.tables``. Removing
 nothing is a real replay too (bitwise equal to the recorded training on CPU), so a zero removal
-rate gives a delta of exactly 0, not by construction.
+rate gives a delta of exactly 0, not by construction. Progress (``gancleanse.progress``): each job
+reports its stage (``train``, ``score <scorer>``, ``check``, ``retrain``, ``evaluate``) and the steps of
+training and retraining.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ..files import atomic_write, write_json_atomic, write_text_atomic
 from ..influence import score, variant_arguments, variants
 from ..locks import DirectoryLock
 from ..models import GANModules
+from ..progress import current_job
 from ..run import Run
 from ..scores import Scores
 from ..specs import FEATURE_METRICS, evaluated_spec, scorer_spec
@@ -73,21 +76,25 @@ def replicate_config(cfg: Config, seed: int) -> Config:
 def train_and_score(cfg: Config, seed_dir: Path, seed: int, scorers: list[Scorer] | None = None,
                     models: GANModules | None = None, data: Splits | None = None) -> Run:
     """Train one replicate (unless complete) and write every missing score file (``scorers``; None: all)."""
-    run_dir = seed_dir / "run"
+    run_dir, report = seed_dir / "run", current_job()
     (seed_dir / "scores").mkdir(parents=True, exist_ok=True)
     if (run_dir / "run.json").is_file():  # the study's own config names the extractor: explicit
         run = Run.open(run_dir, models=models, extractor=cfg.metric.extractor)
     else:
-        run = recorder.train(cfg, run_dir, models=models, data=data, progress=False)  # resumes a killed one
+        report.stage("train")
+        # resumes a killed one
+        run = recorder.train(cfg, run_dir, models=models, data=data, progress=False, on_step=report.step)
     scorers = scorers if scorers is not None else scorers_for(cfg, run.feature_space)
     for scorer in scorers:
         path = scores_path(seed_dir, scorer.name)
         if path.is_file() and stored_run_id(path.with_suffix(".json")) == run.id:
             continue
+        report.stage(f"score {scorer.name}")
         with warnings.catch_warnings():  # recorded in the JSON; the study warns once for all seeds
             warnings.simplefilter("ignore", GancleanseWarning)
             score(run, scorer.method, seed=seed, progress=False, options=cfg.cleanse.scorer_options(scorer.method),
                   **variant_arguments(scorer.method, scorer.variant)).save(path)
+    report.stage("check")
     check_replicate(run, seed_dir, scorers, cfg, seed)
     return run
 
@@ -123,8 +130,10 @@ def retrain_and_evaluate(run: Run, removed: list[int], retrain: str, metrics: li
 
     weights = torch.ones(run.n_train, dtype=run.dtype)
     weights[removed] = 0.0
-    start = run.window_start if retrain == "window" else 0
-    state = replay(run, late_start(run, weights, start), weights=weights)  # bitwise the same as from start
+    start, report = run.window_start if retrain == "window" else 0, current_job()
+    report.stage("retrain")
+    state = replay(run, late_start(run, weights, start), weights=weights, on_step=report.step)  # bitwise as from start
+    report.stage("evaluate")
     out = {**evaluate(run, state, metrics), "provenance": provenance(run.id, removed, retrain)}
     if samples_path:
         dyn, labels = run.dynamics, run.eval_labels("test")
@@ -177,7 +186,7 @@ def run_study(cfg: Config, out: Path, *, models: GANModules | None = None, data:
         # step 1: one job per replicate, train + score
         jobs = [(s, (replicate_config(cfg, s), study.seed_dir(s), s, None, models, data)) for s in cfg.cleanse.seeds]
         runs = dict(run_tasks(train_and_score, jobs, executor=executor, workers=workers, progress=progress,
-                              desc="train+score"))
+                              desc="train+score", label=lambda s: f"seed {s}"))
         _warn_unconverged_aid(study, list(cfg.cleanse.seeds))
         scorers = scorers_for(cfg, runs[cfg.cleanse.seeds[0]].feature_space)
         keys = _retrain_all(cfg, study, runs, scorers, executor, workers, progress)

@@ -15,6 +15,11 @@ Workers die with the process that started them: pool workers kill themselves whe
 parent while tasks run (``KeyboardInterrupt``, an error in the consuming loop, the generator closed) kills the
 workers at once instead of waiting for their tasks, then propagates. On Ray, pending tasks are cancelled.
 
+Progress (``progress=True``): ``gancleanse.progress.ProgressDisplay`` on stderr, the jobs done and one line per
+job in flight with its stage and steps. Each job runs inside ``progress.running_job``, so the code it calls
+reports to the parent through ``progress.current_job()``: directly when in this process, through a
+``multiprocessing`` queue handed to each pool worker when it starts. Ray tasks report only their completion.
+
 Every job is deterministic on its own (its seeds, indices and latents come from the run
 directory, and it sets the recorded thread count), so results do not depend on the executor.
 """
@@ -23,42 +28,63 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import secrets
 import signal
 import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from typing import Any, Callable, Hashable, Iterable, Iterator
 
-from tqdm.auto import tqdm
-
 from ..errors import GancleanseError
+from ..progress import Channel, ProgressDisplay, running_job
 
 EXECUTORS = ("local", "ray")
 
 
 def run_tasks(fn: Callable[..., Any], tasks: Iterable[tuple[Hashable, tuple]], *, executor: str = "local",
-              workers: int = 1, progress: bool = True, desc: str = "jobs") -> Iterator[tuple[Hashable, Any]]:
-    """Yield ``(key, fn(*args))`` for each ``(key, args)`` in ``tasks``, in completion order."""
+              workers: int = 1, progress: bool = True, desc: str = "jobs",
+              label: Callable[[Hashable], str] = str) -> Iterator[tuple[Hashable, Any]]:
+    """Yield ``(key, fn(*args))`` for each ``(key, args)`` in ``tasks``, in completion order; ``label``: a job's
+    name in the progress lines."""
     tasks = list(tasks)
     if executor not in EXECUTORS:
         raise GancleanseError(f"unknown executor {executor!r} (available: {', '.join(EXECUTORS)})")
     if workers < 1:
         raise GancleanseError(f"--workers must be at least 1, got {workers}")
-    bar = tqdm(total=len(tasks), desc=desc, unit="job", disable=not progress or not tasks, leave=False)
-    source = (_ray(fn, tasks, workers) if executor == "ray" else _pool(fn, tasks, workers) if workers > 1
-              else ((key, fn(*args)) for key, args in tasks))
-    try:
-        for item in source:
-            bar.update()
-            yield item
-    finally:
-        # Closed here, not whenever it is garbage collected: a pool or Ray source stops its
-        # workers now when the consumer stops early or raises.
-        source.close()
-        bar.close()
+    shown = progress and bool(tasks)
+    channel = _channel(executor, workers) if shown else None
+    labelled = [(key, label(key), args) for key, args in tasks]
+    source = (_ray(fn, tasks, workers) if executor == "ray" else _pool(fn, labelled, workers, channel)
+              if workers > 1 else _in_process(fn, labelled, channel))
+    with ProgressDisplay(desc, len(tasks), channel) if shown else nullcontext() as display:
+        names = {key: name for key, name, _ in labelled}
+        try:
+            for key, result in source:
+                if display is not None:
+                    display.job_done(names[key])
+                yield key, result
+        finally:
+            # Closed here, not whenever it is garbage collected: a pool or Ray source stops its
+            # workers now when the consumer stops early or raises.
+            source.close()
+
+
+def _channel(executor: str, workers: int) -> Channel | None:
+    """Where jobs send their progress: none from Ray, a queue in this process or one pool workers inherit."""
+    if executor == "ray":
+        return None
+    return multiprocessing.get_context("spawn").Queue() if workers > 1 else queue.SimpleQueue()
+
+
+def _in_process(fn: Callable[..., Any], tasks: list[tuple[Hashable, str, tuple]], channel: Channel | None
+                ) -> Iterator[tuple[Hashable, Any]]:
+    for key, name, args in tasks:
+        with running_job(channel, name):
+            result = fn(*args)
+        yield key, result
 
 
 # ---------------------------------------------------------------------- local process pool
@@ -66,11 +92,12 @@ WATCHDOG_INTERVAL = 0.5  # seconds between a worker's checks that its parent sti
 PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): a signal for this process when its parent dies
 
 
-def _pool(fn, tasks, workers) -> Iterator[tuple[Hashable, Any]]:
+def _pool(fn, tasks, workers, channel) -> Iterator[tuple[Hashable, Any]]:
     ctx = multiprocessing.get_context("spawn")  # fork after torch's thread pools can deadlock
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),))
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                               initargs=(os.getpid(), channel))
     try:
-        pending = {pool.submit(fn, *args): key for key, args in tasks}
+        pending = {pool.submit(_run_job, fn, name, args): key for key, name, args in tasks}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
@@ -100,8 +127,22 @@ def _kill_workers(pool: ProcessPoolExecutor) -> None:
     pool.shutdown(wait=killed, cancel_futures=True)
 
 
-def _worker_init(parent_pid: int) -> None:
-    """Runs first in every pool worker: die with the parent, however it ends."""
+_worker_channel: Channel | None = None  # a pool worker's channel to the parent's progress display
+
+
+def _run_job(fn: Callable[..., Any], name: str, args: tuple) -> Any:
+    """A pool job: ``fn(*args)``, its progress sent to the parent."""
+    with running_job(_worker_channel, name):
+        return fn(*args)
+
+
+def _worker_init(parent_pid: int, channel: Channel | None) -> None:
+    """Runs first in every pool worker: die with the parent, however it ends; keep the progress channel."""
+    global _worker_channel
+    _worker_channel = channel
+    cancel_join = getattr(channel, "cancel_join_thread", None)
+    if cancel_join is not None:  # exiting never waits to send progress (the parent may have stopped reading)
+        cancel_join()
     if sys.platform.startswith("linux"):
         with suppress(OSError, AttributeError):
             import ctypes

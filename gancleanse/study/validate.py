@@ -23,6 +23,7 @@ from ..errors import GancleanseError
 from ..files import atomic_write, write_json_atomic
 from ..influence import score
 from ..locks import DirectoryLock
+from ..progress import current_job
 from ..specs import metric_spec
 from .executor import run_tasks
 from .layout import load_json
@@ -108,7 +109,7 @@ def retrained_values(run: "Run", removals: Sequence[Sequence[int]], metrics: Seq
         weights[k, list(removed)] = 0.0
     values: dict[str, list[float | None]] = {m: [None] * len(removals) for m in evaluators}
     for rows, states in retrain_groups(run, weights, run.window_start if start is None else start,
-                                       vmap_steps=batched, progress=progress):
+                                       vmap_steps=batched, progress=progress, on_step=current_job().step):
         for k, state in zip(rows, states):
             for m, ev in evaluators.items():
                 values[m][k] = ev.value(state)

@@ -26,6 +26,7 @@ from ..data.base import SPLIT_NAMES
 from ..errors import ConfigError, TrainingDivergedError
 from ..models import GANModules, build_models
 from ..models.trainable import freeze, read_init, select_trainable, split_trainable
+from ..progress import StepCallback
 from ..integrity import check_fits, file_hashes, file_sizes, sealed
 from ..files import staged_directory, write_json_atomic
 from ..run import Run, torch_threads
@@ -219,9 +220,10 @@ def step_draws(schedule: Schedule, step: int) -> tuple[torch.Tensor, tuple, tupl
 
 
 def run_steps(stage: Path, training: Training, progress: bool, start: tuple[State, Progress],
-              fingerprint_now: dict[str, Any]) -> Trajectory:
+              fingerprint_now: dict[str, Any], on_step: StepCallback | None = None) -> Trajectory:
     """Every training step from the start's: checkpoints, the window's draws and resume checkpoints recorded, one
-    loss line per step (the resumed steps' lines written again from the resume checkpoint)."""
+    loss line per step (the resumed steps' lines written again from the resume checkpoint); ``on_step(done, total)``
+    at the start and after each step."""
     device, dtype, schedule, dynamics = training.device, training.dtype, training.schedule, training.dynamics
     total, window_start, checkpoints = training.total_steps, training.window_start, training.checkpoints
     steps_per_epoch = training.steps_per_epoch
@@ -234,6 +236,8 @@ def run_steps(stage: Path, training: Training, progress: bool, start: tuple[Stat
         record_draws(trajectory, step_draws(schedule, step))
     rule = ResumeRule(training.cfg.train.resume_every, steps_per_epoch, total)
     bar = tqdm(total=total, initial=done.step, desc="train", unit="step", disable=not progress, leave=False)
+    if on_step is not None:
+        on_step(done.step, total)
     # a failed checkpoint write names the checkpoint (its error is no OSError); any other failed write is the log's
     with writing(stage / "losses.jsonl"), open(stage / "losses.jsonl", "w") as log:
         for step in range(done.step):
@@ -256,6 +260,8 @@ def run_steps(stage: Path, training: Training, progress: bool, start: tuple[Stat
             done.record({k: float(v) for k, v in stats.items()})
             log.write(done.log_line(step, steps_per_epoch))
             bar.update()
+            if on_step is not None:
+                on_step(step + 1, total)
             if step % 50 == 0:
                 bar.set_postfix(loss_d=f"{float(stats['loss_d']):.3f}", loss_g=f"{float(stats['loss_g']):.3f}")
     bar.close()
@@ -314,10 +320,12 @@ def run_meta(stage: Path, training: Training, trajectory: Trajectory, user_data:
 
 
 def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, data: Splits | None = None,
-          force: bool = False, progress: bool = True, device: str | None = None) -> Run:
+          force: bool = False, progress: bool = True, device: str | None = None,
+          on_step: StepCallback | None = None) -> Run:
     """Train the GAN the config describes and record a run directory at ``out``. ``models`` / ``data``
     replace the config's architecture / dataset with the user's own modules (initialized as given) and
     tensors (saved in the run directory). ``device`` overrides ``train.device`` (and the config records it).
+    ``on_step(done, total)``: called after each step (and at the start), for progress shown elsewhere.
 
     A training killed part-way leaves ``OUT.partial`` with a resume checkpoint: the same call resumes it (the same
     config keys that shape training, data, starting parameters and device; anything else is refused, naming it), and
@@ -336,7 +344,7 @@ def train(cfg: Config, out: str | Path, *, models: GANModules | None = None, dat
                           training.constants, on)
         with staged_directory(Path(out), force=force, is_ours=is_run_dir,
                               resume=lambda stage: check_resumable(stage, now)) as stage:
-            trajectory = run_steps(stage, training, progress, start_or_resume(stage, training, data), now)
+            trajectory = run_steps(stage, training, progress, start_or_resume(stage, training, data), now, on_step)
             save_tensors(recorded_schedule(training, trajectory), stage / "schedule.safetensors")
             with writing(stage / "run.json"):
                 write_json_atomic(stage / "run.json", sealed(run_meta(stage, training, trajectory, data is not None)))

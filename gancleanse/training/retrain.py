@@ -15,7 +15,7 @@ those of a group advance together:
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.func import vmap
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..errors import TrainingDivergedError
 from ..memory import budget_bytes
+from ..progress import StepCallback
 from ..run import Run, torch_threads
 from ..state_files import flatten_state
 from .dynamics import State
@@ -79,7 +80,8 @@ MAX_GROUP = 1024  # a bound on one vmapped step's size, whatever the memory
 
 
 def retrain_groups(run: Run, weights: torch.Tensor, start: int, *, vmap_steps: bool | None = None,
-                   group: int | None = None, progress: bool = False) -> Iterator[tuple[list[int], list[State]]]:
+                   group: int | None = None, progress: bool = False, on_step: StepCallback | None = None
+                   ) -> Iterator[tuple[list[int], list[State]]]:
     """Final states of K retrains from ``start`` with instance weights ``weights`` (K, n_train),
     yielded a group at a time as (row indices, states).
 
@@ -87,7 +89,8 @@ def retrain_groups(run: Run, weights: torch.Tensor, start: int, *, vmap_steps: b
     memory allows). The unperturbed trajectory is replayed once for all groups: each group forks off
     it and runs to the window's end, the next resumes it where the previous one's last fork left it,
     so every group runs at nearly its full size and no recorded step is replayed twice.
-    ``vmap_steps``: advance each group by one vmapped step (None: where that pays)."""
+    ``vmap_steps``: advance each group by one vmapped step (None: where that pays). ``on_step(done, total)``: the
+    retrain-steps done of all the forking retrains, at the start and after each step."""
     vmap_steps = vmap_pays(run) if vmap_steps is None else vmap_steps
     end = run.final_step
     fork_step = first_use_steps(run, weights != 1, start).tolist()
@@ -102,19 +105,29 @@ def retrain_groups(run: Run, weights: torch.Tensor, start: int, *, vmap_steps: b
         at = checkpoint_before(run, fork_step[forking[0]], start)  # the trajectory's position
         state = run.load_state(at)
         size = group or group_size(run, state, vmap_steps)
-        bar = tqdm(total=sum(end - fork_step[k] for k in forking), desc="retrain", unit="retrain-step",
-                   disable=not progress, leave=False)
+        total = sum(end - fork_step[k] for k in forking)
+        bar = tqdm(total=total, desc="retrain", unit="retrain-step", disable=not progress, leave=False)
+        done = 0
+
+        def advance(steps: int) -> None:
+            nonlocal done
+            done += steps
+            bar.update(steps)
+            if on_step is not None:
+                on_step(done, total)
+
+        advance(0)
         for group_start in range(0, len(forking), size):
             members = forking[group_start:group_start + size]
             active, states, state = _run_group(run, weights, {k: fork_step[k] for k in members}, at, state,
-                                               vmap_steps, bar)
+                                               vmap_steps, advance)
             at = fork_step[members[-1]]  # where the next group resumes the trajectory
             yield active, states
         bar.close()
 
 
 def _run_group(run: Run, weights: torch.Tensor, fork_step: dict[int, int], at: int, state: State,
-               vmap_steps: bool, bar: tqdm) -> tuple[list[int], list[State], State]:
+               vmap_steps: bool, advance: Callable[[int], None]) -> tuple[list[int], list[State], State]:
     """Run one group's retrains (row -> fork step, in fork order) to the window's end, each forked off
     the trajectory ``state`` (at step ``at``) at its step. Returns the rows in fork order, their final
     states, and the trajectory's state at the group's last fork (where the next group resumes it)."""
@@ -146,7 +159,7 @@ def _run_group(run: Run, weights: torch.Tensor, fork_step: dict[int, int], at: i
                 for k in active:
                     forked[k], stats = dyn.step(forked[k], batch, weights[k, idx])
                     check_finite(forked[k], stats, step, run.steps_per_epoch)
-            bar.update(len(active))
+            advance(len(active))
         if step < last_fork:  # the trajectory is needed up to the group's last fork
             state, stats = dyn.step(state, batch, ones)
             check_finite(state, stats, step, run.steps_per_epoch)
@@ -159,10 +172,12 @@ def _run_group(run: Run, weights: torch.Tensor, fork_step: dict[int, int], at: i
 
 
 def retrain_many(run: Run, weights: torch.Tensor, start: int, *, vmap_steps: bool | None = None,
-                 group: int | None = None, progress: bool = False) -> list[State]:
+                 group: int | None = None, progress: bool = False, on_step: StepCallback | None = None
+                 ) -> list[State]:
     """``retrain_groups``' final states, in the rows' order."""
     results: list[State | None] = [None] * weights.shape[0]
-    for rows, states in retrain_groups(run, weights, start, vmap_steps=vmap_steps, group=group, progress=progress):
+    for rows, states in retrain_groups(run, weights, start, vmap_steps=vmap_steps, group=group, progress=progress,
+                                       on_step=on_step):
         for k, final in zip(rows, states):
             results[k] = final
     return results  # type: ignore[return-value]

@@ -1,0 +1,257 @@
+"""Progress of jobs run in worker processes, shown by the process that started them.
+
+Two sides, joined by a channel (anything with ``put`` and ``get(timeout=...)``: a ``queue.SimpleQueue`` when
+the jobs run in this process, a ``multiprocessing`` queue handed to each pool worker when it starts):
+
+- **Worker side.** A job runs inside ``running_job(channel, label)``; the code it calls asks ``current_job()``
+  for its ``JobReport`` (a silent one outside any job) and reports ``stage("train")`` and then
+  ``step(done, total)`` after each step (``StepCallback``: training, replays and retrains take one as
+  ``on_step``). A report is sent when a stage starts, on its first and last steps and otherwise at most every
+  ``SEND_INTERVAL`` seconds, so a step costs a clock read. Reporting never touches a random generator or a
+  tensor, so training is bitwise the same with or without it, and a failed send is dropped, never raised.
+- **Parent side.** ``ProgressDisplay`` drains the channel in a thread and shows, on stderr, the jobs done, the
+  time elapsed and an ETA from the jobs' mean time, and one line per job in flight: its label, stage, steps
+  done of the stage's total, the rate and the stage's ETA. The rate runs from the stage's second report (the
+  first steps' warm-up would skew it), from its first while there is no later one; a stage that reports no
+  steps (a scorer that does not report them) shows the time spent in it. On a terminal the block is redrawn
+  in place every ``REDRAW_INTERVAL`` seconds and erased at the end. When stderr is not a terminal (a log, a
+  pipe) plain lines are printed, at most every ``PLAIN_INTERVAL`` seconds and only for the jobs whose stage
+  or step changed (or whose line is ``PLAIN_REPEAT`` seconds old), and a last one when all jobs are done:
+  ``train+score: 0/2 jobs done, 0:12 | seed 0: train step 40/120, 12.3 step/s, ETA 0:07``.
+
+Jobs on Ray report nothing but their completion (the header); ``progress=False`` creates no display.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import threading
+import time
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from queue import Empty
+from typing import Any, Callable, Iterator, Protocol, TextIO
+
+StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
+
+SEND_INTERVAL = 0.5  # seconds between a job's step reports (its first and last steps always go)
+PLAIN_INTERVAL = 5.0  # seconds between plain lines when stderr is not a terminal
+PLAIN_REPEAT = 60.0  # seconds after which a job's unchanged line is printed again (it still runs)
+REDRAW_INTERVAL = 0.25  # seconds between redraws on a terminal
+LABEL_WIDTH = 40  # characters of a job's label shown
+
+
+class Channel(Protocol):
+    def put(self, item: Any) -> None: ...
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Update:
+    """One report of a job: its stage, and the steps done of the stage's total when it has steps."""
+
+    job: str
+    stage: str
+    done: int | None
+    total: int | None
+    time: float  # time.time() in the worker: the same clock as the parent's on one machine
+
+
+class JobReport:
+    """A job's reports to the parent (none when ``channel`` is None)."""
+
+    def __init__(self, channel: Channel | None, job: str) -> None:
+        self.channel, self.job = channel, job
+        self._stage, self._last_sent, self._fresh = "", -math.inf, False
+
+    def stage(self, name: str) -> None:
+        """The job starts stage ``name`` (``train``, ``score itd-fid``, ``retrain``...)."""
+        self._stage, self._fresh = name, True
+        self._send(None, None)
+
+    def step(self, done: int, total: int) -> None:
+        """``done`` of the stage's ``total`` steps are done (a ``StepCallback``)."""
+        if self.channel is None:
+            return
+        if self._fresh or done >= total or time.monotonic() - self._last_sent >= SEND_INTERVAL:
+            self._fresh = False
+            self._send(done, total)
+
+    def _send(self, done: int | None, total: int | None) -> None:
+        if self.channel is None:
+            return
+        self._last_sent = time.monotonic()
+        with suppress(OSError, ValueError):  # the parent went away or closed the channel: progress is cosmetic
+            self.channel.put(Update(self.job, self._stage, done, total, time.time()))
+
+
+_current = JobReport(None, "")
+
+
+def current_job() -> JobReport:
+    """The report of the job this process runs now; a silent one outside any job."""
+    return _current
+
+
+@contextmanager
+def running_job(channel: Channel | None, label: str) -> Iterator[JobReport]:
+    """Run a job named ``label`` whose reports go to ``channel`` (None: nowhere)."""
+    global _current
+    saved, _current = _current, JobReport(channel, label)
+    try:
+        yield _current
+    finally:
+        _current = saved
+
+
+def clock(seconds: float) -> str:
+    """``M:SS`` or ``H:MM:SS``."""
+    s = max(0, int(round(seconds)))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+@dataclass
+class JobState:
+    """What the display knows of one job in flight."""
+
+    stage: str
+    started: float  # when the stage started (worker's clock)
+    done: int | None = None
+    total: int | None = None
+    first: tuple[float, int] | None = None  # (time, steps done) of the stage's first step report
+    warm: tuple[float, int] | None = None  # the first report after that: the rate leaves out the first step's warm-up
+    latest: float = 0.0
+    shown: tuple = ()  # the (stage, done) last printed as a plain line
+    shown_at: float = -math.inf  # when (time.monotonic)
+
+    def update(self, u: Update) -> None:
+        if u.done is not None and self.first is None:
+            self.first = (u.time, u.done)
+        elif u.done is not None and self.warm is None and u.done > self.first[1]:
+            self.warm = (u.time, u.done)
+        self.done, self.total, self.latest = u.done, u.total, u.time
+
+    def describe(self, now: float) -> str:
+        if self.done is None or not self.total or self.first is None:
+            return f"{self.stage} ({clock(now - self.started)})"
+        text = f"{self.stage} step {self.done}/{self.total}"
+        since = self.warm if self.warm is not None and self.done > self.warm[1] else self.first
+        seconds, steps = self.latest - since[0], self.done - since[1]
+        rate = steps / seconds if steps > 0 and seconds > 0 else None
+        if rate is not None:
+            text += f", {rate:.3g} step/s" if rate >= 1 else f", {1 / rate:.3g} s/step"
+        if self.done >= self.total:
+            return text + ", ETA 0:00"
+        return text if rate is None else text + f", ETA {clock((self.total - self.done) / rate)}"
+
+
+class ProgressDisplay:
+    """Shows the progress of ``total_jobs`` jobs named ``desc`` on ``stream`` (default stderr) while open."""
+
+    def __init__(self, desc: str, total_jobs: int, channel: Channel | None, stream: TextIO | None = None) -> None:
+        self.desc, self.total_jobs, self.channel = desc, total_jobs, channel
+        self.stream = stream if stream is not None else sys.stderr
+        self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.started = time.time()
+        self.jobs: dict[str, JobState] = {}
+        self.finished: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._drawn = 0  # lines of the block on a terminal
+        self._last_plain = -math.inf
+        self._header_shown = -1
+        self._thread = threading.Thread(target=self._run, name="gancleanse-progress", daemon=True)
+
+    def __enter__(self) -> "ProgressDisplay":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._drain()
+        with self._lock:
+            self._erase() if self.interactive else self._plain()
+
+    def job_done(self, label: str) -> None:
+        with self._lock:
+            self.finished.add(label)
+            self.jobs.pop(label, None)
+
+    def _run(self) -> None:
+        last_draw = -math.inf
+        while not self._stop.is_set():
+            self._drain(timeout=min(REDRAW_INTERVAL, 0.1))
+            now = time.monotonic()
+            if self.interactive and now - last_draw >= REDRAW_INTERVAL:
+                last_draw = now
+                with self._lock:
+                    self._redraw()
+            elif not self.interactive and now - self._last_plain >= PLAIN_INTERVAL:
+                with self._lock:
+                    self._plain(now)
+
+    def _drain(self, timeout: float = 0.0) -> None:
+        """Apply every report waiting in the channel (waiting up to ``timeout`` for the first)."""
+        if self.channel is None:
+            self._stop.wait(timeout)
+            return
+        block = timeout > 0
+        while True:
+            try:
+                update = self.channel.get(block=block, timeout=timeout if block else None)
+            except (Empty, OSError, ValueError, EOFError):
+                return
+            block = False
+            with self._lock:
+                if update.job in self.finished:  # a late report of a finished job
+                    continue
+                job = self.jobs.get(update.job)
+                if job is None or job.stage != update.stage:
+                    job = self.jobs[update.job] = JobState(update.stage, update.time)
+                job.update(update)
+
+    def _header(self, now: float) -> str:
+        n, elapsed = len(self.finished), now - self.started
+        text = f"{self.desc}: {n}/{self.total_jobs} jobs done, {clock(elapsed)}"
+        if 0 < n < self.total_jobs:
+            text += f", ETA ~{clock(elapsed / n * (self.total_jobs - n))}"
+        return text
+
+    def _redraw(self) -> None:
+        now = time.time()
+        width = max(20, shutil.get_terminal_size().columns - 1)
+        lines = [self._header(now)] + [f"  {label[:LABEL_WIDTH]}: {job.describe(now)}"
+                                       for label, job in self.jobs.items()]
+        self._erase()
+        self._write([line[:width] for line in lines])
+        self._drawn = len(lines)
+
+    def _erase(self) -> None:
+        if self._drawn:
+            self.stream.write(f"\x1b[{self._drawn}F\x1b[J")  # to the block's first line, clear to the end
+            self._drawn = 0
+            self.stream.flush()
+
+    def _plain(self, monotonic_now: float | None = None) -> None:
+        """One line per job whose stage or step changed (or was last printed ``PLAIN_REPEAT`` seconds ago), after
+        the header's counts; the header alone when only those changed."""
+        now, monotonic_now = time.time(), time.monotonic() if monotonic_now is None else monotonic_now
+        header, lines = self._header(now), []
+        for label, job in self.jobs.items():
+            if job.shown != (job.stage, job.done) or monotonic_now - job.shown_at >= PLAIN_REPEAT:
+                job.shown, job.shown_at = (job.stage, job.done), monotonic_now
+                lines.append(f"{header} | {label[:LABEL_WIDTH]}: {job.describe(now)}")
+        if not lines and len(self.finished) == self._header_shown:
+            return
+        self._header_shown = len(self.finished)
+        self._last_plain = monotonic_now
+        self._write(lines or [header])
+
+    def _write(self, lines: list[str]) -> None:
+        with suppress(OSError, ValueError):  # a closed stderr must not stop the study
+            self.stream.write("".join(line + "\n" for line in lines))
+            self.stream.flush()

@@ -1,0 +1,155 @@
+"""Progress inside studies: each job's stage and steps with a rate and an ETA on stderr, plain lines when stderr
+is not a terminal, nothing with progress=False, and results that do not depend on it."""
+
+from __future__ import annotations
+
+import io
+import queue
+import re
+
+import pytest
+import torch
+
+import gancleanse as gc
+import gancleanse.progress as progress
+from gancleanse.config import Config
+from gancleanse.progress import JobReport, ProgressDisplay, Update
+from gancleanse.training.replay import replay
+from gancleanse.training.retrain import retrain_many
+
+from conftest import tiny_config
+
+N_TRAIN, BATCH, EPOCHS = 400, 5, 3
+TRAIN_STEPS = EPOCHS * N_TRAIN // BATCH  # 240
+WINDOW_STEPS = N_TRAIN // BATCH  # the last epoch, traced and retrained
+STUDY = {
+    "data": {"n_train": N_TRAIN, "n_valid": 100, "n_test": 100},
+    "model": {"activation": "elu", "g_hidden": 8, "d_hidden": 8, "z_dim": 3},
+    "train": {"epochs": EPOCHS, "batch_size": BATCH, "lr_d": 0.01, "lr_g": 0.01},
+    "metric": {"n_samples": 50},
+    "cleanse": {"metrics": ["loss_d"], "methods": ["itd", "random"], "removal_rates": [0.0, 0.1], "seeds": [0, 1],
+                "check": 0},
+}
+# One plain progress line of a job: the phase's counts, the job, its stage, steps, rate and ETA.
+STEP_LINE = re.compile(r"^(?P<phase>train\+score|retrain): \d+/(?P<jobs>\d+) jobs done, \d+:\d\d(, ETA ~\d+:\d\d)? "
+                       r"\| (?P<job>[^:]+): (?P<stage>\w+) step (?P<done>\d+)/(?P<total>\d+), "
+                       r"[\d.e+]+ (step/s|s/step), ETA \d+:\d\d$")
+
+
+def step_lines(err: str) -> list[dict[str, str]]:
+    return [m.groupdict() for m in map(STEP_LINE.match, err.splitlines()) if m]
+
+
+@pytest.fixture(scope="module")
+def quiet_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quiet")
+    return out, gc.cleanse(Config.from_dict(STUDY), out, report=False, progress=False)
+
+
+def test_a_study_shows_each_jobs_steps_with_a_rate_and_an_eta(tmp_path, capsys, monkeypatch, quiet_study):
+    monkeypatch.setattr(progress, "PLAIN_INTERVAL", 0.0)
+    monkeypatch.setattr(progress, "SEND_INTERVAL", 0.0)  # every step is reported (jobs run in this process)
+    summary = gc.cleanse(Config.from_dict(STUDY), tmp_path, report=False, progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err  # stderr is no terminal: plain lines only
+    lines = step_lines(err)
+    train = [r for r in lines if r["phase"] == "train+score" and r["stage"] == "train"]
+    assert {r["job"] for r in train} == {"seed 0", "seed 1"}
+    assert {r["total"] for r in train} == {str(TRAIN_STEPS)}
+    assert any(0 < int(r["done"]) < TRAIN_STEPS for r in train), "no line part-way through training"
+    for seed in ("seed 0", "seed 1"):  # steps only move forward
+        done = [int(r["done"]) for r in train if r["job"] == seed]
+        assert done == sorted(done) and done[-1] == TRAIN_STEPS
+    retrains = [r for r in lines if r["phase"] == "retrain"]
+    assert {r["stage"] for r in retrains} == {"retrain"} and {r["total"] for r in retrains} == {str(WINDOW_STEPS)}
+    assert {r["jobs"] for r in retrains} == {"6"}  # 2 seeds x (2 scorers at 10% + the shared rate 0)
+    for stage in ("score itd-loss_d", "score random-none", "evaluate"):
+        assert re.search(rf"\| seed ?\d\S*: {stage} \(\d+:\d\d\)$", err, re.M), stage
+    assert re.search(r"^train\+score: 2/2 jobs done, \d+:\d\d$", err, re.M)
+    assert re.search(r"^retrain: 6/6 jobs done, \d+:\d\d$", err, re.M)
+    # reporting touches no random generator and no tensor: the same study as without progress
+    out, quiet_summary = quiet_study
+    assert summary == quiet_summary
+    assert (tmp_path / "results.csv").read_text() == (out / "results.csv").read_text()
+
+
+def test_progress_false_prints_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(progress, "PLAIN_INTERVAL", 0.0)
+    study = {**STUDY, "cleanse": {**STUDY["cleanse"], "seeds": [0]}}
+    gc.cleanse(Config.from_dict(study), tmp_path, report=False, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_pool_workers_report_their_steps_to_the_parent(tmp_path, capfd, monkeypatch, quiet_study):
+    monkeypatch.setattr(progress, "PLAIN_INTERVAL", 0.0)  # the display runs here; the workers keep their interval
+    summary = gc.cleanse(Config.from_dict(STUDY), tmp_path, report=False, progress=True, workers=2)
+    err = capfd.readouterr().err
+    lines = step_lines(err)
+    train = [r for r in lines if r["stage"] == "train"]
+    assert {r["job"] for r in train} == {"seed 0", "seed 1"}
+    assert {(r["job"], r["done"]) for r in train} >= {("seed 0", str(TRAIN_STEPS)), ("seed 1", str(TRAIN_STEPS))}
+    assert {r["total"] for r in lines if r["stage"] == "retrain"} == {str(WINDOW_STEPS)}
+    assert re.search(r"^retrain: 6/6 jobs done", err, re.M)
+    assert summary == quiet_study[1]
+
+
+def test_a_job_reports_a_stage_its_first_and_last_steps_and_otherwise_at_most_every_interval(monkeypatch):
+    sent: queue.SimpleQueue = queue.SimpleQueue()
+    monkeypatch.setattr(progress, "SEND_INTERVAL", 3600.0)
+    report = JobReport(sent, "seed 3")
+    report.stage("train")
+    for done in range(0, 11):
+        report.step(done, 10)
+    got = [sent.get_nowait() for _ in range(sent.qsize())]
+    assert [(u.job, u.stage, u.done, u.total) for u in got] == [("seed 3", "train", None, None),
+                                                              ("seed 3", "train", 0, 10), ("seed 3", "train", 10, 10)]
+    JobReport(None, "silent").step(1, 10)  # no channel: nothing to send, nothing raised
+    assert progress.current_job().channel is None  # outside a job
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_the_block_is_redrawn_in_place_and_erased_at_the_end(monkeypatch):
+    monkeypatch.setattr(progress, "REDRAW_INTERVAL", 0.0)
+    channel: queue.SimpleQueue = queue.SimpleQueue()
+    stream = Terminal()
+    with ProgressDisplay("retrain", 3, channel, stream) as display:
+        channel.put(Update("a", "retrain", 0, 100, 1000.0))
+        channel.put(Update("a", "retrain", 10, 100, 1001.0))
+        channel.put(Update("a", "retrain", 30, 100, 1002.0))  # 20 step/s from the second report on
+        deadline = 200
+        while "step 30/100" not in stream.getvalue() and deadline:
+            deadline -= 1
+            display._stop.wait(0.01)
+        display.job_done("a")
+    text = stream.getvalue()
+    assert "  a: retrain step 30/100, 20 step/s, ETA 0:04" in text
+    assert "retrain: 0/3 jobs done" in text and "\x1b[2F\x1b[J" in text  # moved up over its 2 lines, cleared
+    assert text.endswith("\x1b[J")  # erased at the end, not left behind
+
+
+def test_replay_and_retrains_report_their_steps_and_are_unchanged(tmp_path):
+    run = gc.train(tiny_config(), tmp_path / "run", progress=False)
+    seen: list[tuple[int, int]] = []
+    weights = torch.ones(run.n_train, dtype=run.dtype)
+    weights[[3, 7]] = 0.0
+    state = replay(run, run.window_start, weights=weights, on_step=lambda d, t: seen.append((d, t)))
+    n = run.final_step - run.window_start
+    assert seen == [(k, n) for k in range(n + 1)]
+    assert all(torch.equal(a, b) for a, b in zip(state["g"].values(),
+                                                 replay(run, run.window_start, weights=weights)["g"].values()))
+    rows = torch.ones(3, run.n_train, dtype=run.dtype)
+    rows[0, 5], rows[1, 11] = 0.0, 0.0  # row 2 removes nothing: it never forks
+    retrain_seen: list[tuple[int, int]] = []
+    states = retrain_many(run, rows, run.window_start, vmap_steps=False,
+                          on_step=lambda d, t: retrain_seen.append((d, t)))
+    first_use = [min(s for s in range(run.window_start, run.final_step) if j in run.indices(s).tolist())
+                 for j in (5, 11)]
+    total = sum(run.final_step - s for s in first_use)
+    assert retrain_seen[0] == (0, total) and retrain_seen[-1] == (total, total)
+    assert [d for d, _ in retrain_seen] == sorted(d for d, _ in retrain_seen)
+    plain = retrain_many(run, rows, run.window_start, vmap_steps=False)
+    assert all(torch.equal(a, b) for s, p in zip(states, plain) for a, b in zip(s["d"].values(), p["d"].values()))
