@@ -144,8 +144,9 @@ class HVPPass:
         """Whether this kind of step can be done the ``hvp`` way: both ways applied to a random adjoint (every block
         nonzero, unlike a metric's gradient, which is often zero on D) agree to the square root of the precision,
         block by block. An operation may lack a forward-mode rule, or have a higher derivative that differs between
-        forward and reverse mode (torch's third derivative of layer_norm, met under gradient penalties, does); such
-        a kind of step is left to the VJP, which the exactness tests hold to, and the reason recorded."""
+        forward and reverse mode (``F.layer_norm``'s third, met under gradient penalties, did: the built-in models
+        use ``models.layer_norm`` there, right in both); such a kind of step is left to the VJP, which the
+        exactness tests hold to, and the reason recorded."""
         kind = self.penalised(point.batch)
         generator = torch.Generator().manual_seed(0)
         probe = tree_map(lambda t: torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device), point.state)

@@ -105,23 +105,34 @@ def _init(module: nn.Module, generator: torch.Generator, dtype: torch.dtype) -> 
     return out
 
 
-def _mlp(model: ModelConfig, sample_shape: tuple[int, ...], classes: int) -> tuple[nn.Module, nn.Module]:
+def _mlp(model: ModelConfig, sample_shape: tuple[int, ...], classes: int, third: bool
+         ) -> tuple[nn.Module, nn.Module]:
     return (MLPGenerator(model.z_dim, sample_shape, model.g_hidden, model.layers, model.activation, model.norm,
                          model.bias, classes),
             MLPDiscriminator(math.prod(sample_shape), model.d_hidden, model.layers, model.activation, model.norm,
-                             model.bias, classes))
+                             model.bias, classes, third))
 
 
-def _dcgan(model: ModelConfig, sample_shape: tuple[int, ...], classes: int) -> tuple[nn.Module, nn.Module]:
+def _dcgan(model: ModelConfig, sample_shape: tuple[int, ...], classes: int, third: bool
+           ) -> tuple[nn.Module, nn.Module]:
     return (DCGANGenerator(model.z_dim, sample_shape, model.g_hidden, model.activation, model.norm, model.bias,
                            classes),
-            DCGANDiscriminator(sample_shape, model.d_hidden, model.activation, model.norm, model.bias, classes))
+            DCGANDiscriminator(sample_shape, model.d_hidden, model.activation, model.norm, model.bias, classes, third))
 
 
-# model.arch -> (model config, sample shape, number of classes or 0) -> (generator, discriminator).
-# Each builds G before D: module construction draws default inits from the global RNG.
-ARCHITECTURES: dict[str, Callable[[ModelConfig, tuple[int, ...], int], tuple[nn.Module, nn.Module]]] = {
-    "mlp": _mlp, "dcgan": _dcgan}
+Builder = Callable[[ModelConfig, tuple[int, ...], int, bool], tuple[nn.Module, nn.Module]]
+
+# model.arch -> (model config, sample shape, number of classes or 0, whether D is differentiated three times)
+# -> (generator, discriminator). Each builds G before D: module construction draws default inits from the global RNG.
+ARCHITECTURES: dict[str, Builder] = {"mlp": _mlp, "dcgan": _dcgan}
+
+
+def third_derivatives(cfg: Config) -> bool:
+    """Whether ITD and AID differentiate D three times: gradient penalties put D's input gradient in its loss.
+    Such a D normalizes through ``layer_norm.layer_norm`` where that can happen (right at that order, where
+    ``F.layer_norm`` is not; the same values and first two derivatives bit for bit); without penalties it keeps
+    ``F.layer_norm`` everywhere, which is faster."""
+    return bool(cfg.train.r1_gamma or cfg.train.r2_gamma)
 
 
 def build_models(cfg: Config, sample_shape: tuple[int, ...], n_classes: int | None = None) -> GANModules:
@@ -139,20 +150,19 @@ def build_models(cfg: Config, sample_shape: tuple[int, ...], n_classes: int | No
         raise ConfigError(f"model.arch = {model.arch!r} is not available in this build")
     classes = n_classes if model.conditional else 0
     check_model_fits(build, model, sample_shape, classes)
-    generator, discriminator = build(model, sample_shape, classes)
+    generator, discriminator = build(model, sample_shape, classes, third_derivatives(cfg))
     if model.lora_rank:
         lora(discriminator, model.lora_rank, targets=model.lora_targets, seed=1)
         lora(generator, model.lora_rank, targets=model.lora_targets, seed=2)
     return GANModules(generator, discriminator, model.z_dim, conditional=model.conditional)
 
 
-def check_model_fits(build: Callable[[ModelConfig, tuple[int, ...], int], tuple[nn.Module, nn.Module]],
-                     model: ModelConfig, sample_shape: tuple[int, ...], classes: int) -> None:
+def check_model_fits(build: Builder, model: ModelConfig, sample_shape: tuple[int, ...], classes: int) -> None:
     """Refuse widths whose parameters the memory available cannot hold, before allocating them: the pair is built
     on the meta device first (no memory, no random draw), and each player's parameters need a float32 template and
     their values in ``model.dtype`` at least."""
     with torch.device("meta"):
-        generator, discriminator = build(model, sample_shape, classes)
+        generator, discriminator = build(model, sample_shape, classes, False)
     value_bytes = 8 if model.dtype == "float64" else 4
     for role, module, key in (("generator", generator, "g_hidden"), ("discriminator", discriminator, "d_hidden")):
         n = sum(p.numel() for p in module.parameters())

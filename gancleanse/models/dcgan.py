@@ -15,7 +15,10 @@ holds the kernels and strides):
 
 Every convolution is followed by the activation and, with ``norm = "layer"``, by a per-instance
 LayerNorm over (C, H, W): it never mixes instances, so an instance weight of 0 still means "this
-instance was not seen", which BatchNorm would break. With ``n_classes`` both are class-conditional as
+instance was not seen", which BatchNorm would break. A discriminator trained with gradient penalties is
+differentiated three times by ITD and AID, past where ``F.layer_norm``'s derivatives are right: where
+that can happen, its LayerNorms go through ``layer_norm.layer_norm`` (the same values and first two
+derivatives, bit for bit; see that module). With ``n_classes`` both are class-conditional as
 the MLP's are: a z_dim-wide class embedding beside z at G's input, a projection term on D's final
 (hidden-wide) features.
 """
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DataError
+from .layer_norm import layer_norm, may_take_third_derivatives
 from .mlp import ACTIVATIONS, projection_logit, with_label_embedding
 
 # image side -> discriminator (kernels, strides); the generator uses both reversed.
@@ -67,13 +71,15 @@ class ChannelLayerNorm(nn.Module):
         self.bias: nn.Parameter | None
         self.register_parameter("bias", nn.Parameter(torch.zeros(channels)) if bias else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        """``exact``: through ``layer_norm`` (right beyond the second derivative, slower) instead of
+        ``F.layer_norm``; the values and first two derivatives are the same bit for bit either way."""
         # Broadcasting the per-channel parameters into layer_norm's own affine step keeps
         # one saved tensor per layer instead of three, which matters for ITD's stored graphs.
         shape = x.shape[1:]
         weight = self.weight[:, None, None].expand(shape)
         bias = self.bias[:, None, None].expand(shape) if self.bias is not None else None
-        return F.layer_norm(x, shape, weight, bias, self.eps)
+        return (layer_norm if exact else F.layer_norm)(x, list(shape), weight, bias, self.eps)
 
 
 def _block(conv: nn.Module, channels: int, activation: str, norm: str, bias: bool) -> list[nn.Module]:
@@ -84,10 +90,13 @@ def _block(conv: nn.Module, channels: int, activation: str, norm: str, bias: boo
 
 
 class DCGANDiscriminator(nn.Module):
-    """Image (B, C, H, W) -> logit (B,)."""
+    """Image (B, C, H, W) -> logit (B,). ``third_derivatives``: the LayerNorms of an evaluation that may be
+    differentiated three times (``may_take_third_derivatives``) are exact there; gradient penalties are what
+    lead ITD and AID there, so a run without them leaves this off and keeps ``F.layer_norm``, which is faster.
+    The generator's derivatives never go past the second, so it has no such choice."""
 
     def __init__(self, in_shape: tuple[int, ...], hidden: int = 32, activation: str = "sigmoid",
-                 norm: str = "layer", bias: bool = False, n_classes: int = 0) -> None:
+                 norm: str = "layer", bias: bool = False, n_classes: int = 0, third_derivatives: bool = False) -> None:
         super().__init__()
         channels, _, kernels, strides = image_spec(tuple(in_shape))
         layers: list[nn.Module] = []
@@ -97,9 +106,14 @@ class DCGANDiscriminator(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(hidden, 1, bias=bias)
         self.embed = nn.Embedding(n_classes, hidden) if n_classes else None
+        self.third_derivatives = third_derivatives
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        features = self.features(x).flatten(1)
+        exact = self.third_derivatives and may_take_third_derivatives(self, x)
+        features = x
+        for layer in self.features:
+            features = layer(features, exact) if isinstance(layer, ChannelLayerNorm) else layer(features)
+        features = features.flatten(1)
         return projection_logit(self.head(features), features, self.embed, y)
 
 

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from .layer_norm import exact_layer_norm, may_take_third_derivatives
+
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "softplus": nn.Softplus, "sigmoid": nn.Sigmoid,
                "leaky_relu": lambda: nn.LeakyReLU(0.2), "tanh": nn.Tanh}
 
@@ -58,16 +60,21 @@ class MLPGenerator(nn.Module):
 
 
 class MLPDiscriminator(nn.Module):
+    """``third_derivatives``: as the DCGAN discriminator's (its LayerNorms exact where needed)."""
+
     def __init__(self, in_dim: int, hidden: int, layers: int, activation: str = "relu",
-                 norm: str = "none", bias: bool = False, n_classes: int = 0) -> None:
+                 norm: str = "none", bias: bool = False, n_classes: int = 0, third_derivatives: bool = False) -> None:
         super().__init__()
         sizes = [in_dim] + [hidden] * layers
         self.net = nn.Sequential(*_stack(sizes, activation, norm, bias), nn.Linear(hidden, 1, bias=bias))
         self.embed = nn.Embedding(n_classes, hidden) if n_classes else None
+        self.third_derivatives = third_derivatives
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         *body, head = self.net
         features = x.reshape(x.shape[0], -1)
+        exact = self.third_derivatives and may_take_third_derivatives(self, features)
         for layer in body:
-            features = layer(features)
+            exact_here = exact and isinstance(layer, nn.LayerNorm)
+            features = exact_layer_norm(layer, features) if exact_here else layer(features)
         return projection_logit(head(features), features, self.embed, y)
