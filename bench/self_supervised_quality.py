@@ -46,6 +46,15 @@ def metric_along_training(path: Path, space: str) -> list[float]:
     return [metric.value(run.load_state(step)) for step in run.checkpoint_steps]
 
 
+def nearest_neighbour_accuracy(path: Path, space: str) -> float:
+    """How often a test image's nearest training image in ``space`` has its label (how semantic the space is)."""
+    run = gc.Run.open(path, features=space)
+    model = load_feature_model(run)
+    train, test = model.evaluate(run.splits.train)[0], model.evaluate(run.splits.test)[0]
+    nearest = torch.cdist(test, train).argmin(dim=1)
+    return float((run.splits.y_train[nearest] == run.splits.y_test).double().mean())
+
+
 def corrupt(x: torch.Tensor, fraction: float, kind: str, generator: torch.Generator) -> torch.Tensor:
     """``x`` with its first ``fraction`` of images replaced by a corrupted version."""
     out, k = x.clone(), int(round(fraction * x.shape[0]))
@@ -106,6 +115,8 @@ def main() -> None:
     rho_late = spearmanr(values["classifier"][late:], values["self_supervised"][late:]).statistic
     print(f"  Spearman(FID classifier, FD self-supervised) over all {len(run.checkpoint_steps)} states: {rho:.3f} "
           f"(target >= 0.9); over the last {len(run.checkpoint_steps) - late}: {rho_late:.3f}")
+    print("  1-NN label accuracy of the features (test against train): " + ", ".join(
+        f"{space} {nearest_neighbour_accuracy(run.path, space):.3f}" for space in SPACES))
     corruption_table(run.path)
 
 
