@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import tempfile
@@ -38,6 +39,12 @@ def train_toml(directory: Path, config: str) -> Path:
     (directory / "cfg.toml").write_text(config)
     assert main(["train", str(directory / "cfg.toml"), "--out", str(directory / "run"), "-q"]) == 0
     return directory / "run"
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """A CSV file's rows as dicts of strings (the tests' view of what a command wrote)."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def make_run(tmp_path: Path, name: str = "run", **sections: dict[str, Any]) -> gc.Run:

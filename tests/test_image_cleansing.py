@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import read_csv
 from scipy.stats import hypergeom
 
 from gancleanse.cli import main
@@ -49,11 +50,6 @@ weight_decay_g = 1e-3
 n_samples = 150
 classifier_epochs = 40
 """
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")

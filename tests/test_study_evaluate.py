@@ -3,13 +3,13 @@ as a score."""
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_csv
 from test_manifold import brute_force
 
 import gancleanse as gc
@@ -38,11 +38,6 @@ def config(**cleanse) -> Config:
 
 def parts(out: Path) -> dict[str, dict]:
     return {p.name: json.loads(p.read_text()) for p in sorted((out / "parts").glob("*.json"))}
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
