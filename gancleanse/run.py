@@ -246,10 +246,10 @@ class Run:
 
     @property
     def feature_space(self) -> str | None:
-        """The metrics' feature space (``gancleanse.features.resolve``) where it can load, else None."""
-        from .features import resolve
+        """The metrics' feature space where its network can load, else None (``gancleanse.features.usable_space``)."""
+        from .features import usable_space
 
-        return resolve(self).space if self.has_features else None  # type: ignore[union-attr]
+        return usable_space(self)
 
     @cached_property
     def _schedule(self) -> dict[str, torch.Tensor]:

@@ -76,17 +76,24 @@ def resolve(run: "Run") -> Choice | None:
     return Choice("self_supervised", "auto: unlabelled images and no Inception weights file found")
 
 
-def has_features(run: "Run") -> bool:
-    """Whether the run's metrics have a feature space (``resolve`` is not None and its network can load):
-    with ``torchscript`` the extractor must have been named at ``open``."""
+def usable_space(run: "Run") -> str | None:
+    """The run's feature space where its network can load (``resolve`` not None; with ``torchscript`` the
+    extractor must have been named at ``open``), else None."""
     choice = resolve(run)
     if choice is None:
-        return False
+        return None
     if choice.space == "torchscript":
-        return bool(run.extractor)
-    if choice.space == "classifier":
-        return _labelled_images(run)
-    return _images(run)
+        usable = bool(run.extractor)
+    elif choice.space == "classifier":
+        usable = _labelled_images(run)
+    else:
+        usable = _images(run)
+    return choice.space if usable else None
+
+
+def has_features(run: "Run") -> bool:
+    """Whether the run's metrics have a feature space whose network can load (``usable_space``)."""
+    return usable_space(run) is not None
 
 
 def _load_classifier(run: "Run") -> FeatureModel:
