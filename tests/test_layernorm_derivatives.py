@@ -10,6 +10,7 @@ same (runs recorded before replay bitwise).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Callable
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd import gradgradcheck
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, jvp, vjp, vmap
 
 import gancleanse as gc
 import gancleanse.models.dcgan as dcgan
@@ -27,7 +28,7 @@ from gancleanse.influence.itd import itd_influence
 from gancleanse.metrics import make_metric
 from gancleanse.models import build_models
 from gancleanse.models.dcgan import ChannelLayerNorm
-from gancleanse.models.layer_norm import layer_norm
+from gancleanse.models.layer_norm import LayerNorm, layer_norm, layer_norm_twice
 from gancleanse.state_files import flatten_state
 from gancleanse.training.replay import replay
 from gancleanse.training.retrain import retrain_many
@@ -59,7 +60,8 @@ def config(model: dict[str, Any], **train: Any) -> Config:
 
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal bit for bit (signed zeros included)."""
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8),
+                                                                     b.reshape(-1).view(torch.uint8))
 
 
 def check_third_and_fourth_derivatives(function: Callable[[torch.Tensor, Params], torch.Tensor], x: torch.Tensor,
@@ -144,6 +146,74 @@ def test_values_and_two_derivatives_are_f_layer_norms_bitwise():
             for got, want in zip(norms(layer_norm), norms(F.layer_norm)):
                 assert bitwise_equal(got, want)
 
+
+
+def layer_norm_derivatives(fn: Callable, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                           probe: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """Value, gradient and the gradient's VJP and JVP along ``probe`` (reverse over reverse and forward over reverse),
+    and the vmapped gradient, of a scalar that holds ``fn``'s layer normalization of x, with respect to x and the
+    affine parameters present: the derivatives ITD's two ways and batched retrains take of a network."""
+    affine = tuple(t for t in (weight, bias) if t is not None)
+    cot = torch.linspace(-1, 2, x.numel(), dtype=x.dtype).reshape(x.shape)
+
+    def scalar(inputs: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        w, b = (params + (None, None))[:2] if weight is not None else (None, params[0] if params else None)
+        return (torch.sigmoid(fn(inputs, list(x.shape[1:]), w, b, 1e-5)) * cot).sum()
+
+    gradient = grad(scalar, argnums=tuple(range(1 + len(affine))))
+    return [scalar(x, *affine), *gradient(x, *affine), *vjp(gradient, x, *affine)[1](probe),
+            *jvp(gradient, (x, *affine), probe)[1], *vmap(gradient, in_dims=(0, *(None,) * len(affine)))(
+                x.unsqueeze(1), *affine)]
+
+
+@pytest.mark.parametrize("affine", ["weight and bias", "weight", "none"])
+def test_layer_norm_twice_is_f_layer_norm_to_the_second_derivative(affine):
+    """``layer_norm_twice`` (every built-in LayerNorm outside the exact path): value and first derivative bit for bit
+    ``F.layer_norm``'s in float32 and float64 (training and replays unchanged); its closed-form second derivative,
+    in reverse and forward mode and under vmap, equal to ``F.layer_norm``'s to 1e-12 in float64. Fails on a wrong
+    term of the closed form (the statistics' derivative, the weight's, the bias's)."""
+    gen = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(4, 3, 5, 2, generator=gen).to(dtype)
+        weight = torch.randn(3, 5, 2, generator=gen).to(dtype) + 1 if affine != "none" else None
+        bias = torch.randn(3, 5, 2, generator=gen).to(dtype) if affine == "weight and bias" else None
+        present = [t for t in (x, weight, bias) if t is not None]
+        probe = tuple(torch.randn(t.shape, generator=gen).to(dtype) for t in present)
+        got = layer_norm_derivatives(layer_norm_twice, x, weight, bias, probe)
+        want = layer_norm_derivatives(F.layer_norm, x, weight, bias, probe)
+        first = 1 + len(present)  # the value and the gradient
+        assert all(bitwise_equal(g, w) for g, w in zip(got[:first], want[:first]))
+        assert all(bitwise_equal(g, w) for g, w in zip(got[-len(present):], want[-len(present):]))  # vmapped
+        if dtype == torch.float64:
+            for g, w in zip(got[first:-len(present)], want[first:-len(present)]):
+                assert (g - w).abs().max() <= 1e-12 * w.abs().max()
+
+
+def test_built_in_layer_norms_go_through_layer_norm_twice_in_itd_and_aid_alone(tmp_path, monkeypatch):
+    """Every LayerNorm of the built-in networks outside the exact path (the MLP's and the DCGAN's, G and D) calls
+    ``layer_norm_twice`` while ITD (both ways) and AID differentiate a step, and ``F.layer_norm`` in training (the
+    custom function's dispatch would slow every training step)."""
+    import gancleanse.models.layer_norm as module
+    calls: list[int] = []
+    monkeypatch.setattr(module, "layer_norm_twice", lambda *a: calls.append(1) or layer_norm_twice(*a))
+    for model, shape in ((DCGAN, (1, 8, 8)), (MLP, (2,))):
+        models = build_models(config(model), shape)
+        networks = (models.generator.double(), models.discriminator.double())
+        norms = [m for net in networks for m in net.modules() if isinstance(m, (ChannelLayerNorm, nn.LayerNorm))]
+        assert all(isinstance(m, (ChannelLayerNorm, LayerNorm)) for m in norms) and norms
+        for twice in (False, True):
+            calls.clear()
+            with module.second_derivatives() if twice else nullcontext():
+                networks[1](networks[0](torch.randn(3, 3, dtype=torch.float64)))
+            assert len(calls) == (len(norms) if twice else 0)
+    run = gc.train(config(DCGAN), tmp_path / "run", progress=False)
+    assert calls == [] or calls.clear() is None
+    for reverse in ("vjp", "hvp"):
+        itd_influence(run, make_metric("fid", run), progress=False, reverse=reverse)
+        assert len(calls) > 0
+        calls.clear()
+    gc.influence(run, metric="fid", method="aid", progress=False)
+    assert len(calls) > 0
 
 # ------------------------------------------------------------------------------- runs and ITD
 @pytest.mark.parametrize("penalty", ["none", "r1", "r2"])

@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, GancleanseWarning
 from ..metrics import Metric, make_metric
+from ..models.layer_norm import second_derivatives
 from ..options import AID_SOLVERS, AIDOptions
 from ..run import Run, torch_threads
 from ..scores import Scores
@@ -283,7 +284,7 @@ def aid_solve(run: Run, metric: Metric, options: AIDOptions, *, seed: int = 0, s
     started = time.perf_counter()
     size = min(options.operator_size or DEFAULT_OPERATOR_SIZE, run.n_train)
 
-    with torch_threads(run.threads):
+    with torch_threads(run.threads), second_derivatives():  # Jacobian products of the game's gradient
         state = run.final_state() if state is None else state
         params = {p: {k: t.detach() for k, t in state[p].items()} for p in ("d", "g")}
         if options.damping is None:  # P and lambda of the window's time scale

@@ -38,6 +38,7 @@ from torch.func import vjp
 from torch.utils._pytree import tree_leaves, tree_map
 
 from ..models.base import Params
+from ..models.layer_norm import second_derivatives
 from ..training.adjoint import step_adjoint, warm_forward_mode
 from ..training.dynamics import Dynamics, State, StepBatch
 
@@ -78,8 +79,10 @@ class VJPPass:
         self.dyn, self.batch_of, self.ones = dyn, batch_of, ones
 
     def pullback(self, state: State, batch: StepBatch) -> tuple[State, Callable[[State], StepResult]]:
-        """The next state and the step's VJP closure."""
-        return vjp(lambda s, w: self.dyn.step(s, batch, w), state, self.ones, has_aux=True)[:2]
+        """The next state and the step's VJP closure (the built-in LayerNorms' backward recorded with their
+        closed-form second derivative)."""
+        with second_derivatives():
+            return vjp(lambda s, w: self.dyn.step(s, batch, w), state, self.ones, has_aux=True)[:2]
 
     def forward(self, state: State, step: int) -> tuple[State, Token]:
         started = time.perf_counter()
@@ -127,7 +130,8 @@ class HVPPass:
         return self.fallback.backward(token, u)
 
     def adjoint(self, point: StepPoint, u: State) -> StepResult:
-        return step_adjoint(self.dyn, point.state, point.batch, self.ones, point.gradients, point.new_d, u)
+        with second_derivatives():
+            return step_adjoint(self.dyn, point.state, point.batch, self.ones, point.gradients, point.new_d, u)
 
     def attempt(self, point: StepPoint, u: State) -> StepResult | None:
         """``adjoint``, or None (the reason recorded) where forward mode cannot run an operation of the step."""

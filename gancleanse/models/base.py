@@ -131,7 +131,7 @@ def third_derivatives(cfg: Config) -> bool:
     """Whether ITD and AID differentiate D three times: gradient penalties put D's input gradient in its loss.
     Such a D normalizes through ``layer_norm.layer_norm`` where that can happen (right at that order, where
     ``F.layer_norm`` is not; the same values and first two derivatives bit for bit); without penalties it keeps
-    ``F.layer_norm`` everywhere, which is faster."""
+    ``layer_norm.plain_layer_norm`` everywhere, which is faster."""
     return bool(cfg.train.r1_gamma or cfg.train.r2_gamma)
 
 

@@ -18,7 +18,8 @@ LayerNorm over (C, H, W): it never mixes instances, so an instance weight of 0 s
 instance was not seen", which BatchNorm would break. A discriminator trained with gradient penalties is
 differentiated three times by ITD and AID, past where ``F.layer_norm``'s derivatives are right: where
 that can happen, its LayerNorms go through ``layer_norm.layer_norm`` (the same values and first two
-derivatives, bit for bit; see that module). With ``n_classes`` both are class-conditional as
+derivatives, bit for bit; see that module), elsewhere through ``layer_norm.plain_layer_norm`` (``F.layer_norm``'s
+values and first derivative, and while ITD and AID run a faster second). With ``n_classes`` both are class-conditional as
 the MLP's are: a z_dim-wide class embedding beside z at G's input, a projection term on D's final
 (hidden-wide) features.
 """
@@ -26,11 +27,10 @@ the MLP's are: a z_dim-wide class embedding beside z at G's input, a projection 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DataError
-from .layer_norm import layer_norm, may_take_third_derivatives
+from .layer_norm import layer_norm, may_take_third_derivatives, plain_layer_norm
 from .mlp import ACTIVATIONS, projection_logit, with_label_embedding
 
 # image side -> discriminator (kernels, strides); the generator uses both reversed.
@@ -73,13 +73,13 @@ class ChannelLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
         """``exact``: through ``layer_norm`` (right beyond the second derivative, slower) instead of
-        ``F.layer_norm``; the values and first two derivatives are the same bit for bit either way."""
+        ``plain_layer_norm``; the values and first derivatives are the same bit for bit either way."""
         # Broadcasting the per-channel parameters into layer_norm's own affine step keeps
         # one saved tensor per layer instead of three, which matters for ITD's stored graphs.
         shape = x.shape[1:]
         weight = self.weight[:, None, None].expand(shape)
         bias = self.bias[:, None, None].expand(shape) if self.bias is not None else None
-        return (layer_norm if exact else F.layer_norm)(x, list(shape), weight, bias, self.eps)
+        return (layer_norm if exact else plain_layer_norm)(x, list(shape), weight, bias, self.eps)
 
 
 def _block(conv: nn.Module, channels: int, activation: str, norm: str, bias: bool) -> list[nn.Module]:
@@ -92,7 +92,7 @@ def _block(conv: nn.Module, channels: int, activation: str, norm: str, bias: boo
 class DCGANDiscriminator(nn.Module):
     """Image (B, C, H, W) -> logit (B,). ``third_derivatives``: the LayerNorms of an evaluation that may be
     differentiated three times (``may_take_third_derivatives``) are exact there; gradient penalties are what
-    lead ITD and AID there, so a run without them leaves this off and keeps ``F.layer_norm``, which is faster.
+    lead ITD and AID there, so a run without them leaves this off and keeps ``plain_layer_norm``, which is faster.
     The generator's derivatives never go past the second, so it has no such choice."""
 
     def __init__(self, in_shape: tuple[int, ...], hidden: int = 32, activation: str = "sigmoid",

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .layer_norm import exact_layer_norm, may_take_third_derivatives
+from .layer_norm import LayerNorm, may_take_third_derivatives
 
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "softplus": nn.Softplus, "sigmoid": nn.Sigmoid,
                "leaky_relu": lambda: nn.LeakyReLU(0.2), "tanh": nn.Tanh}
@@ -22,7 +22,7 @@ def _stack(sizes: list[int], activation: str, norm: str, bias: bool) -> list[nn.
     for width_in, width_out in zip(sizes[:-1], sizes[1:]):
         layers += [nn.Linear(width_in, width_out, bias=bias), ACTIVATIONS[activation]()]
         if norm == "layer":
-            layers.append(nn.LayerNorm(width_out, elementwise_affine=True, bias=bias))
+            layers.append(LayerNorm(width_out, elementwise_affine=True, bias=bias))
     return layers
 
 
@@ -75,6 +75,5 @@ class MLPDiscriminator(nn.Module):
         features = x.reshape(x.shape[0], -1)
         exact = self.third_derivatives and may_take_third_derivatives(self, features)
         for layer in body:
-            exact_here = exact and isinstance(layer, nn.LayerNorm)
-            features = exact_layer_norm(layer, features) if exact_here else layer(features)
+            features = layer(features, exact) if isinstance(layer, LayerNorm) else layer(features)
         return projection_logit(head(features), features, self.embed, y)
