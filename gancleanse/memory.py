@@ -50,8 +50,7 @@ def graph_bytes(build: Callable[[], object], device: torch.device) -> tuple[int,
         return max(0, torch.cuda.memory_allocated(device) - before), out
     from torch.autograd.profiler import profile
 
-    gc.collect()  # frees during the probe (of garbage from before it) would count as negative
-    gc.disable()
+    gc.disable()  # a collection during the probe would free garbage from before it, counted as negative
     try:
         with _silenced_stderr(), profile(profile_memory=True, use_kineto=False) as prof:
             out = build()
