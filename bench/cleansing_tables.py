@@ -52,7 +52,8 @@ MNIST = {  # the ICLR 2021 cleansing protocol (DESIGN.md section 3); data.path i
     "model": {"arch": "dcgan", "z_dim": 32, "g_hidden": 32, "d_hidden": 32, "activation": "sigmoid",
               "norm": "layer", "bias": True, "dtype": "float32"},
     "train": {"epochs": 20, "batch_size": 100, "optimizer": "sgd", "lr_d": 1e-3, "lr_g": 1e-3,
-              "weight_decay_d": 1e-3, "weight_decay_g": 1e-3, "update": "simultaneous", "record_from_epoch": 19},
+              "weight_decay_d": 1e-3, "weight_decay_g": 1e-3, "update": "simultaneous", "record_from_epoch": 19,
+              "checkpoint_every": 25},  # as the first seeds' trainings were recorded: they resume with it
     # the paper's classifier: 50 epochs of Adam, lr 1e-2, batch 128; 10k generated samples per evaluation
     "metric": {"n_samples": 10000, "classifier_epochs": 50},
     # no trust check: the paper's protocol has none, and it would add 32 retrains per seed

@@ -103,7 +103,10 @@ class TrainConfig:
                               "(1 would freeze the average at the initial generator)")
     seed: int = setting(0, lo=0)
     record_from_epoch: int | None = setting(None, lo=0, doc="first epoch of the recorded window")
-    checkpoint_every: int = setting(25, lo=1, doc="steps between replay checkpoints in the window")
+    checkpoint_every: int | None = setting(None, lo=1, doc="steps between replay checkpoints in the window "
+                                           "(default: every step while the window's states take at most 2 GB, "
+                                           "so ITD differentiates one step at a time and never replays twice; "
+                                           "else the fewest steps apart that fit, at most 25)")
     resume_every: int | None = setting(None, lo=1, doc="steps between resume checkpoints kept while training "
                                        "(default: every epoch, or about every 10 minutes of work, whichever comes "
                                        "first); an interrupted train resumes from the last one")

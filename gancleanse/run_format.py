@@ -33,6 +33,17 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}.safetensors"
 
 
+STATES_BUDGET_BYTES = 2 * 10**9  # the window's states on disk under checkpoint_every's default
+LONGEST_DEFAULT_INTERVAL = 25
+
+
+def default_checkpoint_interval(window_steps: int, state_bytes: int) -> int:
+    """``[train] checkpoint_every``'s default: 1 (every step's state kept: ITD then holds one step's graph at a time
+    and replays nothing twice) while the window's states fit ``STATES_BUDGET_BYTES``, else the fewest steps apart
+    that fit it, at most ``LONGEST_DEFAULT_INTERVAL``."""
+    return min(LONGEST_DEFAULT_INTERVAL, max(1, -(-window_steps * state_bytes // STATES_BUDGET_BYTES)))
+
+
 def window_checkpoints(window_start: int, total: int, every: int, steps_per_epoch: int) -> list[int]:
     """Checkpoint steps: the window start, every ``every`` steps, every epoch start, the end."""
     steps = set(range(window_start, total, every))
@@ -103,6 +114,8 @@ def check_meta_against_config(meta: dict[str, Any], cfg: Config, label: str) -> 
     for key, value in expected.items():
         if meta[key] != value:
             raise RunDirError(f"{label}: {key} = {meta[key]!r} disagrees with config.toml ({value!r})")
+    if train.checkpoint_every is None:  # a run records the interval it used
+        raise RunDirError(f"{label}: config.toml has no train.checkpoint_every")
     # the steps checkpointed every checkpoint_every and at every epoch start: never list more than run.json holds
     at_least = max(len(range(start, total, train.checkpoint_every)), len(range(start, total, steps_per_epoch or 1)) - 1)
     if at_least > len(meta["checkpoints"]) or meta["checkpoints"] != window_checkpoints(

@@ -61,7 +61,8 @@ def test_a_study_shows_each_jobs_steps_with_a_rate_and_an_eta(tmp_path, capsys, 
         done = [int(r["done"]) for r in train if r["job"] == seed]
         assert done == sorted(done) and done[-1] == TRAIN_STEPS
     retrains = [r for r in lines if r["phase"] == "retrain"]
-    assert {r["stage"] for r in retrains} == {"retrain"} and {r["total"] for r in retrains} == {str(WINDOW_STEPS)}
+    assert {r["stage"] for r in retrains} == {"retrain"}  # from the last checkpoint before a removed instance's
+    assert retrains and all(0 <= int(r["done"]) <= int(r["total"]) <= WINDOW_STEPS for r in retrains)  # first use
     assert {r["jobs"] for r in retrains} == {"6"}  # 2 seeds x (2 scorers at 10% + the shared rate 0)
     for stage in ("score itd-loss_d", "score random-none", "evaluate"):
         assert re.search(rf"\| seed ?\d\S*: {stage} \(\d+:\d\d\)$", err, re.M), stage

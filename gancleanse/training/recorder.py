@@ -2,7 +2,9 @@
 
 Recorded for the window [record_from_epoch, epochs): each step's indices and latents, and checkpoints
 every ``checkpoint_every`` steps plus every epoch boundary, so that the reverse pass replays short
-segments instead of holding steps x parameters in memory. Resume checkpoints (``resume.py``) let a killed
+segments instead of holding steps x parameters in memory. By default every step's state is kept while the
+window's states fit 2 GB (``run_format.default_checkpoint_interval``): the reverse pass then needs one step's
+graph at a time and no replay to find where a stretch starts. Resume checkpoints (``resume.py``) let a killed
 training continue where it stopped when rerun, and finish with the same files as one never stopped."""
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from ..version import __version__
@@ -30,8 +33,8 @@ from ..progress import StepCallback
 from ..integrity import check_fits, file_hashes, file_sizes, sealed
 from ..files import staged_directory, write_json_atomic
 from ..run import Run, torch_threads
-from ..run_format import (DTYPES, FORMAT_VERSION, FROZEN_FILE, check_sizes, checkpoint_name, is_run_dir,
-                          window_checkpoints, write_eval_latents)
+from ..run_format import (DTYPES, FORMAT_VERSION, FROZEN_FILE, check_sizes, checkpoint_name,
+                          default_checkpoint_interval, is_run_dir, window_checkpoints, write_eval_latents)
 from ..state_files import save_state, save_tensors, to_device, writing
 from .dynamics import Dynamics, State, gather_batch
 from .resume import RESUME_FILE, Progress, ResumeRule, check_resumable, fingerprint, load_resume, save_resume
@@ -178,7 +181,13 @@ def prepare_training(cfg: Config, models: GANModules | None, data: Splits | None
     initial, init_files, constants = start_parameters(cfg, models, to_device(initial, device))
     schedule = Schedule(cfg.data.n_train, train.batch_size, cfg.model.z_dim, train.seed,
                         shared_latents=train.update == "simultaneous", label_frequencies=frequencies)
-    return Training(cfg, splits, models, Dynamics.from_config(cfg, models), schedule, initial, init_files,
+    dynamics = Dynamics.from_config(cfg, models)
+    if cfg.train.checkpoint_every is None:  # the run's config.toml records the interval used
+        window_steps = (train.epochs - train.record_from_epoch) * schedule.steps_per_epoch
+        state_bytes = sum(t.numel() * t.element_size() for t in tree_leaves(dynamics.init_state(*initial)))
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, checkpoint_every=default_checkpoint_interval(window_steps, state_bytes)))
+    return Training(cfg, splits, models, dynamics, schedule, initial, init_files,
                     constants, frequencies, device, dtype, torch.get_num_threads(), splits.fingerprint())
 
 
