@@ -42,6 +42,12 @@ from .reverse import HVPPass, ReversePass, VJPPass, choose
 from .surrogate import smoothed_relu
 
 
+# Device types where ``auto`` times both ways on the first reverse step; elsewhere (CPU) it takes the vjp way, which
+# was faster on every setup of bench/itd_speed.py (one thread: the 2D MLP 2.0x against 5.1x, the digits DCGAN 4.0x
+# against 6.3x), also where its graphs do not fit a segment and it replays each segment twice (one step more).
+TRIAL_DEVICES = frozenset({"cuda"})
+
+
 @dataclass
 class ITDResult:
     """Influence per training instance (predicted V(without j) - V(with j)), float64."""
@@ -79,17 +85,21 @@ def itd_influence(run: Run, metric: Metric, *, memory_gb: float | None = None, p
     longest = max(b - a for a, b in segments)
     ones = torch.ones(run.cfg.train.batch_size, dtype=run.dtype, device=device)
     passes = {"vjp": VJPPass(dyn, run.batch, ones), "hvp": HVPPass(dyn, run.batch, ones)}
-    current: ReversePass = passes["hvp" if reverse == "hvp" else "vjp"]  # auto: the vjp way until its trial
+    current: ReversePass = passes["hvp" if reverse == "hvp" else "vjp"]  # auto: the vjp way (until its trial)
     trial: dict[str, float] | None = None
+    timed = reverse == "auto" and device.type in TRIAL_DEVICES
+    probe = segments[-1][0]  # the first step the sweep replays: the probe's replay of it is kept for the sweep
 
-    def plan(way: ReversePass) -> tuple[int, int]:  # (steps kept at once, bytes per step) for ``way``
-        probe = segments[-1][0]
-        per_step, _ = graph_bytes(lambda: way.forward(run.load_state(probe), probe), device)
-        return steps_within(budget_bytes(memory_gb, device), per_step, longest), per_step
+    def plan(way: ReversePass) -> tuple[int, int, tuple | None]:
+        """(steps kept at once, bytes per step, the probe's (state after, token)) for ``way``."""
+        per_step, first = graph_bytes(lambda: way.forward(run.load_state(probe), probe), device)
+        return steps_within(budget_bytes(memory_gb, device), per_step, longest), per_step, first
 
     with torch_threads(run.threads):
         metric_value, u = metric.value_and_gradient(run.final_state())
-        stretch, per_step = plan(current)
+        stretch, per_step, probed = plan(current)
+        if stretch < segments[-1][1] - probe:  # its stretch comes last in its segment: not held that long
+            probed = None
         total = run.final_step - run.window_start
         bar = tqdm(total=total, desc="itd", unit="step", disable=not progress, leave=False)
         job = current_job()  # inside a study: the worker's step report
@@ -99,10 +109,13 @@ def itd_influence(run: Run, metric: Metric, *, memory_gb: float | None = None, p
             for begin in sorted(starts, reverse=True):
                 state, tokens = starts.pop(begin), []
                 for step in range(begin, min(begin + stretch, seg_end)):
-                    state, token = replaying.forward(state, step)
+                    if step == probe and probed is not None:
+                        (state, token), probed = probed, None
+                    else:
+                        state, token = replaying.forward(state, step)
                     tokens.append(token)
                 for step in range(begin + len(tokens) - 1, begin - 1, -1):
-                    if reverse == "auto" and trial is None:
+                    if timed and trial is None:
                         current, (u, g_w), trial = choose(passes["vjp"], passes["hvp"], tokens.pop(), u,
                                                           stretch < longest)
                     else:
@@ -113,9 +126,10 @@ def itd_influence(run: Run, metric: Metric, *, memory_gb: float | None = None, p
                     bar.update()
                     job.step(run.final_step - step, total)
             if current is not replaying:  # auto chose hvp: size the next segments' stretches by its states
-                stretch, per_step = plan(current)
+                stretch, per_step, _ = plan(current)
         bar.close()
     used = {"reverse": current.name, **({"reverse_trial_seconds": trial} if trial else {}),
+            **({"reverse_rule": f"{device.type}: vjp"} if reverse == "auto" and not timed else {}),
             **(passes["hvp"].summary() if reverse != "vjp" else {})}
     return ITDResult(influence.cpu(), metric_value, {k: v.cpu() for k, v in horizons.items()},
                      time.perf_counter() - started, run.final_step - run.window_start, stretch, per_step, used)

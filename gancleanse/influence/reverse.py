@@ -12,19 +12,20 @@ state_t and every per-instance term of the batch. They differ in cost, not in va
   Hessian-vector product cannot run in forward mode (an operation or a user's ``autograd.Function`` without a
   forward-mode rule) or disagrees with the VJP (an operation whose higher derivative differs between the modes)
   is left to the ``vjp`` way, its steps counted and the reason recorded. An error on a checked kind is raised.
-- ``auto``: the run starts the ``vjp`` way; on the first reverse step (the last step of the window) the ``hvp``
-  way is also timed, from the same state and adjoint (its forward step included), and the faster one does the
-  segments that follow (``hvp`` only where it also passes its check; ``vjp`` is charged one more step without
-  graph per step where its graphs do not fit a whole segment, as it then replays each segment twice). The
-  trial's segment is finished the ``vjp`` way, as replayed, so where ``vjp`` stays, the influence is the ``vjp``
-  way's bit for bit; where ``hvp`` takes over, it agrees with either to rounding. The trial costs one ``hvp``
-  step (and forward mode's one-off start-up, a few tenths of a second per process, paid before it).
+- ``auto``: on CPU, the ``vjp`` way (``itd.TRIAL_DEVICES``). On CUDA the run starts the ``vjp`` way; on the first
+  reverse step (the last step of the window) the ``hvp`` way is also timed, from the same state and adjoint (its
+  forward step included), and the faster one does the segments that follow (``hvp`` only where it also passes
+  its check; ``vjp`` is charged one more step without graph per step where its graphs do not fit a whole
+  segment, as it then replays each segment twice). The trial's segment is finished the ``vjp`` way, as
+  replayed, so where ``vjp`` stays, the influence is the ``vjp`` way's bit for bit; where ``hvp`` takes over, it
+  agrees with either to rounding. The trial costs one ``hvp`` step (and forward mode's one-off start-up, a few
+  tenths of a second per process, paid before it).
 
 Measured with torch 2.13 on one CPU thread (``bench/itd_speed.py``), ITD over the window / training it: the 2D
-MLP 3.0 (vjp) and 5.9 (hvp); the digits DCGAN at batch 100, 4.4 and 7.7, so ``auto`` keeps ``vjp`` there. Forward
-mode triples each matrix product and convolution of the gradient it differentiates and runs layer_norm's backward
-through a decomposition, while the VJP shares the step's own forward and backward. The ``hvp`` way's gain is
-memory: its peak was 1.1 GB against 3.8 GB for ``vjp`` on that DCGAN (0.6 GB for a replay).
+MLP 2.0 (vjp) and 5.1 (hvp); the digits DCGAN at batch 100, 4.0 and 6.3. Forward mode triples each matrix
+product and convolution of the gradient it differentiates, while the VJP shares the step's own forward and
+backward. The ``hvp`` way's gain is memory: it holds states, not graphs (1.1 GB against 3.8 GB for ``vjp`` holding
+a 10-step segment's graphs of that DCGAN; 0.6 GB for a replay).
 """
 
 from __future__ import annotations
