@@ -12,8 +12,9 @@ adjoint and graphs hold the adapters alone):
       (it goes backwards in time, so it must replay the training to get there);
   (c) peak resident memory (the process's own high-water mark, VmHWM) of the reverse pass (the
       default way, and the hvp way, which keeps states instead of graphs), in a fresh process,
-      against replay alone, for two checkpoint intervals (memory follows the segment length, not
-      the window length);
+      against replay alone, over a --memory-window-step window (default 50), for train's default
+      checkpoints (every step where the window's states fit 2 GB) and checkpoints every 10 and 50
+      steps (memory follows the segment length, not the window length);
   (d) for the conv GAN: seconds per training epoch, and the time of each metric's gradient
       with respect to the state (the start of every reverse pass), also in training steps;
   (e) for the conv GAN, checkpoints every 10 steps: ITD with the default budget (memory_gb=None,
@@ -29,7 +30,7 @@ epoch, of ITD over it, and of validating by retraining without each of K single 
 With --ratios-only, (a) alone.
 
 Usage: .venv/bin/python bench/itd_speed.py [--quick] [--threads T] [--device cpu|cuda] [--setups NAME ...]
-           [--ratios-only]
+           [--ratios-only] [--memory-window STEPS]
            [--mnist | --mnist-only] [--mnist-n N] [--mnist-validate K] [--mnist-metric fid|loss_d]
 """
 
@@ -85,7 +86,8 @@ SETUPS: dict[str, dict[str, Any]] = {
 SETUPS["dcgan-digits-lora8"] = {**SETUPS["dcgan-digits"], "model": {**DIGITS_MODEL, "lora_rank": 8},
                                 "gradient_metrics": [], "budget_line": False}
 BENCH_KEYS = ("metric_name", "gradient_metrics", "budget_line")
-MEMORY_EVERY = (10, 50)  # checkpoint intervals of (c)
+MEMORY_EVERY = (None, 10, 50)  # checkpoint intervals of (c); None: train's default (every step where states fit)
+MEMORY_WINDOW = 50  # steps of (c)'s recorded window (rounded up to whole epochs): memory follows the segment
 BUDGET_EVERY = 10  # checkpoint interval of (e): segments long enough for a budget to split them
 BUDGET_STEPS = 2.5  # (e)'s budget, in steps' graphs: two fit
 
@@ -262,7 +264,7 @@ def time_ways(run: gc.Run, metric: Metric, repeats: int) -> tuple[float, dict[st
 
 
 def bench(name: str, spec: dict[str, Any], workdir: Path, threads: int, repeats: int, ref_steps: int,
-          device: str = "cpu", ratios_only: bool = False) -> dict[str, Any]:
+          device: str = "cpu", ratios_only: bool = False, memory_window: int = MEMORY_WINDOW) -> dict[str, Any]:
     sections, opts = split_spec(spec)
     metric_name = opts["metric_name"]
     cfg = Config.from_dict(config_dict(sections, threads, device))
@@ -287,22 +289,27 @@ def bench(name: str, spec: dict[str, Any], workdir: Path, threads: int, repeats:
         metric_gradient(m, final)  # warm-up (and the classifier's real-feature cache)
         grad_s[name_m] = statistics.median(_timed(lambda: metric_gradient(m, final)) for _ in range(repeats))
 
-    peak: dict[int, dict[str, Any]] = {}
-    mem_runs: dict[int, gc.Run] = {}
+    peak: dict[str, dict[str, Any]] = {}
+    mem_runs: dict[int | None, gc.Run] = {}
+    window_epochs = -(-memory_window // run.steps_per_epoch)
+    epochs = {"epochs": window_epochs + 1, "record_from_epoch": 1}
     for every in MEMORY_EVERY:
-        mem_run = gc.train(Config.from_dict(config_dict(sections, threads, device, checkpoint_every=every)),
+        interval = {} if every is None else {"checkpoint_every": every}
+        mem_run = gc.train(Config.from_dict(config_dict(sections, threads, device, **epochs, **interval)),
                            workdir / f"{name}-mem{every}", force=True, progress=False)
         make_metric(metric_name, mem_run)  # a classifier metric trains and caches its classifier here
         mem_runs[every] = mem_run
         job = {"run": str(mem_run.path), "metric": metric_name, "threads": threads, "repeats": repeats,
                "device": device}
         save = str(workdir / f"{name}-mem{every}-influence.pt") if every == BUDGET_EVERY else None
-        peak[every] = {"itd": in_child(mode="itd", save=save, **job), "replay": in_child(mode="replay", **job),
-                       "itd_hvp": in_child(mode="itd", reverse="hvp", **job)}
+        label = f"{mem_run.cfg.train.checkpoint_every}{' (default)' if every is None else ''}"
+        peak[label] = {"itd": in_child(mode="itd", save=save, **job), "replay": in_child(mode="replay", **job),
+                       "itd_hvp": in_child(mode="itd", reverse="hvp", **job),
+                       "window_steps": mem_run.final_step - mem_run.window_start}
 
     budget = None
     if opts.get("budget_line"):
-        whole = peak[BUDGET_EVERY]["itd"]
+        whole = peak[str(BUDGET_EVERY)]["itd"]
         memory_gb = BUDGET_STEPS * whole["graph_bytes_per_step"] / 1e9
         save = workdir / f"{name}-budget-influence.pt"
         limited = in_child(mode="itd", run=str(mem_runs[BUDGET_EVERY].path), metric=metric_name,
@@ -346,9 +353,13 @@ def print_setup(r: dict[str, Any]) -> None:
         ("reference / ours, charged with replay", f"{r['ratio_charged_reference_over_ours']:.1f}"),
     ]
     for every, p in r["peak"].items():
-        rows.append((f"peak MB, checkpoint every {every}: ITD (auto) | ITD hvp | replay (stretch: auto | hvp)",
+        rows.append((f"peak MB, {p['window_steps']}-step window, checkpoint every {every}: ITD (auto) | ITD hvp | "
+                     "replay (stretch: auto | hvp)",
                      f"{p['itd']['peak_mb']:.0f} | {p['itd_hvp']['peak_mb']:.0f} | {p['replay']['peak_mb']:.0f} "
                      f"({p['itd']['stretch']} | {p['itd_hvp']['stretch']} steps)"))
+        rows.append(("  ITD (auto) / replay: peak memory | seconds (fresh processes)",
+                     f"{p['itd']['peak_mb'] / p['replay']['peak_mb']:.2f} | "
+                     f"{p['itd']['seconds'] / p['replay']['seconds']:.2f}"))
         if "cuda_peak_mb" in p["itd"]:
             rows.append((f"  CUDA allocator peak MB, checkpoint every {every}: ITD | replay",
                          f"{p['itd']['cuda_peak_mb']:.0f} | {p['replay'].get('cuda_peak_mb', 0):.0f}"))
@@ -484,6 +495,8 @@ def main() -> None:
     ap.add_argument("--setups", nargs="*", default=list(SETUPS), choices=list(SETUPS))
     ap.add_argument("--ratios-only", action="store_true",
                     help="only (a), ITD / training for each reverse way, without the reference and memory lines")
+    ap.add_argument("--memory-window", type=int, default=MEMORY_WINDOW,
+                    help="steps of the recorded window of (c)'s runs (rounded up to whole epochs)")
     ap.add_argument("--mnist", action="store_true", help="also the MNIST-sized timing")
     ap.add_argument("--mnist-only", action="store_true", help="only the MNIST-sized timing")
     ap.add_argument("--mnist-n", type=int, default=50000, help="training images of the MNIST-sized timing")
@@ -505,7 +518,7 @@ def main() -> None:
             _note(f"{name}: measuring")
             try:
                 results.append(bench(name, SETUPS[name], Path(tmp), args.threads, repeats, ref_steps,
-                                     args.device, args.ratios_only))
+                                     args.device, args.ratios_only, args.memory_window))
             except gc.GancleanseError as e:
                 print(f"{name}: skipped ({e})", file=sys.stderr)
         if args.mnist or args.mnist_only:
