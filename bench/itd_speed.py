@@ -142,7 +142,8 @@ def child_main(job: dict[str, Any]) -> None:
     torch.set_num_threads(job["threads"])
     run = gc.Run.open(job["run"], device=job.get("device"))
     metric = make_metric(job["metric"], run)
-    warm_up(run, job["mode"], job.get("reverse", "auto"))
+    if job.get("warm", True):
+        warm_up(run, job["mode"], job.get("reverse", "auto"))
     out: dict[str, Any] = {}
     seconds = []
     for _ in range(job["repeats"]):
@@ -294,8 +295,8 @@ def bench(name: str, spec: dict[str, Any], workdir: Path, threads: int, repeats:
     window_epochs = -(-memory_window // run.steps_per_epoch)
     epochs = {"epochs": window_epochs + 1, "record_from_epoch": 1}
     for every in MEMORY_EVERY:
-        interval = {} if every is None else {"checkpoint_every": every}
-        mem_run = gc.train(Config.from_dict(config_dict(sections, threads, device, **epochs, **interval)),
+        mem_sections = {**sections, "train": {k: v for k, v in sections["train"].items() if k != "checkpoint_every"}}
+        mem_run = gc.train(Config.from_dict(config_dict(mem_sections, threads, device, **epochs, checkpoint_every=every)),
                            workdir / f"{name}-mem{every}", force=True, progress=False)
         make_metric(metric_name, mem_run)  # a classifier metric trains and caches its classifier here
         mem_runs[every] = mem_run
@@ -424,20 +425,27 @@ def bench_mnist(workdir: Path, threads: int, n_train: int, n_validate: int, metr
     metric_s = time.perf_counter()
     metric = make_metric(metric_name, run)
     metric_s = time.perf_counter() - metric_s
-    _note("mnist: ITD over the epoch")
-    res = itd_influence(run, metric, progress=False)
+    job = {"run": str(run.path), "metric": metric_name, "threads": threads, "repeats": 1, "device": device,
+           "save": str(workdir / "mnist-influence.pt"), "warm": False}
+    _note("mnist: replaying the epoch (a fresh process)")
+    replayed = in_child(mode="replay", **job)
+    _note("mnist: ITD over the epoch (a fresh process)")
+    itd = in_child(mode="itd", **job)
+    influence = torch.load(job["save"])
     chosen = torch.randperm(run.n_train, generator=torch.Generator().manual_seed(1))[:n_validate].tolist()
     _note(f"mnist: validating by {len(chosen)} retrains")
     tic = time.perf_counter()
     changes = gc.counterfactuals(run, [[j] for j in chosen], metric_name)
     validate_s = time.perf_counter() - tic
-    est = [float(res.influence[j]) for j in chosen]
+    est = [float(influence[j]) for j in chosen]
     act = [c["delta"] for c in changes]
     tau = float(kendalltau(est, act).statistic) if len(chosen) >= 2 else float("nan")
-    return {"n_train": run.n_train, "batch": run.cfg.train.batch_size, "steps": res.steps, "threads": threads,
-            "metric": metric_name, "metric_options": spec.get("metric", {}), "metric_setup_s": metric_s,
-            "train_call_s": wall, "epoch_s": epoch_s, "itd_s": res.seconds, "stretch": res.stretch,
-            "graph_gb_per_step": res.graph_bytes_per_step / 1e9, "ratio_itd_over_train": res.seconds / epoch_s,
+    return {"n_train": run.n_train, "batch": run.cfg.train.batch_size, "steps": run.final_step - run.window_start,
+            "threads": threads, "metric": metric_name, "metric_options": spec.get("metric", {}),
+            "metric_setup_s": metric_s, "train_call_s": wall, "epoch_s": epoch_s, "itd_s": itd["seconds"],
+            "stretch": itd["stretch"], "checkpoint_every": run.cfg.train.checkpoint_every,
+            "graph_gb_per_step": itd["graph_bytes_per_step"] / 1e9, "ratio_itd_over_train": itd["seconds"] / epoch_s,
+            "replay_s": replayed["seconds"], "itd_peak_mb": itd["peak_mb"], "replay_peak_mb": replayed["peak_mb"],
             "n_validate": len(chosen), "validate_s": validate_s, "kendall_tau": tau}
 
 
@@ -454,6 +462,10 @@ def print_mnist(r: dict[str, Any]) -> None:
         (f"ITD over the epoch, s (stretch {r['stretch']} steps, {r['graph_gb_per_step']:.3f} GB/step)",
          f"{r['itd_s']:.2f}"),
         ("ITD / training the same window", f"{r['ratio_itd_over_train']:.2f}"),
+        ("replay of the epoch (a fresh process), s | ITD / replay", f"{r['replay_s']:.2f} | "
+         f"{r['itd_s'] / r['replay_s']:.2f}"),
+        (f"peak MB (VmHWM), checkpoint every {r['checkpoint_every']}: ITD | replay | ratio",
+         f"{r['itd_peak_mb']:.0f} | {r['replay_peak_mb']:.0f} | {r['itd_peak_mb'] / r['replay_peak_mb']:.2f}"),
         (f"validation: {n} single-instance retrains (gc.counterfactuals), s", f"{r['validate_s']:.2f}"),
         ("  per retrain, s", f"{r['validate_s'] / max(1, n):.2f}"),
         ("  validation / ITD", f"{r['validate_s'] / r['itd_s']:.1f}"),

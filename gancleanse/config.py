@@ -106,7 +106,8 @@ class TrainConfig:
     checkpoint_every: int | None = setting(None, lo=1, doc="steps between replay checkpoints in the window "
                                            "(default: every step while the window's states take at most 2 GB, "
                                            "so ITD differentiates one step at a time and never replays twice; "
-                                           "else the fewest steps apart that fit, at most 25)")
+                                           "else the fewest steps apart that fit, at most 25; 25 for states "
+                                           "under 256 KB)")
     resume_every: int | None = setting(None, lo=1, doc="steps between resume checkpoints kept while training "
                                        "(default: every epoch, or about every 10 minutes of work, whichever comes "
                                        "first); an interrupted train resumes from the last one")

@@ -27,14 +27,23 @@ def test_the_default_interval_keeps_every_step_while_the_states_fit():
     assert default_checkpoint_interval(100, 10**8) == 5  # 10 GB of states: every 5th fits 2 GB
     assert default_checkpoint_interval(500, 10**8) == 25  # 50 GB: every 25th, the longest default
     assert default_checkpoint_interval(10**5, 10**9) == 25
+    assert default_checkpoint_interval(100, 40_000) == 25  # a small state: its graphs are small, its load is not
+
+
+@pytest.fixture
+def large_states(monkeypatch):
+    """The tiny runs' states (a few KB) counted as large, so that checkpoint_every's default keeps every step."""
+    monkeypatch.setattr(run_format, "SMALL_STATE_BYTES", 0)
 
 
 def default_run(tmp_path, name: str, **train) -> gc.Run:
+    """The tiny run with checkpoint_every's default."""
     cfg = tiny_config(train=train)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_every=None))
     return gc.train(cfg, tmp_path / name, progress=False)
 
 
+@pytest.mark.usefixtures("large_states")
 @pytest.mark.parametrize("way", ["vjp", "hvp"])
 def test_itd_over_every_steps_state_replays_each_step_once_and_equals_sparse_checkpoints(tmp_path, monkeypatch,
                                                                                          way):
@@ -61,6 +70,7 @@ def test_itd_over_every_steps_state_replays_each_step_once_and_equals_sparse_che
     assert torch.equal(dense_result.influence, sparse_result.influence)
 
 
+@pytest.mark.usefixtures("large_states")
 def test_a_window_whose_states_do_not_fit_is_checkpointed_sparser(tmp_path, monkeypatch):
     """A budget of 2.5 states over the 12-step window: every ceil(12 / 2.5) = 5 steps (and the epoch start, 6)."""
     state_bytes = sum(t.numel() * t.element_size() for t in tree_leaves(default_run(tmp_path, "probe").load_state(0)))
