@@ -423,7 +423,7 @@ def bench_mnist(workdir: Path, threads: int, n_train: int, n_validate: int, metr
     epoch_s = float(run.meta["seconds"]["window_steps"])
     _note(f"mnist: building the {metric_name} metric")
     metric_s = time.perf_counter()
-    metric = make_metric(metric_name, run)
+    make_metric(metric_name, run)  # trains and caches the classifier in the run, for the measuring processes
     metric_s = time.perf_counter() - metric_s
     job = {"run": str(run.path), "metric": metric_name, "threads": threads, "repeats": 1, "device": device,
            "save": str(workdir / "mnist-influence.pt"), "warm": False}
