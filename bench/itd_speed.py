@@ -20,7 +20,9 @@ adjoint and graphs hold the adapters alone):
   (e) for the conv GAN, checkpoints every 10 steps: ITD with the default budget (memory_gb=None,
       which holds whole segments here; the stretch is printed) against a budget of about two
       steps' graphs, each in a fresh process: time and peak-memory ratios, and whether the two
-      influence vectors are bitwise equal.
+      influence vectors are bitwise equal;
+  (f) for the conv GAN, one vjp reverse step with LayerNorm's second derivative in closed form (the
+      default) against torch's double backward, interleaved medians, beside a training step.
 
 With --mnist, also an MNIST-sized timing: 50,000 random 28x28 images given to the Python API,
 the DCGAN of examples/digits.toml at batch 100, one recorded epoch: seconds of the training
@@ -264,6 +266,40 @@ def time_ways(run: gc.Run, metric: Metric, repeats: int) -> tuple[float, dict[st
     return t_train, {way: statistics.median(v) for way, v in seconds.items()}, chose
 
 
+def layer_norm_ab(run: gc.Run, repeats: int) -> dict[str, float]:
+    """Median ms of one vjp reverse step (its forward with graph and its VJP) with the built-in LayerNorms' second
+    derivative in closed form (``layer_norm_twice``, the default) and by torch's double backward (``F.layer_norm``),
+    interleaved, and of a training step."""
+    import torch.nn.functional as F
+
+    import gancleanse.models.layer_norm as norms
+    from gancleanse.influence.reverse import VJPPass
+
+    ones = torch.ones(run.cfg.train.batch_size, dtype=run.dtype, device=run.device)
+    way, step, state = VJPPass(run.dynamics, run.batch, ones), run.window_start, run.load_state(run.window_start)
+
+    def reverse_step() -> None:
+        new, token = way.forward(state, step)
+        way.backward(token, new)
+
+    def train_step() -> None:
+        with torch.no_grad():
+            run.dynamics.step(state, run.batch(step), ones)
+
+    closed_form = norms.layer_norm_twice
+    sides = {"closed_form": closed_form, "torch": F.layer_norm}
+    seconds: dict[str, list[float]] = {"train": [], **{side: [] for side in sides}}
+    try:
+        for i in range(repeats + 1):  # the first round warms up
+            seconds["train"].append(_timed(train_step))
+            for side, fn in sides.items():
+                norms.layer_norm_twice = fn
+                seconds[side].append(_timed(reverse_step))
+    finally:
+        norms.layer_norm_twice = closed_form
+    return {side: 1e3 * statistics.median(v[1:]) for side, v in seconds.items()}
+
+
 def bench(name: str, spec: dict[str, Any], workdir: Path, threads: int, repeats: int, ref_steps: int,
           device: str = "cpu", ratios_only: bool = False, memory_window: int = MEMORY_WINDOW) -> dict[str, Any]:
     sections, opts = split_spec(spec)
@@ -284,6 +320,7 @@ def bench(name: str, spec: dict[str, Any], workdir: Path, threads: int, repeats:
                 **ways}
     ref = time_reference(run, metric, ref_steps)
     final = run.final_state()
+    norm_ms = layer_norm_ab(run, 2 * repeats + 1) if opts.get("budget_line") else None  # the LayerNorm DCGAN
     grad_s = {}
     for name_m in opts.get("gradient_metrics", []):
         m = make_metric(name_m, run)
@@ -327,7 +364,7 @@ def bench(name: str, spec: dict[str, Any], workdir: Path, threads: int, repeats:
         "ratio_reference_over_ours": ref["raw_s"] / (t_itd / window),
         "ratio_charged_reference_over_ours": ref["charged_s"] / (t_itd / window),
         "peak": peak, "budget": budget, "epoch_s": t_train * run.steps_per_epoch / window,
-        "metric_gradient_s": grad_s,
+        "metric_gradient_s": grad_s, "layer_norm_ms": norm_ms,
     }
 
 
@@ -377,6 +414,12 @@ def print_setup(r: dict[str, Any]) -> None:
             ("  influence, budget vs whole",
              "bitwise" if b["bitwise"] else f"max |difference| {b['max_abs_diff']:.3g}"),
         ]
+    if r["layer_norm_ms"]:
+        ms = r["layer_norm_ms"]
+        rows += [("vjp reverse step, LayerNorm's second derivative closed form | torch's, ms",
+                  f"{ms['closed_form']:.0f} | {ms['torch']:.0f}"),
+                 ("  torch's / closed form | closed form / training step",
+                  f"{ms['torch'] / ms['closed_form']:.2f} | {ms['closed_form'] / ms['train']:.2f}")]
     if r["metric_gradient_s"]:
         step_s = r["train_window_s"] / r["window_steps"]
         rows.append(("one training epoch, s", f"{r['epoch_s']:.2f}"))
