@@ -22,7 +22,11 @@ adjoint and graphs hold the adapters alone):
       steps' graphs, each in a fresh process: time and peak-memory ratios, and whether the two
       influence vectors are bitwise equal;
   (f) for the conv GAN, one vjp reverse step with LayerNorm's second derivative in closed form (the
-      default) against torch's double backward, interleaved medians, beside a training step.
+      default) against torch's double backward, interleaved medians, beside a training step;
+  (g) AID's product with the game Jacobian's transpose, J^T v at the trained point on AID_INSTANCES
+      instances: the VJP of the game's gradient (what ``influence/aid.py`` runs) against the same product as
+      forward-over-reverse Hessian-vector products of the two losses (H_{L_D} [v_D; 0] + H_{L_G} [0; v_G]),
+      interleaved medians, and their relative gap.
 
 With --mnist, also an MNIST-sized timing: 50,000 random 28x28 images given to the Python API,
 the DCGAN of examples/digits.toml at batch 100, one recorded epoch: seconds of the training
@@ -50,14 +54,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch.func import grad, jvp
 
 import gancleanse as gc
 from gancleanse.config import Config
 from gancleanse.device import check_threads
 from gancleanse.data import Splits
+from gancleanse.influence import aid
 from gancleanse.influence.itd import itd_influence, metric_gradient
 from gancleanse.metrics import Metric, make_metric
+from gancleanse.models.layer_norm import second_derivatives
 from gancleanse.options import REVERSE_PASSES
+from gancleanse.training.adjoint import warm_forward_mode
 from gancleanse.training.dynamics import State, StepBatch
 from gancleanse.training.losses import d_real_term
 from gancleanse.training.replay import replay
@@ -92,6 +100,7 @@ MEMORY_EVERY = (None, 10, 50)  # checkpoint intervals of (c); None: train's defa
 MEMORY_WINDOW = 50  # steps of (c)'s recorded window (rounded up to whole epochs): memory follows the segment
 BUDGET_EVERY = 10  # checkpoint interval of (e): segments long enough for a budget to split them
 BUDGET_STEPS = 2.5  # (e)'s budget, in steps' graphs: two fit
+AID_INSTANCES = 200  # (g)'s operator size (AID's default is every instance up to 2048: the ratio is per instance)
 
 MNIST_SPEC: dict[str, Any] = {
     "model": DIGITS_MODEL,
@@ -300,6 +309,42 @@ def layer_norm_ab(run: gc.Run, repeats: int) -> dict[str, float]:
     return {side: 1e3 * statistics.median(v[1:]) for side, v in seconds.items()}
 
 
+def hvp_rmatvec(op: aid.GameOperator, v: aid.Tree) -> aid.Tree:
+    """J^T v on ``op``'s instances by forward-over-reverse products: the symmetric Hessian of each player's loss
+    along its own block of v, in both players' blocks (AID's ``rmatvec`` at damping 0 and no scaling)."""
+    dyn, (pd, pg), total = op.dyn, (op.params["d"], op.params["g"]), op.x.shape[0]
+    out: aid.Tree = {p: {k: torch.zeros_like(t) for k, t in op.params[p].items()} for p in ("d", "g")}
+    for lo in range(0, total, aid.CHUNK):
+        x, z = op.x[lo:lo + aid.CHUNK], op.z[lo:lo + aid.CHUNK]
+        share, ones = x.shape[0] / total, torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+        d_on_d, d_on_g = jvp(lambda d: grad(dyn.loss_d, argnums=(0, 1))(d, pg, x, z, ones, None), (pd,), (v["d"],))[1]
+        g_on_g, g_on_d = jvp(lambda g: grad(dyn.loss_g, argnums=(0, 1))(g, pd, z), (pg,), (v["g"],))[1]
+        for p, parts in (("d", (d_on_d, g_on_d)), ("g", (d_on_g, g_on_g))):
+            for k in out[p]:
+                out[p][k] += share * (parts[0][k] + parts[1][k])
+    return out
+
+
+def aid_rmatvec_ab(run: gc.Run, repeats: int) -> dict[str, float]:
+    """Median ms of J^T v on AID_INSTANCES instances at the trained point, the VJP way (AID's own) and by
+    Hessian-vector products, interleaved, and the relative gap between the two products (one random v)."""
+    state = run.final_state()
+    params = {p: {k: t.detach() for k, t in state[p].items()} for p in ("d", "g")}
+    op = aid.operator_draws(run, params, 0.0, None, 0)(0, min(AID_INSTANCES, run.n_train))
+    y = torch.randn(aid.flatten(params).numel(), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    v = aid.unflatten(y.to(run.dtype), params)
+    warm_forward_mode()
+    with second_derivatives():
+        by_vjp, by_hvp = op.rmatvec(y), aid.flatten(hvp_rmatvec(op, v)).to(torch.float64)
+        sides = {"vjp": lambda: op.rmatvec(y), "hvp": lambda: hvp_rmatvec(op, v)}
+        seconds: dict[str, list[float]] = {side: [] for side in sides}
+        for _ in range(repeats + 1):  # the first round warms up
+            for side, fn in sides.items():
+                seconds[side].append(_timed(fn))
+    return {**{side: 1e3 * statistics.median(times[1:]) for side, times in seconds.items()},
+            "gap": float((by_vjp - by_hvp).norm() / by_vjp.norm()), "instances": op.x.shape[0]}
+
+
 def bench(name: str, spec: dict[str, Any], workdir: Path, threads: int, repeats: int, ref_steps: int,
           device: str = "cpu", ratios_only: bool = False, memory_window: int = MEMORY_WINDOW) -> dict[str, Any]:
     sections, opts = split_spec(spec)
@@ -321,6 +366,7 @@ def bench(name: str, spec: dict[str, Any], workdir: Path, threads: int, repeats:
     ref = time_reference(run, metric, ref_steps)
     final = run.final_state()
     norm_ms = layer_norm_ab(run, 2 * repeats + 1) if opts.get("budget_line") else None  # the LayerNorm DCGAN
+    aid_ms = aid_rmatvec_ab(run, 2 * repeats + 1)
     grad_s = {}
     for name_m in opts.get("gradient_metrics", []):
         m = make_metric(name_m, run)
@@ -364,7 +410,7 @@ def bench(name: str, spec: dict[str, Any], workdir: Path, threads: int, repeats:
         "ratio_reference_over_ours": ref["raw_s"] / (t_itd / window),
         "ratio_charged_reference_over_ours": ref["charged_s"] / (t_itd / window),
         "peak": peak, "budget": budget, "epoch_s": t_train * run.steps_per_epoch / window,
-        "metric_gradient_s": grad_s, "layer_norm_ms": norm_ms,
+        "metric_gradient_s": grad_s, "layer_norm_ms": norm_ms, "aid_rmatvec_ms": aid_ms,
     }
 
 
@@ -420,6 +466,10 @@ def print_setup(r: dict[str, Any]) -> None:
                   f"{ms['closed_form']:.0f} | {ms['torch']:.0f}"),
                  ("  torch's / closed form | closed form / training step",
                   f"{ms['torch'] / ms['closed_form']:.2f} | {ms['closed_form'] / ms['train']:.2f}")]
+    a = r["aid_rmatvec_ms"]
+    rows += [(f"AID's J^T v on {a['instances']} instances, vjp of the game's gradient | Hessian-vector products, ms",
+              f"{a['vjp']:.1f} | {a['hvp']:.1f}"),
+             ("  hvp / vjp | relative gap between the two", f"{a['hvp'] / a['vjp']:.2f} | {a['gap']:.1e}")]
     if r["metric_gradient_s"]:
         step_s = r["train_window_s"] / r["window_steps"]
         rows.append(("one training epoch, s", f"{r['epoch_s']:.2f}"))
