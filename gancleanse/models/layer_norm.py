@@ -7,8 +7,9 @@ training and replays of runs recorded before are unchanged:
 - ``layer_norm_twice``: every built-in LayerNorm while ITD and AID run (``second_derivatives``; elsewhere
   ``F.layer_norm``, through ``plain_layer_norm``). Its second derivative (the backward of the backward kernel) is a
   closed form (``_second_derivatives``) instead of torch's general double backward: ITD's ``vjp`` way and AID
-  differentiate each layer's backward once: 17 ms against 41 ms on a (100, 32, 25, 25) layer, 4% to 11% of a
-  reverse step of the 28x28 LayerNorm DCGAN at batch 100 (one CPU thread, ``bench/itd_speed.py`` (f)). Equal to
+  differentiate each layer's backward once: 17 ms against 41 ms on a (100, 32, 25, 25) layer, 0% to 23% of a
+  reverse step of the 28x28 LayerNorm DCGAN at batch 100 across runs (one CPU thread, ``bench/itd_speed.py`` (f):
+  the spread between runs is as large as the gain; convolutions dominate the step). Equal to
   torch's to rounding (1e-16 relative in float64). Like ``F.layer_norm``, its third derivative is not right.
 - ``layer_norm``: right derivatives of every order, for a discriminator trained with gradient penalties, as
   follows.
