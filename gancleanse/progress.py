@@ -11,8 +11,11 @@ the jobs run in this process, a ``multiprocessing`` queue handed to each pool wo
   tensor, so training is bitwise the same with or without it, and a failed send is dropped, never raised.
 - **Parent side.** ``ProgressDisplay`` drains the channel in a thread and shows, on stderr, the jobs done, the
   time elapsed and an ETA from the jobs' mean time, and one line per job in flight: its label, stage, steps
-  done of the stage's total, the rate and the stage's ETA. The rate runs from the stage's second report (the
-  first steps' warm-up would skew it), from its first while there is no later one; a stage that reports no
+  done of the stage's total, the rate and the stage's ETA. The rate is measured over the last ``RATE_WINDOW``
+  seconds of reports, so a job suspended for a while, or slowed and sped up by other work on the machine, shows
+  its current rate again within that time rather than its mean since the stage began (for hours, in a long
+  training); the stage's first report is left out once a later one came (the first steps' warm-up would skew
+  it), and while the window holds no earlier report the rate runs from the last one before it. A stage that reports no
   steps (a scorer that does not report them) shows the time spent in it. On a terminal the block is redrawn
   in place every ``REDRAW_INTERVAL`` seconds and erased at the end. When stderr is not a terminal (a log, a
   pipe) plain lines are printed, at most every ``PLAIN_INTERVAL`` seconds and only for the jobs whose stage
@@ -29,8 +32,9 @@ import shutil
 import sys
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from queue import Empty
 from typing import Any, Callable, Iterator, Protocol, TextIO
 
@@ -41,6 +45,7 @@ PLAIN_INTERVAL = 5.0  # seconds between plain lines when stderr is not a termina
 PLAIN_REPEAT = 60.0  # seconds after which a job's unchanged line is printed again (it still runs)
 REDRAW_INTERVAL = 0.25  # seconds between redraws on a terminal
 LABEL_WIDTH = 40  # characters of a job's label shown
+RATE_WINDOW = 60.0  # seconds of recent step reports a job's rate (and so its ETA) is measured over
 
 
 class Channel(Protocol):
@@ -122,7 +127,9 @@ class JobState:
     done: int | None = None
     total: int | None = None
     first: tuple[float, int] | None = None  # (time, steps done) of the stage's first step report
-    warm: tuple[float, int] | None = None  # the first report after that: the rate leaves out the first step's warm-up
+    # the step reports after the first (its warm-up is left out): those of the last RATE_WINDOW seconds, and
+    # the latest one before them
+    recent: deque[tuple[float, int]] = field(default_factory=deque)
     latest: float = 0.0
     shown: tuple = ()  # the (stage, done) last printed as a plain line
     shown_at: float = -math.inf  # when (time.monotonic)
@@ -130,15 +137,24 @@ class JobState:
     def update(self, u: Update) -> None:
         if u.done is not None and self.first is None:
             self.first = (u.time, u.done)
-        elif u.done is not None and self.warm is None and u.done > self.first[1]:
-            self.warm = (u.time, u.done)
+        elif u.done is not None and (self.recent or u.done > self.first[1]):
+            self.recent.append((u.time, u.done))
+            while len(self.recent) > 2 and self.recent[1][0] < u.time - RATE_WINDOW:
+                self.recent.popleft()
         self.done, self.total, self.latest = u.done, u.total, u.time
+
+    def since(self) -> tuple[float, int]:
+        """The report the rate is measured from: the oldest one of the last ``RATE_WINDOW`` seconds with fewer
+        steps done than now, else the latest one before them, else the stage's first report."""
+        earlier = [r for r in self.recent if r[1] < self.done]
+        inside = [r for r in earlier if r[0] >= self.latest - RATE_WINDOW]
+        return inside[0] if inside else earlier[-1] if earlier else self.first
 
     def describe(self, now: float) -> str:
         if self.done is None or not self.total or self.first is None:
             return f"{self.stage} ({clock(now - self.started)})"
         text = f"{self.stage} step {self.done}/{self.total}"
-        since = self.warm if self.warm is not None and self.done > self.warm[1] else self.first
+        since = self.since()
         seconds, steps = self.latest - since[0], self.done - since[1]
         rate = steps / seconds if steps > 0 and seconds > 0 else None
         if rate is not None:

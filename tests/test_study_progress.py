@@ -132,6 +132,31 @@ def test_on_a_terminal_the_block_is_redrawn_in_place_and_erased_at_the_end(monke
     assert text.endswith("\x1b[J")  # erased at the end, not left behind
 
 
+def test_the_rate_and_eta_follow_the_last_minute_not_the_mean_since_the_stage_began():
+    """A job suspended for half an hour, then slowed down by other work: its line shows the current rate
+    within RATE_WINDOW seconds of each change (the mean since the stage began says 2.5 step/s just after the
+    pause, and 3.9 at the end: ETAs hours off)."""
+    job = progress.JobState("train", 0.0)
+    t, done = 0.0, 0
+
+    def run(seconds: float, rate: float) -> None:  # reports every half second at ``rate`` steps per second
+        nonlocal t, done
+        for _ in range(int(seconds * 2)):
+            t, done = t + 0.5, done + rate / 2
+            job.update(Update("seed 0", "train", int(done), 100_000, t))
+
+    job.update(Update("seed 0", "train", 0, 100_000, t))
+    run(600, 10.0)
+    assert job.describe(t) == "train step 6000/100000, 10 step/s, ETA 2:36:40"
+    t += 1800.0  # suspended (SIGSTOP, a closed laptop): no reports
+    run(1, 10.0)
+    assert ", 10 step/s," in job.describe(t)  # from the first report after the pause on, not across it
+    run(600, 10.0)
+    run(2 * progress.RATE_WINDOW, 2.0)  # another job took half the machine
+    assert job.describe(t) == "train step 12250/100000, 2 step/s, ETA 12:11:15"
+    assert len(job.recent) <= 2 * progress.RATE_WINDOW * 2 + 2  # the reports kept: the window's, not the stage's
+
+
 def test_replay_and_retrains_report_their_steps_and_are_unchanged(tmp_path):
     run = gc.train(tiny_config(), tmp_path / "run", progress=False)
     seen: list[tuple[int, int]] = []
