@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.func import grad, jvp
 
 import gancleanse as gc
 from gancleanse.config import Config
@@ -65,7 +64,7 @@ from gancleanse.influence.itd import itd_influence, metric_gradient
 from gancleanse.metrics import Metric, make_metric
 from gancleanse.models.layer_norm import second_derivatives
 from gancleanse.options import REVERSE_PASSES
-from gancleanse.training.adjoint import warm_forward_mode
+from gancleanse.training.adjoint import hvp_loss_d, hvp_loss_g, warm_forward_mode
 from gancleanse.training.dynamics import State, StepBatch
 from gancleanse.training.losses import d_real_term
 from gancleanse.training.replay import replay
@@ -310,15 +309,21 @@ def layer_norm_ab(run: gc.Run, repeats: int) -> dict[str, float]:
 
 
 def hvp_rmatvec(op: aid.GameOperator, v: aid.Tree) -> aid.Tree:
-    """J^T v on ``op``'s instances by forward-over-reverse products: the symmetric Hessian of each player's loss
-    along its own block of v, in both players' blocks (AID's ``rmatvec`` at damping 0 and no scaling)."""
+    """J^T v on ``op``'s instances by the forward-over-reverse products ITD's ``hvp`` way takes
+    (``training/adjoint.py``): the symmetric Hessian of each player's loss along its own block of v, in both
+    players' blocks (AID's ``rmatvec`` at damping 0 and no scaling)."""
     dyn, (pd, pg), total = op.dyn, (op.params["d"], op.params["g"]), op.x.shape[0]
     out: aid.Tree = {p: {k: torch.zeros_like(t) for k, t in op.params[p].items()} for p in ("d", "g")}
     for lo in range(0, total, aid.CHUNK):
-        x, z = op.x[lo:lo + aid.CHUNK], op.z[lo:lo + aid.CHUNK]
-        share, ones = x.shape[0] / total, torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
-        d_on_d, d_on_g = jvp(lambda d: grad(dyn.loss_d, argnums=(0, 1))(d, pg, x, z, ones, None), (pd,), (v["d"],))[1]
-        g_on_g, g_on_d = jvp(lambda g: grad(dyn.loss_g, argnums=(0, 1))(g, pd, z), (pg,), (v["g"],))[1]
+        rows = slice(lo, lo + aid.CHUNK)
+        x, z = op.x[rows], op.z[rows]
+        y, c = (None if t is None else t[rows] for t in (op.y, op.c))
+        # count None: AID's stationary game, lazy penalties at their average strength (as in ``game_gradient``)
+        chunk = StepBatch(x, z, z, None, y, c, c)  # type: ignore[arg-type]
+        ones = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+        d_on_d, d_on_g, _ = hvp_loss_d(dyn, pd, pg, chunk, ones, v["d"])
+        g_on_g, g_on_d = hvp_loss_g(dyn, pg, pd, z, c, v["g"])
+        share = x.shape[0] / total
         for p, parts in (("d", (d_on_d, g_on_d)), ("g", (d_on_g, g_on_g))):
             for k in out[p]:
                 out[p][k] += share * (parts[0][k] + parts[1][k])
@@ -327,7 +332,8 @@ def hvp_rmatvec(op: aid.GameOperator, v: aid.Tree) -> aid.Tree:
 
 def aid_rmatvec_ab(run: gc.Run, repeats: int) -> dict[str, float]:
     """Median ms of J^T v on AID_INSTANCES instances at the trained point, the VJP way (AID's own) and by
-    Hessian-vector products, interleaved, and the relative gap between the two products (one random v)."""
+    Hessian-vector products, interleaved, and the relative gap between the two products (one random v, from the
+    warm-up round)."""
     state = run.final_state()
     params = {p: {k: t.detach() for k, t in state[p].items()} for p in ("d", "g")}
     op = aid.operator_draws(run, params, 0.0, None, 0)(0, min(AID_INSTANCES, run.n_train))
@@ -335,13 +341,13 @@ def aid_rmatvec_ab(run: gc.Run, repeats: int) -> dict[str, float]:
     v = aid.unflatten(y.to(run.dtype), params)
     warm_forward_mode()
     with second_derivatives():
-        by_vjp, by_hvp = op.rmatvec(y), aid.flatten(hvp_rmatvec(op, v)).to(torch.float64)
+        by_vjp, by_hvp = op.rmatvec(y), aid.flatten(hvp_rmatvec(op, v)).to(torch.float64)  # the warm-up round
         sides = {"vjp": lambda: op.rmatvec(y), "hvp": lambda: hvp_rmatvec(op, v)}
         seconds: dict[str, list[float]] = {side: [] for side in sides}
-        for _ in range(repeats + 1):  # the first round warms up
+        for _ in range(repeats):
             for side, fn in sides.items():
                 seconds[side].append(_timed(fn))
-    return {**{side: 1e3 * statistics.median(times[1:]) for side, times in seconds.items()},
+    return {**{side: 1e3 * statistics.median(times) for side, times in seconds.items()},
             "gap": float((by_vjp - by_hvp).norm() / by_vjp.norm()), "instances": op.x.shape[0]}
 
 
