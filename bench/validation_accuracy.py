@@ -21,7 +21,10 @@ K instances x about k epochs each), so ``--instances`` says how many of the pape
 its numbers mean nothing).
 
 Run dirs (a killed training resumes), retrains (``*.parts``), estimates and per-seed results are kept in
-``--workdir``: a rerun with the same workdir and options resumes, and reuses every finished seed.
+``--workdir``: a rerun with the same workdir and options resumes, and reuses every finished seed. With
+``--workers N`` the unfinished seeds are first trained and estimated N at once (one core each), then each
+seed's retrains run on N workers, ``--chunk`` retrains per job (one on mnist, so that a killed sitting loses
+at most one retrain per worker).
 
 Usage:
   .venv/bin/python bench/validation_accuracy.py --setup 2d --workdir /tmp/acc-relu \
@@ -57,7 +60,10 @@ from gancleanse.files import atomic_write, write_json_atomic
 from gancleanse.influence.itd import itd_influence
 from gancleanse.influence.surrogate import smoothed_relu
 from gancleanse.metrics import make_metric
-from gancleanse.study.validate import accuracy, choose_instances, random_jaccard, retrain_all
+from gancleanse.progress import current_job
+from gancleanse.study.executor import run_tasks
+from gancleanse.study.validate import RETRAIN_CHUNK, accuracy, choose_instances, random_jaccard, retrain_all
+from gancleanse.training import recorder
 
 PAPER = {  # DESIGN.md section 3: ICLR 2021, 10 seeds, 200 instances; setup -> metric -> row
     "2d": {"all": {"tau": {1: 0.87, 5: 0.84, 10: 0.85, 20: 0.84, 50: 0.67},
@@ -206,41 +212,78 @@ def stored_result(path: Path, run_dir: Path, wanted: dict[str, Any]) -> dict[str
     return {**stored, "reused": True}
 
 
-def one_seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
-    started = time.perf_counter()
+def train_and_estimate(args: argparse.Namespace, seed: int, work: Path) -> tuple[gc.Run, dict[str, Any]]:
+    """A seed's run (trained unless done; a killed training resumes) and ITD's estimates per metric and surrogate
+    (cached in ``work``): everything of a seed but its retrains, one core's work."""
+    cfg, tag = seed_config(args, seed)
+    run_dir, report = work / tag, current_job()
+    if (run_dir / "run.json").is_file():
+        run = gc.Run.open(run_dir)
+    else:
+        report.stage("train")
+        run = recorder.train(cfg.validate(), run_dir, progress=args.progress and report.channel is None,
+                              on_step=report.step)  # a pool job's lines come from the display
+    final_epoch = run.final_step // run.steps_per_epoch
+    horizons = [k for k in args.horizons if 1 <= k <= final_epoch - run.window_start // run.steps_per_epoch]
+    variants: dict[str, dict[int, np.ndarray]] = {}
+    variant_metric: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    for m in args.metrics:
+        name = variant_name("ITD", m, args.metrics)
+        report.stage(f"ITD {m}")
+        cache = work / (f"{tag}.itd.npz" if m == args.metrics[0] else f"{tag}.itd-{m}.npz")
+        variants[name], seconds[name] = itd_horizons(run, m, horizons, cache, tag)
+        variant_metric[name] = m
+    for t in args.surrogate:
+        name = f"ITD~T={fmt_t(t)}"
+        report.stage(f"ITD~T={fmt_t(t)}")
+        variants[name], seconds[name] = itd_horizons(run, args.metrics[0], horizons,
+                                                     work / f"{tag}.itd-T{fmt_t(t)}.npz", tag, temperature=t)
+        variant_metric[name] = args.metrics[0]
+    return run, {"horizons": horizons, "variants": variants, "variant_metric": variant_metric, "seconds": seconds}
+
+
+def prepare_seed(args: argparse.Namespace, seed: int, work: Path) -> tuple[bool, float]:
+    """``train_and_estimate`` as a pool job (``--workers`` seeds at once): whether it trained the run here, and
+    its seconds."""
+    tic = time.perf_counter()
+    trained_here = not (work / seed_config(args, seed)[1] / "run.json").is_file()
+    train_and_estimate(args, seed, work)
+    return trained_here, time.perf_counter() - tic
+
+
+def unfinished_seeds(args: argparse.Namespace, seeds: list[int], work: Path) -> list[int]:
+    """The seeds without a stored result of this request."""
+    return [s for s in seeds if stored_result(work / f"{seed_config(args, s)[1]}.result.json",
+                                              work / seed_config(args, s)[1], request(args)) is None]
+
+
+def one_seed(args: argparse.Namespace, seed: int, work: Path,
+             prepared_here: tuple[bool, float] | None = None) -> dict[str, Any]:
+    """A seed's accuracy (stored in ``work``; a stored one of the same request is reused). ``prepared_here``:
+    ``prepare_seed``'s answer when it ran in this sitting (its seconds count in the seed's wall time)."""
+    started = time.perf_counter() - (prepared_here[1] if prepared_here else 0.0)
     metrics = args.metrics
     metric = metrics[0]
     cfg, tag = seed_config(args, seed)
     run_dir = work / tag
     if (stored := stored_result(work / f"{tag}.result.json", run_dir, request(args))) is not None:
         return stored
-    resumed = (run_dir / "run.json").is_file()
-    run = gc.Run.open(run_dir) if resumed else gc.train(cfg, run_dir, progress=args.progress)  # resumes a killed one
+    resumed = (run_dir / "run.json").is_file() if prepared_here is None else not prepared_here[0]
+    run, prepared = train_and_estimate(args, seed, work)
+    horizons, variants, variant_metric, seconds = (prepared["horizons"], prepared["variants"],
+                                                   prepared["variant_metric"], prepared["seconds"])
     epoch_seconds = run.meta["seconds"]["train"] / cfg.train.epochs
     final_epoch = run.final_step // run.steps_per_epoch
-    horizons = [k for k in args.horizons if 1 <= k <= final_epoch - run.window_start // run.steps_per_epoch]
-
-    variants: dict[str, dict[int, np.ndarray]] = {}
-    variant_metric: dict[str, str] = {}
-    seconds: dict[str, float] = {}
-    for m in metrics:
-        name = variant_name("ITD", m, metrics)
-        cache = work / (f"{tag}.itd.npz" if m == metric else f"{tag}.itd-{m}.npz")
-        variants[name], seconds[name] = itd_horizons(run, m, horizons, cache, tag)
-        variant_metric[name] = m
     chosen = choose_instances(variants["ITD"][horizons[-1]], args.instances, seed, extremes=False)
-    for t in args.surrogate:
-        name = f"ITD~T={fmt_t(t)}"
-        variants[name], seconds[name] = itd_horizons(run, metric, horizons, work / f"{tag}.itd-T{fmt_t(t)}.npz",
-                                                     tag, temperature=t)
-        variant_metric[name] = metric
 
     jobs = [(j, final_epoch - k) for k in horizons for j in chosen]
     parts = work / f"{tag}.parts"
     before = len(list(parts.glob(f"{metric}_i*_e*.json"))) if parts.is_dir() else 0
     tic = time.perf_counter()
     actual = retrain_all(run, jobs, metrics, parts, executor="local", workers=args.workers,
-                         progress=args.progress, batched=None)  # vmapped where that pays; each on every metric
+                         progress=args.progress, batched=None,  # vmapped where that pays; each on every metric
+                         chunk=args.chunk)
     retrain_s = time.perf_counter() - tic
 
     if args.aid != "none":
@@ -364,7 +407,11 @@ def main() -> None:
                          "mnist: the paper's MNIST rows); the first one picks the instances")
     ap.add_argument("--surrogate", type=float, nargs="*", default=[],
                     help="temperatures of kink-smoothed ReLU ITD, scored against the same retrains")
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1,
+                    help="processes: seeds trained and estimated at once, then each seed's retrains")
+    ap.add_argument("--chunk", type=int, default=None,
+                    help="most retrains per job (they share a replay up to their forks; a killed sitting loses up "
+                         f"to one job per worker): default 1 on mnist (minutes each), else {RETRAIN_CHUNK}")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of this process")
     ap.add_argument("--aid", default="none", help="AID solver (e.g. gmres), or 'none' to skip AID")
     ap.add_argument("--aid-iterations", type=int, default=None)
@@ -384,15 +431,25 @@ def main() -> None:
     for key, value in defaults.items():
         if key != "spec" and getattr(args, key) is None:
             setattr(args, key, value)
+    if args.chunk is None:
+        args.chunk = 1 if args.setup == "mnist" else RETRAIN_CHUNK
+    if args.chunk < 1:
+        raise SystemExit(f"--chunk must be at least 1, got {args.chunk}")
     torch.set_num_threads(args.threads)
     args.horizons = sorted(set(args.horizons))
     args.metrics = list(dict.fromkeys(args.metrics or DEFAULT_METRICS.get(args.setup, [next(iter(PAPER[args.setup]))])))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="gancleanse-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"{' '.join(sys.argv)}\nworkdir {work}", flush=True)
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    prepared: dict[int, tuple[bool, float]] = {}
+    if args.workers > 1 and len(todo := unfinished_seeds(args, seeds, work)) > 1:
+        # Training and ITD use one core each: run up to --workers seeds' at once, then each seed's retrains.
+        prepared = dict(run_tasks(prepare_seed, [(s, (args, s, work)) for s in todo], workers=args.workers,
+                                      progress=args.progress, desc="train+ITD", label=lambda s: f"seed {s}"))
     results = []
-    for seed in range(args.first_seed, args.first_seed + args.seeds):
-        results.append(one_seed(args, seed, work))
+    for seed in seeds:
+        results.append(one_seed(args, seed, work, prepared.get(seed)))
         print_seed(results[-1])
     print_summary(args, results)
 

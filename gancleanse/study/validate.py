@@ -124,24 +124,27 @@ def removal_changes(run: "Run", removals: Sequence[Sequence[int]], metrics: Sequ
     return {m: [a - before[m] for a in values] for m, values in after.items()}
 
 
-def chunks(jobs: list[tuple[int, int | None]], workers: int) -> list[tuple[int | None, list[int]]]:
-    """(from_epoch, instances) groups of at most RETRAIN_CHUNK, at least one per worker."""
+def chunks(jobs: list[tuple[int, int | None]], workers: int, most: int = RETRAIN_CHUNK
+           ) -> list[tuple[int | None, list[int]]]:
+    """(from_epoch, instances) groups of at most ``most``, at least one per worker."""
     by_epoch: dict[int | None, list[int]] = {}
     for j, e in jobs:
         by_epoch.setdefault(e, []).append(j)
     out = []
     for e, js in by_epoch.items():
-        size = max(1, min(RETRAIN_CHUNK, math.ceil(len(js) / workers)))
+        size = max(1, min(most, math.ceil(len(js) / workers)))
         out += [(e, js[i:i + size]) for i in range(0, len(js), size)]
     return out
 
 
 def retrain_all(run: "Run", jobs: list[tuple[int, int | None]], metrics: Sequence[str], parts: Path, *,
-                executor: str, workers: int, progress: bool, batched: bool | None = False
-                ) -> dict[str, dict[tuple[int, int | None], float]]:
+                executor: str, workers: int, progress: bool, batched: bool | None = False,
+                chunk: int = RETRAIN_CHUNK) -> dict[str, dict[tuple[int, int | None], float]]:
     """Per metric, the actual deltas for (instance, from_epoch) pairs, reusing those stored in ``parts`` (a file
     per retrain and metric) that name this run (their seal): those of another run, or of an earlier training at
-    the same path, are recomputed and overwritten; one not as this code writes it is an error naming it."""
+    the same path, are recomputed and overwritten; one not as this code writes it is an error naming it.
+    ``chunk``: the most retrains of one job (they share a replay up to their forks; its parts are written when
+    it ends, so a killed run loses up to one job per worker: keep it small when retrains take minutes)."""
     metrics = list(dict.fromkeys(metrics))
     workers = local_workers(run.device, workers, executor)
     parts.mkdir(parents=True, exist_ok=True)
@@ -149,7 +152,7 @@ def retrain_all(run: "Run", jobs: list[tuple[int, int | None]], metrics: Sequenc
         stored = {m: [read_part(f) for f in sorted(parts.glob(f"{m}_i*_e*.json"))] for m in metrics}
         done = {m: {(r["index"], r["from_epoch"]): r["delta"] for r in records
                     if r["run_id"] == run.id and r["metric"] == m} for m, records in stored.items()}
-        todo = chunks([(j, e) for j, e in jobs if any((j, e) not in done[m] for m in metrics)], workers)
+        todo = chunks([(j, e) for j, e in jobs if any((j, e) not in done[m] for m in metrics)], workers, chunk)
         tasks = [((e, tuple(js)), (run, js, metrics, e, batched)) for e, js in todo]
         for (e, js), deltas in run_tasks(counterfactual_deltas, tasks, executor=executor, workers=workers,
                                          progress=progress, desc="retrain"):
