@@ -95,3 +95,29 @@ def test_ray_executor_gives_identical_numbers(run_factory, tmp_path):
 
     ray_tmp = Path(os.environ["RAY_TMPDIR"]) / "ray"
     assert any(ray_tmp.glob("session_*")), f"Ray kept its session files outside RAY_TMPDIR ({ray_tmp})"
+
+
+def test_retrains_one_per_job_give_the_numbers_of_forked_groups(run_factory, tmp_path, monkeypatch):
+    """``chunk`` only changes how retrains are grouped (a shared replay up to their forks), never their deltas,
+    so parts written with one chunk size are reused by a run with another."""
+    import gancleanse.study.validate as validate
+
+    run = run_factory(train={"epochs": 3, "record_from_epoch": 1})
+    jobs = [(j, e) for e in (1, 2) for j in (0, 3, 7, 11, 19)]
+    sizes: list[int] = []
+    original = validate.counterfactual_deltas
+
+    def counting(run, indices, *rest):
+        sizes.append(len(indices))
+        return original(run, indices, *rest)
+
+    monkeypatch.setattr(validate, "counterfactual_deltas", counting)
+    grouped = validate.retrain_all(run, jobs, ["all", "loss_d"], tmp_path / "grouped", executor="local", workers=1,
+                                   progress=False)
+    assert sizes == [5, 5]  # one job per starting epoch
+    sizes.clear()
+    single = validate.retrain_all(run, jobs, ["all", "loss_d"], tmp_path / "single", executor="local", workers=1,
+                                  progress=False, chunk=1)
+    assert sizes == [1] * len(jobs)
+    assert single == grouped
+    assert all(v != 0.0 for m in grouped.values() for v in m.values())
