@@ -446,7 +446,7 @@ def main() -> None:
     if args.workers > 1 and len(todo := unfinished_seeds(args, seeds, work)) > 1:
         # Training and ITD use one core each: run up to --workers seeds' at once, then each seed's retrains.
         prepared = dict(run_tasks(prepare_seed, [(s, (args, s, work)) for s in todo], workers=args.workers,
-                                      progress=args.progress, desc="train+ITD", label=lambda s: f"seed {s}"))
+                                  progress=args.progress, desc="train+ITD", label=lambda s: f"seed {s}"))
     results = []
     for seed in seeds:
         results.append(one_seed(args, seed, work, prepared.get(seed)))
