@@ -214,10 +214,12 @@ def stored_result(path: Path, run_dir: Path, wanted: dict[str, Any]) -> dict[str
 
 def train_and_estimate(args: argparse.Namespace, seed: int, work: Path) -> tuple[gc.Run, dict[str, Any]]:
     """A seed's run (trained unless done; a killed training resumes) and ITD's estimates per metric and surrogate
-    (cached in ``work``): everything of a seed but its retrains, one core's work."""
+    (cached in ``work``): everything of a seed but its retrains, one core's work. ``trained``: the run was trained
+    (or its killed training resumed) by this call."""
     cfg, tag = seed_config(args, seed)
     run_dir, report = work / tag, current_job()
-    if (run_dir / "run.json").is_file():
+    trained = not (run_dir / "run.json").is_file()
+    if not trained:
         run = gc.Run.open(run_dir)
     else:
         report.stage("train")
@@ -240,22 +242,23 @@ def train_and_estimate(args: argparse.Namespace, seed: int, work: Path) -> tuple
         variants[name], seconds[name] = itd_horizons(run, args.metrics[0], horizons,
                                                      work / f"{tag}.itd-T{fmt_t(t)}.npz", tag, temperature=t)
         variant_metric[name] = args.metrics[0]
-    return run, {"horizons": horizons, "variants": variants, "variant_metric": variant_metric, "seconds": seconds}
+    return run, {"horizons": horizons, "variants": variants, "variant_metric": variant_metric, "seconds": seconds,
+                 "trained": trained}
 
 
 def prepare_seed(args: argparse.Namespace, seed: int, work: Path) -> tuple[bool, float]:
     """``train_and_estimate`` as a pool job (``--workers`` seeds at once): whether it trained the run here, and
     its seconds."""
     tic = time.perf_counter()
-    trained_here = not (work / seed_config(args, seed)[1] / "run.json").is_file()
-    train_and_estimate(args, seed, work)
-    return trained_here, time.perf_counter() - tic
+    trained = train_and_estimate(args, seed, work)[1]["trained"]
+    return trained, time.perf_counter() - tic
 
 
 def unfinished_seeds(args: argparse.Namespace, seeds: list[int], work: Path) -> list[int]:
     """The seeds without a stored result of this request."""
-    return [s for s in seeds if stored_result(work / f"{seed_config(args, s)[1]}.result.json",
-                                              work / seed_config(args, s)[1], request(args)) is None]
+    tags = {s: seed_config(args, s)[1] for s in seeds}
+    return [s for s, tag in tags.items()
+            if stored_result(work / f"{tag}.result.json", work / tag, request(args)) is None]
 
 
 def one_seed(args: argparse.Namespace, seed: int, work: Path,
@@ -269,8 +272,8 @@ def one_seed(args: argparse.Namespace, seed: int, work: Path,
     run_dir = work / tag
     if (stored := stored_result(work / f"{tag}.result.json", run_dir, request(args))) is not None:
         return stored
-    resumed = (run_dir / "run.json").is_file() if prepared_here is None else not prepared_here[0]
     run, prepared = train_and_estimate(args, seed, work)
+    resumed = not (prepared["trained"] if prepared_here is None else prepared_here[0])
     horizons, variants, variant_metric, seconds = (prepared["horizons"], prepared["variants"],
                                                    prepared["variant_metric"], prepared["seconds"])
     epoch_seconds = run.meta["seconds"]["train"] / cfg.train.epochs
