@@ -22,9 +22,10 @@ its numbers mean nothing).
 
 Run dirs (a killed training resumes), retrains (``*.parts``), estimates and per-seed results are kept in
 ``--workdir``: a rerun with the same workdir and options resumes, and reuses every finished seed. With
-``--workers N`` the unfinished seeds are first trained and estimated N at once (one core each), then each
-seed's retrains run on N workers, ``--chunk`` retrains per job (one on mnist, so that a killed sitting loses
-at most one retrain per worker).
+``--workers N`` every job of the unfinished seeds runs on one pool of N processes (one core each): a seed's
+training and estimates, then, queued as soon as they are done, its retrains, ``--chunk`` per job (one on
+mnist, so that a killed sitting loses at most one retrain per worker). Costs are reported in one core's
+seconds (training, each sweep, the retrains summed), which do not depend on the workers or the sittings.
 
 Usage:
   .venv/bin/python bench/validation_accuracy.py --setup 2d --workdir /tmp/acc-relu \
@@ -45,9 +46,9 @@ import json
 import math
 import sys
 import tempfile
-import time
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Hashable
 
 import numpy as np
 import torch
@@ -62,7 +63,9 @@ from gancleanse.influence.surrogate import smoothed_relu
 from gancleanse.metrics import make_metric
 from gancleanse.progress import current_job
 from gancleanse.study.executor import run_tasks
-from gancleanse.study.validate import RETRAIN_CHUNK, accuracy, choose_instances, random_jaccard, retrain_all
+from gancleanse.locks import DirectoryLock
+from gancleanse.study.validate import (RETRAIN_CHUNK, Retrain, accuracy, choose_instances, counterfactual_deltas,
+                                       random_jaccard, retrain_all, retrain_tasks, store_retrains, stored_retrains)
 from gancleanse.training import recorder
 
 PAPER = {  # DESIGN.md section 3: ICLR 2021, 10 seeds, 200 instances; setup -> metric -> row
@@ -164,6 +167,10 @@ def preactivation_scale(run: gc.Run) -> float:
     return float(torch.cat(seen).median()) if seen else float("nan")
 
 
+def seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f} s"
+
+
 def fmt_t(t: float) -> str:
     return f"{t:g}"
 
@@ -246,12 +253,9 @@ def train_and_estimate(args: argparse.Namespace, seed: int, work: Path) -> tuple
                  "trained": trained}
 
 
-def prepare_seed(args: argparse.Namespace, seed: int, work: Path) -> tuple[bool, float]:
-    """``train_and_estimate`` as a pool job (``--workers`` seeds at once): whether it trained the run here, and
-    its seconds."""
-    tic = time.perf_counter()
-    trained = train_and_estimate(args, seed, work)[1]["trained"]
-    return trained, time.perf_counter() - tic
+def prepare_seed(args: argparse.Namespace, seed: int, work: Path) -> bool:
+    """``train_and_estimate`` as a pool job: whether it trained the run here."""
+    return train_and_estimate(args, seed, work)[1]["trained"]
 
 
 def unfinished_seeds(args: argparse.Namespace, seeds: list[int], work: Path) -> list[int]:
@@ -261,11 +265,61 @@ def unfinished_seeds(args: argparse.Namespace, seeds: list[int], work: Path) -> 
             if stored_result(work / f"{tag}.result.json", work / tag, request(args)) is None]
 
 
-def one_seed(args: argparse.Namespace, seed: int, work: Path,
-             prepared_here: tuple[bool, float] | None = None) -> dict[str, Any]:
-    """A seed's accuracy (stored in ``work``; a stored one of the same request is reused). ``prepared_here``:
-    ``prepare_seed``'s answer when it ran in this sitting (its seconds count in the seed's wall time)."""
-    started = time.perf_counter() - (prepared_here[1] if prepared_here else 0.0)
+def retrain_plan(args: argparse.Namespace, seed: int, work: Path, run: gc.Run, horizons: list[int],
+                 estimate: dict[int, np.ndarray]) -> tuple[list[int], list[Retrain], Path]:
+    """A prepared seed's instances (drawn from ITD's estimate for the longest horizon), its retrains
+    (instance, from_epoch) and the directory keeping them."""
+    final_epoch = run.final_step // run.steps_per_epoch
+    chosen = choose_instances(estimate[horizons[-1]], args.instances, seed, extremes=False)
+    return chosen, [(j, final_epoch - k) for k in horizons for j in chosen], work / f"{seed_config(args, seed)[1]}.parts"
+
+
+def call(fn: Callable[..., Any], fn_args: tuple) -> Any:
+    """``fn(*fn_args)``: lets one pool run jobs of different functions."""
+    return fn(*fn_args)
+
+
+def job_label(key: Hashable) -> str:
+    kind, seed, *rest = key
+    if kind == "prepare":
+        return f"seed {seed}"
+    epoch, indices = rest
+    return f"seed {seed} i{indices[0]}{f' +{len(indices) - 1}' if len(indices) > 1 else ''} from epoch {epoch}"
+
+
+def run_seeds(args: argparse.Namespace, seeds: list[int], work: Path) -> dict[int, bool]:
+    """Every job of ``seeds`` on one pool of ``--workers``: each seed's training and estimates, and as soon as
+    they are done its retrains (stored in its ``.parts``), so no worker idles while a last seed trains alone.
+    Returns, per seed, whether its run was trained (or its killed training resumed) here."""
+    trained: dict[int, bool] = {}
+    plans: dict[int, tuple[gc.Run, Path, dict]] = {}
+    with ExitStack() as locks:
+        def then(key: Hashable, result: Any) -> list[tuple[Hashable, tuple]]:
+            kind, seed = key[0], key[1]
+            if kind != "prepare":
+                return []
+            trained[seed] = result
+            run, prepared = train_and_estimate(args, seed, work)  # opens the run, reads the cached estimates
+            _, jobs, parts = retrain_plan(args, seed, work, run, prepared["horizons"], prepared["variants"]["ITD"])
+            parts.mkdir(parents=True, exist_ok=True)
+            locks.enter_context(DirectoryLock(parts, "validation"))
+            done = stored_retrains(run, args.metrics, parts)
+            plans[seed] = (run, parts, done)
+            return [(("retrain", seed, *k), (counterfactual_deltas, a))
+                    for k, a in retrain_tasks(run, jobs, args.metrics, done, args.workers, args.chunk, None)]
+
+        tasks = [(("prepare", s), (prepare_seed, (args, s, work))) for s in seeds]
+        for key, result in run_tasks(call, tasks, workers=args.workers, progress=args.progress,
+                                     desc="train+ITD+retrain", label=job_label, then=then):
+            if key[0] == "retrain":
+                run, parts, done = plans[key[1]]
+                store_retrains(run, parts, args.metrics, tuple(key[2:]), result, done)
+    return trained
+
+
+def one_seed(args: argparse.Namespace, seed: int, work: Path, trained_here: bool | None = None) -> dict[str, Any]:
+    """A seed's accuracy (stored in ``work``; a stored one of the same request is reused). ``trained_here``:
+    ``prepare_seed``'s answer when ``run_seeds`` ran it in this sitting."""
     metrics = args.metrics
     metric = metrics[0]
     cfg, tag = seed_config(args, seed)
@@ -273,21 +327,17 @@ def one_seed(args: argparse.Namespace, seed: int, work: Path,
     if (stored := stored_result(work / f"{tag}.result.json", run_dir, request(args))) is not None:
         return stored
     run, prepared = train_and_estimate(args, seed, work)
-    resumed = not (prepared["trained"] if prepared_here is None else prepared_here[0])
+    resumed = not (prepared["trained"] if trained_here is None else trained_here)
     horizons, variants, variant_metric, seconds = (prepared["horizons"], prepared["variants"],
                                                    prepared["variant_metric"], prepared["seconds"])
     epoch_seconds = run.meta["seconds"]["train"] / cfg.train.epochs
     final_epoch = run.final_step // run.steps_per_epoch
-    chosen = choose_instances(variants["ITD"][horizons[-1]], args.instances, seed, extremes=False)
-
-    jobs = [(j, final_epoch - k) for k in horizons for j in chosen]
-    parts = work / f"{tag}.parts"
-    before = len(list(parts.glob(f"{metric}_i*_e*.json"))) if parts.is_dir() else 0
-    tic = time.perf_counter()
+    chosen, jobs, parts = retrain_plan(args, seed, work, run, horizons, variants["ITD"])
     actual = retrain_all(run, jobs, metrics, parts, executor="local", workers=args.workers,
                          progress=args.progress, batched=None,  # vmapped where that pays; each on every metric
                          chunk=args.chunk)
-    retrain_s = time.perf_counter() - tic
+    own = [stored_retrains(run, [metric], parts)[metric][key].get("seconds") for key in jobs]
+    retrain_s = None if None in own else float(sum(own))  # one core's seconds, whatever the workers and sittings
 
     if args.aid != "none":
         lr = max(cfg.train.lr_d, cfg.train.lr_g)
@@ -307,15 +357,17 @@ def one_seed(args: argparse.Namespace, seed: int, work: Path,
         for k in horizons:
             a = [actual[variant_metric[name]][(j, final_epoch - k)] for j in chosen]
             acc[name][k] = accuracy([float(est[k][j]) for j in chosen], a)
+    train_s = run.meta["seconds"]["train"]
     result = {
         "seed": seed, "run_id": run.id, "horizons": horizons, "instances": len(chosen),
         "metrics": variant_metric,
         "accuracy": {n: {str(k): v for k, v in a.items()} for n, a in acc.items()},
-        "estimate_seconds": seconds, "retrain_seconds": retrain_s, "retrains_resumed": before,
+        "estimate_seconds": seconds, "retrain_seconds": retrain_s,
         "retrain_steps": sum(k * run.steps_per_epoch for k in horizons) * len(chosen),
-        "epoch_seconds": epoch_seconds, "train_seconds": run.meta["seconds"]["train"], "run_resumed": resumed,
+        "epoch_seconds": epoch_seconds, "train_seconds": train_s, "run_resumed": resumed,
         "preactivation_median": preactivation_scale(run) if args.surrogate else None,
-        "wall_seconds": time.perf_counter() - started, "request": request(args),
+        "core_seconds": None if retrain_s is None else train_s + sum(seconds.values()) + retrain_s,
+        "request": request(args),
     }
     write_json_atomic(work / f"{tag}.result.json", result)
     return result
@@ -325,10 +377,9 @@ def print_seed(r: dict[str, Any]) -> None:
     names = list(r["accuracy"])
     head = " ".join(f"{n + ' tau':>14} {'J':>5}" for n in names)
     print(f"\nseed {r['seed']}{' (stored by an earlier sitting)' if r.get('reused') else ''}: "
-          f"wall {r['wall_seconds']:.0f} s (training {r['train_seconds']:.0f} s, "
-          f"retrains {r['retrain_seconds']:.0f} s"
-          + (f", {r['retrains_resumed']} resumed" if r["retrains_resumed"] else "")
-          + ", estimates " + ", ".join(f"{n} {s:.0f} s" for n, s in r["estimate_seconds"].items()) + ")"
+          f"{seconds(r['core_seconds'])} of one core (training {r['train_seconds']:.0f} s, "
+          f"retrains {seconds(r['retrain_seconds'])}, "
+          + "estimates " + ", ".join(f"{n} {s:.0f} s" for n, s in r["estimate_seconds"].items()) + ")"
           + (f"; median |ReLU input| {r['preactivation_median']:.3g}" if r["preactivation_median"] else ""))
     print(f"{'k':>4} | {head}")
     for k in r["horizons"]:
@@ -375,25 +426,25 @@ def print_summary(args: argparse.Namespace, results: list[dict[str, Any]]) -> No
                 d = np.array([r["accuracy"][n][str(k)]["kendall_tau"] - b for r, b in zip(results, base)])
                 print(f"{k:>4} | {n:<14} | {d.mean():+.3f} ({d.std(ddof=1) if len(d) > 1 else 0.0:.3f}); "
                       f"{int((d > 0).sum())}/{len(d)} up")
-    wall = np.array([r["wall_seconds"] for r in results])
-    trained = [r["train_seconds"] for r in results if not r.get("run_resumed")]
-    retr = np.array([r["retrain_seconds"] for r in results])
+    costed = [r for r in results if r.get("core_seconds") is not None]
     steps = results[0]["retrain_steps"]
-    fresh = [r for r in results if not r["retrains_resumed"]]
-    print(f"\nwall time per seed {wall.mean():.0f} s (min {wall.min():.0f}, max {wall.max():.0f}); "
-          + (f"training {np.mean(trained):.0f} s of it in the {len(trained)} seed(s) trained here"
-             if trained else "every run resumed from --workdir"))
+    print("\ncost per seed in one core's seconds (mean over seeds; each job ran on one core, whatever the "
+          "workers and sittings)")
+    print(f"  training: {np.mean([r['train_seconds'] for r in results]):.0f} s")
     for n in results[0]["estimate_seconds"]:
         s = np.array([r["estimate_seconds"][n] for r in results])
-        print(f"  {n}: {s.mean():.1f} s per seed (sweep over the last {max(horizons)} epochs)")
-    if fresh:
-        rs = np.array([r["retrain_seconds"] for r in fresh])
-        ep = np.array([r["epoch_seconds"] for r in fresh])
-        print(f"retrains per seed ({len(horizons)} horizons x {n_inst} instances, {steps} retrain-steps if "
-              f"unforked): {rs.mean():.0f} s = {np.mean(rs / ep):.0f} training epochs "
-              f"({rs.mean() / (len(horizons) * n_inst) * 1000:.0f} ms per retrain)")
+        print(f"  {n}: {s.mean():.1f} s (sweep over the last {max(horizons)} epochs)")
+    if costed:
+        rs = np.array([r["retrain_seconds"] for r in costed])
+        ep = np.array([r["epoch_seconds"] for r in costed])
+        print(f"  retrains ({len(horizons)} horizons x {n_inst} instances, {steps} retrain-steps if unforked): "
+              f"{rs.mean():.0f} s = {np.mean(rs / ep):.0f} training epochs "
+              f"({rs.mean() / (len(horizons) * n_inst):.1f} s per retrain)")
+        print(f"  total: {np.mean([r['core_seconds'] for r in costed]) / 3600:.2f} core-hours per seed"
+              + (f" ({len(costed)} of {len(results)} seeds; the others' retrains were stored without their times)"
+                 if len(costed) < len(results) else ""))
     else:
-        print(f"retrains: all resumed from --workdir ({retr.sum():.0f} s reading them)")
+        print("  retrains: stored without their times (by an older version); delete the .parts to time them")
 
 
 def main() -> None:
@@ -445,14 +496,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     print(f"{' '.join(sys.argv)}\nworkdir {work}", flush=True)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    prepared: dict[int, tuple[bool, float]] = {}
-    if args.workers > 1 and len(todo := unfinished_seeds(args, seeds, work)) > 1:
-        # Training and ITD use one core each: run up to --workers seeds' at once, then each seed's retrains.
-        prepared = dict(run_tasks(prepare_seed, [(s, (args, s, work)) for s in todo], workers=args.workers,
-                                  progress=args.progress, desc="train+ITD", label=lambda s: f"seed {s}"))
+    trained: dict[int, bool] = {}
+    if args.workers > 1 and args.aid == "none" and (todo := unfinished_seeds(args, seeds, work)):
+        trained = run_seeds(args, todo, work)  # one core per job; AID (in one_seed) is not a pool job
     results = []
     for seed in seeds:
-        results.append(one_seed(args, seed, work, prepared.get(seed)))
+        results.append(one_seed(args, seed, work, trained.get(seed)))
         print_seed(results[-1])
     print_summary(args, results)
 

@@ -192,6 +192,11 @@ class ProgressDisplay:
         with self._lock:
             self._erase() if self.interactive else self._plain()
 
+    def add_jobs(self, n: int) -> None:
+        """``n`` more jobs to show (follow-up tasks queued while the display runs)."""
+        with self._lock:
+            self.total_jobs += n
+
     def job_done(self, label: str) -> None:
         with self._lock:
             self.finished.add(label)

@@ -120,4 +120,15 @@ def test_retrains_one_per_job_give_the_numbers_of_forked_groups(run_factory, tmp
                                   progress=False, chunk=1)
     assert sizes == [1] * len(jobs)
     assert single == grouped
+    # The recorded final state's values (what each delta is taken from) were evaluated once per metric, not per
+    # job; a cleared memo gives the same deltas.
+    finals: list[int] = []
+    final_state = type(run).final_state
+    monkeypatch.setattr(type(run), "final_state", lambda self: finals.append(1) or final_state(self))
+    monkeypatch.setattr(validate, "_FINAL_VALUES", {})
+    again = validate.retrain_all(run, jobs, ["all", "loss_d"], tmp_path / "again", executor="local", workers=1,
+                                 progress=False, chunk=1)
+    assert again == single and len(finals) == 2
+    parts = validate.stored_retrains(run, ["all"], tmp_path / "again")["all"]
+    assert sorted(parts) == sorted(jobs) and all(r["seconds"] > 0 for r in parts.values())
     assert all(v != 0.0 for m in grouped.values() for v in m.values())

@@ -1,7 +1,9 @@
 """Fan-out of independent jobs (counterfactual retrains, cleansing retrains).
 
 ``run_tasks`` maps a picklable top-level function over task arguments and yields
-``(key, result)`` as tasks finish, on one of three executors:
+``(key, result)`` as tasks finish, on one of three executors (``then(key, result)`` may return follow-up
+tasks, queued as soon as their task finishes: work that depends on one task, a seed's retrains on its
+training, starts then, on a worker that would otherwise idle while the other tasks run):
 
 - ``local`` with ``workers=1``: in this process, in order (no start-up cost);
 - ``local`` with ``workers>1``: a spawn-based process pool on this machine;
@@ -34,6 +36,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import nullcontext, suppress
 from typing import Any, Callable, Hashable, Iterable, Iterator
@@ -44,23 +47,45 @@ from ..progress import Channel, ProgressDisplay, running_job
 EXECUTORS = ("local", "ray")
 
 
-def run_tasks(fn: Callable[..., Any], tasks: Iterable[tuple[Hashable, tuple]], *, executor: str = "local",
+Task = tuple[Hashable, tuple]  # (key, the function's arguments)
+Labelled = tuple[Hashable, str, tuple]  # (key, the job's name in the progress lines, arguments)
+FollowUps = Callable[[Hashable, Any], list[Labelled]]
+
+
+def run_tasks(fn: Callable[..., Any], tasks: Iterable[Task], *, executor: str = "local",
               workers: int = 1, progress: bool = True, desc: str = "jobs",
-              label: Callable[[Hashable], str] = str) -> Iterator[tuple[Hashable, Any]]:
+              label: Callable[[Hashable], str] = str,
+              then: Callable[[Hashable, Any], Iterable[Task]] | None = None) -> Iterator[tuple[Hashable, Any]]:
     """Yield ``(key, fn(*args))`` for each ``(key, args)`` in ``tasks``, in completion order; ``label``: a job's
-    name in the progress lines."""
+    name in the progress lines (unique among the jobs). ``then(key, result)``, called in this process as each
+    task finishes and before it is yielded: the follow-up tasks it makes possible, queued behind those already
+    queued and yielded like them."""
     tasks = list(tasks)
     if executor not in EXECUTORS:
         raise GancleanseError(f"unknown executor {executor!r} (available: {', '.join(EXECUTORS)})")
     if workers < 1:
         raise GancleanseError(f"--workers must be at least 1, got {workers}")
-    shown = progress and bool(tasks)
+    shown = progress and (bool(tasks) or then is not None)
     channel = _channel(executor, workers) if shown else None
-    labelled = [(key, label(key), args) for key, args in tasks]
-    source = (_ray(fn, tasks, workers) if executor == "ray" else _pool(fn, labelled, workers, channel)
-              if workers > 1 else _in_process(fn, labelled, channel))
+    names: dict[Hashable, str] = {}
+    display: ProgressDisplay | None = None
+
+    def labelled(batch: Iterable[Task]) -> list[Labelled]:
+        out = [(key, label(key), args) for key, args in batch]
+        names.update((key, name) for key, name, _ in out)
+        return out
+
+    def follow_ups(key: Hashable, result: Any) -> list[Labelled]:
+        new = labelled(then(key, result)) if then is not None else []
+        if display is not None:
+            display.add_jobs(len(new))
+        return new
+
+    first = labelled(tasks)
+    source = (_ray(fn, first, workers, follow_ups) if executor == "ray"
+              else _pool(fn, first, workers, channel, follow_ups) if workers > 1
+              else _in_process(fn, first, channel, follow_ups))
     with ProgressDisplay(desc, len(tasks), channel) if shown else nullcontext() as display:
-        names = {key: name for key, name, _ in labelled}
         try:
             for key, result in source:
                 if display is not None:
@@ -79,11 +104,14 @@ def _channel(executor: str, workers: int) -> Channel | None:
     return multiprocessing.get_context("spawn").Queue() if workers > 1 else queue.SimpleQueue()
 
 
-def _in_process(fn: Callable[..., Any], tasks: list[tuple[Hashable, str, tuple]], channel: Channel | None
+def _in_process(fn: Callable[..., Any], tasks: list[Labelled], channel: Channel | None, follow_ups: FollowUps
                 ) -> Iterator[tuple[Hashable, Any]]:
-    for key, name, args in tasks:
+    queued = deque(tasks)
+    while queued:
+        key, name, args = queued.popleft()
         with running_job(channel, name):
             result = fn(*args)
+        queued.extend(follow_ups(key, result))
         yield key, result
 
 
@@ -92,7 +120,8 @@ WATCHDOG_INTERVAL = 0.5  # seconds between a worker's checks that its parent sti
 PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): a signal for this process when its parent dies
 
 
-def _pool(fn, tasks, workers, channel) -> Iterator[tuple[Hashable, Any]]:
+def _pool(fn: Callable[..., Any], tasks: list[Labelled], workers: int, channel: Channel | None,
+          follow_ups: FollowUps) -> Iterator[tuple[Hashable, Any]]:
     ctx = multiprocessing.get_context("spawn")  # fork after torch's thread pools can deadlock
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                                initargs=(os.getpid(), channel))
@@ -101,7 +130,9 @@ def _pool(fn, tasks, workers, channel) -> Iterator[tuple[Hashable, Any]]:
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
-                yield pending.pop(fut), fut.result()
+                key, result = pending.pop(fut), fut.result()
+                pending.update((pool.submit(_run_job, fn, name, args), k) for k, name, args in follow_ups(key, result))
+                yield key, result
     except BaseException:  # KeyboardInterrupt, GeneratorExit, a failed task, an error downstream
         # Not ``with pool``: its __exit__ waits for the running tasks (minutes of retraining).
         _kill_workers(pool)
@@ -173,7 +204,17 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(1)
 
 
-def _ray(fn, tasks, workers) -> Iterator[tuple[Hashable, Any]]:
+_RAY_TOKEN: list[str] = []  # this process's token for the local Ray instances it starts
+
+
+def _ray_token() -> str:
+    if not _RAY_TOKEN:
+        _RAY_TOKEN.append(secrets.token_hex(32))
+    return _RAY_TOKEN[0]
+
+
+def _ray(fn: Callable[..., Any], tasks: list[Labelled], workers: int, follow_ups: FollowUps
+         ) -> Iterator[tuple[Hashable, Any]]:
     try:
         import ray
     except ImportError:
@@ -187,17 +228,20 @@ def _ray(fn, tasks, workers) -> Iterator[tuple[Hashable, Any]]:
         if not address:
             kwargs["num_cpus"] = max(workers, 1)
             if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
-                # A fresh in-memory token, so Ray writes no token file into the user's home directory.
-                os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+                # An in-memory token, so Ray writes no token file into the user's home directory; one per
+                # process, as Ray keeps the first it reads: a fresh one would lock out every later instance.
+                os.environ["RAY_AUTH_TOKEN"] = _ray_token()
         ray.init(address=address or None, **kwargs)
     refs: dict = {}
     try:
         remote = ray.remote(num_cpus=1)(fn)
-        refs = {remote.remote(*args): key for key, args in tasks}
+        refs = {remote.remote(*args): key for key, _, args in tasks}
         while refs:
             done, _ = ray.wait(list(refs), num_returns=1)
             for ref in done:
-                yield refs.pop(ref), ray.get(ref)
+                key, result = refs.pop(ref), ray.get(ref)
+                refs.update((remote.remote(*args), k) for k, _, args in follow_ups(key, result))
+                yield key, result
     except BaseException:
         # On a cluster the tasks would run on after we are gone; a local instance is shut down below.
         if not started_here or address:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -29,6 +30,7 @@ from .executor import run_tasks
 from .layout import load_json
 
 if TYPE_CHECKING:
+    from ..metrics import Metric
     from ..run import Run
 
 JACCARD_FRACTION = 0.05  # per side: the paper's jaccard_size = 0.1 in total
@@ -86,10 +88,29 @@ def choose_instances(estimate: np.ndarray, k: int, seed: int, extremes: bool) ->
 
 
 def counterfactual_deltas(run: "Run", indices: list[int], metrics: Sequence[str], from_epoch: int | None,
-                          batched: bool | None) -> dict[str, list[float]]:
-    """``removal_changes`` of each one instance from ``from_epoch`` (None: the window); top level, to pickle."""
+                          batched: bool | None) -> tuple[dict[str, list[float]], float]:
+    """``removal_changes`` of each one instance from ``from_epoch`` (None: the window), and the seconds they took;
+    top level, to pickle."""
+    tic = time.perf_counter()
+    current_job().stage("retrain")
     start = run.window_start if from_epoch is None else run.epoch_start_step(from_epoch)
-    return removal_changes(run, [[j] for j in indices], metrics, start=start, batched=batched)
+    return removal_changes(run, [[j] for j in indices], metrics, start=start, batched=batched), time.perf_counter() - tic
+
+
+_FINAL_VALUES: dict[tuple, float] = {}  # (run id, split, metric, chunk size, device) -> the final state's value
+_FINAL_VALUES_SIZE = 64
+
+
+def final_value(run: "Run", metric: str, split: str, evaluator: "Metric") -> float:
+    """The metric of the run's recorded final state: evaluated once per process, as every retrain job of a run
+    (one per instance when retrains take minutes) compares with it. Keyed by the run's seal, which hashes every
+    file of the run."""
+    key = (run.id, split, metric, evaluator.chunk_size, str(run.device))
+    if key not in _FINAL_VALUES:
+        if len(_FINAL_VALUES) >= _FINAL_VALUES_SIZE:
+            _FINAL_VALUES.pop(next(iter(_FINAL_VALUES)))
+        _FINAL_VALUES[key] = evaluator.value(run.final_state())
+    return _FINAL_VALUES[key]
 
 
 def retrained_values(run: "Run", removals: Sequence[Sequence[int]], metrics: Sequence[str], *,
@@ -102,8 +123,7 @@ def retrained_values(run: "Run", removals: Sequence[Sequence[int]], metrics: Seq
     from ..training.retrain import retrain_groups
 
     evaluators = {m: make_metric(m, run, split) for m in dict.fromkeys(metrics)}
-    final = run.final_state()
-    before = {m: ev.value(final) for m, ev in evaluators.items()}
+    before = {m: final_value(run, m, split, ev) for m, ev in evaluators.items()}
     weights = torch.ones(len(removals), run.n_train, dtype=run.dtype)
     for k, removed in enumerate(removals):
         weights[k, list(removed)] = 0.0
@@ -137,9 +157,12 @@ def chunks(jobs: list[tuple[int, int | None]], workers: int, most: int = RETRAIN
     return out
 
 
-def retrain_all(run: "Run", jobs: list[tuple[int, int | None]], metrics: Sequence[str], parts: Path, *,
+Retrain = tuple[int, "int | None"]  # (instance, from_epoch: None for the window start)
+
+
+def retrain_all(run: "Run", jobs: list[Retrain], metrics: Sequence[str], parts: Path, *,
                 executor: str, workers: int, progress: bool, batched: bool | None = False,
-                chunk: int = RETRAIN_CHUNK) -> dict[str, dict[tuple[int, int | None], float]]:
+                chunk: int = RETRAIN_CHUNK) -> dict[str, dict[Retrain, float]]:
     """Per metric, the actual deltas for (instance, from_epoch) pairs, reusing those stored in ``parts`` (a file
     per retrain and metric) that name this run (their seal): those of another run, or of an earlier training at
     the same path, are recomputed and overwritten; one not as this code writes it is an error naming it.
@@ -149,20 +172,41 @@ def retrain_all(run: "Run", jobs: list[tuple[int, int | None]], metrics: Sequenc
     workers = local_workers(run.device, workers, executor)
     parts.mkdir(parents=True, exist_ok=True)
     with DirectoryLock(parts, "validation"):
-        stored = {m: [read_part(f) for f in sorted(parts.glob(f"{m}_i*_e*.json"))] for m in metrics}
-        done = {m: {(r["index"], r["from_epoch"]): r["delta"] for r in records
-                    if r["run_id"] == run.id and r["metric"] == m} for m, records in stored.items()}
-        todo = chunks([(j, e) for j, e in jobs if any((j, e) not in done[m] for m in metrics)], workers, chunk)
-        tasks = [((e, tuple(js)), (run, js, metrics, e, batched)) for e, js in todo]
-        for (e, js), deltas in run_tasks(counterfactual_deltas, tasks, executor=executor, workers=workers,
-                                         progress=progress, desc="retrain"):
-            for m in metrics:
-                for j, delta in zip(js, deltas[m]):
-                    done[m][(j, e)] = delta
-                    write_json_atomic(parts / f"{m}_i{j}_e{'window' if e is None else e}.json",
-                                      {"index": j, "from_epoch": e, "metric": m, "delta": delta,
-                                       "run_id": run.id, "run": str(run.path.resolve())})
-    return {m: {key: done[m][key] for key in jobs} for m in metrics}
+        done = stored_retrains(run, metrics, parts)
+        tasks = retrain_tasks(run, jobs, metrics, done, workers, chunk, batched)
+        for key, result in run_tasks(counterfactual_deltas, tasks, executor=executor, workers=workers,
+                                     progress=progress, desc="retrain"):
+            store_retrains(run, parts, metrics, key, result, done)
+    return {m: {key: done[m][key]["delta"] for key in jobs} for m in metrics}
+
+
+def stored_retrains(run: "Run", metrics: Sequence[str], parts: Path) -> dict[str, dict[Retrain, dict[str, Any]]]:
+    """Per metric, the retrains of ``run`` stored in ``parts`` (their records: delta, seconds, ...)."""
+    stored = {m: [read_part(f) for f in sorted(parts.glob(f"{m}_i*_e*.json"))] for m in metrics}
+    return {m: {(r["index"], r["from_epoch"]): r for r in records if r["run_id"] == run.id and r["metric"] == m}
+            for m, records in stored.items()}
+
+
+def retrain_tasks(run: "Run", jobs: list[Retrain], metrics: Sequence[str], done: dict[str, dict[Retrain, Any]],
+                  workers: int, chunk: int, batched: bool | None) -> list[tuple[tuple, tuple]]:
+    """``run_tasks`` tasks of ``counterfactual_deltas`` for the ``jobs`` not ``done`` on every metric, keyed
+    ``(from_epoch, instances)``, at most ``chunk`` retrains each."""
+    todo = chunks([(j, e) for j, e in jobs if any((j, e) not in done[m] for m in metrics)], workers, chunk)
+    return [((e, tuple(js)), (run, js, list(metrics), e, batched)) for e, js in todo]
+
+
+def store_retrains(run: "Run", parts: Path, metrics: Sequence[str], key: tuple,
+                   result: tuple[dict[str, list[float]], float], done: dict[str, dict[Retrain, Any]]) -> None:
+    """Write a finished ``retrain_tasks`` task's parts (one per retrain and metric, each with its share of the
+    task's seconds) and add them to ``done``."""
+    e, js = key
+    deltas, seconds = result
+    for m in metrics:
+        for j, delta in zip(js, deltas[m]):
+            record = {"index": j, "from_epoch": e, "metric": m, "delta": delta, "seconds": seconds / len(js),
+                      "run_id": run.id, "run": str(run.path.resolve())}
+            write_json_atomic(parts / f"{m}_i{j}_e{'window' if e is None else e}.json", record)
+            done[m][(j, e)] = record
 
 
 def read_part(path: Path) -> dict[str, Any]:
@@ -171,7 +215,9 @@ def read_part(path: Path) -> dict[str, Any]:
     ok = (isinstance(rec, dict) and isinstance(rec.get("index"), int) and isinstance(rec.get("metric"), str)
           and isinstance(rec.get("run_id"), str)
           and (rec.get("from_epoch") is None or isinstance(rec["from_epoch"], int))
-          and isinstance(rec.get("delta"), (int, float)) and not isinstance(rec.get("delta"), bool))
+          and isinstance(rec.get("delta"), (int, float)) and not isinstance(rec.get("delta"), bool)
+          and (rec.get("seconds") is None
+               or (isinstance(rec["seconds"], (int, float)) and not isinstance(rec["seconds"], bool))))
     if not ok:
         raise GancleanseError(f"{path}: not a stored retrain of this gancleanse version (fields index, from_epoch, "
                               "metric, delta, run_id); delete it to recompute it")
