@@ -48,7 +48,7 @@ import sys
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable, Hashable
+from typing import Any, Hashable
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ from gancleanse.influence.itd import itd_influence
 from gancleanse.influence.surrogate import smoothed_relu
 from gancleanse.metrics import make_metric
 from gancleanse.progress import current_job
-from gancleanse.study.executor import run_tasks
+from gancleanse.study.executor import call, run_tasks
 from gancleanse.locks import DirectoryLock
 from gancleanse.study.validate import (RETRAIN_CHUNK, Retrain, accuracy, choose_instances, counterfactual_deltas,
                                        random_jaccard, retrain_all, retrain_tasks, store_retrains, stored_retrains)
@@ -272,11 +272,6 @@ def retrain_plan(args: argparse.Namespace, seed: int, work: Path, run: gc.Run, h
     final_epoch = run.final_step // run.steps_per_epoch
     chosen = choose_instances(estimate[horizons[-1]], args.instances, seed, extremes=False)
     return chosen, [(j, final_epoch - k) for k in horizons for j in chosen], work / f"{seed_config(args, seed)[1]}.parts"
-
-
-def call(fn: Callable[..., Any], fn_args: tuple) -> Any:
-    """``fn(*fn_args)``: lets one pool run jobs of different functions."""
-    return fn(*fn_args)
 
 
 def job_label(key: Hashable) -> str:

@@ -20,7 +20,7 @@ the jobs run in this process, a ``multiprocessing`` queue handed to each pool wo
   in place every ``REDRAW_INTERVAL`` seconds and erased at the end. When stderr is not a terminal (a log, a
   pipe) plain lines are printed, at most every ``PLAIN_INTERVAL`` seconds and only for the jobs whose stage
   or step changed (or whose line is ``PLAIN_REPEAT`` seconds old), and a last one when all jobs are done:
-  ``train+score: 0/2 jobs done, 0:12 | seed 0: train step 40/120, 12.3 step/s, ETA 0:07``.
+  ``cleanse: 0/2 jobs done, 0:12 | seed 0: train step 40/120, 12.3 step/s, ETA 0:07``.
 
 Jobs on Ray report nothing but their completion (the header); ``progress=False`` creates no display.
 """

@@ -7,15 +7,11 @@ import posixpath
 import time
 from itertools import product
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
-from gancleanse.study.executor import run_tasks
-
-
-def _call(fn: Callable[..., Any], args: tuple) -> Any:
-    return fn(*args)
+from gancleanse.study.executor import call, run_tasks
 
 
 def _square(x: int) -> int:
@@ -67,7 +63,7 @@ def test_a_follow_up_runs_while_another_first_task_still_runs(tmp_path):
     def then(key: str, result: Any) -> list[tuple[str, tuple]]:
         return [("touch", (_touch, (flag,)))] if key == "quick" else []
 
-    got = dict(run_tasks(_call, tasks, workers=2, progress=False, then=then))
+    got = dict(run_tasks(call, tasks, workers=2, progress=False, then=then))
     assert got == {"wait": True, "quick": 16, "touch": flag}
 
 
@@ -76,7 +72,7 @@ def test_an_error_in_then_stops_the_tasks(tmp_path):
         raise ValueError(f"cannot plan after {key}")
 
     with pytest.raises(ValueError, match="cannot plan after a"):
-        list(run_tasks(_call, [("a", (_square, (1,))), ("b", (_wait_for, (str(tmp_path / "never"), 60.0)))],
+        list(run_tasks(call, [("a", (_square, (1,))), ("b", (_wait_for, (str(tmp_path / "never"), 60.0)))],
                        workers=2, progress=False, then=then))
 
 

@@ -30,8 +30,9 @@ STUDY = {
     "cleanse": {"metrics": ["loss_d"], "methods": ["itd", "random"], "removal_rates": [0.0, 0.1], "seeds": [0, 1],
                 "check": 0},
 }
-# One plain progress line of a job: the phase's counts, the job, its stage, steps, rate and ETA.
-STEP_LINE = re.compile(r"^(?P<phase>train\+score|retrain): \d+/(?P<jobs>\d+) jobs done, \d+:\d\d(, ETA ~\d+:\d\d)? "
+# One plain progress line of a job: the study's counts, the job, its stage, steps, rate and ETA.
+JOBS = 2 + 6 + 2  # 2 trainings; 2 seeds x (2 scorers at 10% + the shared rate 0) retrains; 2 originals
+STEP_LINE = re.compile(r"^cleanse: \d+/(?P<jobs>\d+) jobs done, \d+:\d\d(, ETA ~\d+:\d\d)? "
                        r"\| (?P<job>[^:]+): (?P<stage>\w+) step (?P<done>\d+)/(?P<total>\d+), "
                        r"[\d.e+]+ (step/s|s/step), ETA \d+:\d\d$")
 
@@ -53,21 +54,26 @@ def test_a_study_shows_each_jobs_steps_with_a_rate_and_an_eta(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert "\r" not in err and "\x1b" not in err  # stderr is no terminal: plain lines only
     lines = step_lines(err)
-    train = [r for r in lines if r["phase"] == "train+score" and r["stage"] == "train"]
+    train = [r for r in lines if r["stage"] == "train"]
     assert {r["job"] for r in train} == {"seed 0", "seed 1"}
     assert {r["total"] for r in train} == {str(TRAIN_STEPS)}
     assert any(0 < int(r["done"]) < TRAIN_STEPS for r in train), "no line part-way through training"
     for seed in ("seed 0", "seed 1"):  # steps only move forward
         done = [int(r["done"]) for r in train if r["job"] == seed]
         assert done == sorted(done) and done[-1] == TRAIN_STEPS
-    retrains = [r for r in lines if r["phase"] == "retrain"]
-    assert {r["stage"] for r in retrains} == {"retrain"}  # from the last checkpoint before a removed instance's
-    assert retrains and all(0 <= int(r["done"]) <= int(r["total"]) <= WINDOW_STEPS for r in retrains)  # first use
-    assert {r["jobs"] for r in retrains} == {"6"}  # 2 seeds x (2 scorers at 10% + the shared rate 0)
+    retrains = [r for r in lines if r["stage"] == "retrain"]
+    # from the last checkpoint before a removed instance's first use
+    assert retrains and all(0 <= int(r["done"]) <= int(r["total"]) <= WINDOW_STEPS for r in retrains)
+    removals = {f"seed{s}_{name}" for s in (0, 1) for name in ("itd-loss_d_r0.1", "random-none_r0.1")}
+    assert removals <= {r["job"] for r in retrains} <= removals | {"seed0_none", "seed1_none"}
+    # the count grows as each training queues its seed's 3 retrains and original (in process: seed 0, seed 1,
+    # then the queued jobs in order)
+    assert [{r["jobs"] for r in train if r["job"] == f"seed {s}"} for s in (0, 1)] == [{"2"}, {"6"}]
+    assert {r["jobs"] for r in retrains} == {str(JOBS)}
     for stage in ("score itd-loss_d", "score random-none", "evaluate"):
         assert re.search(rf"\| seed ?\d\S*: {stage} \(\d+:\d\d\)$", err, re.M), stage
-    assert re.search(r"^train\+score: 2/2 jobs done, \d+:\d\d$", err, re.M)
-    assert re.search(r"^retrain: 6/6 jobs done, \d+:\d\d$", err, re.M)
+    assert re.search(r"\| seed 1 original: evaluate \(\d+:\d\d\)$", err, re.M)
+    assert re.search(rf"^cleanse: {JOBS}/{JOBS} jobs done, \d+:\d\d$", err, re.M)
     # reporting touches no random generator and no tensor: the same study as without progress
     out, quiet_summary = quiet_study
     assert summary == quiet_summary
@@ -90,7 +96,7 @@ def test_pool_workers_report_their_steps_to_the_parent(tmp_path, capfd, monkeypa
     assert {r["job"] for r in train} == {"seed 0", "seed 1"}
     assert {(r["job"], r["done"]) for r in train} >= {("seed 0", str(TRAIN_STEPS)), ("seed 1", str(TRAIN_STEPS))}
     assert {r["total"] for r in lines if r["stage"] == "retrain"} == {str(WINDOW_STEPS)}
-    assert re.search(r"^retrain: 6/6 jobs done", err, re.M)
+    assert re.search(rf"^cleanse: {JOBS}/{JOBS} jobs done", err, re.M)
     assert summary == quiet_study[1]
 
 

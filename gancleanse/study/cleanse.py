@@ -37,7 +37,7 @@ from ..scores import Scores
 from ..specs import FEATURE_METRICS, evaluated_spec, scorer_spec
 from ..training import recorder
 from . import trust
-from .executor import run_tasks
+from .executor import call, run_tasks
 from .layout import (CHECK_FILE, StudyDir, evaluated, mark_study, open_study_dir, part_matches, provenance,
                      read_check, read_json, read_part, retrain_key, scores_path, stored_run_id)
 from .tables import check_table, summarize, write_results, write_summary
@@ -153,6 +153,12 @@ def evaluate(run: Run, state: Any, metrics: list[str]) -> dict[str, Any]:
     return {m: {split: make_metric(m, run, split).value(state) for split in ("test", "valid")} for m in metrics}
 
 
+def evaluate_original(run: Run, metrics: list[str]) -> dict[str, Any]:
+    """The recorded training's own final metrics (the "before" of its seed's rows), naming the run."""
+    current_job().stage("evaluate")
+    return {**evaluate(run, run.final_state(), metrics), "provenance": provenance(run.id)}
+
+
 # --------------------------------------------------------------------------- the study
 def prepare_study(cfg: Config, models: GANModules | None = None, data: Splits | None = None) -> Config:
     """The study's config, resolved and checked once, before anything is written."""
@@ -183,15 +189,15 @@ def run_study(cfg: Config, out: Path, *, models: GANModules | None = None, data:
         write_text_atomic(out / "config.toml", cfg.to_toml())
         workers = local_workers(cfg.train.device, workers, executor)
         study = StudyDir(out)
-        # step 1: one job per replicate, train + score
-        jobs = [(s, (replicate_config(cfg, s), study.seed_dir(s), s, None, models, data)) for s in cfg.cleanse.seeds]
-        runs = dict(run_tasks(train_and_score, jobs, executor=executor, workers=workers, progress=progress,
-                              desc="train+score", label=lambda s: f"seed {s}"))
+        jobs = StudyJobs(cfg, study, models, data)
+        for key, result in run_tasks(call, jobs.first(), executor=executor, workers=workers, progress=progress,
+                                     desc="cleanse", label=jobs.label, then=jobs.then):
+            jobs.store(key, result)
+        runs = jobs.runs
         _warn_unconverged_aid(study, list(cfg.cleanse.seeds))
-        scorers = scorers_for(cfg, runs[cfg.cleanse.seeds[0]].feature_space)
-        keys = _retrain_all(cfg, study, runs, scorers, executor, workers, progress)
+        scorers = jobs.scorers(cfg.cleanse.seeds[0])
         networks = feature_networks(cfg, runs)
-        rows = _result_rows(cfg, study, runs, scorers, keys, networks)
+        rows = _result_rows(cfg, study, runs, scorers, jobs.keys, networks)
         write_results(out / "results.csv", rows)
         summary = summarize(rows)
         summary["checks"] = check_table(study, list(cfg.cleanse.seeds), [scorer.name for scorer in scorers])
@@ -202,40 +208,74 @@ def run_study(cfg: Config, out: Path, *, models: GANModules | None = None, data:
         return summary
 
 
-def _retrain_all(cfg: Config, study: StudyDir, runs: dict[int, Run], scorers: list[Scorer], executor: str,
-                 workers: int, progress: bool) -> dict[tuple, tuple[str, int]]:
-    """Step 2: one retrain per (seed, scorer, rate), rate 0 one shared replay per seed, a stored one reused if of
-    this seed's run and removed set and holding every evaluated metric. Returns per (seed, scorer, rate) the
-    retrain's key and how many it removed."""
-    seeds = list(cfg.cleanse.seeds)
-    study.parts.mkdir(exist_ok=True)
-    jobs, keys, planned = [], {}, set()
+class StudyJobs:
+    """The study's jobs as one stream for ``run_tasks``: a training (with its scores and trust check) per seed,
+    and, queued as soon as a seed's training is done, the seed's retrains, one per (scorer, rate) with rate 0 a
+    shared replay, and the evaluation of its original. So a seed's retrains run while later seeds still train,
+    on workers that would otherwise idle. A stored retrain or original is reused if of this seed's run and
+    removed set and holding every evaluated metric."""
 
-    def plan(key: str, s: int, removed: list[int], samples: str | None) -> None:
-        stored = study.part(key)
-        if key in planned or (stored.is_file() and part_matches(stored, runs[s].id, removed, cfg)):
-            return
-        planned.add(key)
-        jobs.append((key, (runs[s], removed, cfg.cleanse.retrain, evaluated(cfg), samples)))
+    def __init__(self, cfg: Config, study: StudyDir, models: GANModules | None, data: Splits | None) -> None:
+        self.cfg, self.study, self.models, self.data = cfg, study, models, data
+        self.runs: dict[int, Run] = {}
+        self.keys: dict[tuple, tuple[str, int]] = {}  # (seed, scorer, rate) -> (retrain key, instances removed)
+        study.parts.mkdir(exist_ok=True)
 
-    for s in seeds:
-        for scorer in scorers:
+    def first(self) -> list[tuple[tuple, tuple]]:
+        return [(("train", s), (train_and_score, (replicate_config(self.cfg, s), self.study.seed_dir(s), s, None,
+                                                  self.models, self.data)))
+                for s in self.cfg.cleanse.seeds]
+
+    def scorers(self, seed: int) -> list[Scorer]:
+        return scorers_for(self.cfg, self.runs[seed].feature_space)
+
+    def label(self, key: tuple) -> str:
+        kind, name = key
+        return f"seed {name}" if kind == "train" else f"seed {name} original" if kind == "original" else name
+
+    def then(self, key: tuple, result: Any) -> list[tuple[tuple, tuple]]:
+        """A trained seed's retrains and original evaluation (those not stored)."""
+        if key[0] != "train":
+            return []
+        s, cfg, study = key[1], self.cfg, self.study
+        run = self.runs[s] = result
+        jobs: list[tuple[tuple, tuple]] = []
+        metrics = evaluated(cfg)
+
+        def plan(name: str, removed: list[int], samples: str | None) -> None:
+            stored = study.part(name)
+            if any(k == ("retrain", name) for k, _ in jobs) or (stored.is_file()
+                                                               and part_matches(stored, run.id, removed, cfg)):
+                return
+            jobs.append((("retrain", name), (retrain_and_evaluate, (run, removed, cfg.cleanse.retrain, metrics,
+                                                                   samples))))
+
+        first = s == cfg.cleanse.seeds[0]
+        for scorer in self.scorers(s):
             path = scores_path(study.seed_dir(s), scorer.name)
             scores = Scores.load(path)
-            if len(scores.harmfulness) != runs[s].n_train:
-                raise GancleanseError(f"{path} has {len(scores.harmfulness)} rows for {runs[s].n_train} "
+            if len(scores.harmfulness) != run.n_train:
+                raise GancleanseError(f"{path} has {len(scores.harmfulness)} rows for {run.n_train} "
                                       "training instances; delete it to recompute it")
             for rate in cfg.cleanse.removal_rates:
                 removed = scores.removal(rate)
-                key = retrain_key(s, scorer.name, rate) if removed else retrain_key(s)
-                keys[(s, scorer, rate)] = (key, len(removed))
-                plan(key, s, removed, str(study.samples(key)) if s == seeds[0] else None)
-    first_none = retrain_key(seeds[0])  # the original GAN's samples, for the report's before/after
-    plan(first_none, seeds[0], [], str(study.samples(first_none)))
-    for key, res in run_tasks(retrain_and_evaluate, jobs, executor=executor, workers=workers,
-                              progress=progress, desc="retrain"):
-        write_json_atomic(study.part(key), res)
-    return keys
+                name = retrain_key(s, scorer.name, rate) if removed else retrain_key(s)
+                self.keys[(s, scorer, rate)] = (name, len(removed))
+                plan(name, removed, str(study.samples(name)) if first else None)
+        if first:  # the original GAN's samples, for the report's before/after
+            plan(retrain_key(s), [], str(study.samples(retrain_key(s))))
+        original = study.original(s)
+        if not (original.is_file() and part_matches(original, run.id, None, cfg)):
+            jobs.append((("original", s), (evaluate_original, (run, metrics))))
+        return jobs
+
+    def store(self, key: tuple, result: Any) -> None:
+        """Keep a finished job's result: a retrain's or original's part (a training keeps its own files)."""
+        kind, name = key
+        if kind == "retrain":
+            write_json_atomic(self.study.part(name), result)
+        elif kind == "original":
+            write_json_atomic(self.study.original(name), result)
 
 
 def _result_rows(cfg: Config, study: StudyDir, runs: dict[int, Run], scorers: list[Scorer],
@@ -246,11 +286,7 @@ def _result_rows(cfg: Config, study: StudyDir, runs: dict[int, Run], scorers: li
     rows = []
     for s in cfg.cleanse.seeds:
         network = networks.get(str(s), {})
-        original = study.original(s)
-        if not (original.is_file() and part_matches(original, runs[s].id, None, cfg)):
-            write_json_atomic(original, {**evaluate(runs[s], runs[s].final_state(), metrics),
-                                         "provenance": provenance(runs[s].id)})
-        base = read_part(original, metrics)
+        base = read_part(study.original(s), metrics)
         for scorer in scorers:
             for rate in cfg.cleanse.removal_rates:
                 key, n = keys[(s, scorer, rate)]

@@ -97,6 +97,12 @@ def run_tasks(fn: Callable[..., Any], tasks: Iterable[Task], *, executor: str = 
             source.close()
 
 
+def call(fn: Callable[..., Any], args: tuple) -> Any:
+    """``fn(*args)``: as ``run_tasks``' function, with ``(fn, args)`` as each task's arguments, it runs jobs of
+    several functions in one stream (a seed's training, then its retrains)."""
+    return fn(*args)
+
+
 def _channel(executor: str, workers: int) -> Channel | None:
     """Where jobs send their progress: none from Ray, a queue in this process or one pool workers inherit."""
     if executor == "ray":
