@@ -99,3 +99,25 @@ def test_the_chunk_size_comes_from_the_config(tmp_path):
     assert Config().metric.chunk_size == DEFAULT_CHUNK_SIZE
     with pytest.raises(ConfigError, match=r"metric\.chunk_size = 0 is out of range"):
         Config.from_dict({"metric": {"chunk_size": 0}})
+
+
+def test_metrics_of_one_network_share_its_pass_and_give_the_same_bits(dcgan_run: gc.Run, monkeypatch) -> None:
+    """``values``: the metrics reading the classifier on one split's samples (FID, KID, IS, log IS, precision)
+    take them from one forward pass per chunk, each split its own; the numbers are each metric's own
+    ``value``, bit for bit (also with a chunk size that does not divide the samples)."""
+    from gancleanse.features.base import FeatureModel
+    from gancleanse.metrics import values
+
+    state = dcgan_run.final_state()
+    names = ["fid", "kid", "is", "log_is", "precision", "all", "loss_d"]
+    for chunk in (5, 256):
+        metrics = [make_metric(n, dcgan_run, split, chunk_size=chunk) for split in ("valid", "test") for n in names]
+        alone = [m.value(state) for m in metrics]
+        calls: list[int] = []
+        forward = FeatureModel.__call__
+        monkeypatch.setattr(FeatureModel, "__call__", lambda self, x: calls.append(len(x)) or forward(self, x))
+        together = values(metrics, state)
+        monkeypatch.undo()
+        assert together == alone and len(set(alone)) == len(alone)
+        chunks = -(-N_SAMPLES // chunk)
+        assert len(calls) == 2 * chunks and sum(calls) == 2 * N_SAMPLES  # one pass per split, not one per metric

@@ -43,9 +43,21 @@ Rows = Callable[["State", slice], torch.Tensor]
 
 
 @dataclass(frozen=True)
+class SharedOutputs:
+    """Where a metric's Y comes from when other metrics read the same pass: ``produce(state, rows)`` gives every
+    output of one network on the generated samples ``rows`` (features and logits), Y is its ``index``-th.
+    Metrics of one ``key`` (network, split, samples) share that pass in ``values``."""
+
+    key: tuple
+    produce: Callable[["State", slice], tuple[torch.Tensor, ...]]
+    index: int
+
+
+@dataclass(frozen=True)
 class Metric:
     """V(state) = statistic(Y) + rest(state), Y = ``outputs(state, rows)`` stacked over the generated samples
-    (its direction: ``gancleanse.specs``); ``statistic_gradient``: dS/dY in closed form (default: autograd)."""
+    (its direction: ``gancleanse.specs``); ``statistic_gradient``: dS/dY in closed form (default: autograd);
+    ``shared``: how ``values`` computes Y together with other metrics' (None: on its own)."""
 
     name: str
     split: str
@@ -55,6 +67,7 @@ class Metric:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     statistic_gradient: Callable[[torch.Tensor], torch.Tensor] | None = None
     rest: Callable[["State"], torch.Tensor] | None = None
+    shared: SharedOutputs | None = None
 
     def fn(self, state: "State") -> torch.Tensor:
         """V in one differentiable full batch (memory grows with the sample count: the reference path)."""
@@ -66,17 +79,9 @@ class Metric:
     def _chunks(self) -> list[slice]:
         return [slice(i, i + self.chunk_size) for i in range(0, self.n_samples, self.chunk_size)]
 
-    @torch.no_grad()
     def _all_outputs(self, state: "State") -> torch.Tensor:
-        """Y, written chunk by chunk into one buffer: keeping each chunk's output instead interleaves small
-        live blocks with the freed graphs, and the heap then grew by 17 kB per sample (measured)."""
-        first, *rest = self._chunks()
-        part = self.outputs(state, first)
-        out = part.new_empty((self.n_samples, *part.shape[1:]))
-        out[first] = part
-        for rows in rest:
-            out[rows] = self.outputs(state, rows)
-        return out
+        """Y, written chunk by chunk into one buffer."""
+        return _stacked(lambda rows: (self.outputs(state, rows),), self._chunks(), self.n_samples)[0]
 
     def value(self, state: "State") -> float:
         """The metric as a number, in chunks without a graph; NaN or infinity is an error, never a result."""
@@ -116,6 +121,44 @@ class Metric:
         return value, total
 
 
+@torch.no_grad()
+def _stacked(outputs: Callable[[slice], tuple[torch.Tensor, ...]], chunks: list[slice], n: int
+             ) -> list[torch.Tensor]:
+    """Each of ``outputs``' tensors over all rows, written chunk by chunk into one buffer each: keeping each
+    chunk's output instead interleaves small live blocks with the freed graphs, and the heap then grew by
+    17 kB per sample (measured)."""
+    first, *rest = chunks
+    parts = outputs(first)
+    out = [part.new_empty((n, *part.shape[1:])) for part in parts]
+    for buffer, part in zip(out, parts):
+        buffer[first] = part
+    for rows in rest:
+        for buffer, part in zip(out, outputs(rows)):
+            buffer[rows] = part
+    return out
+
+
+def values(metrics: list[Metric], state: "State") -> list[float]:
+    """Each metric's ``value`` at ``state``, those reading the same network's outputs on the same generated
+    samples (FID and IS on one split, say) from one pass: the same numbers, bit for bit, at a fraction of the
+    cost (generating the samples and the network's forward pass dominate)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, m in enumerate(metrics):
+        key = ("own", i) if m.shared is None else (*m.shared.key, m.n_samples, m.chunk_size)
+        groups.setdefault(key, []).append(i)
+    out: list[float] = [math.nan] * len(metrics)
+    for members in groups.values():
+        first = metrics[members[0]]
+        if first.shared is None or len(members) == 1:
+            out[members[0]] = first.value(state)
+            continue
+        produce = first.shared.produce
+        ys = _stacked(lambda rows: produce(state, rows), first._chunks(), first.n_samples)
+        for i in members:
+            out[i] = metrics[i]._value_of(ys[metrics[i].shared.index], state)  # type: ignore[union-attr]
+    return out
+
+
 @dataclass(frozen=True)
 class MetricInputs:
     """What a metric is bound to: the run, the split's reals and the split's fixed latents and labels."""
@@ -136,6 +179,17 @@ class MetricInputs:
 
     def metric(self, outputs: Rows, statistic: Callable[[torch.Tensor], torch.Tensor], **parts: Any) -> Metric:
         return Metric(self.name, self.split, outputs, self.z.shape[0], statistic, self.chunk_size, **parts)
+
+    def network_metric(self, model: "FeatureModel", index: int, statistic: Callable[[torch.Tensor], torch.Tensor],
+                       **parts: Any) -> Metric:
+        """A metric of the ``index``-th output of ``model`` (0 features, 1 logits) on the generated samples,
+        sharing that pass in ``values`` with the other metrics of the same network and samples."""
+        def produce(state: "State", rows: slice) -> tuple[torch.Tensor, ...]:
+            return model(self.generate(state, rows))
+
+        shared = SharedOutputs((model.key, id(self.run), self.split), produce, index)
+        return self.metric(lambda state, rows: model(self.generate(state, rows))[index], statistic, shared=shared,
+                           **parts)
 
 
 def make_metric(name: str, run: "Run", split: str = "valid", chunk_size: int | None = None) -> Metric:
@@ -210,8 +264,7 @@ def _inception(inputs: MetricInputs) -> Metric:
     score = inception_score if inputs.name == "is" else log_inception_score
     splits = inputs.run.cfg.metric.is_splits
     check_splits(splits, inputs.z.shape[0])
-    return inputs.metric(lambda state, rows: model.logits(inputs.generate(state, rows)),
-                         lambda logits: score(logits, splits))
+    return inputs.network_metric(model, 1, lambda logits: score(logits, splits))
 
 
 def _fid(inputs: MetricInputs) -> Metric:
@@ -220,8 +273,7 @@ def _fid(inputs: MetricInputs) -> Metric:
     model = _feature_model(inputs)
     ridge, n = inputs.run.cfg.metric.fid_ridge, inputs.z.shape[0]
     ref = _cached(inputs, model, ("fid", ridge, n), lambda: fid_reference(_real_features(inputs, model), ridge, n))
-    return inputs.metric(lambda state, rows: model.features(inputs.generate(state, rows)),
-                         lambda features: frechet_distance(ref, features))
+    return inputs.network_metric(model, 0, lambda features: frechet_distance(ref, features))
 
 
 def _kid(inputs: MetricInputs) -> Metric:
@@ -231,9 +283,9 @@ def _kid(inputs: MetricInputs) -> Metric:
     degree, chunk = inputs.run.cfg.metric.kid_degree, inputs.chunk_size
     real = _real_features(inputs, model)
     real_term = _cached(inputs, model, ("kid", degree), lambda: real_kernel_mean(real, degree))
-    return inputs.metric(lambda state, rows: model.features(inputs.generate(state, rows)),
-                         lambda features: kernel_inception_distance(real, features, degree, real_term, chunk),
-                         statistic_gradient=lambda features: kid_gradient(real, features, degree, chunk))
+    return inputs.network_metric(model, 0,
+                                 lambda features: kernel_inception_distance(real, features, degree, real_term, chunk),
+                                 statistic_gradient=lambda features: kid_gradient(real, features, degree, chunk))
 
 
 def _manifold(inputs: MetricInputs) -> Metric:
@@ -244,8 +296,7 @@ def _manifold(inputs: MetricInputs) -> Metric:
     k = getattr(inputs.run.cfg.metric, K_SETTINGS[inputs.name])
     reference = _cached(inputs, model, ("manifold", k),
                         lambda: real_manifold(_real_features(inputs, model), k, inputs.chunk_size))
-    return inputs.metric(lambda state, rows: model.features(inputs.generate(state, rows)),
-                         manifold_statistic(inputs.name, reference, inputs.chunk_size))
+    return inputs.network_metric(model, 0, manifold_statistic(inputs.name, reference, inputs.chunk_size))
 
 
 BUILDERS: dict[str, Callable[[MetricInputs], Metric]] = {

@@ -148,9 +148,13 @@ def retrain_and_evaluate(run: Run, removed: list[int], retrain: str, metrics: li
 def evaluate(run: Run, state: Any, metrics: list[str]) -> dict[str, Any]:
     """Every metric of ``state`` on the test and validation splits: the scored ones and the evaluation-only
     ones (``layout.evaluated``) alike, each by its ``Metric.value``."""
-    from ..metrics import make_metric
+    from ..metrics import make_metric, values
 
-    return {m: {split: make_metric(m, run, split).value(state) for split in ("test", "valid")} for m in metrics}
+    pairs = [(m, split) for m in metrics for split in ("test", "valid")]
+    out: dict[str, Any] = {m: {} for m in metrics}
+    for (m, split), v in zip(pairs, values([make_metric(m, run, split) for m, split in pairs], state)):
+        out[m][split] = v
+    return out
 
 
 def evaluate_original(run: Run, metrics: list[str]) -> dict[str, Any]:

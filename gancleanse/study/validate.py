@@ -120,6 +120,7 @@ def retrained_values(run: "Run", removals: Sequence[Sequence[int]], metrics: Seq
     from ``start`` (default: the window start), forked off one shared replay in groups that fit in memory
     (``retrain.retrain_groups``; ``batched``: one vmapped step per group; None: where that pays)."""
     from ..metrics import make_metric
+    from ..metrics import values as metric_values
     from ..training.retrain import retrain_groups
 
     evaluators = {m: make_metric(m, run, split) for m in dict.fromkeys(metrics)}
@@ -131,8 +132,8 @@ def retrained_values(run: "Run", removals: Sequence[Sequence[int]], metrics: Seq
     for rows, states in retrain_groups(run, weights, run.window_start if start is None else start,
                                        vmap_steps=batched, progress=progress, on_step=current_job().step):
         for k, state in zip(rows, states):
-            for m, ev in evaluators.items():
-                values[m][k] = ev.value(state)
+            for m, v in zip(evaluators, metric_values(list(evaluators.values()), state)):
+                values[m][k] = v
     return before, values  # type: ignore[return-value]  (every entry filled)
 
 
