@@ -165,10 +165,13 @@ class JobState:
 
 
 class ProgressDisplay:
-    """Shows the progress of ``total_jobs`` jobs named ``desc`` on ``stream`` (default stderr) while open."""
+    """Shows the progress of ``total_jobs`` jobs named ``desc`` on ``stream`` (default stderr) while open.
+    ``jobs_eta``: an ETA from the mean time per job done, for jobs alike (not for a stream of trainings and
+    retrains, where each job's own line has its ETA)."""
 
-    def __init__(self, desc: str, total_jobs: int, channel: Channel | None, stream: TextIO | None = None) -> None:
-        self.desc, self.total_jobs, self.channel = desc, total_jobs, channel
+    def __init__(self, desc: str, total_jobs: int, channel: Channel | None, stream: TextIO | None = None,
+                 jobs_eta: bool = True) -> None:
+        self.desc, self.total_jobs, self.channel, self.jobs_eta = desc, total_jobs, channel, jobs_eta
         self.stream = stream if stream is not None else sys.stderr
         self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
         self.started = time.time()
@@ -238,7 +241,7 @@ class ProgressDisplay:
     def _header(self, now: float) -> str:
         n, elapsed = len(self.finished), now - self.started
         text = f"{self.desc}: {n}/{self.total_jobs} jobs done, {clock(elapsed)}"
-        if 0 < n < self.total_jobs:
+        if self.jobs_eta and 0 < n < self.total_jobs:
             text += f", ETA ~{clock(elapsed / n * (self.total_jobs - n))}"
         return text
 

@@ -85,7 +85,8 @@ def run_tasks(fn: Callable[..., Any], tasks: Iterable[Task], *, executor: str = 
     source = (_ray(fn, first, workers, follow_ups) if executor == "ray"
               else _pool(fn, first, workers, channel, follow_ups) if workers > 1
               else _in_process(fn, first, channel, follow_ups))
-    with ProgressDisplay(desc, len(tasks), channel) if shown else nullcontext() as display:
+    # jobs with follow-ups are unlike (a training, then its retrains): no ETA from the mean time per job
+    with ProgressDisplay(desc, len(tasks), channel, jobs_eta=then is None) if shown else nullcontext() as display:
         try:
             for key, result in source:
                 if display is not None:
