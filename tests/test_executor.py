@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 import gancleanse.progress as progress
+import gancleanse.study.executor as executor
 from gancleanse.study.executor import call, run_tasks
 
 
@@ -35,13 +36,12 @@ def _touch(path: str) -> str:
 
 
 @pytest.mark.parametrize("executor,workers", [("local", 1), ("local", 2), ("ray", 2)])
-def test_follow_ups_of_follow_ups_run_after_their_task_and_are_yielded(executor, workers, capsys, monkeypatch):
+def test_follow_ups_of_follow_ups_run_after_their_task_and_are_yielded(executor, workers, capsys):
     """Each task joins two path parts (``posixpath.join``, a function Ray workers can import); a result of fewer
     than four parts queues two follow-ups that extend it (their parent's result is in their arguments), so the
     whole tree runs and every key comes after its parent's."""
     if executor == "ray":
         pytest.importorskip("ray", reason="Ray is not installed (pip install 'gancleanse[ray]')")
-    monkeypatch.setattr(progress, "PLAIN_INTERVAL", 0.0)
 
     def then(key: tuple, result: str) -> list[tuple[tuple, tuple]]:
         return [] if len(key) >= 4 else [((*key, d), (result, d)) for d in ("x", "y")]
@@ -52,10 +52,22 @@ def test_follow_ups_of_follow_ups_run_after_their_task_and_are_yielded(executor,
     assert dict(got) == expected and len(got) == len(expected) == 30
     order = [key for key, _ in got]
     assert all(order.index(key[:-1]) < order.index(key) for key in order if len(key) > 1)
-    err = capsys.readouterr().err
-    assert "30/30 jobs done" in err.strip().splitlines()[-1]  # the display counted the follow-ups
-    # no ETA from the mean time per job: a stream's jobs are unlike (a training, then its retrains)
-    assert "jobs done" in err and "ETA ~" not in err
+    assert "30/30 jobs done" in capsys.readouterr().err.strip().splitlines()[-1]  # it counted the follow-ups
+
+
+def test_a_stream_with_follow_ups_shows_no_eta_from_the_mean_time_per_job(monkeypatch):
+    """Its jobs are unlike (a training, then its retrains): each job's own line has an ETA, the header none."""
+    made: list[progress.ProgressDisplay] = []
+    display = progress.ProgressDisplay
+    monkeypatch.setattr(executor, "ProgressDisplay", lambda *a, **k: made.append(display(*a, **k)) or made[-1])
+    for then in (None, lambda key, result: []):
+        list(run_tasks(posixpath.join, [("a", ("x", "y")), ("b", ("x", "z"))], progress=True, then=then))
+    alike, stream = made
+    for d in made:
+        d.finished = {"a"}
+        d.started -= 60
+    assert "ETA ~" in alike._header(time.time()) and "ETA ~" not in stream._header(time.time())
+    assert "1/2 jobs done, 1:00" in stream._header(time.time())
 
 
 def test_a_follow_up_runs_while_another_first_task_still_runs(tmp_path):
