@@ -147,7 +147,8 @@ def retrain_and_evaluate(run: Run, removed: list[int], retrain: str, metrics: li
 
 def evaluate(run: Run, state: Any, metrics: list[str]) -> dict[str, Any]:
     """Every metric of ``state`` on the test and validation splits: the scored ones and the evaluation-only
-    ones (``layout.evaluated``) alike, each by its ``Metric.value``."""
+    ones (``layout.evaluated``) alike, each its ``Metric.value`` (``metrics.values``: those of one network on
+    one split from one pass)."""
     from ..metrics import make_metric, values
 
     pairs = [(m, split) for m in metrics for split in ("test", "valid")]
