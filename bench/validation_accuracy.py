@@ -204,7 +204,8 @@ def seed_config(args: argparse.Namespace, seed: int) -> tuple[Config, str]:
 
 def request(args: argparse.Namespace) -> dict[str, Any]:
     """What a seed's stored result was computed for: reused only when all of it matches."""
-    return {"setup": args.setup, "smoke": args.smoke, "activation": args.activation, "metrics": args.metrics,
+    return {"format": 2,  # 2: costs in one core's seconds; a result stored before is recomputed from its parts
+            "setup": args.setup, "smoke": args.smoke, "activation": args.activation, "metrics": args.metrics,
             "horizons": args.horizons, "instances": args.instances, "surrogate": args.surrogate,
             "aid": [args.aid, args.aid_iterations, args.aid_operator_size]}
 
@@ -414,10 +415,12 @@ def print_summary(args: argparse.Namespace, results: list[dict[str, Any]]) -> No
             for n in names:
                 taus = [r["accuracy"][n][str(k)]["kendall_tau"] for r in results]
                 print(f"{k:>4} | {n:<14} | " + " ".join("  n/a" if t is None else f"{t:5.2f}" for t in taus))
-        print("\nmean change of tau against ITD (std over seeds; seeds where it rises)")
-        for k in horizons:
+        rivals = [n for n in names[1:] if of_metric[n] == of_metric["ITD"]]  # other estimators of ITD's metric
+        if rivals:
+            print("\nmean change of tau against ITD (std over seeds; seeds where it rises)")
+        for k in horizons if rivals else []:
             base = [r["accuracy"]["ITD"][str(k)]["kendall_tau"] for r in results]
-            for n in (n for n in names[1:] if of_metric[n] == of_metric["ITD"]):
+            for n in rivals:
                 d = np.array([r["accuracy"][n][str(k)]["kendall_tau"] - b for r, b in zip(results, base)])
                 print(f"{k:>4} | {n:<14} | {d.mean():+.3f} ({d.std(ddof=1) if len(d) > 1 else 0.0:.3f}); "
                       f"{int((d > 0).sum())}/{len(d)} up")
