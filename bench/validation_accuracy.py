@@ -204,7 +204,8 @@ def seed_config(args: argparse.Namespace, seed: int) -> tuple[Config, str]:
 
 def request(args: argparse.Namespace) -> dict[str, Any]:
     """What a seed's stored result was computed for: reused only when all of it matches."""
-    return {"format": 2,  # 2: costs in one core's seconds; a result stored before is recomputed from its parts
+    # format 3: costs in one core's seconds, the metric classifier's included; older results are recomputed from parts
+    return {"format": 3,
             "setup": args.setup, "smoke": args.smoke, "activation": args.activation, "metrics": args.metrics,
             "horizons": args.horizons, "instances": args.instances, "surrogate": args.surrogate,
             "aid": [args.aid, args.aid_iterations, args.aid_operator_size]}
@@ -353,7 +354,7 @@ def one_seed(args: argparse.Namespace, seed: int, work: Path, trained_here: bool
         for k in horizons:
             a = [actual[variant_metric[name]][(j, final_epoch - k)] for j in chosen]
             acc[name][k] = accuracy([float(est[k][j]) for j in chosen], a)
-    train_s = run.meta["seconds"]["train"]
+    train_s, classifier_s = run.meta["seconds"]["train"], classifier_seconds(run)
     result = {
         "seed": seed, "run_id": run.id, "horizons": horizons, "instances": len(chosen),
         "metrics": variant_metric,
@@ -362,11 +363,20 @@ def one_seed(args: argparse.Namespace, seed: int, work: Path, trained_here: bool
         "retrain_steps": sum(k * run.steps_per_epoch for k in horizons) * len(chosen),
         "epoch_seconds": epoch_seconds, "train_seconds": train_s, "run_resumed": resumed,
         "preactivation_median": preactivation_scale(run) if args.surrogate else None,
-        "core_seconds": None if retrain_s is None else train_s + sum(seconds.values()) + retrain_s,
+        "classifier_seconds": classifier_s,
+        "core_seconds": None if retrain_s is None else train_s + (classifier_s or 0.0) + sum(seconds.values())
+        + retrain_s,
         "request": request(args),
     }
     write_json_atomic(work / f"{tag}.result.json", result)
     return result
+
+
+def classifier_seconds(run: gc.Run) -> float | None:
+    """Seconds the run's metric classifier took to train (on the first metric's first use, then cached in the
+    run directory), if the run's metrics use one."""
+    path = run.path / "classifier.json"
+    return json.loads(path.read_text()).get("train_seconds") if path.is_file() else None
 
 
 def print_seed(r: dict[str, Any]) -> None:
@@ -374,7 +384,8 @@ def print_seed(r: dict[str, Any]) -> None:
     head = " ".join(f"{n + ' tau':>14} {'J':>5}" for n in names)
     print(f"\nseed {r['seed']}{' (stored by an earlier sitting)' if r.get('reused') else ''}: "
           f"{seconds(r['core_seconds'])} of one core (training {r['train_seconds']:.0f} s, "
-          f"retrains {seconds(r['retrain_seconds'])}, "
+          + (f"metric classifier {r['classifier_seconds']:.0f} s, " if r.get("classifier_seconds") else "")
+          + f"retrains {seconds(r['retrain_seconds'])}, "
           + "estimates " + ", ".join(f"{n} {s:.0f} s" for n, s in r["estimate_seconds"].items()) + ")"
           + (f"; median |ReLU input| {r['preactivation_median']:.3g}" if r["preactivation_median"] else ""))
     print(f"{'k':>4} | {head}")
@@ -429,6 +440,8 @@ def print_summary(args: argparse.Namespace, results: list[dict[str, Any]]) -> No
     print("\ncost per seed in one core's seconds (mean over seeds; each job ran on one core, whatever the "
           "workers and sittings)")
     print(f"  training: {np.mean([r['train_seconds'] for r in results]):.0f} s")
+    if (cls := [r["classifier_seconds"] for r in results if r.get("classifier_seconds")]):
+        print(f"  the metric classifier (trained on the seed's labelled split): {np.mean(cls):.0f} s")
     for n in results[0]["estimate_seconds"]:
         s = np.array([r["estimate_seconds"][n] for r in results])
         print(f"  {n}: {s.mean():.1f} s (sweep over the last {max(horizons)} epochs)")
