@@ -273,7 +273,8 @@ def retrain_plan(args: argparse.Namespace, seed: int, work: Path, run: gc.Run, h
     (instance, from_epoch) and the directory keeping them."""
     final_epoch = run.final_step // run.steps_per_epoch
     chosen = choose_instances(estimate[horizons[-1]], args.instances, seed, extremes=False)
-    return chosen, [(j, final_epoch - k) for k in horizons for j in chosen], work / f"{seed_config(args, seed)[1]}.parts"
+    jobs = [(j, final_epoch - k) for k in horizons for j in chosen]
+    return chosen, jobs, work / f"{seed_config(args, seed)[1]}.parts"
 
 
 def job_label(key: Hashable) -> str:

@@ -94,7 +94,8 @@ def counterfactual_deltas(run: "Run", indices: list[int], metrics: Sequence[str]
     tic = time.perf_counter()
     current_job().stage("retrain")
     start = run.window_start if from_epoch is None else run.epoch_start_step(from_epoch)
-    return removal_changes(run, [[j] for j in indices], metrics, start=start, batched=batched), time.perf_counter() - tic
+    deltas = removal_changes(run, [[j] for j in indices], metrics, start=start, batched=batched)
+    return deltas, time.perf_counter() - tic
 
 
 _FINAL_VALUES: dict[tuple, float] = {}  # (run id, split, metric, chunk size, device) -> the final state's value
