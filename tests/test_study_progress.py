@@ -185,3 +185,13 @@ def test_replay_and_retrains_report_their_steps_and_are_unchanged(tmp_path):
     assert [d for d, _ in retrain_seen] == sorted(d for d, _ in retrain_seen)
     plain = retrain_many(run, rows, run.window_start, vmap_steps=False)
     assert all(torch.equal(a, b) for s, p in zip(states, plain) for a, b in zip(s["d"].values(), p["d"].values()))
+
+
+def test_a_study_on_ray_gives_the_numbers_of_one_in_process(tmp_path, quiet_study):
+    """Ray runs the study's one stream too (trainings, then each seed's retrains and original as follow-ups),
+    starting a local instance for it, with the same results as in process."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'gancleanse[ray]')")
+    summary = gc.cleanse(Config.from_dict(STUDY), tmp_path, report=False, progress=False, executor="ray", workers=2)
+    out, quiet_summary = quiet_study
+    assert summary == quiet_summary
+    assert (tmp_path / "results.csv").read_text() == (out / "results.csv").read_text()
