@@ -8,7 +8,8 @@ name has one builder in ``BUILDERS``; what a metric is (label, direction, what i
 space (``gancleanse.features``: the trained classifier, Inception-v3, the self-supervised encoder or a
 TorchScript file), and so do ``precision``, ``recall``, ``density`` and ``coverage`` (``manifold``): these are
 evaluation only (``gancleanse.specs.EVALUATION_METRICS``), counts whose ``value`` studies report; they have no
-gradient and are never scored on.
+gradient and are never scored on. ``values(metrics, state)`` evaluates several at once: those of one network on
+one split's generated samples read one forward pass (bit for bit the numbers of one pass each).
 
 Memory: a metric is V(state) = S(Y) + R(state), with Y the stacked per-sample outputs (features, logits, samples or
 discriminator logits) of the generated samples and S a statistic of all rows. ``Metric.value`` and
