@@ -132,3 +132,25 @@ def test_retrains_one_per_job_give_the_numbers_of_forked_groups(run_factory, tmp
     parts = validate.stored_retrains(run, ["all"], tmp_path / "again")["all"]
     assert sorted(parts) == sorted(jobs) and all(r["seconds"] > 0 for r in parts.values())
     assert all(v != 0.0 for m in grouped.values() for v in m.values())
+
+
+def test_weighted_values_are_finite_differences_of_the_instance_weights(run_factory):
+    """A down-weighting by a small fraction f gives the derivative ITD estimates ((V(1 - f) - V) / f -> the
+    influence as f -> 0, float64), and a weight 0 is the removal, bit for bit."""
+    import torch
+
+    from gancleanse.study.validate import removal_changes, weighted_values
+
+    run = run_factory(train={"epochs": 3})
+    est = gc.influence(run, "all", check=0, progress=False).horizons[1]
+    idx, f = [0, 5, 9, 14], 1e-6
+    weights = torch.ones(2 * len(idx), run.n_train, dtype=run.dtype)
+    for row, j in enumerate(idx):
+        weights[row, j] = 1 - f
+        weights[len(idx) + row, j] = 0.0
+    before, after = weighted_values(run, weights, ["all"], start=run.epoch_start_step(2))
+    slopes = np.array([(a - before["all"]) / f for a in after["all"][:len(idx)]])
+    assert np.abs(slopes).min() > 0
+    np.testing.assert_allclose(slopes, est[idx], rtol=1e-3, atol=1e-4 * np.abs(est[idx]).max())
+    removed = removal_changes(run, [[j] for j in idx], ["all"], start=run.epoch_start_step(2))["all"]
+    assert [a - before["all"] for a in after["all"][len(idx):]] == removed

@@ -120,16 +120,24 @@ def retrained_values(run: "Run", removals: Sequence[Sequence[int]], metrics: Seq
     """Each metric on ``split`` before (the recorded final state) and after retraining without each removal set
     from ``start`` (default: the window start), forked off one shared replay in groups that fit in memory
     (``retrain.retrain_groups``; ``batched``: one vmapped step per group; None: where that pays)."""
+    weights = torch.ones(len(removals), run.n_train, dtype=run.dtype)
+    for k, removed in enumerate(removals):
+        weights[k, list(removed)] = 0.0
+    return weighted_values(run, weights, metrics, split=split, start=start, batched=batched, progress=progress)
+
+
+def weighted_values(run: "Run", weights: torch.Tensor, metrics: Sequence[str], *, split: str = "valid",
+                    start: int | None = None, batched: bool | None = None,
+                    progress: bool = False) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """``retrained_values`` for any instance weights (K, n_train): a removal is a weight 0, a down-weighting by
+    a fraction f (a finite difference of the metric in the weights) is 1 - f."""
     from ..metrics import make_metric
     from ..metrics import values as metric_values
     from ..training.retrain import retrain_groups
 
     evaluators = {m: make_metric(m, run, split) for m in dict.fromkeys(metrics)}
     before = {m: final_value(run, m, split, ev) for m, ev in evaluators.items()}
-    weights = torch.ones(len(removals), run.n_train, dtype=run.dtype)
-    for k, removed in enumerate(removals):
-        weights[k, list(removed)] = 0.0
-    values: dict[str, list[float | None]] = {m: [None] * len(removals) for m in evaluators}
+    values: dict[str, list[float | None]] = {m: [None] * len(weights) for m in evaluators}
     for rows, states in retrain_groups(run, weights, run.window_start if start is None else start,
                                        vmap_steps=batched, progress=progress, on_step=current_job().step):
         for k, state in zip(rows, states):
