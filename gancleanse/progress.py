@@ -15,8 +15,11 @@ the jobs run in this process, a ``multiprocessing`` queue handed to each pool wo
   seconds of reports, so a job suspended for a while, or slowed and sped up by other work on the machine, shows
   its current rate again within that time rather than its mean since the stage began (for hours, in a long
   training); the stage's first report is left out once a later one came (the first steps' warm-up would skew
-  it), and while the window holds no earlier report the rate runs from the last one before it. A stage that reports no
-  steps (a scorer that does not report them) shows the time spent in it. On a terminal the block is redrawn
+  it), and while the window holds no earlier report the rate runs from the last one before it. A stage whose steps
+  come in bursts (ITD replays each stretch forward, reporting nothing, then reverses it step by step) says so
+  (``step(..., in_bursts=True)``), and its rate is then the mean since its first step report: a window would show
+  the burst's rate (an ETA short by the replays) or, just after a replay, one step across it (hours). A stage
+  that reports no steps (a scorer that does not report them) shows the time spent in it. On a terminal the block is redrawn
   in place every ``REDRAW_INTERVAL`` seconds and erased at the end. When stderr is not a terminal (a log, a
   pipe) plain lines are printed, at most every ``PLAIN_INTERVAL`` seconds and only for the jobs whose stage
   or step changed (or whose line is ``PLAIN_REPEAT`` seconds old), and a last one when all jobs are done:
@@ -63,6 +66,7 @@ class Update:
     done: int | None
     total: int | None
     time: float  # time.time() in the worker: the same clock as the parent's on one machine
+    in_bursts: bool = False  # the stage's steps come in bursts: its rate is measured since its first step
 
 
 class JobReport:
@@ -77,20 +81,22 @@ class JobReport:
         self._stage, self._fresh = name, True
         self._send(None, None)
 
-    def step(self, done: int, total: int) -> None:
-        """``done`` of the stage's ``total`` steps are done (a ``StepCallback``)."""
+    def step(self, done: int, total: int, *, in_bursts: bool = False) -> None:
+        """``done`` of the stage's ``total`` steps are done (a ``StepCallback``). ``in_bursts``: the steps come in
+        bursts separated by work that reports none, so the display measures their rate since the stage's first
+        step rather than over its last ``RATE_WINDOW`` seconds."""
         if self.channel is None:
             return
         if self._fresh or done >= total or time.monotonic() - self._last_sent >= SEND_INTERVAL:
             self._fresh = False
-            self._send(done, total)
+            self._send(done, total, in_bursts)
 
-    def _send(self, done: int | None, total: int | None) -> None:
+    def _send(self, done: int | None, total: int | None, in_bursts: bool = False) -> None:
         if self.channel is None:
             return
         self._last_sent = time.monotonic()
         with suppress(OSError, ValueError):  # the parent went away or closed the channel: progress is cosmetic
-            self.channel.put(Update(self.job, self._stage, done, total, time.time()))
+            self.channel.put(Update(self.job, self._stage, done, total, time.time(), in_bursts))
 
 
 _current = JobReport(None, "")
@@ -131,6 +137,7 @@ class JobState:
     # the latest one before them
     recent: deque[tuple[float, int]] = field(default_factory=deque)
     latest: float = 0.0
+    in_bursts: bool = False  # rate since the first step report, not over the window (``JobReport.step``)
     shown: tuple = ()  # the (stage, done) last printed as a plain line
     shown_at: float = -math.inf  # when (time.monotonic)
 
@@ -141,11 +148,14 @@ class JobState:
             self.recent.append((u.time, u.done))
             while len(self.recent) > 2 and self.recent[1][0] < u.time - RATE_WINDOW:
                 self.recent.popleft()
-        self.done, self.total, self.latest = u.done, u.total, u.time
+        self.done, self.total, self.latest, self.in_bursts = u.done, u.total, u.time, u.in_bursts
 
     def since(self) -> tuple[float, int]:
         """The report the rate is measured from: the oldest one of the last ``RATE_WINDOW`` seconds with fewer
-        steps done than now, else the latest one before them, else the stage's first report."""
+        steps done than now, else the latest one before them, else the stage's first report (always the first
+        for steps in bursts)."""
+        if self.in_bursts:
+            return self.first
         earlier = [r for r in self.recent if r[1] < self.done]
         inside = [r for r in earlier if r[0] >= self.latest - RATE_WINDOW]
         return inside[0] if inside else earlier[-1] if earlier else self.first

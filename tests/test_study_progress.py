@@ -163,6 +163,46 @@ def test_the_rate_and_eta_follow_the_last_minute_not_the_mean_since_the_stage_be
     assert len(job.recent) <= 2 * progress.RATE_WINDOW * 2 + 2  # the reports kept: the window's, not the stage's
 
 
+def test_steps_in_bursts_are_timed_since_the_first_not_over_the_window():
+    """ITD reverses 100 steps at 1 step/s after replaying them forward for 90 s without a report (longer than the
+    window: a busy machine): 100 steps per 190 s. Measured over the window its line would say 1 step/s (an ETA
+    short by the replays) and, on the first step after a replay, 91 s/step (hours); in bursts it is the mean
+    since the first step."""
+    pause = 1.5 * progress.RATE_WINDOW
+
+    def stage(in_bursts: bool) -> tuple[progress.JobState, list[str]]:
+        job, t, done, lines = progress.JobState("ITD fid", 0.0), pause, 0, []
+        for burst in range(5):
+            for _ in range(100):
+                t, done = t + 1.0, done + 1
+                job.update(Update("seed 0", "ITD fid", done, 1000, t, in_bursts))
+                if done % 100 == 1:  # the first step after a replay
+                    lines.append(job.describe(t))
+            t += pause  # the next stretch's forward replay
+        return job, lines
+
+    windowed, lines = stage(False)
+    assert all(re.search(r", 91 s/step, ETA \d\d:\d\d:\d\d$", line) for line in lines[1:])  # 10 h and more
+    assert ", 1 step/s, ETA 8:20" in windowed.describe(windowed.latest)
+    bursts, lines = stage(True)
+    assert all("91 s/step" not in line for line in lines)
+    seconds = 500 + 4 * pause - 1  # from the first step's report to the 500th's
+    assert bursts.describe(bursts.latest) == (f"ITD fid step 500/1000, {seconds / 499:.3g} s/step, "
+                                              f"ETA {progress.clock(500 * seconds / 499)}")
+
+
+def test_a_job_reports_whether_its_steps_come_in_bursts():
+    sent: queue.SimpleQueue = queue.SimpleQueue()
+    report = JobReport(sent, "seed 0")
+    report.stage("ITD fid")
+    report.step(0, 10, in_bursts=True)
+    report.stage("retrain")
+    report.step(0, 10)
+    got = [sent.get_nowait() for _ in range(sent.qsize())]
+    assert [(u.stage, u.done, u.in_bursts) for u in got] == [("ITD fid", None, False), ("ITD fid", 0, True),
+                                                            ("retrain", None, False), ("retrain", 0, False)]
+
+
 def test_replay_and_retrains_report_their_steps_and_are_unchanged(tmp_path):
     run = gc.train(tiny_config(), tmp_path / "run", progress=False)
     seen: list[tuple[int, int]] = []

@@ -101,7 +101,8 @@ def itd_influence(run: Run, metric: Metric, *, memory_gb: float | None = None, p
         if stretch < segments[-1][1] - probe:  # its stretch comes last in its segment: not held that long
             probed = None
         total = run.final_step - run.window_start
-        bar = tqdm(total=total, desc="itd", unit="step", disable=not progress, leave=False)
+        # reverse steps come in bursts, each stretch's forward replay between them: rates are means since the start
+        bar = tqdm(total=total, desc="itd", unit="step", disable=not progress, leave=False, smoothing=0)
         job = current_job()  # inside a study: the worker's step report
         for seg_start, seg_end in reversed(segments):
             replaying = current  # a segment is replayed one way throughout
@@ -124,7 +125,7 @@ def itd_influence(run: Run, metric: Metric, *, memory_gb: float | None = None, p
                     if step % steps_per_epoch == 0:
                         horizons[final_epoch - step // steps_per_epoch] = influence.clone()
                     bar.update()
-                    job.step(run.final_step - step, total)
+                    job.step(run.final_step - step, total, in_bursts=True)
             if current is not replaying:  # auto chose hvp: size the next segments' stretches by its states
                 stretch, per_step, _ = plan(current)
         bar.close()
