@@ -11,7 +11,8 @@ Each retrain is evaluated on every ``--metrics``. Estimates come from the accura
 (``--estimates``, one per metric: its ``<seed tag>.itd*.npz`` of the same run), else from an ITD sweep over
 the last k epochs here.
 
-Usage (a seed of the MNIST accuracy protocol, the instances whose retrains disagree most at k = 5):
+Usage (a seed of the MNIST accuracy protocol: the two instances whose retrains disagree most with ITD at
+k = 5, and one it gets right):
   .venv/bin/python bench/removal_linearity.py --run runs/acc-mnist/mnist-sigmoid-seed0 --horizon 5 \\
       --metrics fid log_is --estimates runs/acc-mnist/mnist-sigmoid-seed0.itd{,-log_is}.npz \\
       --instances 409 1750 5435 --fractions 0.01 0.1 0.5 1
