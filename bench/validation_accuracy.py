@@ -357,7 +357,8 @@ def one_seed(args: argparse.Namespace, seed: int, work: Path, trained_here: bool
             acc[name][k] = accuracy([float(est[k][j]) for j in chosen], a)
     train_s, classifier_s = run.meta["seconds"]["train"], classifier_seconds(run)
     result = {
-        "seed": seed, "run_id": run.id, "horizons": horizons, "instances": len(chosen),
+        "seed": seed, "run_id": run.id, "data_fingerprint": run.meta.get("data_fingerprint"),
+        "horizons": horizons, "instances": len(chosen),
         "metrics": variant_metric,
         "accuracy": {n: {str(k): v for k, v in a.items()} for n, a in acc.items()},
         "estimate_seconds": seconds, "retrain_seconds": retrain_s,
@@ -383,7 +384,8 @@ def classifier_seconds(run: gc.Run) -> float | None:
 def print_seed(r: dict[str, Any]) -> None:
     names = list(r["accuracy"])
     head = " ".join(f"{n + ' tau':>14} {'J':>5}" for n in names)
-    print(f"\nseed {r['seed']}{' (stored by an earlier sitting)' if r.get('reused') else ''}: "
+    trace = f"run {r['run_id'][:12]}" + (f", data {r['data_fingerprint']}" if r.get("data_fingerprint") else "")
+    print(f"\nseed {r['seed']} ({trace}){' (stored by an earlier sitting)' if r.get('reused') else ''}: "
           f"{seconds(r['core_seconds'])} of one core (training {r['train_seconds']:.0f} s, "
           + (f"metric classifier {r['classifier_seconds']:.0f} s, " if r.get("classifier_seconds") else "")
           + f"retrains {seconds(r['retrain_seconds'])}, "
