@@ -154,3 +154,8 @@ def test_weighted_values_are_finite_differences_of_the_instance_weights(run_fact
     np.testing.assert_allclose(slopes, est[idx], rtol=1e-3, atol=1e-4 * np.abs(est[idx]).max())
     removed = removal_changes(run, [[j] for j in idx], ["all"], start=run.epoch_start_step(2))["all"]
     assert [a - before["all"] for a in after["all"][len(idx):]] == removed
+    with pytest.raises(gc.GancleanseError, match=r"must be \(retrains, 60\), got \(60,\)"):
+        weighted_values(run, weights[0], ["all"])
+    weights[0, 3] = float("nan")
+    with pytest.raises(gc.GancleanseError, match="finite"):
+        weighted_values(run, weights, ["all"])

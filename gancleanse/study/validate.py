@@ -135,6 +135,10 @@ def weighted_values(run: "Run", weights: torch.Tensor, metrics: Sequence[str], *
     from ..metrics import values as metric_values
     from ..training.retrain import retrain_groups
 
+    if weights.ndim != 2 or weights.shape[1] != run.n_train:
+        raise GancleanseError(f"instance weights must be (retrains, {run.n_train}), got {tuple(weights.shape)}")
+    if not torch.isfinite(weights).all():
+        raise GancleanseError("instance weights must be finite")
     evaluators = {m: make_metric(m, run, split) for m in dict.fromkeys(metrics)}
     before = {m: final_value(run, m, split, ev) for m, ev in evaluators.items()}
     values: dict[str, list[float | None]] = {m: [None] * len(weights) for m in evaluators}
