@@ -14,8 +14,9 @@ the jobs run in this process, a ``multiprocessing`` queue handed to each pool wo
   done of the stage's total, the rate and the stage's ETA. The rate is measured over the last ``RATE_WINDOW``
   seconds of reports, so a job suspended for a while, or slowed and sped up by other work on the machine, shows
   its current rate again within that time rather than its mean since the stage began (for hours, in a long
-  training); the stage's first report is left out once a later one came (the first steps' warm-up would skew
-  it), and while the window holds no earlier report the rate runs from the last one before it. A stage whose steps
+  training); the stage's first step report is left out (its time comes before the first steps' warm-up, and a
+  retrain's before its replay up to the fork), so the rate shows from the second step report after it on, and
+  while the window holds no earlier report the rate runs from the last one before it. A stage whose steps
   come in bursts (ITD replays each stretch forward, reporting nothing, then reverses it step by step) says so
   (``step(..., in_bursts=True)``), and its rate is then the mean since its first step report: a window would show
   the burst's rate (an ETA short by the replays) or, just after a replay, one step across it (hours). A stage
@@ -150,22 +151,22 @@ class JobState:
                 self.recent.popleft()
         self.done, self.total, self.latest, self.in_bursts = u.done, u.total, u.time, u.in_bursts
 
-    def since(self) -> tuple[float, int]:
-        """The report the rate is measured from: the oldest one of the last ``RATE_WINDOW`` seconds with fewer
-        steps done than now, else the latest one before them, else the stage's first report (always the first
-        for steps in bursts)."""
+    def since(self) -> tuple[float, int] | None:
+        """The report the rate is measured from: the oldest one after the first of the last ``RATE_WINDOW``
+        seconds with fewer steps done than now, else the latest one before them, else none (no rate yet); the
+        stage's first one for steps in bursts."""
         if self.in_bursts:
             return self.first
         earlier = [r for r in self.recent if r[1] < self.done]
         inside = [r for r in earlier if r[0] >= self.latest - RATE_WINDOW]
-        return inside[0] if inside else earlier[-1] if earlier else self.first
+        return inside[0] if inside else earlier[-1] if earlier else None
 
     def describe(self, now: float) -> str:
         if self.done is None or not self.total or self.first is None:
             return f"{self.stage} ({clock(now - self.started)})"
         text = f"{self.stage} step {self.done}/{self.total}"
         since = self.since()
-        seconds, steps = self.latest - since[0], self.done - since[1]
+        seconds, steps = (0.0, 0) if since is None else (self.latest - since[0], self.done - since[1])
         rate = steps / seconds if steps > 0 and seconds > 0 else None
         if rate is not None:
             text += f", {rate:.3g} step/s" if rate >= 1 else f", {1 / rate:.3g} s/step"

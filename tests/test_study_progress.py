@@ -191,6 +191,19 @@ def test_steps_in_bursts_are_timed_since_the_first_not_over_the_window():
                                               f"ETA {progress.clock(500 * seconds / 499)}")
 
 
+def test_a_retrains_replay_to_its_fork_is_not_counted_in_its_rate():
+    """A retrain reports step 0 before replaying the recorded steps up to its fork (30 s here), then steps at
+    0.3 s: its first step's line shows no rate (not 30 s/step and an ETA of hours), the next ones 3.33 step/s."""
+    job = progress.JobState("retrain", 0.0)
+    job.update(Update("i5", "retrain", 0, 1000, 0.0))
+    assert job.describe(0.0) == "retrain step 0/1000"
+    job.update(Update("i5", "retrain", 1, 1000, 30.3))
+    assert job.describe(30.3) == "retrain step 1/1000"
+    job.update(Update("i5", "retrain", 2, 1000, 30.6))
+    job.update(Update("i5", "retrain", 3, 1000, 30.9))
+    assert job.describe(30.9) == "retrain step 3/1000, 3.33 step/s, ETA 4:59"
+
+
 def test_a_job_reports_whether_its_steps_come_in_bursts():
     sent: queue.SimpleQueue = queue.SimpleQueue()
     report = JobReport(sent, "seed 0")
