@@ -14,15 +14,15 @@ the jobs run in this process, a ``multiprocessing`` queue handed to each pool wo
   done of the stage's total, the rate and the stage's ETA. The rate is measured over the last ``RATE_WINDOW``
   seconds of reports, so a job suspended for a while, or slowed and sped up by other work on the machine, shows
   its current rate again within that time rather than its mean since the stage began (for hours, in a long
-  training); the stage's first step report is left out (its time comes before the first steps' warm-up, and a
-  retrain's before its replay up to the fork), so the rate shows from the second step report after it on, and
-  while the window holds no earlier report the rate runs from the last one before it. A stage whose steps
-  come in bursts (ITD replays each stretch forward, reporting nothing, then reverses it step by step) says so
-  (``step(..., in_bursts=True)``), and its rate is then the mean since its first step report: a window would show
-  the burst's rate (an ETA short by the replays) or, just after a replay, one step across it (hours). A stage
-  that reports no steps (a scorer that does not report them) shows the time spent in it. On a terminal the
-  block is redrawn in place every ``REDRAW_INTERVAL`` seconds and erased at the end. When stderr is not a terminal (a log, a
-  pipe) plain lines are printed, at most every ``PLAIN_INTERVAL`` seconds and only for the jobs whose stage
+  training). The stage's first step report is left out (it comes before the first steps' warm-up, and a
+  retrain's before its replay up to the fork), so a rate is measured between later reports and first shows
+  with the third; while the window holds no earlier report the rate runs from the last one before it. A stage
+  whose steps come in bursts (ITD replays each stretch forward, reporting nothing, then reverses it step by
+  step) says so (``step(..., in_bursts=True)``), and its rate is then the mean since its first step report: a
+  window would show the burst's rate (an ETA short by the replays) or, just after a replay, one step across it
+  (hours). A stage that reports no steps (a scorer that does not report them) shows the time spent in it. On a
+  terminal the block is redrawn in place every ``REDRAW_INTERVAL`` seconds and erased at the end. When stderr
+  is not a terminal (a log, a pipe) plain lines are printed, at most every ``PLAIN_INTERVAL`` seconds and only for the jobs whose stage
   or step changed (or whose line is ``PLAIN_REPEAT`` seconds old), and a last one when all jobs are done:
   ``cleanse: 0/2 jobs done, 0:12 | seed 0: train step 40/120, 12.3 step/s, ETA 0:07``.
 
