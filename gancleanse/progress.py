@@ -22,8 +22,9 @@ the jobs run in this process, a ``multiprocessing`` queue handed to each pool wo
   window would show the burst's rate (an ETA short by the replays) or, just after a replay, one step across it
   (hours). A stage that reports no steps (a scorer that does not report them) shows the time spent in it. On a
   terminal the block is redrawn in place every ``REDRAW_INTERVAL`` seconds and erased at the end. When stderr
-  is not a terminal (a log, a pipe) plain lines are printed, at most every ``PLAIN_INTERVAL`` seconds and only for the jobs whose stage
-  or step changed (or whose line is ``PLAIN_REPEAT`` seconds old), and a last one when all jobs are done:
+  is not a terminal (a log, a pipe) plain lines are printed, at most every ``PLAIN_INTERVAL`` seconds and only
+  for the jobs whose stage or step changed (or whose line is ``PLAIN_REPEAT`` seconds old), and a last one when
+  all jobs are done:
   ``cleanse: 0/2 jobs done, 0:12 | seed 0: train step 40/120, 12.3 step/s, ETA 0:07``.
 
 Jobs on Ray report nothing but their completion (the header); ``progress=False`` creates no display.
