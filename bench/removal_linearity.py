@@ -40,9 +40,9 @@ def estimates(run: gc.Run, metric: str, k: int, cache: Path | None) -> np.ndarra
     if cache is not None:
         rec = np.load(cache)
         if str(rec["run_id"]) != run.id:
-            raise SystemExit(f"--estimate {cache} is of another run ({rec['run_id']}, not {run.id})")
+            raise SystemExit(f"--estimates: {cache} is of another run ({rec['run_id']}, not {run.id})")
         if f"k{k}" not in rec:
-            raise SystemExit(f"--estimate {cache} has no horizon {k} (it has {sorted(rec['horizons'].tolist())})")
+            raise SystemExit(f"--estimates: {cache} has no horizon {k} (it has {sorted(rec['horizons'].tolist())})")
         return rec[f"k{k}"]
     res = itd_influence(LastEpochs(run, k), make_metric(metric, run, "valid"), progress=False)
     return res.horizons[k].numpy()
@@ -78,6 +78,7 @@ def main() -> None:
     weights = torch.ones(len(pairs), run.n_train, dtype=run.dtype)
     for row, (j, f) in enumerate(pairs):
         weights[row, j] = 1.0 - f
+    step = {pair: 1.0 - float(weights[row, pair[0]]) for row, pair in enumerate(pairs)}  # f in the run's dtype
     tic = time.perf_counter()
     before, after = weighted_values(run, weights, args.metrics,
                                     start=run.epoch_start_step(final_epoch - args.horizon))
@@ -87,7 +88,7 @@ def main() -> None:
           f"{final_epoch - args.horizon}); (V(1 - f) - V) / f per instance, f = 1 is the removal; the ratio to "
           "ITD's estimate in brackets")
     for m in args.metrics:
-        slope = {pair: (v - before[m]) / pair[1] for pair, v in zip(pairs, after[m])}
+        slope = {pair: (v - before[m]) / step[pair] for pair, v in zip(pairs, after[m])}
         print(f"\n{m} on valid = {before[m]:.6g}")
         print(f"{'instance':>8} | {'ITD':>10} | " + " | ".join(f"{'f = ' + format(f, 'g'):>20}" for f in fractions))
         for j in args.instances:
