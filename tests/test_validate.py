@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import kendalltau
 
 import gancleanse as gc
 from gancleanse.cli import main
-from gancleanse.study.validate import random_jaccard
+from gancleanse.study.validate import random_jaccard, removal_changes, weighted_values
 
 
 def independent_jaccard(est, act, per_side):
@@ -137,10 +138,6 @@ def test_retrains_one_per_job_give_the_numbers_of_forked_groups(run_factory, tmp
 def test_weighted_values_are_finite_differences_of_the_instance_weights(run_factory):
     """A down-weighting by a small fraction f gives the derivative ITD estimates ((V(1 - f) - V) / f -> the
     influence as f -> 0, float64), and a weight 0 is the removal, bit for bit."""
-    import torch
-
-    from gancleanse.study.validate import removal_changes, weighted_values
-
     run = run_factory(train={"epochs": 3})
     est = gc.influence(run, "all", check=0, progress=False).horizons[1]
     idx, f = [0, 5, 9, 14], 1e-6
