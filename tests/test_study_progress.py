@@ -47,7 +47,28 @@ def quiet_study(tmp_path_factory):
     return out, gc.cleanse(Config.from_dict(STUDY), out, report=False, progress=False)
 
 
-def test_a_study_shows_each_jobs_steps_with_a_rate_and_an_eta(tmp_path, capsys, monkeypatch, quiet_study):
+@pytest.fixture
+def received(monkeypatch) -> list[Update]:
+    """Every report the progress display reads from its channel. The printed lines coalesce the reports that
+    arrive between two reads (a fast retrain's steps and its evaluate stage in one read show as the evaluate
+    stage only), so which steps show as lines depends on the machine's speed; what arrives does not."""
+    got: list[Update] = []
+
+    class Recording:  # the display's end of the channel; the jobs hold the channel itself
+        def __init__(self, channel):
+            self.channel = channel
+
+        def get(self, *args, **kwargs):
+            got.append(self.channel.get(*args, **kwargs))
+            return got[-1]
+
+    display_init = ProgressDisplay.__init__
+    monkeypatch.setattr(ProgressDisplay, "__init__", lambda self, desc, jobs, channel, **kw: display_init(
+        self, desc, jobs, Recording(channel), **kw))
+    return got
+
+
+def test_a_study_shows_each_jobs_steps_with_a_rate_and_an_eta(tmp_path, capsys, monkeypatch, quiet_study, received):
     monkeypatch.setattr(progress, "PLAIN_INTERVAL", 0.0)
     monkeypatch.setattr(progress, "SEND_INTERVAL", 0.0)  # every step is reported (jobs run in this process)
     summary = gc.cleanse(Config.from_dict(STUDY), tmp_path, report=False, progress=True)
@@ -60,12 +81,14 @@ def test_a_study_shows_each_jobs_steps_with_a_rate_and_an_eta(tmp_path, capsys, 
     assert any(0 < int(r["done"]) < TRAIN_STEPS for r in train), "no line part-way through training"
     for seed in ("seed 0", "seed 1"):  # steps only move forward
         done = [int(r["done"]) for r in train if r["job"] == seed]
-        assert done == sorted(done) and done[-1] == TRAIN_STEPS
+        assert done == sorted(done)
+        assert [u.done for u in received if u.job == seed and u.stage == "train"] == [None, *range(TRAIN_STEPS + 1)]
     retrains = [r for r in lines if r["stage"] == "retrain"]
     # from the last checkpoint before a removed instance's first use
     assert retrains and all(0 <= int(r["done"]) <= int(r["total"]) <= WINDOW_STEPS for r in retrains)
     removals = {f"seed{s}_{name}" for s in (0, 1) for name in ("itd-loss_d_r0.1", "random-none_r0.1")}
-    assert removals <= {r["job"] for r in retrains} <= removals | {"seed0_none", "seed1_none"}
+    assert {r["job"] for r in retrains} <= removals | {"seed0_none", "seed1_none"}
+    assert removals <= {u.job for u in received if u.stage == "retrain" and u.done == u.total == WINDOW_STEPS}
     # the count grows as each training queues its seed's 3 retrains and original (in process: seed 0, seed 1,
     # then the queued jobs in order)
     assert [{r["jobs"] for r in train if r["job"] == f"seed {s}"} for s in (0, 1)] == [{"2"}, {"6"}]
@@ -87,23 +110,8 @@ def test_progress_false_prints_nothing(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err == ""
 
 
-def test_pool_workers_report_their_steps_to_the_parent(tmp_path, capfd, monkeypatch, quiet_study):
-    """What the parent receives from the spawned workers, recorded where the display reads it: the printed
-    lines coalesce the reports that arrive between two reads (a fast retrain's steps and its evaluate stage in
-    one read show as the evaluate stage only), so which steps show depends on the machine's speed."""
-    received: list[Update] = []
-
-    class Recording:  # the display's end of the channel; the workers hold the queue itself
-        def __init__(self, channel):
-            self.channel = channel
-
-        def get(self, *args, **kwargs):
-            received.append(self.channel.get(*args, **kwargs))
-            return received[-1]
-
-    display_init = ProgressDisplay.__init__
-    monkeypatch.setattr(ProgressDisplay, "__init__", lambda self, desc, jobs, channel, **kw: display_init(
-        self, desc, jobs, Recording(channel), **kw))
+def test_pool_workers_report_their_steps_to_the_parent(tmp_path, capfd, monkeypatch, quiet_study, received):
+    """What the parent receives from the spawned workers, recorded where the display reads it."""
     monkeypatch.setattr(progress, "PLAIN_INTERVAL", 0.0)  # the display runs here; the workers keep their interval
     summary = gc.cleanse(Config.from_dict(STUDY), tmp_path, report=False, progress=True, workers=2)
     steps = {(u.job, u.stage, u.done, u.total) for u in received if u.done is not None}
